@@ -1,0 +1,48 @@
+"""The generator/discriminator pair that GAN objectives train."""
+
+from __future__ import annotations
+
+import torch
+
+from gantrain.errors import ConfigError
+from torch import nn
+
+from gantrain.models.init import initialize
+
+
+class GAN(nn.Module):
+    """A generator ``g`` and a discriminator/critic ``d`` that agree on one image shape.
+
+    Args:
+        g: maps noise ``(B, *g.latent_shape)`` to images ``(B, channels, resolution, resolution)``.
+        d: maps images to one logit/score per sample ``(B,)``.
+        resolution, channels: the image shape both networks were built for (checked here, so a
+            mismatched override fails at construction, not as a shape error mid-step).
+        init: weight init applied to both networks, see :data:`gantrain.models.INIT_SCHEMES`.
+    """
+
+    def __init__(self, g: nn.Module, d: nn.Module, resolution: int, channels: int, init: str = "normal_0.02"):
+        super().__init__()
+        for name, net in (("g", g), ("d", d)):
+            got = (getattr(net, "resolution", resolution), getattr(net, "channels", channels))
+            if got != (resolution, channels):
+                raise ConfigError(
+                    f"model.{name} is built for {got[1]}x{got[0]}x{got[0]} images but model.resolution="
+                    f"{resolution}, model.channels={channels}; keep them equal (they interpolate by default)"
+                )
+        self.g, self.d = initialize(g, init), initialize(d, init)
+        self.resolution, self.channels = resolution, channels
+
+    def noise(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latent batch ``(n, *g.latent_shape)`` from N(0, I); a dedicated ``generator`` leaves the global RNG alone."""
+        return torch.randn((n, *self.g.latent_shape), device=device, generator=generator)
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor) -> torch.Tensor:
+        """Images for latents ``z`` in eval mode (BatchNorm running stats, no state change), data range [-1, 1]."""
+        was_training = self.g.training
+        self.g.eval()
+        try:
+            return self.g(z)
+        finally:
+            self.g.train(was_training)
