@@ -1,0 +1,327 @@
+"""The one training loop: phases in, trained networks out.
+
+A :class:`Phase` is (name, module, optimizer, loss callable, interval). Each iteration runs every
+phase whose interval divides it; the phase marked ``counts_as_step`` defines a training step
+(the generator for GANs). The Trainer owns the gradient hygiene every phase shares:
+
+* only the active phase's module has ``requires_grad=True``; every other parameter of the model is
+  frozen while it runs and the flags are restored afterwards, so a G step cannot touch D's grads;
+* ``zero_grad(set_to_none=True)`` once before each accumulation window, each micro-batch's loss
+  divided by the window size, clipping after the backward passes, then one optimizer step;
+* autocast is a context that does nothing at ``precision=32`` (no ``if amp:`` branches).
+
+It also owns logging (one stats sink -> TensorBoard + tqdm), sample grids and checkpoints, and does
+them on rank 0 only. Losses and models never see a writer, a config or a device string.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from gantrain.errors import ConfigError
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
+from torchvision.utils import make_grid, save_image
+from tqdm.auto import tqdm
+
+from gantrain import checkpoint as ckpt_io
+from gantrain.checkpoint import CheckpointError
+from gantrain.stats import Collector, collecting, report
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16}
+CLIP_ALGORITHMS = ("norm", "value")
+
+
+@dataclass
+class Phase:
+    """One kind of optimizer step: ``loss(real_batch)`` is minimised w.r.t. ``module`` by ``optimizer``.
+
+    ``interval``: run on iterations ``interval-1, 2*interval-1, ...`` (so a G phase with interval
+    ``n_critic`` follows ``n_critic`` D updates). ``counts_as_step``: this phase's optimizer steps are
+    the ones ``trainer.max_steps`` counts (exactly one phase has it).
+    """
+
+    name: str
+    module: nn.Module
+    optimizer: Optimizer
+    loss: Callable[[torch.Tensor], torch.Tensor]
+    interval: int = 1
+    counts_as_step: bool = False
+
+
+@dataclass
+class TrainerSettings:
+    """Every ``trainer.*`` key (the ``trainer`` config group instantiates this)."""
+
+    max_steps: int = 1000  # optimizer steps of the phase that counts (generator steps for GANs)
+    device: str = "auto"  # auto -> cuda, else mps, else cpu; or any torch device string
+    n_critic: int = 1  # discriminator steps per generator step (the G phase's interval)
+    precision: str = "32"  # 32 | bf16-mixed
+    accumulate_grad_batches: int = 1  # micro-batches summed into each optimizer step
+    gradient_clip_val: Optional[float] = None
+    gradient_clip_algorithm: str = "norm"  # norm | value
+    log_every_n_steps: int = 10
+    sample_every_n_steps: int = 200
+    num_samples: int = 64  # images in each sample grid (fixed noise)
+    checkpoint_every_n_steps: int = 500
+    resume: Optional[str] = None  # null | auto (this run dir's last.ckpt) | a checkpoint path
+    progress_bar: bool = True  # tqdm bar; it also stays quiet when stdout is not a terminal
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "n_critic", "accumulate_grad_batches", "log_every_n_steps",
+                    "sample_every_n_steps", "num_samples", "checkpoint_every_n_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"trainer.{key}={getattr(self, key)}: must be >= 1")
+        if str(self.precision) not in PRECISIONS:
+            raise ConfigError(f"trainer.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
+        self.precision = str(self.precision)
+        if self.gradient_clip_algorithm not in CLIP_ALGORITHMS:
+            raise ConfigError(
+                f"trainer.gradient_clip_algorithm={self.gradient_clip_algorithm!r}; allowed: {', '.join(CLIP_ALGORITHMS)}"
+            )
+        if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:
+            raise ConfigError(f"trainer.gradient_clip_val={self.gradient_clip_val}: must be > 0 or null")
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> cuda, else mps, else cpu; anything else must name an available torch device."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"trainer.device={spec!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={spec!r} but CUDA is not available here; use trainer.device=auto or cpu")
+    return device
+
+
+class Trainer:
+    """Runs the phase loop.
+
+    Args:
+        settings: the ``trainer.*`` values.
+        model: the container of every trained network (checkpointed whole; its parameters outside
+            the active phase's module are frozen while that phase runs).
+        phases: from the objective, in the order they run within an iteration.
+        data: an endless batch iterator with ``state_dict``/``load_state_dict`` (``BatchStream``),
+            already yielding tensors on the training device.
+        run_dir: where TensorBoard events, ``samples/`` and ``checkpoints/last.ckpt`` go.
+        sampler: returns images in [-1, 1] for the sample grid (fixed noise, no state change).
+        config: the resolved config, saved in checkpoints and logged as text/hparams.
+        compat: the part of the config a checkpoint must match to be resumed (model, loss).
+        is_main: rank 0 logs and writes checkpoints; other ranks only train.
+    """
+
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        *,
+        model: nn.Module,
+        phases: Sequence[Phase],
+        data: Any,
+        run_dir: str | Path,
+        sampler: Callable[[], torch.Tensor] | None = None,
+        config: dict | None = None,
+        compat: dict | None = None,
+        is_main: bool = True,
+    ):
+        counting = [p.name for p in phases if p.counts_as_step]
+        assert len(counting) == 1, f"exactly one phase must count as the training step, got {counting}"
+        assert len({p.name for p in phases}) == len(phases), "phase names must be unique (checkpoint keys)"
+        self.s = settings
+        self.model, self.phases, self.data = model, list(phases), data
+        self.run_dir = Path(run_dir)
+        self.ckpt_path = self.run_dir / "checkpoints" / "last.ckpt"
+        self.sampler, self.config, self.compat = sampler, config or {}, compat or {}
+        self.is_main = is_main
+        self.params = list(model.parameters())
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        self.amp_dtype = PRECISIONS[settings.precision]
+        self.step = 0  # completed steps of the counting phase
+        self.iteration = 0  # loop iterations (each runs the phases due)
+        self.images_seen = 0  # real images drawn from the data
+        self.collector = Collector()
+        self.writer: SummaryWriter | None = None
+        self.metrics: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self) -> dict[str, float]:
+        """Train until ``max_steps``; returns the last logged stats plus ``step``."""
+        self._maybe_resume()
+        if self.step >= self.s.max_steps:
+            log.info("checkpoint is already at step %d >= trainer.max_steps=%d; nothing to do", self.step, self.s.max_steps)
+        if self.is_main:
+            self.writer = SummaryWriter(log_dir=str(self.run_dir))
+            self._log_config()
+        bar = tqdm(total=self.s.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=None if (self.is_main and self.s.progress_bar) else True)
+        self._t0, self._images0 = time.perf_counter(), self.images_seen
+        try:
+            with collecting(self.collector):
+                while self.step < self.s.max_steps:
+                    stepped = False
+                    for phase in self.phases:
+                        if (self.iteration + 1) % phase.interval == 0:
+                            self._run_phase(phase)
+                            stepped |= phase.counts_as_step
+                    self.iteration += 1
+                    if stepped:
+                        self.step += 1
+                        bar.update(1)
+                        self._after_step(bar)
+            self._log_stats(bar)
+            self._write_samples()
+            self._save_checkpoint()
+        finally:
+            bar.close()
+            if self.writer is not None:
+                self.writer.close()
+        return {**self.metrics, "step": float(self.step)}
+
+    def _run_phase(self, phase: Phase) -> None:
+        flags = [p.requires_grad for p in self.params]
+        active = {id(p) for p in phase.module.parameters()}
+        for p in self.params:
+            p.requires_grad_(id(p) in active)
+        try:
+            k = self.s.accumulate_grad_batches
+            phase.optimizer.zero_grad(set_to_none=True)
+            for _ in range(k):
+                real = next(self.data)  # fresh real batch per micro-batch
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                    loss = phase.loss(real)
+                (loss / k).backward()
+                self.images_seen += real.shape[0]
+            grad_norm = self._clip([p for p in phase.module.parameters() if p.grad is not None])
+            phase.optimizer.step()
+        finally:
+            for p, flag in zip(self.params, flags):
+                p.requires_grad_(flag)
+        report(f"grad_norm/{phase.name}", grad_norm)  # before clipping
+        report(f"lr/{phase.name}", phase.optimizer.param_groups[0]["lr"])
+
+    def _clip(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """Clip in place per the settings; return the pre-clip total gradient L2 norm."""
+        if not params:
+            return torch.zeros(())
+        if self.s.gradient_clip_val is not None and self.s.gradient_clip_algorithm == "norm":
+            return torch.nn.utils.clip_grad_norm_(params, self.s.gradient_clip_val)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if self.s.gradient_clip_val is not None:
+            torch.nn.utils.clip_grad_value_(params, self.s.gradient_clip_val)
+        return norm
+
+    def _after_step(self, bar: tqdm) -> None:
+        if self.step % self.s.log_every_n_steps == 0:
+            self._log_stats(bar)
+        if self.step % self.s.sample_every_n_steps == 0:
+            self._write_samples()
+        if self.step % self.s.checkpoint_every_n_steps == 0 and self.step < self.s.max_steps:
+            self._save_checkpoint()  # the final one is written after the loop
+
+    # ---------------------------------------------------------------- logging
+    def _log_stats(self, bar: tqdm) -> None:
+        stats = self.collector.drain()
+        if not stats:  # nothing ran since the last log (e.g. the final call right after a logged step)
+            return
+        now = time.perf_counter()
+        stats["perf/images_per_s"] = (self.images_seen - self._images0) / max(now - self._t0, 1e-9)
+        self._t0, self._images0 = now, self.images_seen
+        self.metrics = stats
+        if self.writer is not None:
+            for name, value in stats.items():
+                self.writer.add_scalar(name, value, self.step)
+        shown = {k: f"{v:.3g}" for k, v in stats.items() if k.count("/") == 1 and k.startswith("loss/")}
+        if "perf/images_per_s" in stats:
+            shown["img/s"] = f"{stats['perf/images_per_s']:.0f}"
+        bar.set_postfix(shown, refresh=False)
+
+    def _write_samples(self) -> None:
+        if not (self.is_main and self.sampler is not None):
+            return
+        images = self.sampler().float().cpu()  # (N, C, H, W) in [-1, 1]
+        grid = make_grid(images, nrow=int(math.ceil(math.sqrt(images.shape[0]))), normalize=True, value_range=(-1, 1))
+        path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(grid, path)
+        if self.writer is not None:
+            self.writer.add_image("samples", grid, self.step)
+
+    def _log_config(self) -> None:
+        import yaml  # PyYAML comes with hydra/omegaconf
+
+        text = yaml.safe_dump(self.config, sort_keys=False)
+        self.writer.add_text("config", "    " + text.replace("\n", "\n    "), self.step)  # indented = code block
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                for k, v in ckpt_io.flatten_dict(self.config).items()}
+        for summary in hparams(flat, {"loss/D": 0.0, "loss/G": 0.0}):
+            self.writer._get_file_writer().add_summary(summary)
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": ckpt_io.FORMAT,
+            "step": self.step,
+            "iteration": self.iteration,
+            "images_seen": self.images_seen,
+            "model": self.model.state_dict(),
+            "optimizers": {p.name: p.optimizer.state_dict() for p in self.phases},
+            "rng": ckpt_io.rng_state(),
+            "data": self.data.state_dict(),
+            "config": self.config,
+            "compat": self.compat,
+            "settings": asdict(self.s),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
+        diffs = ckpt_io.config_differences(state.get("compat", {}), self.compat)
+        if diffs:
+            raise CheckpointError(
+                f"trainer.resume: {source} was written by a different model/loss configuration:\n  "
+                + "\n  ".join(diffs[:20])
+                + "\nResume with the same model and loss settings, or start a new run (trainer.resume=null)."
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"trainer.resume: {source} does not fit this model: {e}") from None
+        missing = {p.name for p in self.phases} - set(state["optimizers"])
+        if missing:
+            raise CheckpointError(f"trainer.resume: {source} has no optimizer state for phases {sorted(missing)}")
+        for p in self.phases:
+            p.optimizer.load_state_dict(state["optimizers"][p.name])
+        self.data.load_state_dict(state["data"])
+        ckpt_io.set_rng_state(state["rng"])
+        self.step, self.iteration, self.images_seen = state["step"], state["iteration"], state["images_seen"]
+
+    def _maybe_resume(self) -> None:
+        resume = self.s.resume
+        if resume is None:
+            return
+        path = self.ckpt_path if resume == "auto" else Path(resume)
+        if resume == "auto" and not path.is_file():
+            log.info("trainer.resume=auto: no checkpoint at %s, starting from scratch", path)
+            return
+        self.load_state_dict(ckpt_io.load(path), source=f"checkpoint '{path}'")
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def _save_checkpoint(self) -> None:
+        if self.is_main:
+            ckpt_io.save_atomic(self.state_dict(), self.ckpt_path)
+
