@@ -1,0 +1,531 @@
+"""Tests for gantrain.data: real images (sklearn digits, MNIST t10k files/PNGs), the user-facing
+errors, and BatchStream's order, coverage, resume and RNG hygiene."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from gantrain.data import (
+    BatchStream,
+    DataError,
+    Digits,
+    ImageData,
+    ImageFolder,
+    TensorImages,
+    TorchvisionImages,
+    image_files,
+)
+
+
+def _shared_mnist() -> Path:
+    # The repo sits at <x>/main and the shared data at <x>/shared.
+    candidates = [Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k"]
+    if os.environ.get("GANTRAIN_SHARED_DATA"):
+        env = Path(os.environ["GANTRAIN_SHARED_DATA"])
+        candidates += [env / "mnist-t10k", env / "data" / "mnist-t10k", env]
+    for c in candidates:
+        if (c / "raw" / "t10k-images-idx3-ubyte.gz").is_file() and (c / "png").is_dir():
+            return c
+    pytest.skip("shared MNIST t10k files not found (../shared/data/mnist-t10k or $GANTRAIN_SHARED_DATA)")
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    return _shared_mnist()
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every torchvision download path ends in urllib.request.urlopen; make it fail loudly."""
+    calls = []
+
+    def offline(request, *args, **kwargs):
+        calls.append(getattr(request, "full_url", request))
+        raise urllib.error.URLError("network disabled in tests")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    return calls
+
+
+COMMON = dict(batch_size=4, channels=1, resolution=32)
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageData validation
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        (dict(batch_size=0), r"data\.batch_size must be an integer >= 1, got 0"),
+        (dict(channels=2), r"data\.channels must be 1 \(grey\) or 3 \(RGB\), got 2"),
+        (dict(resolution=3), r"data\.resolution must be an integer >= 4, got 3"),
+        (dict(num_workers=-1), r"data\.num_workers must be an integer >= 0, got -1"),
+    ],
+)
+def test_common_arguments_are_validated(override, match):
+    with pytest.raises(DataError, match=match):
+        Digits(**{**COMMON, **override})
+
+
+def test_base_class_is_abstract():
+    with pytest.raises(TypeError, match="abstract"):
+        ImageData(**COMMON)
+
+
+# ----------------------------------------------------------------------------------------------
+# Digits
+
+
+def test_digits_are_real_images_in_range():
+    data = Digits(batch_size=8, channels=1, resolution=32)
+    ds = data.dataset()
+    assert len(ds) == 1797
+    x = ds[0]
+    assert x.shape == (1, 32, 32) and x.dtype == torch.float32
+    allx = ds.images
+    assert allx.min().item() >= -1.0 and allx.max().item() <= 1.0
+    # Background is exactly 0/16 -> -1; the strokes reach 16/16 -> +1.
+    assert allx.min().item() == pytest.approx(-1.0, abs=1e-6)
+    assert allx.max().item() == pytest.approx(1.0, abs=1e-3)
+    # Hand-computed bilinear upsampling (align_corners=False, x4): output pixel 4k+2 samples
+    # the 8x8 input at k + 0.125, i.e. 7/8 of pixel k plus 1/8 of pixel k+1 on each axis.
+    from sklearn.datasets import load_digits
+
+    v = torch.from_numpy(load_digits().images[0]).float() / 16  # (8, 8) in [0, 1]
+    rows = 0.875 * v[:-1] + 0.125 * v[1:]  # (7, 8)
+    expected = 0.875 * rows[:, :-1] + 0.125 * rows[:, 1:]  # (7, 7)
+    torch.testing.assert_close(x[0, 2:30:4, 2:30:4], expected * 2 - 1, atol=1e-5, rtol=0)
+
+
+def test_digits_three_channels_are_identical_copies():
+    grey = Digits(batch_size=8, channels=1, resolution=16).dataset().images
+    rgb = Digits(batch_size=8, channels=3, resolution=16).dataset().images
+    assert rgb.shape == (1797, 3, 16, 16)
+    for c in range(3):
+        assert torch.equal(rgb[:, c], grey[:, 0])
+
+
+def test_digits_native_resolution_is_exact():
+    from sklearn.datasets import load_digits
+
+    ds = Digits(batch_size=8, channels=1, resolution=8).dataset()
+    expected = torch.from_numpy(load_digits().images).float()[:, None] / 16 * 2 - 1
+    torch.testing.assert_close(ds.images, expected, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# TorchvisionImages
+
+
+def test_unknown_torchvision_name_lists_allowed():
+    with pytest.raises(DataError, match=r"data\.name 'svhn' .*allowed: 'cifar10', 'fashion_mnist', 'mnist'"):
+        TorchvisionImages(name="svhn", **COMMON)
+
+
+def test_bad_split_is_rejected():
+    with pytest.raises(DataError, match=r"data\.split must be 'train' or 'test', got 'val'"):
+        TorchvisionImages(name="mnist", split="val", **COMMON)
+
+
+def test_torchvision_root_is_absolute_and_construction_is_lazy(tmp_path, monkeypatch, no_network):
+    monkeypatch.chdir(tmp_path)
+    data = TorchvisionImages(name="mnist", root="rel/data", **COMMON)
+    assert data.root == str(tmp_path.resolve() / "rel" / "data")
+    assert not (tmp_path / "rel").exists()  # nothing touched before dataset()
+    assert no_network == []
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
+def test_offline_missing_files_give_one_clear_error(tmp_path, no_network, name):
+    root = tmp_path / "nowhere"
+    data = TorchvisionImages(name=name, root=str(root), split="test", download=True, **COMMON)
+    with pytest.raises(DataError) as info:
+        data.dataset()
+    msg = str(info.value)
+    assert f"data.root '{root.resolve()}'" in msg
+    assert f"data.name='{name}'" in msg
+    assert "missing" in msg and "could not be downloaded" in msg
+    assert "data=digits" in msg and "data=folder data.path=DIR" in msg
+    # Raised `from None`: users see our message, not urllib's traceback.
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert no_network, "torchvision should have tried (and been refused) a download"
+
+
+def test_missing_files_without_download(tmp_path, no_network):
+    data = TorchvisionImages(name="mnist", root=str(tmp_path), split="test", download=False, **COMMON)
+    with pytest.raises(DataError, match=r"could not be downloaded \(data\.download=false; RuntimeError"):
+        data.dataset()
+    assert no_network == []
+
+
+def test_mnist_test_split_from_local_archives(tmp_path, mnist_dir, no_network):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(mnist_dir / "raw" / f, raw / f)
+
+    ds = TorchvisionImages(name="mnist", root=str(tmp_path), split="test", download=True, **COMMON).dataset()
+    assert no_network == []  # md5 of the present archives matched: extracted, not fetched
+    assert len(ds) == 10_000
+    x = ds[0]
+    assert x.shape == (1, 32, 32) and x.dtype == torch.float32
+    assert x.min().item() == pytest.approx(-1.0) and x.max().item() <= 1.0
+
+    # Index 0 of the test set is the 7 stored as png/7/00000.png. At the native 28 px the
+    # transform is exactly v / 127.5 - 1 of the PNG's bytes.
+    png = mnist_dir / "png" / "7" / "00000.png"
+    native = TorchvisionImages(name="mnist", root=str(tmp_path), split="test", batch_size=4, channels=1, resolution=28)
+    pixels = torch.from_numpy(np.asarray(Image.open(png).convert("L"), dtype=np.float32))
+    torch.testing.assert_close(native.dataset()[0][0], pixels / 127.5 - 1, atol=1e-6, rtol=0)
+
+    # At 32 px: the same PNG through ImageFolder's pipeline gives the same tensor.
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(png, single / "00000.png")
+    via_folder = ImageFolder(path=str(single), **COMMON).dataset()[0]
+    assert torch.equal(x, via_folder)
+
+    # channels=3: three identical grey channels.
+    rgb = TorchvisionImages(name="mnist", root=str(tmp_path), split="test", batch_size=4, channels=3, resolution=32)
+    x3 = rgb.dataset()[0]
+    assert x3.shape == (3, 32, 32)
+    assert torch.equal(x3[0], x[0]) and torch.equal(x3[1], x[0]) and torch.equal(x3[2], x[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageFolder
+
+
+@pytest.fixture
+def png_subset(tmp_path, mnist_dir) -> Path:
+    """50 real MNIST PNGs (5 per digit) in nested label folders, one with an upper-case suffix."""
+    dst = tmp_path / "imgs"
+    for label in range(10):
+        (dst / str(label)).mkdir(parents=True)
+        for src in sorted((mnist_dir / "png" / str(label)).iterdir())[:5]:
+            shutil.copy(src, dst / str(label) / src.name)
+    first = sorted((dst / "0").iterdir())[0]
+    first.rename(first.with_suffix(".PNG"))
+    (dst / "notes.txt").write_text("not an image")
+    return dst
+
+
+def test_real_png_folder_has_10000_images(mnist_dir):
+    files = image_files(mnist_dir / "png")
+    assert len(files) == 10_000
+    assert files[0].relative_to(mnist_dir / "png").as_posix() == "0/00003.png"
+
+
+def test_image_folder_loads_nested_sorted_pngs(png_subset):
+    ds = ImageFolder(path=str(png_subset), batch_size=4, channels=1, resolution=28).dataset()
+    assert len(ds) == 50  # the .PNG counts, notes.txt does not
+    rel = [f.relative_to(png_subset).as_posix() for f in ds.files]
+    assert rel == sorted(rel) and rel[0].startswith("0/") and rel[-1].startswith("9/")
+    x = ds[7]
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32
+    pixels = np.asarray(Image.open(ds.files[7]), dtype=np.float32)
+    torch.testing.assert_close(x[0], torch.from_numpy(pixels) / 127.5 - 1, atol=1e-6, rtol=0)
+
+
+def test_image_folder_three_channels_and_resize(png_subset):
+    ds = ImageFolder(path=str(png_subset), batch_size=4, channels=3, resolution=16).dataset()
+    x = ds[3]
+    assert x.shape == (3, 16, 16)
+    assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+    assert -1.0 <= x.min().item() and x.max().item() <= 1.0 and x.max().item() > 0.5
+
+
+def test_image_folder_rgb_to_grey_and_crop(tmp_path):
+    # A 40x20 RGB image: left half red, right half blue. Short side 20 -> 8, crop 8x8 centre.
+    img = np.zeros((20, 40, 3), dtype=np.uint8)
+    img[:, :20, 0] = 255
+    img[:, 20:, 2] = 255
+    Image.fromarray(img).save(tmp_path / "a.png")
+    rgb = ImageFolder(path=str(tmp_path), batch_size=1, channels=3, resolution=8).dataset()[0]
+    assert rgb.shape == (3, 8, 8)
+    assert rgb[1].max().item() == pytest.approx(-1.0)  # no green anywhere
+    grey = ImageFolder(path=str(tmp_path), batch_size=1, channels=1, resolution=8).dataset()[0]
+    # PIL's luma: red 255 -> 76 (0.299), blue 255 -> 29 (0.114); left column red, right blue.
+    assert grey[0, 4, 0].item() == pytest.approx(76 / 127.5 - 1, abs=1e-6)
+    assert grey[0, 4, 7].item() == pytest.approx(29 / 127.5 - 1, abs=1e-6)
+
+
+def test_image_folder_relative_path_uses_launch_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = ImageFolder(path="some/imgs", **COMMON)
+    assert data.path == str(tmp_path.resolve() / "some" / "imgs")
+
+
+def test_relative_paths_resolve_against_hydra_launch_dir(tmp_path, monkeypatch):
+    from hydra import compose, initialize
+    from hydra.core.hydra_config import HydraConfig
+
+    launch, run_dir = tmp_path / "launch", tmp_path / "outputs" / "run"
+    launch.mkdir()
+    run_dir.mkdir(parents=True)
+    monkeypatch.chdir(launch)
+    with initialize(version_base=None):
+        cfg = compose(return_hydra_config=True)  # records hydra.runtime.cwd = launch
+    monkeypatch.chdir(run_dir)  # what a Hydra run does with hydra.job.chdir=true
+    HydraConfig.instance().set_config(cfg)
+    try:
+        assert ImageFolder(path="imgs", **COMMON).path == str(launch.resolve() / "imgs")
+        assert TorchvisionImages(name="mnist", root="data", **COMMON).root == str(launch.resolve() / "data")
+        assert ImageFolder(path=str(tmp_path / "abs"), **COMMON).path == str(tmp_path.resolve() / "abs")
+    finally:
+        HydraConfig.instance().cfg = None
+    assert not HydraConfig.initialized()
+    assert ImageFolder(path="imgs", **COMMON).path == str(run_dir.resolve() / "imgs")
+
+
+def test_image_folder_missing_path(tmp_path):
+    missing = tmp_path / "missing"
+    with pytest.raises(DataError, match=rf"data\.path '{missing.resolve()}' does not exist"):
+        ImageFolder(path=str(missing), **COMMON).dataset()
+
+
+def test_image_folder_path_is_a_file(tmp_path):
+    f = tmp_path / "x.png"
+    f.write_bytes(b"")
+    with pytest.raises(DataError, match=rf"data\.path '{f.resolve()}' is a file, not a directory"):
+        ImageFolder(path=str(f), **COMMON).dataset()
+
+
+def test_image_folder_without_images(tmp_path):
+    (tmp_path / "readme.txt").write_text("hi")
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(
+        DataError, match=rf"no images \(\.png, \.jpg, \.jpeg, \.webp, \.bmp\) under data\.path '{tmp_path.resolve()}'"
+    ):
+        ImageFolder(path=str(tmp_path), **COMMON).dataset()
+
+
+def test_image_folder_reports_every_corrupt_file(png_subset):
+    (png_subset / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (png_subset / "zzz_empty.png").write_bytes(b"")
+    with pytest.raises(DataError) as info:
+        ImageFolder(path=str(png_subset), **COMMON).dataset()
+    msg = str(info.value)
+    assert msg.startswith(f"2 of 52 files under data.path '{png_subset.resolve()}' could not be read as images: ")
+    assert "3/broken.png" in msg and "zzz_empty.png" in msg
+    with pytest.raises(DataError, match=r"2 of 52 .*broken\.png"):
+        ImageFolder(path=str(png_subset), **COMMON).dataset()
+
+
+def test_image_folder_skips_hidden_files(png_subset):
+    (png_subset / "._00003.png").write_bytes(b"AppleDouble junk")
+    (png_subset / ".cache").mkdir()
+    (png_subset / ".cache" / "x.png").write_bytes(b"junk")
+    assert len(ImageFolder(path=str(png_subset), **COMMON).dataset()) == 50
+
+
+# ----------------------------------------------------------------------------------------------
+# BatchStream
+
+
+class Numbered(Dataset):
+    """Item i is a (1, 2, 2) image filled with the value i: batches reveal their indices."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.full((1, 2, 2), float(i))
+
+
+def ids(batch: torch.Tensor) -> list[int]:
+    return batch[:, 0, 0, 0].long().tolist()
+
+
+def take(stream, k: int) -> list[list[int]]:
+    return [ids(next(stream)) for _ in range(k)]
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_stream_order_is_the_seeded_permutation(in_memory):
+    s = BatchStream(Numbered(10), 3, seed=5, in_memory=in_memory)
+    assert s.batches_per_epoch == 3  # 10 // 3, the last item of each epoch is dropped
+    got = take(s, 6)
+    for epoch in range(2):
+        perm = torch.randperm(10, generator=torch.Generator().manual_seed(5 + epoch)).tolist()
+        assert got[3 * epoch : 3 * epoch + 3] == [perm[0:3], perm[3:6], perm[6:9]]
+    assert s.state_dict() == {"epoch": 2, "batch": 0}
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_stream_same_seed_same_batches_other_seed_differs(in_memory):
+    ds = Numbered(64)
+    a = take(BatchStream(ds, 8, seed=1, in_memory=in_memory), 10)
+    b = take(BatchStream(ds, 8, seed=1, in_memory=in_memory), 10)
+    c = take(BatchStream(ds, 8, seed=2, in_memory=in_memory), 10)
+    assert a == b
+    assert a != c
+
+
+def test_stream_batch_shape_dtype_and_exact_size():
+    ds = Digits(batch_size=7, channels=3, resolution=8).dataset()
+    s = BatchStream(ds, 7, seed=0)
+    assert s.batches_per_epoch == 1797 // 7 == 256
+    for _ in range(300):  # crosses an epoch boundary with 5 items dropped
+        x = next(s)
+        assert x.shape == (7, 3, 8, 8) and x.dtype == torch.float32 and x.device.type == "cpu"
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_every_item_once_per_epoch(in_memory):
+    s = BatchStream(Numbered(100), 10, seed=3, in_memory=in_memory)
+    for _ in range(3):
+        seen = sum(take(s, s.batches_per_epoch), [])
+        assert sorted(seen) == list(range(100))
+
+
+def test_incomplete_batch_is_dropped_and_varies_by_epoch():
+    s = BatchStream(Numbered(10), 4, seed=0)
+    dropped = []
+    for _ in range(3):
+        seen = sum(take(s, 2), [])
+        assert len(seen) == len(set(seen)) == 8
+        dropped.append(sorted(set(range(10)) - set(seen)))
+    assert len({tuple(d) for d in dropped}) > 1  # not always the same two images left out
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_get_disjoint_shares(world_size):
+    streams = [BatchStream(Numbered(50), 4, seed=9, rank=r, world_size=world_size) for r in range(world_size)]
+    per_epoch = 50 // (4 * world_size)
+    assert all(s.batches_per_epoch == per_epoch for s in streams)
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(9)).tolist()
+    seen = []
+    for b in range(per_epoch):
+        group = perm[b * 4 * world_size : (b + 1) * 4 * world_size]
+        for r, s in enumerate(streams):
+            batch = ids(next(s))
+            assert batch == group[r::world_size]
+            seen += batch
+    assert len(seen) == len(set(seen)) == per_epoch * 4 * world_size
+
+
+@pytest.mark.parametrize(
+    "in_memory, num_workers", [(True, 0), (False, 0), (True, 2), (False, 2)]
+)
+@pytest.mark.parametrize("k", [2, 5, 7])  # mid-epoch, at the epoch boundary, in epoch 1
+def test_resume_gives_the_uninterrupted_batches(in_memory, num_workers, k):
+    ds = Numbered(26)  # batch 5 -> 5 batches per epoch, one item dropped
+    kw = dict(seed=11, in_memory=in_memory, num_workers=num_workers)
+    reference = take(BatchStream(ds, 5, **kw), k + 8)
+
+    first = BatchStream(ds, 5, **kw)
+    assert take(first, k) == reference[:k]
+    state = first.state_dict()
+    assert state == {"epoch": k // 5, "batch": k % 5}
+
+    resumed = BatchStream(ds, 5, **kw)
+    resumed.load_state_dict(state)
+    assert take(resumed, 8) == reference[k:]
+    # The original keeps going too, unaffected by the checkpoint.
+    assert take(first, 3) == reference[k : k + 3]
+
+
+def test_load_state_dict_rewinds_a_running_stream():
+    s = BatchStream(Numbered(40), 4, seed=0, in_memory=False, num_workers=0)
+    reference = take(s, 6)
+    s.load_state_dict({"epoch": 0, "batch": 2})
+    assert take(s, 4) == reference[2:6]
+    s.load_state_dict({"epoch": 0, "batch": 10})  # "all 10 consumed" == start of epoch 1
+    assert s.state_dict() == {"epoch": 1, "batch": 0}
+
+
+def test_dropping_a_streaming_stream_frees_it_without_gc():
+    # No stream <-> DataLoader-iterator cycle: workers stop as soon as the stream is dropped,
+    # instead of whenever the cycle collector runs (where their shutdown stalled ~5 s each).
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        s = BatchStream(Numbered(20), 4, seed=0, in_memory=False, num_workers=2)
+        take(s, 2)
+        ref = weakref.ref(s)
+        del s
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_bad_stream_state_is_a_clear_error():
+    s = BatchStream(Numbered(40), 4, seed=0)
+    with pytest.raises(DataError, match=r"an epoch has 10 batches .*did data\.batch_size or the dataset change"):
+        s.load_state_dict({"epoch": 0, "batch": 11})
+    with pytest.raises(DataError, match=r"data stream state must be \{'epoch': int, 'batch': int\}"):
+        s.load_state_dict({"step": 3})
+
+
+def _rng_states():
+    return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+
+@pytest.mark.parametrize("in_memory, num_workers", [(True, 0), (False, 0), (False, 2)])
+def test_stream_never_touches_global_rngs(in_memory, num_workers):
+    torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
+    before = _rng_states()
+    s = BatchStream(Numbered(30), 4, seed=0, in_memory=in_memory, num_workers=num_workers)
+    take(s, 10)  # crosses an epoch boundary
+    s.load_state_dict({"epoch": 3, "batch": 1})
+    take(s, 2)
+    after = _rng_states()
+    assert torch.equal(before[0], after[0])
+    assert np.array_equal(before[1], after[1])
+    assert before[2] == after[2]
+
+
+def test_in_memory_load_goes_through_a_dataloader_without_global_rng():
+    # A generic (non-tensor) dataset takes the DataLoader stacking pass.
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    s = BatchStream(Numbered(600), 50, seed=0, in_memory=True, num_workers=2)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert s._data.shape == (600, 1, 2, 2)
+    assert torch.equal(s._data[:, 0, 0, 0], torch.arange(600, dtype=torch.float32))
+
+
+def test_dataset_smaller_than_batch_is_an_error():
+    with pytest.raises(DataError, match=r"data\.batch_size=16 is larger than the dataset \(10 images\)"):
+        BatchStream(Numbered(10), 16, seed=0)
+    with pytest.raises(DataError, match=r"data\.batch_size=4 x world_size 3 = 12 is larger than the dataset \(10"):
+        BatchStream(Numbered(10), 4, seed=0, rank=0, world_size=3)
+
+
+def test_tensor_images_dataset_is_used_directly():
+    images = torch.arange(12, dtype=torch.float32).reshape(6, 1, 1, 2)
+    s = BatchStream(TensorImages(images), 2, seed=0)
+    batch = next(s)
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(batch, images[perm[:2]])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_stream_on_cuda(in_memory):
+    s = BatchStream(Numbered(20), 4, seed=0, device="cuda", in_memory=in_memory)
+    x = next(s)
+    assert x.device.type == "cuda" and x.shape == (4, 1, 2, 2)
+    cpu = BatchStream(Numbered(20), 4, seed=0, in_memory=in_memory)
+    assert torch.equal(x.cpu(), next(cpu))
