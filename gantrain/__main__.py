@@ -1,0 +1,3 @@
+from gantrain.train import main
+
+main()

@@ -1,0 +1,108 @@
+"""Entry point: ``python -m gantrain +experiment=NAME key=value ...`` (also the ``gantrain`` script).
+
+This is the only module that reads the config. It composes and instantiates everything, puts it
+on the device, and hands typed objects to the :class:`~gantrain.trainer.Trainer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from gantrain.config import register
+from gantrain.data import BatchStream
+from gantrain.errors import GantrainError
+from gantrain.trainer import Trainer, resolve_device
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+log = logging.getLogger("gantrain")
+
+register()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
+    """Instantiate model, objective, optimizers, data and Trainer from a composed config."""
+    seed_everything(cfg.seed)
+    settings = instantiate(cfg.trainer)
+    device = resolve_device(settings.device)
+    model = instantiate(cfg.model).to(device)  # device placement happens here and only here
+    objective = instantiate(cfg.loss)
+    optimizers = {name: instantiate(cfg.optim[name], _convert_="all")(getattr(model, name).parameters())
+                  for name in cfg.optim}
+    phases = objective.phases(model, optimizers, n_critic=settings.n_critic)
+    data = instantiate(cfg.data)
+    stream = BatchStream(data.dataset(), data.batch_size, seed=cfg.seed, device=device,
+                         num_workers=data.num_workers, in_memory=data.in_memory)
+    # Fixed noise from its own generator: sample grids never consume the training RNG.
+    fixed_noise = model.noise(settings.num_samples, device, generator=torch.Generator(device).manual_seed(cfg.seed))
+    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    return Trainer(
+        settings,
+        model=model,
+        phases=phases,
+        data=stream,
+        run_dir=run_dir,
+        sampler=lambda: model.sample(fixed_noise),
+        config=resolved,
+        compat={"model": resolved["model"], "loss": resolved["loss"]},
+    )
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
+    """Build and fit; returns the final metrics. Testable without Hydra's runtime (Compose API)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("run directory: %s", run_dir.resolve())
+    metrics = build(cfg, run_dir).fit()
+    log.info("finished: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    return metrics
+
+
+def user_error(e: BaseException) -> GantrainError | None:
+    """The user-input error behind ``e`` (Hydra wraps errors raised while instantiating), if any."""
+    while e is not None and not isinstance(e, GantrainError):
+        e = e.__cause__ if isinstance(e, InstantiationException) else None
+    return e
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def _hydra_main(cfg: DictConfig) -> float:
+    try:
+        metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+    except Exception as e:
+        err = user_error(e)
+        if err is None:
+            raise  # a bug: keep the traceback
+        log.error("%s", err)  # one line on the console and in the run's log, no traceback
+        raise SystemExit(1) from None
+    return metrics.get("loss/G", float("nan"))  # a scalar for sweepers
+
+
+def main() -> None:
+    if not CONFIG_DIR.is_dir():
+        raise SystemExit(
+            f"gantrain: config directory {CONFIG_DIR} not found; install from a clone with `pip install -e .` "
+            "(the recipes live in the repository's configs/)"
+        )
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Shared fixtures: compose the real config with Hydra's Compose API, shrunk for CPU tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from gantrain.train import CONFIG_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+# Small enough for a 2-core CPU: 8-wide networks, batch 8, a handful of steps.
+TINY = [
+    "model.g.ngf=8",
+    "model.d.ndf=8",
+    "data.batch_size=8",
+    "trainer.max_steps=2",
+    "trainer.device=cpu",
+    "trainer.num_samples=4",
+    "trainer.progress_bar=false",
+    "trainer.log_every_n_steps=1",
+]
+
+
+def make_cfg(*overrides: str, tiny: bool = True) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=[*(TINY if tiny else []), *overrides])
+
