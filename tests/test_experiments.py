@@ -1,0 +1,87 @@
+"""Every experiment composes, instantiates and trains for 2 CPU steps; config mistakes fail loudly."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf.errors import MissingMandatoryValue
+
+from gantrain.train import CONFIG_DIR, train
+from tests.conftest import EXPERIMENTS, make_cfg
+
+EXPECTED_LOGS = {"loss/D", "loss/G", "D(x)", "D(G(z))", "grad_norm/D", "grad_norm/G", "lr/D", "lr/G", "perf/images_per_s"}
+
+
+def test_experiments_are_found():
+    assert {"dcgan", "wgan_gp"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_trains_two_steps(tmp_path, experiment):
+    cfg = make_cfg(f"+experiment={experiment}")
+    assert cfg.experiment_name == experiment
+    metrics = train(cfg, tmp_path)
+    assert metrics["step"] == 2
+    assert EXPECTED_LOGS <= metrics.keys()
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "samples" / "step_0000002.png").is_file()
+
+
+def test_wgan_gp_recipe_values():
+    cfg = make_cfg("+experiment=wgan_gp", tiny=False)
+    assert cfg.trainer.n_critic == 5
+    assert cfg.loss.adversarial._target_ == "gantrain.losses.WassersteinLoss"
+    assert cfg.loss.penalties.gp.weight == 10.0
+    assert cfg.model.d.norm != "batch"  # the penalty is per sample
+    assert list(cfg.optim.g.betas) == [0.5, 0.9]
+
+
+def test_dcgan_recipe_values():
+    cfg = make_cfg("+experiment=dcgan", tiny=False)
+    assert (cfg.model.g.nz, cfg.model.g.ngf, cfg.model.d.ndf, cfg.model.resolution) == (100, 64, 64, 32)
+    assert cfg.model.init == "normal_0.02" and cfg.loss.adversarial.saturating is False
+    assert cfg.optim.d.lr == 2e-4 and list(cfg.optim.d.betas) == [0.5, 0.999]
+    assert cfg.model.channels == cfg.data.channels == 1  # channels follow the data
+    assert cfg.data.resolution == 32
+
+
+def test_unknown_experiment_lists_the_available_ones():
+    with pytest.raises(MissingConfigException, match=r"(?s)Could not find 'experiment/wgan'.*dcgan.*wgan_gp"):
+        make_cfg("+experiment=wgan")
+
+
+def test_misspelled_key_on_the_command_line_fails():
+    with pytest.raises(ConfigCompositionException) as e:
+        make_cfg("trainer.n_critc=3")
+    assert "Key 'n_critc' not in 'TrainerConfig'" in str(e.value.__cause__)
+    with pytest.raises(ConfigCompositionException):
+        make_cfg("optim.g.learning_rate=1e-3")
+
+
+def test_misspelled_key_in_an_experiment_file_fails(tmp_path):
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIG_DIR, configs)
+    (configs / "experiment" / "typo.yaml").write_text("# @package _global_\ntrainer:\n  n_critc: 5\n")
+    with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException, match=r"(?s)In 'experiment/typo'.*Key 'n_critc' not in 'TrainerConfig'"):
+            compose(config_name="train", overrides=["+experiment=typo"])
+
+
+def test_missing_folder_path_names_the_key():
+    cfg = make_cfg("data=folder")
+    with pytest.raises(MissingMandatoryValue, match=r"data.path"):
+        cfg.data.path  # noqa: B018
+
+
+def test_every_group_file_names_a_target():
+    for group in ("model", "loss", "data", "trainer"):
+        for f in (CONFIG_DIR / group).glob("*.yaml"):
+            assert "_target_:" in f.read_text(), f
+    for f in (CONFIG_DIR / "optim").glob("*.yaml"):
+        text = f.read_text()
+        assert text.count("_target_:") == 2 and text.count("_partial_: true") == 2, f
