@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +10,7 @@ import numpy as np
 import torch
 
 from gantrain.errors import GantrainError
+from gantrain.files import atomic_write
 
 FORMAT = "gantrain-checkpoint/1"
 
@@ -21,23 +20,9 @@ class CheckpointError(GantrainError):
 
 
 def save_atomic(obj: dict[str, Any], path: str | Path) -> Path:
-    """``torch.save`` to a temp file in the same directory, fsync, then ``os.replace``.
-
-    A crash or a full disk mid-write leaves any existing ``path`` untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """``torch.save`` via :func:`gantrain.files.atomic_write`: a crash or a full disk mid-write
+    leaves any existing ``path`` untouched."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load(path: str | Path, what: str = "trainer.resume") -> dict[str, Any]:
@@ -49,7 +34,10 @@ def load(path: str | Path, what: str = "trainer.resume") -> dict[str, Any]:
         # Our checkpoints hold numpy/python RNG states, so the weights-only unpickler is too strict.
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated/corrupt file, or not a torch file at all
-        raise CheckpointError(f"{what}: '{path}' is not a readable checkpoint ({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"{what}: '{path}' is not a readable checkpoint (truncated, corrupt, or not written by torch.save; "
+            f"{type(e).__name__}: {e})"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{what}: '{path}' is not a gantrain checkpoint (expected format {FORMAT!r})")
     return ckpt
@@ -86,4 +74,8 @@ def flatten_dict(d: Any, prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Dotted keys whose values differ between two nested config dicts, as ``key: saved -> current``."""
     a, b = flatten_dict(saved), flatten_dict(current)
-    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+    return [
+        f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k)
+    ]

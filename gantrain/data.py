@@ -555,9 +555,7 @@ class BatchStream:
         try:
             epoch, batch = int(state["epoch"]), int(state["batch"])
         except (KeyError, TypeError, ValueError):
-            raise DataError(
-                f"data stream state must be {{'epoch': int, 'batch': int}}, got {state!r}"
-            ) from None
+            raise DataError(f"data stream state must be {{'epoch': int, 'batch': int}}, got {state!r}") from None
         if epoch < 0 or not 0 <= batch <= self.batches_per_epoch:
             raise DataError(
                 f"data stream state {state!r} does not fit this data: an epoch has "

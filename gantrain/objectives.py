@@ -10,10 +10,9 @@ from functools import partial
 from typing import Mapping
 
 import torch
-
-from gantrain.errors import ConfigError
 from torch.optim import Optimizer
 
+from gantrain.errors import ConfigError
 from gantrain.losses import AdversarialLoss, GradientPenalty
 from gantrain.models import GAN
 from gantrain.stats import report

@@ -7,7 +7,6 @@ on the device, and hands typed objects to the :class:`~gantrain.trainer.Trainer`
 from __future__ import annotations
 
 import logging
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -37,6 +37,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def compose_config(*overrides: str) -> DictConfig:
+    """The config ``python -m gantrain OVERRIDES...`` would run, via Hydra's Compose API (tests, scripts)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
 def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
     """Instantiate model, objective, optimizers, data and Trainer from a composed config."""
     seed_everything(cfg.seed)
@@ -44,12 +50,19 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
     device = resolve_device(settings.device)
     model = instantiate(cfg.model).to(device)  # device placement happens here and only here
     objective = instantiate(cfg.loss)
-    optimizers = {name: instantiate(cfg.optim[name], _convert_="all")(getattr(model, name).parameters())
-                  for name in cfg.optim}
+    optimizers = {
+        name: instantiate(cfg.optim[name], _convert_="all")(getattr(model, name).parameters()) for name in cfg.optim
+    }
     phases = objective.phases(model, optimizers, n_critic=settings.n_critic)
     data = instantiate(cfg.data)
-    stream = BatchStream(data.dataset(), data.batch_size, seed=cfg.seed, device=device,
-                         num_workers=data.num_workers, in_memory=data.in_memory)
+    stream = BatchStream(
+        data.dataset(),
+        data.batch_size,
+        seed=cfg.seed,
+        device=device,
+        num_workers=data.num_workers,
+        in_memory=data.in_memory,
+    )
     # Fixed noise from its own generator: sample grids never consume the training RNG.
     fixed_noise = model.noise(settings.num_samples, device, generator=torch.Generator(device).manual_seed(cfg.seed))
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]

@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-
-from gantrain.errors import ConfigError
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.tensorboard import SummaryWriter
@@ -35,6 +33,8 @@ from tqdm.auto import tqdm
 
 from gantrain import checkpoint as ckpt_io
 from gantrain.checkpoint import CheckpointError
+from gantrain.errors import ConfigError
+from gantrain.files import atomic_write
 from gantrain.stats import Collector, collecting, report
 
 log = logging.getLogger(__name__)
@@ -79,22 +79,28 @@ class TrainerSettings:
     progress_bar: bool = True  # tqdm bar; it also stays quiet when stdout is not a terminal
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "n_critic", "accumulate_grad_batches", "log_every_n_steps",
-                    "sample_every_n_steps", "num_samples", "checkpoint_every_n_steps"):
+        for key in (
+            "max_steps",
+            "n_critic",
+            "accumulate_grad_batches",
+            "log_every_n_steps",
+            "sample_every_n_steps",
+            "num_samples",
+            "checkpoint_every_n_steps",
+        ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"trainer.{key}={getattr(self, key)}: must be >= 1")
         if str(self.precision) not in PRECISIONS:
             raise ConfigError(f"trainer.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
         self.precision = str(self.precision)
         if self.gradient_clip_algorithm not in CLIP_ALGORITHMS:
-            raise ConfigError(
-                f"trainer.gradient_clip_algorithm={self.gradient_clip_algorithm!r}; allowed: {', '.join(CLIP_ALGORITHMS)}"
-            )
+            allowed = ", ".join(CLIP_ALGORITHMS)
+            raise ConfigError(f"trainer.gradient_clip_algorithm={self.gradient_clip_algorithm!r}; allowed: {allowed}")
         if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:
             raise ConfigError(f"trainer.gradient_clip_val={self.gradient_clip_val}: must be > 0 or null")
 
 
-def resolve_device(spec: str) -> torch.device:
+def resolve_device(spec: str, key: str = "trainer.device") -> torch.device:
     """``auto`` -> cuda, else mps, else cpu; anything else must name an available torch device."""
     if spec == "auto":
         if torch.cuda.is_available():
@@ -105,9 +111,9 @@ def resolve_device(spec: str) -> torch.device:
     try:
         device = torch.device(spec)
     except (RuntimeError, ValueError):
-        raise ConfigError(f"trainer.device={spec!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+        raise ConfigError(f"{key}={spec!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={spec!r} but CUDA is not available here; use trainer.device=auto or cpu")
+        raise ConfigError(f"{key}={spec!r} but CUDA is not available here; use {key}=auto or cpu")
     return device
 
 
@@ -165,12 +171,19 @@ class Trainer:
         """Train until ``max_steps``; returns the last logged stats plus ``step``."""
         self._maybe_resume()
         if self.step >= self.s.max_steps:
-            log.info("checkpoint is already at step %d >= trainer.max_steps=%d; nothing to do", self.step, self.s.max_steps)
+            log.info(
+                "checkpoint is already at step %d >= trainer.max_steps=%d; nothing to do", self.step, self.s.max_steps
+            )
         if self.is_main:
             self.writer = SummaryWriter(log_dir=str(self.run_dir))
             self._log_config()
-        bar = tqdm(total=self.s.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=None if (self.is_main and self.s.progress_bar) else True)
+        bar = tqdm(
+            total=self.s.max_steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=None if (self.is_main and self.s.progress_bar) else True,
+        )
         self._t0, self._images0 = time.perf_counter(), self.images_seen
         try:
             with collecting(self.collector):
@@ -186,7 +199,8 @@ class Trainer:
                         bar.update(1)
                         self._after_step(bar)
             self._log_stats(bar)
-            self._write_samples()
+            if self.step % self.s.sample_every_n_steps:  # else _after_step just wrote this step's grid
+                self._write_samples()
             self._save_checkpoint()
         finally:
             bar.close()
@@ -204,7 +218,9 @@ class Trainer:
             phase.optimizer.zero_grad(set_to_none=True)
             for _ in range(k):
                 real = next(self.data)  # fresh real batch per micro-batch
-                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                with torch.autocast(
+                    self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+                ):
                     loss = phase.loss(real)
                 (loss / k).backward()
                 self.images_seen += real.shape[0]
@@ -258,8 +274,7 @@ class Trainer:
         images = self.sampler().float().cpu()  # (N, C, H, W) in [-1, 1]
         grid = make_grid(images, nrow=int(math.ceil(math.sqrt(images.shape[0]))), normalize=True, value_range=(-1, 1))
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(grid, path)
+        atomic_write(path, lambda f: save_image(grid, f, format="png"), fsync=False)
         if self.writer is not None:
             self.writer.add_image("samples", grid, self.step)
 
@@ -268,8 +283,10 @@ class Trainer:
 
         text = yaml.safe_dump(self.config, sort_keys=False)
         self.writer.add_text("config", "    " + text.replace("\n", "\n    "), self.step)  # indented = code block
-        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                for k, v in ckpt_io.flatten_dict(self.config).items()}
+        flat = {
+            k: v if isinstance(v, (int, float, str, bool)) else str(v)
+            for k, v in ckpt_io.flatten_dict(self.config).items()
+        }
         for summary in hparams(flat, {"loss/D": 0.0, "loss/G": 0.0}):
             self.writer._get_file_writer().add_summary(summary)
 
@@ -324,4 +341,3 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         if self.is_main:
             ckpt_io.save_atomic(self.state_dict(), self.ckpt_path)
-

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from gantrain.train import CONFIG_DIR
+from gantrain.train import CONFIG_DIR, compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -26,6 +25,4 @@ TINY = [
 
 
 def make_cfg(*overrides: str, tiny: bool = True) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=[*(TINY if tiny else []), *overrides])
-
+    return compose_config(*(TINY if tiny else []), *overrides)

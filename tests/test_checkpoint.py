@@ -84,7 +84,10 @@ def test_checkpoint_from_another_model_fails_clearly(tmp_path):
     before = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
     with pytest.raises(CheckpointError, match=r"different model/loss configuration:\n  model.g.ngf: 8 -> 16"):
         train(make_cfg("model.g.ngf=16", "trainer.max_steps=3", "trainer.resume=auto"), tmp_path)
-    with pytest.raises(CheckpointError, match=r"loss.adversarial._target_: 'gantrain.losses.BCELoss' -> 'gantrain.losses.WassersteinLoss'"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"loss.adversarial._target_: 'gantrain.losses.BCELoss' -> 'gantrain.losses.WassersteinLoss'",
+    ):
         train(make_cfg("loss=wgan_gp", "trainer.max_steps=3", "trainer.resume=auto"), tmp_path)
     assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == before  # nothing overwritten
 

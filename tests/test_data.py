@@ -420,9 +420,7 @@ def test_ranks_get_disjoint_shares(world_size):
     assert len(seen) == len(set(seen)) == per_epoch * 4 * world_size
 
 
-@pytest.mark.parametrize(
-    "in_memory, num_workers", [(True, 0), (False, 0), (True, 2), (False, 2)]
-)
+@pytest.mark.parametrize("in_memory, num_workers", [(True, 0), (False, 0), (True, 2), (False, 2)])
 @pytest.mark.parametrize("k", [2, 5, 7])  # mid-epoch, at the epoch boundary, in epoch 1
 def test_resume_gives_the_uninterrupted_batches(in_memory, num_workers, k):
     ds = Numbered(26)  # batch 5 -> 5 batches per epoch, one item dropped

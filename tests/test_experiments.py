@@ -13,7 +13,17 @@ from omegaconf.errors import MissingMandatoryValue
 from gantrain.train import CONFIG_DIR, train
 from tests.conftest import EXPERIMENTS, make_cfg
 
-EXPECTED_LOGS = {"loss/D", "loss/G", "D(x)", "D(G(z))", "grad_norm/D", "grad_norm/G", "lr/D", "lr/G", "perf/images_per_s"}
+EXPECTED_LOGS = {
+    "loss/D",
+    "loss/G",
+    "D(x)",
+    "D(G(z))",
+    "grad_norm/D",
+    "grad_norm/G",
+    "lr/D",
+    "lr/G",
+    "perf/images_per_s",
+}
 
 
 def test_experiments_are_found():
@@ -68,7 +78,9 @@ def test_misspelled_key_in_an_experiment_file_fails(tmp_path):
     shutil.copytree(CONFIG_DIR, configs)
     (configs / "experiment" / "typo.yaml").write_text("# @package _global_\ntrainer:\n  n_critc: 5\n")
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
-        with pytest.raises(ConfigCompositionException, match=r"(?s)In 'experiment/typo'.*Key 'n_critc' not in 'TrainerConfig'"):
+        with pytest.raises(
+            ConfigCompositionException, match=r"(?s)In 'experiment/typo'.*Key 'n_critc' not in 'TrainerConfig'"
+        ):
             compose(config_name="train", overrides=["+experiment=typo"])
 
 

@@ -96,7 +96,12 @@ def test_gradient_penalty_passes_gradcheck_float64():
 
 def _tiny_gan() -> GAN:
     torch.manual_seed(0)
-    return GAN(Generator(nz=4, ngf=4, channels=1, resolution=8), Discriminator(ndf=4, channels=1, resolution=8, norm="none"), 8, 1)
+    return GAN(
+        Generator(nz=4, ngf=4, channels=1, resolution=8),
+        Discriminator(ndf=4, channels=1, resolution=8, norm="none"),
+        8,
+        1,
+    )
 
 
 def test_gradient_penalty_reaches_d_not_g():

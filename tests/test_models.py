@@ -17,7 +17,10 @@ def _convs(m: nn.Module) -> list[nn.Module]:
 
 @pytest.mark.parametrize("resolution,g_widths", [(32, [256, 128, 64, 3]), (64, [512, 256, 128, 64, 3])])
 def test_dcgan_shapes_and_widths(resolution, g_widths):
-    g, d = Generator(nz=100, ngf=64, channels=3, resolution=resolution), Discriminator(ndf=64, channels=3, resolution=resolution)
+    g, d = (
+        Generator(nz=100, ngf=64, channels=3, resolution=resolution),
+        Discriminator(ndf=64, channels=3, resolution=resolution),
+    )
     assert [c.out_channels for c in _convs(g)] == g_widths
     assert [c.out_channels for c in _convs(d)] == [w for w in reversed(g_widths[:-1])] + [1]
     z = torch.randn(2, 100, 1, 1)
@@ -38,7 +41,9 @@ def test_generator_spatial_path_at_32px():
     assert sizes == [4, 8, 16, 32]
 
 
-@pytest.mark.parametrize("norm,kind", [("batch", nn.BatchNorm2d), ("layer", nn.GroupNorm), ("instance", nn.InstanceNorm2d)])
+@pytest.mark.parametrize(
+    "norm,kind", [("batch", nn.BatchNorm2d), ("layer", nn.GroupNorm), ("instance", nn.InstanceNorm2d)]
+)
 def test_discriminator_norms(norm, kind):
     d = Discriminator(ndf=8, channels=1, resolution=32, norm=norm)
     assert sum(isinstance(m, kind) for m in d.modules()) == 2  # hidden layers only, not the first

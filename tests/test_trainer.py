@@ -38,7 +38,9 @@ def one_weight_trainer(tmp_path, w0=1.0, lr=0.1, **settings) -> tuple[Trainer, n
     with torch.no_grad():
         lin.weight.fill_(w0)
     # loss(x) = (w * x)^2 / 2  ->  d/dw = w * x^2
-    phase = Phase("main", lin, torch.optim.SGD(lin.parameters(), lr=lr), lambda x: 0.5 * (lin(x) ** 2).sum(), counts_as_step=True)
+    phase = Phase(
+        "main", lin, torch.optim.SGD(lin.parameters(), lr=lr), lambda x: 0.5 * (lin(x) ** 2).sum(), counts_as_step=True
+    )
     s = TrainerSettings(device="cpu", progress_bar=False, **settings)
     return Trainer(s, model=lin, phases=[phase], data=ListStream(), run_dir=tmp_path), lin
 
@@ -63,7 +65,9 @@ def test_accumulation_averages_micro_batches(tmp_path):
 def test_gradient_clipping_norm_and_value(tmp_path):
     # x=1, w=5: grad 5, clipped to 2 -> w = 5 - 0.1 * 2; the logged norm is the pre-clip 5.
     for algorithm in ("norm", "value"):
-        trainer, lin = one_weight_trainer(tmp_path, w0=5.0, max_steps=1, gradient_clip_val=2.0, gradient_clip_algorithm=algorithm)
+        trainer, lin = one_weight_trainer(
+            tmp_path, w0=5.0, max_steps=1, gradient_clip_val=2.0, gradient_clip_algorithm=algorithm
+        )
         metrics = trainer.fit()
         assert lin.weight.item() == pytest.approx(4.8, rel=1e-6)
         assert metrics["grad_norm/main"] == pytest.approx(5.0)
@@ -95,8 +99,12 @@ def _snapshot(module: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor |
 
 @pytest.mark.parametrize("experiment,n_critic", [("dcgan", 1), ("wgan_gp", 5)])
 def test_gradient_hygiene_invariants(tmp_path, experiment, n_critic):
-    cfg = make_cfg(f"+experiment={experiment}", f"trainer.n_critic={n_critic}", "trainer.max_steps=3",
-                   "trainer.accumulate_grad_batches=2")
+    cfg = make_cfg(
+        f"+experiment={experiment}",
+        f"trainer.n_critic={n_critic}",
+        "trainer.max_steps=3",
+        "trainer.accumulate_grad_batches=2",
+    )
     trainer = build(cfg, tmp_path)
     model = trainer.model
     model.g.net[0].weight.requires_grad_(False)  # a user-frozen parameter: its flag must come back
@@ -129,7 +137,9 @@ def test_gradient_hygiene_invariants(tmp_path, experiment, n_critic):
         after = _snapshot(other)
         for name, (p, g) in before.items():  # the other network: parameters AND grads bit-identical
             assert torch.equal(p, after[name][0]), f"{phase.name} step changed {name}"
-            assert (g is None and after[name][1] is None) or torch.equal(g, after[name][1]), f"{phase.name} step touched {name}.grad"
+            assert (g is None and after[name][1] is None) or torch.equal(g, after[name][1]), (
+                f"{phase.name} step touched {name}.grad"
+            )
         assert [p.requires_grad for p in model.parameters()] == flags0, "requires_grad flags not restored"
         order.append(phase.name)
 
@@ -144,9 +154,9 @@ def test_gradient_hygiene_invariants(tmp_path, experiment, n_critic):
 
 
 def test_no_retain_graph_in_package():
-    import gantrain
-
     from pathlib import Path
+
+    import gantrain
 
     sources = [p for p in Path(gantrain.__file__).parent.rglob("*.py")]
     offenders = [str(p) for p in sources if "retain_graph" in p.read_text()]

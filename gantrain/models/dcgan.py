@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from gantrain.errors import ConfigError
-from torch import nn
 
 D_NORMS = ("batch", "layer", "instance", "none")
 G_NORMS = ("batch", "none")
@@ -46,7 +46,9 @@ class Generator(nn.Module):
         widths = [ngf * 2 ** (n - 1 - i) for i in range(n)]  # e.g. [256, 128, 64] at 32 px
         bias = norm == "none"  # a bias right before a norm layer is redundant
         layers: list[nn.Module] = [
-            nn.ConvTranspose2d(nz, widths[0], 4, 1, 0, bias=bias), _norm(norm, widths[0]), nn.ReLU(True)
+            nn.ConvTranspose2d(nz, widths[0], 4, 1, 0, bias=bias),
+            _norm(norm, widths[0]),
+            nn.ReLU(True),
         ]  # (B, 4ngf, 4, 4)
         for c_in, c_out in zip(widths, widths[1:]):
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=bias), _norm(norm, c_out), nn.ReLU(True)]

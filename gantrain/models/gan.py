@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-
-from gantrain.errors import ConfigError
 from torch import nn
 
+from gantrain.errors import ConfigError
 from gantrain.models.init import initialize
 
 
@@ -33,7 +32,9 @@ class GAN(nn.Module):
         self.g, self.d = initialize(g, init), initialize(d, init)
         self.resolution, self.channels = resolution, channels
 
-    def noise(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
+    def noise(
+        self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Latent batch ``(n, *g.latent_shape)`` from N(0, I); a dedicated ``generator`` leaves the global RNG alone."""
         return torch.randn((n, *self.g.latent_shape), device=device, generator=generator)
 

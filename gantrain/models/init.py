@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from gantrain.errors import ConfigError
-from torch import nn
 
 INIT_SCHEMES = ("normal_0.02", "xavier", "kaiming", "orthogonal")
 

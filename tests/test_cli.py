@@ -1,0 +1,97 @@
+"""The command line as users type it: from another working directory, multirun, console script,
+one-line errors, and what lands in the run directory / TensorBoard."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gantrain.train import train
+from tests.conftest import TINY, make_cfg
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args: list[str], cwd: Path, exe: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [*(exe or [sys.executable, "-m", "gantrain"]), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_train_from_another_directory_uses_default_run_dir(tmp_path):
+    r = run_cli(["+experiment=dcgan", *TINY], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = list((tmp_path / "outputs" / "dcgan").iterdir())  # outputs/<experiment>/<timestamp>
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / ".hydra" / "config.yaml").is_file()  # the resolved config
+    assert (run / "samples" / "step_0000002.png").is_file()
+    assert list(run.glob("events.out.tfevents.*"))
+
+
+def test_multirun_makes_one_run_per_value(tmp_path):
+    r = run_cli(
+        ["-m", "+experiment=dcgan", "optim.g.lr=1e-4,2e-4", *TINY, f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(runs) == 2 and "optim.g.lr=0.0001" in runs[0], runs
+    for name in runs:
+        assert (tmp_path / "sweep" / name / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_console_script_composes_the_recipe(tmp_path):
+    script = Path(sys.executable).parent / "gantrain"
+    if not script.exists():
+        pytest.skip("gantrain console script not installed in this environment")
+    r = run_cli(["+experiment=wgan_gp", "--cfg", "job"], cwd=tmp_path, exe=[str(script)])
+    assert r.returncode == 0, r.stderr
+    assert "n_critic: 5" in r.stdout and "gantrain.losses.GradientPenalty" in r.stdout
+
+
+def test_user_error_is_one_line_not_a_traceback(tmp_path):
+    r = run_cli(["data=folder", f"data.path={tmp_path}/missing", *TINY, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    assert r.returncode == 1
+    out = r.stdout + r.stderr
+    assert f"data.path '{tmp_path}/missing' does not exist" in out
+    assert "Traceback" not in out
+
+
+def test_unknown_experiment_lists_options_on_the_cli(tmp_path):
+    r = run_cli(["+experiment=nope"], cwd=tmp_path)
+    assert r.returncode != 0
+    assert "Could not find 'experiment/nope'" in r.stderr and "wgan_gp" in r.stderr
+
+
+def test_tensorboard_gets_scalars_samples_config_and_hparams(tmp_path):
+    train(make_cfg("+experiment=wgan_gp", "trainer.sample_every_n_steps=1"), tmp_path)
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0, "tensors": 0}).Reload()
+    tags = acc.Tags()
+    want = {
+        "loss/D",
+        "loss/G",
+        "loss/D/gp",
+        "D(x)",
+        "D(G(z))",
+        "grad_norm/D",
+        "grad_norm/G",
+        "lr/D",
+        "lr/G",
+        "perf/images_per_s",
+    }
+    assert want <= set(tags["scalars"])
+    assert [e.step for e in acc.Scalars("loss/G")] == [1, 2]
+    assert acc.Scalars("lr/D")[0].value == pytest.approx(1e-4)
+    assert [e.step for e in acc.Images("samples")] == [1, 2]  # every step; the final grid not twice
+    assert any(t.startswith("config") for t in tags["tensors"])
+    assert "_hparams_/session_start_info" in acc.summary_metadata
