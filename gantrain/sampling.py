@@ -1,0 +1,194 @@
+"""Samples from a trained checkpoint: rebuild the model, draw seeded latents, write tensors or images.
+
+``scripts/sample.py`` is the command-line front end; these functions are the testable part::
+
+    model = load_model("outputs/run/checkpoints/last.ckpt", "cpu")
+    images = generate(model, 64, seed=0)          # (64, C, H, W) float32 on CPU, in [-1, 1]
+    write_samples(images, "samples.png")          # .pt tensor | .png grid | anything else: a folder of PNGs
+
+Checkpoints are unpickled with ``weights_only=False`` and their config names the classes to build,
+so only sample from checkpoints you trust.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from functools import partial
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from PIL import Image
+from torch import nn
+from torchvision.utils import make_grid
+from tqdm.auto import tqdm
+
+from gantrain import checkpoint as ckpt_io
+from gantrain.checkpoint import CheckpointError
+from gantrain.errors import GantrainError
+from gantrain.files import atomic_write
+
+log = logging.getLogger(__name__)
+
+OutputKind = Literal["pt", "png", "dir"]
+PROGRESS_MIN_FILES = 256  # a folder of fewer PNGs is written too fast for a bar to help
+
+
+def output_kind(out: str | Path) -> OutputKind:
+    """What ``out`` names: ``"pt"`` (a tensor file), ``"png"`` (one grid image) or ``"dir"`` (one PNG per sample).
+
+    Only the suffixes ``.pt`` and ``.png`` (any case) make a file; every other path is a folder.
+    Raises :class:`GantrainError` when ``out`` already exists as the other kind of thing, so a
+    mistake is caught before any sampling work is done.
+    """
+    out = Path(out)
+    kind: OutputKind = {".pt": "pt", ".png": "png"}.get(out.suffix.lower(), "dir")  # type: ignore[assignment]
+    if kind == "dir" and out.exists() and not out.is_dir():
+        raise GantrainError(f"'{out}' is an existing file; a path without a .pt or .png suffix names a folder")
+    if kind != "dir" and out.is_dir():
+        raise GantrainError(f"'{out}' is an existing folder, but a {out.suffix} path names a file")
+    return kind
+
+
+def load_model(checkpoint_path: str | Path, device: torch.device | str = "cpu", what: str = "checkpoint") -> nn.Module:
+    """The model saved in a gantrain training checkpoint, on ``device`` and in eval mode.
+
+    The model is rebuilt from the checkpoint's own resolved ``config["model"]``, so no config
+    files are needed. Raises :class:`CheckpointError` (naming ``what`` and the path) when the file
+    is missing, corrupt, not a gantrain checkpoint, or holds a model that cannot draw samples.
+    """
+    ckpt = ckpt_io.load(checkpoint_path, what=what)
+    try:
+        model = instantiate(ckpt["config"]["model"])
+    except (KeyError, TypeError, InstantiationException) as e:
+        raise CheckpointError(
+            f"{what}: cannot rebuild the model saved in '{checkpoint_path}' ({type(e).__name__}: {e})"
+        ) from None
+    if not (callable(getattr(model, "noise", None)) and callable(getattr(model, "sample", None))):
+        raise CheckpointError(
+            f"{what}: the model in '{checkpoint_path}' ({type(model).__name__}) has no noise()/sample() to draw with"
+        )
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{what}: the weights in '{checkpoint_path}' do not fit its own model config ({e})"
+        ) from None
+    return model.to(device).eval()
+
+
+def generate(
+    model: nn.Module,
+    num: int,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> torch.Tensor:
+    """``num`` samples ``(num, C, H, W)``, float32 on CPU, in the model's data range [-1, 1].
+
+    All ``num`` latents are drawn at once from a ``torch.Generator`` seeded with ``seed`` on
+    ``device`` (default: where the model's parameters are), then decoded ``batch_size`` at a time.
+    So the latents depend on ``seed`` and ``device`` only, never on ``batch_size`` or the global RNG;
+    the images agree across batch sizes up to float rounding (~1e-9 on CPU: conv kernels may pick
+    a different algorithm per batch size), and are identical for identical arguments.
+    ``progress``: a tqdm bar over batches when there is more than one (quiet off-terminal).
+    """
+    if num < 1:
+        raise GantrainError(f"num={num}: must be >= 1")
+    if batch_size < 1:
+        raise GantrainError(f"batch_size={batch_size}: must be >= 1")
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    z = model.noise(num, device, generator=torch.Generator(device).manual_seed(seed))  # (num, *latent_shape)
+    starts = range(0, num, batch_size)
+    out: torch.Tensor | None = None
+    for start in tqdm(
+        starts,
+        desc="sampling",
+        unit="batch",
+        dynamic_ncols=True,
+        disable=None if progress and len(starts) > 1 else True,
+    ):
+        x = model.sample(z[start : start + batch_size]).float().cpu()  # (b, C, H, W)
+        if out is None:  # allocate once the image shape is known; no second copy from torch.cat
+            out = torch.empty((num, *x.shape[1:]), dtype=torch.float32)
+        out[start : start + x.shape[0]] = x
+    assert out is not None
+    return out
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``(N, C, H, W)`` in [-1, 1] -> ``(N, H, W, C)`` uint8, ``round((x + 1) / 2 * 255)`` after clamping."""
+    return _unit_to_uint8((images.detach().float().cpu().clamp(-1, 1) + 1) / 2)
+
+
+def write_samples(images: torch.Tensor, out: str | Path, progress: bool = True) -> list[Path]:
+    """Write ``images`` ``(N, C, H, W)`` in [-1, 1] to ``out``; returns the files written.
+
+    * ``*.pt``: ``torch.save`` of the float32 CPU tensor;
+    * ``*.png``: one grid (``make_grid``, ``ceil(sqrt(N))`` per row, value range (-1, 1));
+    * anything else: a folder (created if needed) with ``000000.png``, ``000001.png``, ... one per
+      sample, greyscale for 1 channel and RGB for 3.
+
+    Every file is written to a temp file beside it and then renamed over the target, so a failure
+    never leaves a half-written file where an older one was. Numbered PNGs beyond ``N`` left in the
+    folder by an earlier, larger run are kept, with a warning.
+    """
+    assert images.ndim == 4, f"expected images (N, C, H, W), got shape {tuple(images.shape)}"
+    out = Path(out)
+    kind = output_kind(out)
+    images = images.detach().float().cpu()
+    if kind != "pt" and images.shape[1] not in (1, 3):
+        raise GantrainError(
+            f"'{out}': PNG output needs 1 or 3 channels, these samples have {images.shape[1]}; write a .pt file"
+        )
+    if kind == "pt":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda f: torch.save(images, f))
+        return [out]
+    if kind == "png":
+        grid = make_grid(images, nrow=math.ceil(math.sqrt(images.shape[0])), normalize=True, value_range=(-1, 1))
+        pixels = _unit_to_uint8(grid[None])[0]  # (H, W, 3); make_grid turns 1 channel into 3
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda f: _save_png(pixels, f))
+        return [out]
+    out.mkdir(parents=True, exist_ok=True)
+    pixels = to_uint8(images)  # (N, H, W, C)
+    paths = [out / f"{i:06d}.png" for i in range(len(pixels))]
+    for path, p in tqdm(
+        zip(paths, pixels),
+        total=len(paths),
+        desc="writing",
+        unit="img",
+        dynamic_ncols=True,
+        disable=None if progress and len(paths) >= PROGRESS_MIN_FILES else True,
+    ):
+        # No fsync per file: it would make a folder of many thousand PNGs slow to write.
+        atomic_write(path, partial(_save_png, p), fsync=False)
+    stale = [q for q in out.iterdir() if re.fullmatch(r"\d{6,}\.png", q.name) and int(q.stem) >= len(paths)]
+    if stale:
+        log.warning(
+            "'%s' still holds %d numbered PNGs from an earlier run beyond the %d written now (%s, ...)",
+            out,
+            len(stale),
+            len(paths),
+            min(stale).name,
+        )
+    return paths
+
+
+def _unit_to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``(N, C, H, W)`` in [0, 1] -> ``(N, H, W, C)`` uint8, rounding half up as ``torchvision.utils.save_image``."""
+    return images.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _save_png(pixels: np.ndarray, f: BinaryIO) -> None:
+    """``(H, W, 1)`` -> greyscale 'L', ``(H, W, 3)`` -> 'RGB'."""
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(f, format="PNG")
