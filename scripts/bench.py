@@ -1,0 +1,191 @@
+"""Framework overhead: steady-state ms/step of the DCGAN recipe through gantrain's Trainer versus a
+hand-written PyTorch loop doing the same work, in the same process, on the same data.
+
+    python scripts/bench.py                       # CPU, the dcgan recipe at batch 64
+    python scripts/bench.py --device cuda --steps 50
+    python scripts/bench.py --write docs/benchmarks.md
+
+Both loops start from the same weights, use the same Adam settings, the same in-memory digits
+tensor and per step do: one D update on a real batch and detached fakes from fresh noise, then
+one G update on fresh noise with D frozen. Timing blocks alternate between the two loops (so
+drift in machine load hits both) and the median block is reported. A third, informational row
+is the common "reuse the D step's fakes for the G step" loop, which skips one G forward; the
+Trainer cannot do that without letting G's graph live through the D phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gantrain.train import build, compose_config
+
+MARK_BEGIN, MARK_END = "<!-- bench.py:begin -->", "<!-- bench.py:end -->"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Handwritten:
+    """The plain loop: no phases, no stats sink, no progress bar, no checkpoints."""
+
+    def __init__(self, g, d, data: torch.Tensor, batch: int, lr: float, betas, reuse_fakes: bool):
+        self.g, self.d, self.data, self.batch, self.reuse = g, d, data, batch, reuse_fakes
+        self.opt_g = torch.optim.Adam(g.parameters(), lr=lr, betas=betas)
+        self.opt_d = torch.optim.Adam(d.parameters(), lr=lr, betas=betas)
+        self.gen = torch.Generator().manual_seed(0)
+        self.nz = g.latent_shape
+
+    def step(self) -> None:
+        g, d, dev = self.g, self.d, self.data.device
+        idx = torch.randint(0, self.data.shape[0], (self.batch,), generator=self.gen).to(dev)
+        real = self.data[idx]
+        z = torch.randn((self.batch, *self.nz), device=dev)
+        # D step
+        if self.reuse:
+            fake = g(z)
+            fake_d = fake.detach()
+        else:
+            with torch.no_grad():
+                fake_d = g(z)
+        self.opt_d.zero_grad(set_to_none=True)
+        real_out, fake_out = d(real), d(fake_d)
+        loss_d = F.binary_cross_entropy_with_logits(
+            real_out, torch.ones_like(real_out)
+        ) + F.binary_cross_entropy_with_logits(fake_out, torch.zeros_like(fake_out))
+        loss_d.backward()
+        self.opt_d.step()
+        # G step, D frozen so no D weight gradients are computed
+        d.requires_grad_(False)
+        if not self.reuse:
+            fake = g(torch.randn((self.batch, *self.nz), device=dev))
+        self.opt_g.zero_grad(set_to_none=True)
+        out = d(fake)
+        F.binary_cross_entropy_with_logits(out, torch.ones_like(out)).backward()
+        self.opt_g.step()
+        d.requires_grad_(True)
+
+    def block(self, n: int) -> float:
+        sync(self.data.device)
+        t = time.perf_counter()
+        for _ in range(n):
+            self.step()
+        sync(self.data.device)
+        return (time.perf_counter() - t) / n
+
+
+def framework_block(trainer, n: int) -> float:
+    """ms/step between the first and last step of one fit() (excludes fit's setup and final save)."""
+    stamps: list[float] = []
+    after = trainer._after_step
+
+    def stamp(bar):
+        after(bar)
+        sync(trainer.device)
+        stamps.append(time.perf_counter())
+
+    trainer._after_step = stamp
+    trainer.s.max_steps = trainer.step + n + 1
+    trainer.fit()
+    trainer._after_step = after
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=20, help="steps per timing block")
+    ap.add_argument("--repeats", type=int, default=5, help="blocks per loop (median reported)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--write", type=Path, help="replace the bench section of this markdown file")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the recipe, e.g. data.batch_size=128")
+    args = ap.parse_args()
+
+    cfg = compose_config(
+        "+experiment=dcgan", f"trainer.device={args.device}", "trainer.progress_bar=false", *args.overrides
+    )
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = build(cfg, run_dir)
+        model = trainer.model
+        g0, d0 = copy.deepcopy(model.g), copy.deepcopy(model.d)
+        data = trainer.data._data  # (N, C, R, R) on the device: the stream's in-memory tensor
+        assert isinstance(data, torch.Tensor), "the benchmark needs an in-memory dataset (data.in_memory=true)"
+        opt = cfg.optim.g
+        loops = {
+            "gantrain Trainer": lambda n: framework_block(trainer, n),
+            "hand-written loop": Handwritten(
+                copy.deepcopy(g0),
+                copy.deepcopy(d0),
+                data,
+                cfg.data.batch_size,
+                opt.lr,
+                tuple(opt.betas),
+                reuse_fakes=False,
+            ).block,
+            "hand-written, fakes reused (info)": Handwritten(
+                copy.deepcopy(g0),
+                copy.deepcopy(d0),
+                data,
+                cfg.data.batch_size,
+                opt.lr,
+                tuple(opt.betas),
+                reuse_fakes=True,
+            ).block,
+        }
+        for fn in loops.values():
+            fn(args.warmup)
+        times: dict[str, list[float]] = {k: [] for k in loops}
+        for r in range(args.repeats):
+            for name, fn in loops.items():
+                times[name].append(fn(args.steps) * 1000)
+            print(
+                f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f} ms" for k, v in times.items()),
+                file=sys.stderr,
+            )
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["gantrain Trainer"] / med["hand-written loop"]
+    threads = torch.get_num_threads()
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} logical CPUs ({threads} torch threads), "
+        f"Python {platform.python_version()}, torch {torch.__version__}, device {args.device}"
+    )
+    if args.device.startswith("cuda"):
+        machine += f" ({torch.cuda.get_device_name()})"
+    lines = [
+        f"DCGAN recipe (`+experiment=dcgan {' '.join(args.overrides)}`), batch {cfg.data.batch_size}, "
+        f"{cfg.model.resolution} px, {args.repeats} alternating blocks of {args.steps} steps, median:",
+        "",
+        "| loop | ms/step (median) | all blocks |",
+        "| --- | ---: | --- |",
+        *[f"| {k} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} |" for k, v in times.items()],
+        "",
+        f"**Framework overhead: {100 * (ratio - 1):+.1f}%** (Trainer / hand-written = {ratio:.3f}).",
+        "",
+        f"Machine: {machine}.",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if args.write:
+        text = args.write.read_text() if args.write.exists() else f"{MARK_BEGIN}\n{MARK_END}\n"
+        section = f"{MARK_BEGIN}\n{report}\n{MARK_END}"
+        text = re.sub(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), lambda _: section, text, flags=re.S)
+        args.write.write_text(text)
+        print(f"wrote {args.write}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
