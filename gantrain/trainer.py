@@ -163,6 +163,7 @@ class Trainer:
         self.iteration = 0  # loop iterations (each runs the phases due)
         self.images_seen = 0  # real images drawn from the data
         self.collector = Collector()
+        self._t0, self._images0 = time.perf_counter(), 0  # images/s since the last log
         self.writer: SummaryWriter | None = None
         self.metrics: dict[str, float] = {}
 

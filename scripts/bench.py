@@ -7,8 +7,9 @@ hand-written PyTorch loop doing the same work, in the same process, on the same 
 
 Both loops start from the same weights, use the same Adam settings, the same in-memory digits
 tensor and per step do: one D update on a real batch and detached fakes from fresh noise, then
-one G update on fresh noise with D frozen. Timing blocks alternate between the two loops (so
-drift in machine load hits both) and the median block is reported. A third, informational row
+one G update on fresh noise with D frozen. Every step is timed; blocks of steps alternate
+between the loops (so drift in machine load hits all of them; the order rotates every round),
+and the overhead is the ratio of mean step times. A third, informational row
 is the common "reuse the D step's fakes for the G step" loop, which skips one G forward; the
 Trainer cannot do that without letting G's graph live through the D phase.
 """
@@ -78,17 +79,20 @@ class Handwritten:
         self.opt_g.step()
         d.requires_grad_(True)
 
-    def block(self, n: int) -> float:
-        sync(self.data.device)
-        t = time.perf_counter()
+    def block(self, n: int) -> list[float]:
+        """Seconds of each of ``n`` steps."""
+        out = []
         for _ in range(n):
+            t = time.perf_counter()
             self.step()
-        sync(self.data.device)
-        return (time.perf_counter() - t) / n
+            sync(self.data.device)
+            out.append(time.perf_counter() - t)
+        return out
 
 
-def framework_block(trainer, n: int) -> float:
-    """ms/step between the first and last step of one fit() (excludes fit's setup and final save)."""
+def framework_block(trainer, n: int) -> list[float]:
+    """Seconds of each of ``n`` Trainer steps, taken between consecutive step ends inside one
+    ``fit()`` (so the periodic logging counts; fit's setup and its final save do not)."""
     stamps: list[float] = []
     after = trainer._after_step
 
@@ -101,14 +105,18 @@ def framework_block(trainer, n: int) -> float:
     trainer.s.max_steps = trainer.step + n + 1
     trainer.fit()
     trainer._after_step = after
-    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def _pct(values: list[float], q: int) -> float:
+    return sorted(values)[len(values) * q // 100]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--steps", type=int, default=20, help="steps per timing block")
-    ap.add_argument("--repeats", type=int, default=5, help="blocks per loop (median reported)")
+    ap.add_argument("--steps", type=int, default=25, help="steps per loop per round")
+    ap.add_argument("--repeats", type=int, default=6, help="rounds; the loops alternate within each")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--write", type=Path, help="replace the bench section of this markdown file")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the recipe, e.g. data.batch_size=128")
@@ -124,40 +132,28 @@ def main() -> None:
         data = trainer.data._data  # (N, C, R, R) on the device: the stream's in-memory tensor
         assert isinstance(data, torch.Tensor), "the benchmark needs an in-memory dataset (data.in_memory=true)"
         opt = cfg.optim.g
+
+        def handwritten(reuse_fakes: bool) -> Handwritten:
+            g, d = copy.deepcopy(g0), copy.deepcopy(d0)
+            return Handwritten(g, d, data, cfg.data.batch_size, opt.lr, tuple(opt.betas), reuse_fakes=reuse_fakes)
+
         loops = {
             "gantrain Trainer": lambda n: framework_block(trainer, n),
-            "hand-written loop": Handwritten(
-                copy.deepcopy(g0),
-                copy.deepcopy(d0),
-                data,
-                cfg.data.batch_size,
-                opt.lr,
-                tuple(opt.betas),
-                reuse_fakes=False,
-            ).block,
-            "hand-written, fakes reused (info)": Handwritten(
-                copy.deepcopy(g0),
-                copy.deepcopy(d0),
-                data,
-                cfg.data.batch_size,
-                opt.lr,
-                tuple(opt.betas),
-                reuse_fakes=True,
-            ).block,
+            "hand-written loop": handwritten(reuse_fakes=False).block,
+            "hand-written, fakes reused (info)": handwritten(reuse_fakes=True).block,
         }
         for fn in loops.values():
             fn(args.warmup)
-        times: dict[str, list[float]] = {k: [] for k in loops}
+        times: dict[str, list[float]] = {k: [] for k in loops}  # ms of every timed step
+        names = list(loops)
         for r in range(args.repeats):
-            for name, fn in loops.items():
-                times[name].append(fn(args.steps) * 1000)
-            print(
-                f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.1f} ms" for k, v in times.items()),
-                file=sys.stderr,
-            )
+            for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
+                times[name] += [t * 1000 for t in loops[name](args.steps)]
+            print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr)
 
+    mean = {k: statistics.fmean(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = med["gantrain Trainer"] / med["hand-written loop"]
+    ratio = mean["gantrain Trainer"] / mean["hand-written loop"]
     threads = torch.get_num_threads()
     machine = (
         f"{platform.machine()}, {os.cpu_count()} logical CPUs ({threads} torch threads), "
@@ -167,13 +163,14 @@ def main() -> None:
         machine += f" ({torch.cuda.get_device_name()})"
     lines = [
         f"DCGAN recipe (`+experiment=dcgan {' '.join(args.overrides)}`), batch {cfg.data.batch_size}, "
-        f"{cfg.model.resolution} px, {args.repeats} alternating blocks of {args.steps} steps, median:",
+        f"{cfg.model.resolution} px; {args.repeats} rounds, each timing {args.steps} steps of every loop "
+        f"({args.repeats * args.steps} steps per loop):",
         "",
-        "| loop | ms/step (median) | all blocks |",
-        "| --- | ---: | --- |",
-        *[f"| {k} | {med[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} |" for k, v in times.items()],
+        "| loop | mean ms/step | median | p10 | p90 |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *[f"| {k} | {mean[k]:.1f} | {med[k]:.1f} | {_pct(v, 10):.1f} | {_pct(v, 90):.1f} |" for k, v in times.items()],
         "",
-        f"**Framework overhead: {100 * (ratio - 1):+.1f}%** (Trainer / hand-written = {ratio:.3f}).",
+        f"**Framework overhead: {100 * (ratio - 1):+.1f}%** (mean Trainer / mean hand-written = {ratio:.3f}).",
         "",
         f"Machine: {machine}.",
     ]

@@ -13,6 +13,7 @@ from omegaconf.errors import MissingMandatoryValue
 from gantrain.train import CONFIG_DIR, train
 from tests.conftest import EXPERIMENTS, make_cfg
 
+# What every GAN run must log (the README and the issue name these tags).
 EXPECTED_LOGS = {
     "loss/D",
     "loss/G",
@@ -97,3 +98,10 @@ def test_every_group_file_names_a_target():
     for f in (CONFIG_DIR / "optim").glob("*.yaml"):
         text = f.read_text()
         assert text.count("_target_:") == 2 and text.count("_partial_: true") == 2, f
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_bf16_mixed_trains_on_cpu(tmp_path, experiment):
+    metrics = train(make_cfg(f"+experiment={experiment}", "trainer.precision=bf16-mixed"), tmp_path)
+    assert metrics["step"] == 2
+    assert all(math.isfinite(v) for v in metrics.values())
