@@ -381,6 +381,12 @@ class ImageFolder(ImageData):
 # Batch order
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of epoch ``epoch``'s permutation. Unlike ``seed + epoch``, runs with seeds s and s+1 do
+    not see the same orders shifted by one epoch (distinct for epochs below 1,000,003)."""
+    return (seed * 1_000_003 + epoch) % 2**63
+
+
 class _Order:
     """The data order: which dataset indices make up batch `batch` of epoch `epoch` on a rank."""
 
@@ -394,7 +400,7 @@ class _Order:
     def indices(self, epoch: int, batch: int) -> torch.Tensor:
         """(batch_size,) int64 dataset indices, on the CPU."""
         if epoch != self._perm_epoch:
-            gen = torch.Generator().manual_seed(self.seed + epoch)
+            gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             self._perm = torch.randperm(self.num_items, generator=gen)  # (N,)
             self._perm_epoch = epoch
         group = self._perm[batch * self.group : (batch + 1) * self.group]
@@ -424,7 +430,7 @@ class BatchStream:
     """Endless, resumable stream of image batches: the one place that decides data order.
 
     Epoch e visits the dataset in the order `torch.randperm(n, generator=Generator().manual_seed(
-    seed + e))`; batch b of the epoch is the b-th consecutive group of `batch_size * world_size`
+    epoch_seed(seed, e)))`; batch b of the epoch is the b-th consecutive group of `batch_size * world_size`
     indices of that permutation, and the last incomplete group is dropped. Under DDP, rank r
     takes `group[r::world_size]`, so each rank gets exactly `batch_size` images, the ranks'
     batches are disjoint, and together they cover every image at most once per epoch.

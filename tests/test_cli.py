@@ -35,7 +35,9 @@ def test_train_from_another_directory_uses_default_run_dir(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = list((tmp_path / "outputs" / "dcgan").iterdir())  # outputs/<experiment>/<timestamp>
     assert (run / "checkpoints" / "last.ckpt").is_file()
-    assert (run / ".hydra" / "config.yaml").is_file()  # the resolved config
+    assert (run / ".hydra" / "config.yaml").is_file()  # Hydra's, with interpolations
+    resolved = (run / "config.yaml").read_text()
+    assert "${" not in resolved and "resolution: 32" in resolved
     assert (run / "samples" / "step_0000002.png").is_file()
     assert list(run.glob("events.out.tfevents.*"))
 

@@ -24,6 +24,7 @@ from gantrain.data import (
     ImageFolder,
     TensorImages,
     TorchvisionImages,
+    epoch_seed,
     image_files,
 )
 
@@ -362,7 +363,7 @@ def test_stream_order_is_the_seeded_permutation(in_memory):
     assert s.batches_per_epoch == 3  # 10 // 3, the last item of each epoch is dropped
     got = take(s, 6)
     for epoch in range(2):
-        perm = torch.randperm(10, generator=torch.Generator().manual_seed(5 + epoch)).tolist()
+        perm = torch.randperm(10, generator=torch.Generator().manual_seed(epoch_seed(5, epoch))).tolist()
         assert got[3 * epoch : 3 * epoch + 3] == [perm[0:3], perm[3:6], perm[6:9]]
     assert s.state_dict() == {"epoch": 2, "batch": 0}
 
@@ -409,7 +410,7 @@ def test_ranks_get_disjoint_shares(world_size):
     streams = [BatchStream(Numbered(50), 4, seed=9, rank=r, world_size=world_size) for r in range(world_size)]
     per_epoch = 50 // (4 * world_size)
     assert all(s.batches_per_epoch == per_epoch for s in streams)
-    perm = torch.randperm(50, generator=torch.Generator().manual_seed(9)).tolist()
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(epoch_seed(9, 0))).tolist()
     seen = []
     for b in range(per_epoch):
         group = perm[b * 4 * world_size : (b + 1) * 4 * world_size]
@@ -527,3 +528,10 @@ def test_stream_on_cuda(in_memory):
     assert x.device.type == "cuda" and x.shape == (4, 1, 2, 2)
     cpu = BatchStream(Numbered(20), 4, seed=0, in_memory=in_memory)
     assert torch.equal(x.cpu(), next(cpu))
+
+
+def test_neighbouring_seeds_do_not_share_epoch_orders():
+    # With seed + epoch, seed 1's epoch 0 would be seed 0's epoch 1.
+    a, b = BatchStream(Numbered(40), 40, seed=0), BatchStream(Numbered(40), 40, seed=1)
+    next(a)
+    assert not torch.equal(next(a), next(b))
