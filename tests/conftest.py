@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import pytest
 from omegaconf import DictConfig
 
 from gantrain.train import CONFIG_DIR, compose_config
@@ -26,3 +28,20 @@ TINY = [
 
 def make_cfg(*overrides: str, tiny: bool = True) -> DictConfig:
     return compose_config(*(TINY if tiny else []), *overrides)
+
+
+def shared_mnist() -> Path:
+    # The repo sits at <x>/main and the shared data at <x>/shared.
+    candidates = [Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k"]
+    if os.environ.get("GANTRAIN_SHARED_DATA"):
+        env = Path(os.environ["GANTRAIN_SHARED_DATA"])
+        candidates += [env / "mnist-t10k", env / "data" / "mnist-t10k", env]
+    for c in candidates:
+        if (c / "raw" / "t10k-images-idx3-ubyte.gz").is_file() and (c / "png").is_dir():
+            return c
+    pytest.skip("shared MNIST t10k files not found (../shared/data/mnist-t10k or $GANTRAIN_SHARED_DATA)")
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    return shared_mnist()

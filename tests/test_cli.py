@@ -89,3 +89,19 @@ def test_tensorboard_gets_scalars_samples_config_and_hparams(tmp_path):
     assert [e.step for e in acc.Images("samples")] == [1, 2]  # every step; the final grid not twice
     assert any(t.startswith("config") for t in tags["tensors"])
     assert "_hparams_/session_start_info" in acc.summary_metadata
+
+
+def test_bench_script_runs_and_writes_its_section(tmp_path):
+    doc = tmp_path / "bench.md"
+    doc.write_text("# x\n<!-- bench.py:begin -->\nold\n<!-- bench.py:end -->\ntail\n")
+    args = ["--steps", "2", "--repeats", "1", "--warmup", "1", "--write", str(doc), *TINY[:3]]
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = doc.read_text()
+    assert "Framework overhead" in text and "old" not in text and text.endswith("tail\n")

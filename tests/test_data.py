@@ -3,7 +3,6 @@ errors, and BatchStream's order, coverage, resume and RNG hygiene."""
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import urllib.error
@@ -27,23 +26,6 @@ from gantrain.data import (
     epoch_seed,
     image_files,
 )
-
-
-def _shared_mnist() -> Path:
-    # The repo sits at <x>/main and the shared data at <x>/shared.
-    candidates = [Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-t10k"]
-    if os.environ.get("GANTRAIN_SHARED_DATA"):
-        env = Path(os.environ["GANTRAIN_SHARED_DATA"])
-        candidates += [env / "mnist-t10k", env / "data" / "mnist-t10k", env]
-    for c in candidates:
-        if (c / "raw" / "t10k-images-idx3-ubyte.gz").is_file() and (c / "png").is_dir():
-            return c
-    pytest.skip("shared MNIST t10k files not found (../shared/data/mnist-t10k or $GANTRAIN_SHARED_DATA)")
-
-
-@pytest.fixture
-def mnist_dir() -> Path:
-    return _shared_mnist()
 
 
 @pytest.fixture

@@ -105,3 +105,21 @@ def test_bf16_mixed_trains_on_cpu(tmp_path, experiment):
     metrics = train(make_cfg(f"+experiment={experiment}", "trainer.precision=bf16-mixed"), tmp_path)
     assert metrics["step"] == 2
     assert all(math.isfinite(v) for v in metrics.values())
+
+
+def test_folder_data_through_the_entry_point(tmp_path, mnist_dir):
+    # The README's `data=folder data.path=../shared/data/mnist-t10k/png data.channels=1`, on 40 of its PNGs.
+    folder = tmp_path / "png"
+    for src in sorted((mnist_dir / "png").rglob("*.png"))[:40]:
+        dst = folder / src.parent.name / src.name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(src.read_bytes())
+    cfg = make_cfg("+experiment=dcgan", "data=folder", f"data.path={folder}", "data.channels=1", "data.num_workers=0")
+    metrics = train(cfg, tmp_path / "run")
+    assert metrics["step"] == 2 and math.isfinite(metrics["loss/D"])
+
+
+def test_dcgan_at_64_px(tmp_path):
+    metrics = train(make_cfg("+experiment=dcgan", "model.resolution=64"), tmp_path)
+    assert metrics["step"] == 2
+    assert (tmp_path / "samples" / "step_0000002.png").is_file()
