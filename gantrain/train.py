@@ -83,9 +83,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("run directory: %s", run_dir.resolve())
+    trainer = build(cfg, run_dir)  # fails on bad input before anything in run_dir is written
     # Hydra's .hydra/config.yaml keeps the ${...} interpolations; this is what actually ran.
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    metrics = build(cfg, run_dir).fit()
+    metrics = trainer.fit()
     log.info("finished: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
     return metrics
 

@@ -154,6 +154,12 @@ class Trainer:
         self.model, self.phases, self.data = model, list(phases), data
         self.run_dir = Path(run_dir)
         self.ckpt_path = self.run_dir / "checkpoints" / "last.ckpt"
+        if settings.resume is None and self.ckpt_path.exists():
+            # Starting from scratch here would overwrite that checkpoint at the first save.
+            raise CheckpointError(
+                f"run directory '{self.run_dir}' already holds a checkpoint ({self.ckpt_path}); continue it with "
+                "trainer.resume=auto, or start a new run in another hydra.run.dir"
+            )
         self.sampler, self.config, self.compat = sampler, config or {}, compat or {}
         self.is_main = is_main
         self.params = list(model.parameters())

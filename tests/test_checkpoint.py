@@ -123,3 +123,11 @@ def test_atomic_save_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert ckpt_io.load(path)["v"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left behind
+
+
+def test_a_run_dir_with_a_checkpoint_is_not_overwritten_without_resume(tmp_path):
+    train(make_cfg(), tmp_path)
+    before = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
+    with pytest.raises(CheckpointError, match=r"already holds a checkpoint .*trainer.resume=auto"):
+        train(make_cfg("trainer.max_steps=3"), tmp_path)
+    assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == before

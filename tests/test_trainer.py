@@ -66,7 +66,7 @@ def test_gradient_clipping_norm_and_value(tmp_path):
     # x=1, w=5: grad 5, clipped to 2 -> w = 5 - 0.1 * 2; the logged norm is the pre-clip 5.
     for algorithm in ("norm", "value"):
         trainer, lin = one_weight_trainer(
-            tmp_path, w0=5.0, max_steps=1, gradient_clip_val=2.0, gradient_clip_algorithm=algorithm
+            tmp_path / algorithm, w0=5.0, max_steps=1, gradient_clip_val=2.0, gradient_clip_algorithm=algorithm
         )
         metrics = trainer.fit()
         assert lin.weight.item() == pytest.approx(4.8, rel=1e-6)
