@@ -150,13 +150,11 @@ def write_samples(images: torch.Tensor, out: str | Path, progress: bool = True) 
             f"'{out}': PNG output needs 1 or 3 channels, these samples have {images.shape[1]}; write a .pt file"
         )
     if kind == "pt":
-        out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, lambda f: torch.save(images, f))
         return [out]
     if kind == "png":
         grid = make_grid(images, nrow=math.ceil(math.sqrt(images.shape[0])), normalize=True, value_range=(-1, 1))
         pixels = _unit_to_uint8(grid[None])[0]  # (H, W, 3); make_grid turns 1 channel into 3
-        out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, lambda f: _save_png(pixels, f))
         return [out]
     out.mkdir(parents=True, exist_ok=True)

@@ -99,3 +99,11 @@ def test_sample_uses_eval_mode_and_changes_no_state():
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert torch.equal(model.sample(z), x)
+
+
+def test_generator_without_norm_has_biases_instead():
+    g = Generator(nz=8, ngf=4, channels=1, resolution=16, norm="none")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in g.modules())
+    assert all(c.bias is not None for c in _convs(g))
+    batch = Generator(nz=8, ngf=4, channels=1, resolution=16)
+    assert [c.bias is not None for c in _convs(batch)] == [False, False, True]  # BN follows all but the last

@@ -83,6 +83,10 @@ def test_settings_errors_are_clear():
     with pytest.raises(ConfigError, match=r"trainer.device='gpu0' is not a device; use auto, cpu"):
         resolve_device("gpu0")
     assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type in ("cpu", "mps")
+        with pytest.raises(ConfigError, match=r"trainer.device='cuda' but CUDA is not available here"):
+            resolve_device("cuda")
 
 
 def test_exactly_one_phase_counts(tmp_path):
