@@ -22,8 +22,9 @@ train: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# pytest exits 5 when no test carries the mark yet; that is not a failure.
 test-slow: $(STAMP)
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest -m slow || [ $$? -eq 5 ]
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py --write docs/benchmarks.md

@@ -124,6 +124,14 @@ def generate(
     return out
 
 
+def sample_grid(images: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` in [-1, 1] -> one ``(3, H', W')`` grid in [0, 1], ``ceil(sqrt(N))`` images per row.
+
+    The one layout for every sample grid: the Trainer's periodic grids and ``sample.py --out x.png``.
+    """
+    return make_grid(images, nrow=math.ceil(math.sqrt(images.shape[0])), normalize=True, value_range=(-1, 1))
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """``(N, C, H, W)`` in [-1, 1] -> ``(N, H, W, C)`` uint8, ``round((x + 1) / 2 * 255)`` after clamping."""
     return _unit_to_uint8((images.detach().float().cpu().clamp(-1, 1) + 1) / 2)
@@ -153,8 +161,7 @@ def write_samples(images: torch.Tensor, out: str | Path, progress: bool = True) 
         atomic_write(out, lambda f: torch.save(images, f))
         return [out]
     if kind == "png":
-        grid = make_grid(images, nrow=math.ceil(math.sqrt(images.shape[0])), normalize=True, value_range=(-1, 1))
-        pixels = _unit_to_uint8(grid[None])[0]  # (H, W, 3); make_grid turns 1 channel into 3
+        pixels = _unit_to_uint8(sample_grid(images)[None])[0]  # (H, W, 3); make_grid turns 1 channel into 3
         atomic_write(out, lambda f: _save_png(pixels, f))
         return [out]
     out.mkdir(parents=True, exist_ok=True)

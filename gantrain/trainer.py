@@ -17,7 +17,6 @@ them on rank 0 only. Losses and models never see a writer, a config or a device 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,13 +27,14 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from gantrain import checkpoint as ckpt_io
 from gantrain.checkpoint import CheckpointError
 from gantrain.errors import ConfigError
 from gantrain.files import atomic_write
+from gantrain.sampling import sample_grid
 from gantrain.stats import Collector, collecting, report
 
 log = logging.getLogger(__name__)
@@ -271,15 +271,14 @@ class Trainer:
             for name, value in stats.items():
                 self.writer.add_scalar(name, value, self.step)
         shown = {k: f"{v:.3g}" for k, v in stats.items() if k.count("/") == 1 and k.startswith("loss/")}
-        if "perf/images_per_s" in stats:
-            shown["img/s"] = f"{stats['perf/images_per_s']:.0f}"
+        shown["img/s"] = f"{stats['perf/images_per_s']:.0f}"
         bar.set_postfix(shown, refresh=False)
 
     def _write_samples(self) -> None:
         if not (self.is_main and self.sampler is not None):
             return
         images = self.sampler().float().cpu()  # (N, C, H, W) in [-1, 1]
-        grid = make_grid(images, nrow=int(math.ceil(math.sqrt(images.shape[0]))), normalize=True, value_range=(-1, 1))
+        grid = sample_grid(images)  # (3, H', W') in [0, 1]
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
         atomic_write(path, lambda f: save_image(grid, f, format="png"), fsync=False)
         if self.writer is not None:
@@ -319,7 +318,7 @@ class Trainer:
             raise CheckpointError(
                 f"trainer.resume: {source} was written by a different model/loss configuration:\n  "
                 + "\n  ".join(diffs[:20])
-                + "\nResume with the same model and loss settings, or start a new run (trainer.resume=null)."
+                + "\nResume with the same model and loss settings, or start a new run in another hydra.run.dir."
             )
         try:
             self.model.load_state_dict(state["model"])
