@@ -1,14 +1,33 @@
-"""DCGAN shapes, widths and init schemes."""
+"""Model families (DCGAN, SNGAN ResNet, MLP): shapes, heads, minibatch layers, spectral norm, init schemes."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from gantrain.errors import ConfigError
-from gantrain.models import GAN, initialize
+from gantrain.models import GAN, initialize, mlp, resnet
 from gantrain.models.dcgan import Discriminator, Generator
+from gantrain.models.layers import (
+    DiscriminatorHead,
+    MinibatchDiscrimination,
+    MinibatchStdDev,
+    apply_spectral_norm,
+    norm_layer,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These nets are tiny: one intra-op thread is faster, and avoids stalls when the 2 cores are busy."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _convs(m: nn.Module) -> list[nn.Module]:
@@ -22,7 +41,8 @@ def test_dcgan_shapes_and_widths(resolution, g_widths):
         Discriminator(ndf=64, channels=3, resolution=resolution),
     )
     assert [c.out_channels for c in _convs(g)] == g_widths
-    assert [c.out_channels for c in _convs(d)] == [w for w in reversed(g_widths[:-1])] + [1]
+    assert [c.out_channels for c in _convs(d)] == [w for w in reversed(g_widths[:-1])]
+    assert d.head.linear.in_features == g_widths[0] * 4 * 4  # a Linear on the flattened 4x4 map
     z = torch.randn(2, 100, 1, 1)
     x = g(z)
     assert x.shape == (2, 3, resolution, resolution)
@@ -107,3 +127,302 @@ def test_generator_without_norm_has_biases_instead():
     assert all(c.bias is not None for c in _convs(g))
     batch = Generator(nz=8, ngf=4, channels=1, resolution=16)
     assert [c.bias is not None for c in _convs(batch)] == [False, False, True]  # BN follows all but the last
+
+
+# ----------------------------------------------------------------------------- every family
+def _small_ds(**kw) -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+    """One small discriminator per family, with their inputs' shape (batch 6)."""
+    return {
+        "dcgan": (Discriminator(ndf=8, channels=1, resolution=16, norm="none", **kw), (6, 1, 16, 16)),
+        "resnet": (resnet.Discriminator(ndf=8, channels=1, resolution=32, **kw), (6, 1, 32, 32)),
+        "mlp": (mlp.Discriminator(in_dim=2, width=16, depth=2, **kw), (6, 2)),
+    }
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_resnet_shapes(resolution):
+    g = resnet.Generator(nz=16, ngf=8, channels=3, resolution=resolution)
+    d = resnet.Discriminator(ndf=8, channels=3, resolution=resolution)
+    assert g.latent_shape == (16,) and (g.channels, g.resolution) == (d.channels, d.resolution) == (3, resolution)
+    assert len(g.blocks) == {32: 3, 64: 4}[resolution]
+    assert len(d.blocks) == {32: 4, 64: 5}[resolution]  # optimized + (n-2) down + 2 at 8x8
+    x = g(torch.randn(2, 16))
+    assert x.shape == (2, 3, resolution, resolution) and x.abs().max() <= 1.0
+    assert d.blocks(x).shape == (2, 8, 8, 8)
+    assert d.features(x).shape == (2, 8)
+    assert d(x).shape == (2,)
+
+
+def test_resnet_block_structure():
+    d = resnet.Discriminator(ndf=8, channels=3, resolution=32)
+    first, down, same = d.blocks[0], d.blocks[1], d.blocks[2]
+    assert first.optimized and first.shortcut.kernel_size == (1, 1)
+    assert down.down and down.shortcut is not None
+    assert not same.down and same.shortcut is None  # identity shortcut
+    # The optimized block's shortcut is avgpool then conv1x1: check against a hand composition.
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.allclose(first._skip(x), first.shortcut(nn.functional.avg_pool2d(x, 2)))
+    g = resnet.Generator(nz=4, ngf=8, channels=1)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in g.modules()) == 2 * 3 + 1
+
+
+def test_mlp_shapes():
+    g, d = mlp.Generator(nz=3, width=16, depth=2, out_dim=2), mlp.Discriminator(in_dim=2, width=16, depth=3)
+    assert g.latent_shape == (3,) and g.dim == d.dim == 2
+    assert sum(isinstance(m, nn.Linear) for m in g.modules()) == 3
+    assert sum(isinstance(m, nn.Linear) for m in d.body) == 3
+    x = g(torch.randn(5, 3))
+    assert x.shape == (5, 2)
+    assert d.features(x).shape == (5, 16) and d(x).shape == (5,)
+    model = GAN(g, d, init="kaiming", dim=2)
+    assert model.resolution is None and model.channels is None
+    assert model.noise(7).shape == (7, 3) and model.sample(model.noise(7)).shape == (7, 2)
+    with pytest.raises(ConfigError, match=r"model.d is built for 2-dimensional samples but model.dim=3"):
+        GAN(mlp.Generator(out_dim=3), mlp.Discriminator(in_dim=2), dim=3)
+
+
+@pytest.mark.parametrize("family", ["dcgan", "resnet", "mlp"])
+def test_forward_is_head_of_features(family):
+    torch.manual_seed(0)
+    d, shape = _small_ds(minibatch_std=2, minibatch_kernels=3, minibatch_kernel_dim=4)[family]
+    d.eval()
+    x = torch.randn(shape)
+    h = d.features(x)
+    assert isinstance(d.head, DiscriminatorHead)
+    assert d.head.mbstd.group_size == 2 and d.head.mbdisc.kernels == 3
+    out = d(x)
+    assert out.shape == (6,)
+    assert torch.allclose(out, d.head(h), atol=1e-6)
+    extra = math.prod(h.shape[2:]) if h.dim() == 4 else 1  # the stddev map/feature
+    assert d.head.linear.in_features == h[0].numel() + extra + 3
+
+
+# ----------------------------------------------------------------------------- minibatch layers
+def _stat(rows: list[list[float]]) -> float:
+    """Hand computation: mean over features of the biased std over the rows."""
+    cols = list(zip(*rows))
+    stds = []
+    for c in cols:
+        mu = sum(c) / len(c)
+        stds.append(math.sqrt(sum((v - mu) ** 2 for v in c) / len(c) + 1e-8))
+    return sum(stds) / len(stds)
+
+
+def test_minibatch_stddev_by_hand():
+    rows = [[0.0, 1.0], [2.0, 3.0], [4.0, 7.0], [4.0, 1.0]]
+    x = torch.tensor(rows, dtype=torch.float64)
+    out = MinibatchStdDev(2)(x)  # groups {0, 1} and {2, 3}
+    assert out.shape == (4, 3) and torch.equal(out[:, :2], x)
+    g0, g1 = _stat(rows[:2]), _stat(rows[2:])
+    assert g0 == pytest.approx(1.0) and g1 == pytest.approx((1e-4 + 3.0) / 2)
+    assert out[:, 2].tolist() == pytest.approx([g0, g0, g1, g1], rel=1e-9)
+    whole = MinibatchStdDev(4)(x)[:, 2]  # group = B
+    assert _stat(rows) == pytest.approx((math.sqrt(2.75) + math.sqrt(6.0)) / 2, rel=1e-6)
+    assert whole.tolist() == pytest.approx([_stat(rows)] * 4, rel=1e-9)
+    assert torch.equal(MinibatchStdDev(16)(x), MinibatchStdDev(4)(x))  # group size capped at B
+    # B=3 is not divisible by 2: the largest divisor <= 2 is 1, so each sample is its own group.
+    assert MinibatchStdDev(2)(x[:3])[:, 2].tolist() == pytest.approx([1e-4] * 3)
+    # Image input: one constant extra channel, same statistics over (C, H, W) features.
+    img = x.view(4, 1, 1, 2)
+    out4 = MinibatchStdDev(2)(img)
+    assert out4.shape == (4, 2, 1, 2) and torch.equal(out4[:, :1], img)
+    assert out4[:, 1].flatten().tolist() == pytest.approx([g0, g0, g0, g0, g1, g1, g1, g1], rel=1e-9)
+
+
+def test_minibatch_discrimination_by_hand():
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    e = math.exp
+    # Two kernels of one value each, T = I: M_i = x_i, kernel b compares coordinate b.
+    layer = MinibatchDiscrimination(2, kernels=2, kernel_dim=1).double()
+    with torch.no_grad():
+        layer.T.copy_(torch.eye(2))
+    out = layer(x)
+    assert out.shape == (3, 4) and torch.equal(out[:, :2], x)
+    o0 = [e(-1) + 1, e(-1) + e(-1), 1 + e(-1)]  # coordinate 0: 0, 1, 0
+    o1 = [1 + e(-2), 1 + e(-2), e(-2) + e(-2)]  # coordinate 1: 0, 0, 2
+    assert out[:, 2].tolist() == pytest.approx(o0) and out[:, 3].tolist() == pytest.approx(o1)
+    # One kernel of two values: the L1 distance over both coordinates (d01=1, d02=2, d12=3).
+    layer = MinibatchDiscrimination(2, kernels=1, kernel_dim=2).double()
+    with torch.no_grad():
+        layer.T.copy_(torch.eye(2))
+    assert layer(x)[:, 2].tolist() == pytest.approx([e(-1) + e(-2), e(-1) + e(-3), e(-2) + e(-3)])
+    assert MinibatchDiscrimination(10, 5, 3).T.shape == (10, 15)
+
+
+def test_discriminator_head_shapes():
+    h = torch.randn(4, 8, 4, 4)
+    assert DiscriminatorHead((8, 4, 4))(h).shape == (4,)
+    head = DiscriminatorHead((8, 4, 4), minibatch_std=4, minibatch_kernels=5, kernel_dim=3)
+    assert head.linear.in_features == 9 * 16 + 5 and head.mbdisc.in_features == 9 * 16
+    assert head(h).shape == (4,)
+    plain = DiscriminatorHead((8,))
+    assert plain.mbstd is None and plain.mbdisc is None and plain.linear.in_features == 8
+
+
+# ----------------------------------------------------------------------------- spectral norm
+def _sigmas(d: nn.Module) -> list[float]:
+    """Largest singular value of every spectrally normalised weight, read in eval mode (no power step)."""
+    was = d.training
+    d.eval()
+    with torch.no_grad():
+        out = [
+            torch.linalg.matrix_norm(m.weight.flatten(1), ord=2).item()
+            for m in d.modules()
+            if parametrize.is_parametrized(m, "weight")
+        ]
+    d.train(was)
+    return out
+
+
+def test_apply_spectral_norm_wraps_conv_and_linear_only():
+    d = Discriminator(ndf=8, channels=1, resolution=16, norm="none", minibatch_kernels=3)
+    wrapped = apply_spectral_norm(d)
+    assert len(wrapped) == 3 and wrapped[-1] is d.head.linear  # two convs + the head's Linear
+    assert all(parametrize.is_parametrized(m, "weight") for m in wrapped)
+    assert not parametrize.is_parametrized(d.head.mbdisc)  # T stays a plain parameter
+    assert apply_spectral_norm(d) == []  # idempotent
+    assert (
+        len(apply_spectral_norm(resnet.Discriminator(ndf=8, channels=1))) == 4 * 2 + 2 + 1
+    )  # 3x3 convs, two 1x1 shortcuts, head
+
+
+@pytest.mark.parametrize("family", ["dcgan", "resnet", "mlp"])
+def test_spectral_norm_keeps_sigma_at_one_while_training(family):
+    torch.manual_seed(0)
+    d, shape = _small_ds(spectral_norm=True, minibatch_std=2)[family]
+    initialize(d, "normal_0.02")  # as GAN does after construction: re-inits the originals
+    n_wrapped = {"dcgan": 3, "resnet": 11, "mlp": 3}[family]
+    assert len(_sigmas(d)) == n_wrapped
+    opt = torch.optim.Adam(d.parameters(), lr=1e-3)
+    d.train()
+    for _ in range(30):
+        real, fake = torch.randn(shape) + 1.0, torch.randn(shape)
+        loss = torch.relu(1 - d(real)).mean() + torch.relu(1 + d(fake)).mean()  # hinge
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    sigmas = _sigmas(d)
+    assert all(abs(s - 1.0) < 0.05 for s in sigmas), sigmas
+
+
+def test_init_with_spectral_norm_sets_the_original_weight():
+    torch.manual_seed(0)
+    d = Discriminator(ndf=16, channels=3, resolution=16, norm="none", spectral_norm=True, minibatch_kernels=4)
+    t_before = d.head.mbdisc.T.clone()
+    initialize(d, "normal_0.02")
+    conv = d.body[2]  # 32x16x4x4 = 8k values
+    assert conv.parametrizations.weight.original.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.count_nonzero(conv.bias) == 0
+    assert torch.equal(d.head.mbdisc.T, t_before)  # keeps its own init
+    # The power iteration was re-run for the new weights: sigma is ~1 right away, before any step.
+    assert all(abs(s - 1.0) < 0.1 for s in _sigmas(d)), _sigmas(d)
+    lin = mlp.Discriminator(in_dim=2, width=300, depth=2, spectral_norm=True).body[3]  # Linear(300, 300)
+    initialize(lin, "xavier")
+    assert lin.parametrizations.weight.original.std().item() == pytest.approx((2 / 600) ** 0.5, rel=0.02)
+    initialize(lin, "orthogonal")
+    w = lin.parametrizations.weight.original
+    assert torch.allclose(w @ w.T, torch.eye(300), atol=1e-4)
+
+
+def test_gan_initializes_spectral_norm_discriminators():
+    torch.manual_seed(0)
+    g = resnet.Generator(nz=8, ngf=8, channels=1)
+    model = GAN(g, resnet.Discriminator(ndf=8, channels=1, spectral_norm=True), 32, 1, init="xavier")
+    assert all(abs(s - 1.0) < 0.1 for s in _sigmas(model.d))
+    assert len(model.state_dict()) == len(GAN(g, model.d, 32, 1).state_dict())
+
+
+# ----------------------------------------------------------------------------- dropout and errors
+@pytest.mark.parametrize(
+    "g,z",
+    [
+        (Generator(nz=8, ngf=4, channels=1, resolution=8, dropout=0.5), (4, 8, 1, 1)),
+        (resnet.Generator(nz=8, ngf=8, channels=1, dropout=0.5), (4, 8)),
+        (mlp.Generator(nz=2, width=16, depth=2, dropout=0.5), (4, 2)),
+    ],
+    ids=["dcgan", "resnet", "mlp"],
+)
+def test_generator_dropout_train_only(g, z):
+    torch.manual_seed(0)
+    assert any(isinstance(m, (nn.Dropout, nn.Dropout2d)) for m in g.modules())
+    z = torch.randn(z)
+    g.train()
+    assert not torch.allclose(g(z), g(z))
+    g.eval()
+    assert torch.equal(g(z), g(z))
+
+
+def test_no_dropout_layers_by_default():
+    for g in (Generator(resolution=8), resnet.Generator(ngf=8), mlp.Generator(width=8)):
+        assert not any(isinstance(m, (nn.Dropout, nn.Dropout2d)) for m in g.modules())
+        g.train()
+        z = torch.randn(4, *g.latent_shape)
+        assert torch.equal(g(z), g(z))
+
+
+@pytest.mark.parametrize(
+    "build,message",
+    [
+        (lambda: resnet.Discriminator(norm="foo"), r"model.d.norm='foo'; allowed: batch, layer, instance, none"),
+        (lambda: mlp.Discriminator(norm="instance"), r"model.d.norm='instance'; allowed: batch, layer, none"),
+        (lambda: norm_layer("foo", 4, key="model.x.norm"), r"model.x.norm='foo'; allowed: batch, layer"),
+        (lambda: mlp.Generator(width=0), r"model.g.width=0: must be an integer >= 1"),
+        (lambda: mlp.Generator(depth=0), r"model.g.depth=0"),
+        (lambda: mlp.Discriminator(width=0), r"model.d.width=0"),
+        (lambda: mlp.Discriminator(depth=-1), r"model.d.depth=-1"),
+        (lambda: Generator(dropout=1.0), r"model.g.dropout=1.0: must be a probability in \[0, 1\)"),
+        (lambda: resnet.Generator(dropout=-0.1), r"model.g.dropout=-0.1"),
+        (lambda: mlp.Generator(dropout=1.5), r"model.g.dropout=1.5"),
+        (lambda: resnet.Generator(resolution=48), r"model.resolution=48: the ResNet models support 32, 64"),
+        (lambda: resnet.Discriminator(resolution=16), r"model.resolution=16"),
+        (lambda: Discriminator(minibatch_std=-1), r"model.d.minibatch_std=-1"),
+        (lambda: mlp.Discriminator(minibatch_kernels=-2), r"model.d.minibatch_kernels=-2"),
+    ],
+)
+def test_bad_new_arguments_name_their_key(build, message):
+    with pytest.raises(ConfigError, match=message):
+        build()
+
+
+def test_norm_layer_kinds():
+    assert isinstance(norm_layer("batch", 4, "k"), nn.BatchNorm2d)
+    assert isinstance(norm_layer("layer", 4, "k"), nn.GroupNorm) and norm_layer("layer", 4, "k").num_groups == 1
+    inst = norm_layer("instance", 4, "k")
+    assert isinstance(inst, nn.InstanceNorm2d) and inst.affine
+    assert isinstance(norm_layer("none", 4, "k"), nn.Identity)
+    assert isinstance(norm_layer("batch", 4, "k", dims=1), nn.BatchNorm1d)
+    assert isinstance(norm_layer("layer", 4, "k", dims=1), nn.LayerNorm)
+    d = mlp.Discriminator(width=8, depth=2, norm="layer")
+    assert sum(isinstance(m, nn.LayerNorm) for m in d.modules()) == 2
+    assert all(m.bias is None for m in d.body if isinstance(m, nn.Linear))  # the norm's shift replaces it
+    r = resnet.Discriminator(ndf=8, channels=1, norm="instance")
+    assert sum(isinstance(m, nn.InstanceNorm2d) for m in r.modules()) == 1 + 3 * 2  # none before the first conv
+
+
+@pytest.mark.parametrize(
+    "overrides,family",
+    [
+        (["model=resnet"], resnet),
+        (["model=mlp"], mlp),
+        (["model=mlp", "model.d.spectral_norm=true", "model.d.minibatch_std=4"], mlp),
+        (["model.d.spectral_norm=true", "model.d.minibatch_std=4", "model.d.minibatch_kernels=8"], None),
+    ],
+)
+def test_model_configs_compose_and_instantiate(overrides, family):
+    from hydra.utils import instantiate
+
+    from gantrain.train import compose_config
+
+    cfg = compose_config(*overrides, "model.g.dropout=0.1")
+    model = instantiate(cfg.model)
+    if family is not None:
+        assert isinstance(model.g, family.Generator) and isinstance(model.d, family.Discriminator)
+    sn = "model.d.spectral_norm=true" in overrides
+    assert any(parametrize.is_parametrized(m, "weight") for m in model.d.modules()) == sn
+    assert any(isinstance(m, (nn.Dropout, nn.Dropout2d)) for m in model.g.modules())
+    x = model.sample(model.noise(4))
+    assert model.d(x).shape == (4,)
+    if family is mlp:
+        assert model.dim == 2 and model.resolution is None and x.shape == (4, 2)
+    else:
+        assert x.shape == (4, cfg.model.channels, 32, 32)

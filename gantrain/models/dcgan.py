@@ -2,7 +2,9 @@
 
 At 32 px the generator goes 1 -> 4 -> 8 -> 16 -> 32 with widths 4*ngf, 2*ngf, ngf (256, 128, 64);
 each extra doubling of the resolution adds one layer in front (64 px: 512, 256, 128, 64).
-The discriminator mirrors it. Kernel 4, stride 2, padding 1 throughout.
+The discriminator mirrors it. Kernel 4, stride 2, padding 1 throughout. The discriminator's last
+layer is a :class:`~gantrain.models.layers.DiscriminatorHead` on the flattened ``(4ndf, 4, 4)`` map
+(a Linear on the 4x4 map computes the same functions as the paper's final 4x4 conv).
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import torch
 from torch import nn
 
 from gantrain.errors import ConfigError
+from gantrain.models.layers import NORMS, DiscriminatorHead, apply_spectral_norm, check_dropout, norm_layer
 
-D_NORMS = ("batch", "layer", "instance", "none")
+D_NORMS = NORMS
 G_NORMS = ("batch", "none")
 
 
@@ -25,33 +28,40 @@ def _n_doublings(resolution: int) -> int:
     return int(n)
 
 
-def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "layer":  # LayerNorm over (C, H, W), as WGAN-GP recommends for critics
-        return nn.GroupNorm(1, channels)
-    if kind == "instance":
-        return nn.InstanceNorm2d(channels, affine=True)
-    return nn.Identity()
-
-
 class Generator(nn.Module):
-    """DCGAN generator: ``(B, nz, 1, 1)`` noise -> ``(B, channels, R, R)`` images in [-1, 1] (Tanh)."""
+    """DCGAN generator: ``(B, nz, 1, 1)`` noise -> ``(B, channels, R, R)`` images in [-1, 1] (Tanh).
 
-    def __init__(self, nz: int = 100, ngf: int = 64, channels: int = 3, resolution: int = 32, norm: str = "batch"):
+    ``dropout`` > 0 adds ``Dropout2d(dropout)`` after every hidden ReLU (active in train mode only).
+    """
+
+    def __init__(
+        self,
+        nz: int = 100,
+        ngf: int = 64,
+        channels: int = 3,
+        resolution: int = 32,
+        norm: str = "batch",
+        dropout: float = 0.0,
+    ):
         super().__init__()
         if norm not in G_NORMS:
             raise ConfigError(f"model.g.norm={norm!r}; allowed: {', '.join(G_NORMS)}")
+        dropout = check_dropout(dropout, "model.g.dropout")
         n = _n_doublings(resolution)
         widths = [ngf * 2 ** (n - 1 - i) for i in range(n)]  # e.g. [256, 128, 64] at 32 px
         bias = norm == "none"  # a bias right before a norm layer is redundant
+
+        def act() -> list[nn.Module]:
+            return [nn.ReLU(True)] + ([nn.Dropout2d(dropout)] if dropout > 0 else [])
+
         layers: list[nn.Module] = [
             nn.ConvTranspose2d(nz, widths[0], 4, 1, 0, bias=bias),
-            _norm(norm, widths[0]),
-            nn.ReLU(True),
+            norm_layer(norm, widths[0], "model.g.norm"),
+            *act(),
         ]  # (B, 4ngf, 4, 4)
         for c_in, c_out in zip(widths, widths[1:]):
-            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=bias), _norm(norm, c_out), nn.ReLU(True)]
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=bias), norm_layer(norm, c_out, "model.g.norm")]
+            layers += act()
         layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1), nn.Tanh()]  # (B, C, R, R)
         self.net = nn.Sequential(*layers)
         self.nz, self.channels, self.resolution = nz, channels, resolution
@@ -66,10 +76,22 @@ class Discriminator(nn.Module):
 
     ``norm`` picks the hidden-layer normalisation; WGAN-GP critics must not use ``batch`` (the
     penalty is per sample, BatchNorm mixes samples). The first layer has no norm, as in the paper.
-    ``features(x)`` returns the last hidden activation ``(B, 4ndf, 4, 4)`` for feature-matching losses.
+    ``features(x)`` returns the last hidden activation ``(B, 4ndf, 4, 4)`` for feature-matching losses;
+    ``forward(x) == head(features(x))``. ``spectral_norm`` wraps every conv/linear weight (Miyato et al.
+    2018); ``minibatch_std`` / ``minibatch_kernels`` switch on the head's minibatch statistics.
     """
 
-    def __init__(self, ndf: int = 64, channels: int = 3, resolution: int = 32, norm: str = "batch"):
+    def __init__(
+        self,
+        ndf: int = 64,
+        channels: int = 3,
+        resolution: int = 32,
+        norm: str = "batch",
+        spectral_norm: bool = False,
+        minibatch_std: int = 0,
+        minibatch_kernels: int = 0,
+        minibatch_kernel_dim: int = 16,
+    ):
         super().__init__()
         if norm not in D_NORMS:
             raise ConfigError(f"model.d.norm={norm!r}; allowed: {', '.join(D_NORMS)}")
@@ -78,13 +100,19 @@ class Discriminator(nn.Module):
         bias = norm == "none"
         layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, True)]
         for c_in, c_out in zip(widths, widths[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=bias), _norm(norm, c_out), nn.LeakyReLU(0.2, True)]
+            layers += [
+                nn.Conv2d(c_in, c_out, 4, 2, 1, bias=bias),
+                norm_layer(norm, c_out, "model.d.norm"),
+                nn.LeakyReLU(0.2, True),
+            ]
         self.body = nn.Sequential(*layers)  # (B, 4ndf, 4, 4)
-        self.head = nn.Conv2d(widths[-1], 1, 4, 1, 0)  # (B, 1, 1, 1)
+        self.head = DiscriminatorHead((widths[-1], 4, 4), minibatch_std, minibatch_kernels, minibatch_kernel_dim)
         self.channels, self.resolution = channels, resolution
+        if spectral_norm:
+            apply_spectral_norm(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x)).flatten()  # (B,)
+        return self.head(self.features(x))  # (B,)

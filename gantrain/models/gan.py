@@ -10,27 +10,46 @@ from gantrain.models.init import initialize
 
 
 class GAN(nn.Module):
-    """A generator ``g`` and a discriminator/critic ``d`` that agree on one image shape.
+    """A generator ``g`` and a discriminator/critic ``d`` that agree on one sample shape.
 
     Args:
-        g: maps noise ``(B, *g.latent_shape)`` to images ``(B, channels, resolution, resolution)``.
-        d: maps images to one logit/score per sample ``(B,)``.
+        g: maps noise ``(B, *g.latent_shape)`` to images ``(B, channels, resolution, resolution)``
+            (or to vectors ``(B, dim)`` for the MLP models).
+        d: maps samples to one logit/score per sample ``(B,)``.
         resolution, channels: the image shape both networks were built for (checked here, so a
-            mismatched override fails at construction, not as a shape error mid-step).
+            mismatched override fails at construction, not as a shape error mid-step). ``None`` (the
+            MLP models, which have no image shape) skips the check of that value.
         init: weight init applied to both networks, see :data:`gantrain.models.INIT_SCHEMES`.
+        dim: the vector size of non-image samples (MLP models), checked against ``g.dim`` and
+            ``d.dim`` the same way; ``None`` skips the check.
     """
 
-    def __init__(self, g: nn.Module, d: nn.Module, resolution: int, channels: int, init: str = "normal_0.02"):
+    def __init__(
+        self,
+        g: nn.Module,
+        d: nn.Module,
+        resolution: int | None = None,
+        channels: int | None = None,
+        init: str = "normal_0.02",
+        dim: int | None = None,
+    ):
         super().__init__()
         for name, net in (("g", g), ("d", d)):
-            got = (getattr(net, "resolution", resolution), getattr(net, "channels", channels))
-            if got != (resolution, channels):
+            if resolution is not None or channels is not None:
+                want = (resolution, channels)
+                got = (getattr(net, "resolution", resolution), getattr(net, "channels", channels))
+                if any(w is not None and have != w for have, w in zip(got, want)):
+                    raise ConfigError(
+                        f"model.{name} is built for {got[1]}x{got[0]}x{got[0]} images but model.resolution="
+                        f"{resolution}, model.channels={channels}; keep them equal (they interpolate by default)"
+                    )
+            if dim is not None and getattr(net, "dim", dim) != dim:
                 raise ConfigError(
-                    f"model.{name} is built for {got[1]}x{got[0]}x{got[0]} images but model.resolution="
-                    f"{resolution}, model.channels={channels}; keep them equal (they interpolate by default)"
+                    f"model.{name} is built for {net.dim}-dimensional samples but model.dim={dim}; "
+                    "keep them equal (they interpolate by default)"
                 )
         self.g, self.d = initialize(g, init), initialize(d, init)
-        self.resolution, self.channels = resolution, channels
+        self.resolution, self.channels, self.dim = resolution, channels, dim
 
     def noise(
         self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from gantrain.errors import ConfigError
 
@@ -13,32 +14,60 @@ _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm)
 
 
+def _raw_weight(m: nn.Module) -> torch.Tensor:
+    """The trainable weight tensor: ``parametrizations.weight.original`` under spectral norm, else ``weight``."""
+    if parametrize.is_parametrized(m, "weight"):
+        return m.parametrizations.weight.original
+    return m.weight
+
+
+def _refresh_spectral_norm(m: nn.Module) -> None:
+    """Re-run the power iteration of a spectral-norm parametrization for the re-initialised weight.
+
+    Its singular-vector estimates ``u``, ``v`` were converged (15 iterations) for the weight it was
+    registered on; left stale, the first training steps would divide by a too-small sigma.
+    Torch does the same 15 iterations at registration.
+    """
+    if not parametrize.is_parametrized(m, "weight"):
+        return
+    original = m.parametrizations.weight.original
+    for p in m.parametrizations.weight:
+        if hasattr(p, "_power_method") and hasattr(p, "_reshape_weight_to_matrix") and original.ndim > 1:
+            p._power_method(p._reshape_weight_to_matrix(original), 15)
+
+
 @torch.no_grad()
 def initialize(module: nn.Module, scheme: str) -> nn.Module:
     """Re-initialise every conv/linear weight of ``module`` in place; biases to 0.
 
     ``normal_0.02`` is Radford et al.'s DCGAN init (weights N(0, 0.02), norm gains N(1, 0.02));
     the others use torch's ``xavier_normal_``, ``kaiming_normal_`` (LeakyReLU 0.2) and
-    ``orthogonal_`` with norm gains at 1.
+    ``orthogonal_`` with norm gains at 1. A spectrally normalised weight has its unnormalised
+    ``parametrizations.weight.original`` initialised (and its power iteration re-run).
+    Parameters of other layers (e.g. :class:`~gantrain.models.layers.MinibatchDiscrimination`'s ``T``)
+    keep their own init.
     """
     if scheme not in INIT_SCHEMES:
         raise ConfigError(f"model.init: unknown scheme {scheme!r}; allowed: {', '.join(INIT_SCHEMES)}")
     for m in module.modules():
         if isinstance(m, _WEIGHTED):
+            w = _raw_weight(m)
             if scheme == "normal_0.02":
-                nn.init.normal_(m.weight, 0.0, 0.02)
+                nn.init.normal_(w, 0.0, 0.02)
             elif scheme == "xavier":
-                nn.init.xavier_normal_(m.weight)
+                nn.init.xavier_normal_(w)
             elif scheme == "kaiming":
-                nn.init.kaiming_normal_(m.weight, a=0.2, nonlinearity="leaky_relu")
+                nn.init.kaiming_normal_(w, a=0.2, nonlinearity="leaky_relu")
             else:
-                nn.init.orthogonal_(m.weight)
+                nn.init.orthogonal_(w)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+            _refresh_spectral_norm(m)
         elif isinstance(m, _NORMS) and getattr(m, "weight", None) is not None:
             if scheme == "normal_0.02":
                 nn.init.normal_(m.weight, 1.0, 0.02)
             else:
                 nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
     return module

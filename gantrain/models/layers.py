@@ -1,0 +1,190 @@
+"""Building blocks shared by the model families: norms, discriminator heads, spectral norm.
+
+Every discriminator ends in a :class:`DiscriminatorHead` (optional minibatch statistics, then one
+linear unit) and can wrap all of its conv/linear weights with spectral norm via
+:func:`apply_spectral_norm`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm
+
+from gantrain.errors import ConfigError
+
+NORMS = ("batch", "layer", "instance", "none")
+NORMS_1D = ("batch", "layer", "none")  # per-feature vectors have no spatial axes to normalise an instance over
+
+SPECTRAL_NORM_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+
+
+# ----------------------------------------------------------------------------- argument checks
+def check_int(key: str, value: int, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``, else a :class:`ConfigError` naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}")
+    return value
+
+
+def check_dropout(p: float, key: str = "model.g.dropout") -> float:
+    """A dropout probability in [0, 1), else a :class:`ConfigError` naming ``key``."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ConfigError(f"{key}={p!r}: must be a probability in [0, 1) (0 turns dropout off)")
+    return float(p)
+
+
+def norm_layer(kind: str, channels: int, key: str, dims: int = 2) -> nn.Module:
+    """Normalisation over ``channels`` feature maps (``dims=2``) or features (``dims=1``).
+
+    ``batch``: BatchNorm2d / BatchNorm1d. ``layer``: GroupNorm(1, C) over (C, H, W), the LayerNorm that
+    WGAN-GP recommends for critics / LayerNorm over the features. ``instance``: InstanceNorm2d with
+    affine gains (2-D only). ``none``: Identity. Anything else raises a :class:`ConfigError` naming ``key``.
+    """
+    if dims not in (1, 2):
+        raise ValueError(f"dims must be 1 or 2, got {dims}")
+    allowed = NORMS if dims == 2 else NORMS_1D
+    if kind not in allowed:
+        raise ConfigError(f"{key}={kind!r}; allowed: {', '.join(allowed)}")
+    if kind == "batch":
+        return nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm1d(channels)
+    if kind == "layer":
+        return nn.GroupNorm(1, channels) if dims == 2 else nn.LayerNorm(channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    return nn.Identity()
+
+
+# ----------------------------------------------------------------------------- minibatch statistics
+def _group_size(batch: int, wanted: int) -> int:
+    """The largest divisor of ``batch`` that is <= ``wanted``."""
+    for g in range(min(wanted, batch), 0, -1):
+        if batch % g == 0:
+            return g
+    return 1
+
+
+class MinibatchStdDev(nn.Module):
+    """Minibatch standard deviation (Karras et al. 2018, ProGAN, section 3).
+
+    The batch is cut into consecutive groups of ``G`` samples (samples ``0..G-1`` form the first
+    group), ``G`` being the largest divisor of the batch size that is <= ``group_size``. Per group,
+    the (biased) standard deviation of every feature over the group's samples is averaged over all
+    features into one number, which is appended to each of the group's samples as one extra
+    constant feature map ``(B, C, H, W) -> (B, C+1, H, W)`` or one extra feature ``(B, F) -> (B, F+1)``.
+    """
+
+    def __init__(self, group_size: int):
+        super().__init__()
+        self.group_size = check_int("model.d.minibatch_std", group_size, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() not in (2, 4):
+            raise ValueError(f"MinibatchStdDev takes (B, F) or (B, C, H, W), got shape {tuple(x.shape)}")
+        b = x.shape[0]
+        g = _group_size(b, self.group_size)
+        y = x.reshape(b // g, g, -1)  # (groups, G, features)
+        var = (y - y.mean(dim=1, keepdim=True)).pow(2).mean(dim=1)  # (groups, features), biased
+        stat = torch.sqrt(var + 1e-8).mean(dim=1)  # (groups,)
+        stat = stat.repeat_interleave(g)  # (B,), one value per sample
+        if x.dim() == 2:
+            return torch.cat([x, stat[:, None]], dim=1)
+        extra = stat.view(b, 1, 1, 1).expand(b, 1, x.shape[2], x.shape[3])
+        return torch.cat([x, extra], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"group_size={self.group_size}"
+
+
+class MinibatchDiscrimination(nn.Module):
+    """Minibatch discrimination (Salimans et al. 2016, section 3.2).
+
+    ``M = x @ T`` is read as ``kernels`` rows of ``kernel_dim`` values per sample; for each kernel
+    ``b``, ``c_b(i, j) = exp(-||M_i,b - M_j,b||_1)`` and ``o(x_i)_b = sum_{j != i} c_b(i, j)``.
+    Returns ``cat([x, o], 1)``: ``(B, in_features) -> (B, in_features + kernels)``.
+
+    ``T`` is drawn from N(0, s) with ``s = 1 / (kernel_dim * sqrt(in_features))``: for inputs of unit
+    scale the L1 distances then start near 1, where ``exp(-d)`` still has a gradient (a fixed 0.1
+    would give distances in the tens for wide inputs and ``c`` of ~0). :func:`gantrain.models.initialize`
+    leaves ``T`` alone and spectral norm does not wrap it.
+    """
+
+    def __init__(self, in_features: int, kernels: int, kernel_dim: int = 16):
+        super().__init__()
+        self.in_features = check_int("model.d.in_features", in_features, 1)
+        self.kernels = check_int("model.d.minibatch_kernels", kernels, 1)
+        self.kernel_dim = check_int("model.d.minibatch_kernel_dim", kernel_dim, 1)
+        self.T = nn.Parameter(torch.empty(in_features, kernels * kernel_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.T, 0.0, 1.0 / (self.kernel_dim * math.sqrt(self.in_features)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        m = (x @ self.T).view(b, self.kernels, self.kernel_dim)  # (B, K, D)
+        dist = (m[:, None] - m[None]).abs().sum(dim=-1)  # (B, B, K): L1 distance per kernel
+        c = torch.exp(-dist)
+        eye = torch.eye(b, dtype=torch.bool, device=x.device)[:, :, None]
+        o = c.masked_fill(eye, 0.0).sum(dim=1)  # (B, K), j != i
+        return torch.cat([x, o], dim=1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, kernels={self.kernels}, kernel_dim={self.kernel_dim}"
+
+
+class DiscriminatorHead(nn.Module):
+    """The last layers of every discriminator: ``h (B, *in_shape) -> (B,)`` logits.
+
+    Order: :class:`MinibatchStdDev` (if ``minibatch_std`` > 0, its group size), flatten,
+    :class:`MinibatchDiscrimination` (if ``minibatch_kernels`` > 0, ``kernel_dim`` values each), ``Linear(., 1)``.
+    Attributes ``mbstd``, ``mbdisc`` (``None`` when off) and ``linear``.
+    """
+
+    def __init__(
+        self, in_shape: tuple[int, ...], minibatch_std: int = 0, minibatch_kernels: int = 0, kernel_dim: int = 16
+    ):
+        super().__init__()
+        check_int("model.d.minibatch_std", minibatch_std, 0)
+        check_int("model.d.minibatch_kernels", minibatch_kernels, 0)
+        self.in_shape = tuple(int(s) for s in in_shape)
+        if len(self.in_shape) not in (1, 3):
+            raise ValueError(f"DiscriminatorHead takes (F,) or (C, H, W) shapes, got {self.in_shape}")
+        shape = list(self.in_shape)
+        self.mbstd = MinibatchStdDev(minibatch_std) if minibatch_std > 0 else None
+        if self.mbstd is not None:
+            shape[0] += 1
+        n = math.prod(shape)
+        self.mbdisc = MinibatchDiscrimination(n, minibatch_kernels, kernel_dim) if minibatch_kernels > 0 else None
+        if self.mbdisc is not None:
+            n += minibatch_kernels
+        self.linear = nn.Linear(n, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.mbstd is not None:
+            h = self.mbstd(h)
+        h = h.flatten(1)
+        if self.mbdisc is not None:
+            h = self.mbdisc(h)
+        return self.linear(h).view(-1)  # (B,)
+
+
+# ----------------------------------------------------------------------------- spectral norm
+def apply_spectral_norm(module: nn.Module) -> list[nn.Module]:
+    """Spectrally normalise (Miyato et al. 2018) the ``weight`` of every Conv2d, ConvTranspose2d and
+    Linear inside ``module`` with torch's parametrization API; returns the modules it wrapped.
+
+    Modules already parametrized on ``weight`` are skipped, so calling it twice wraps nothing new.
+    The wrapped weight's trainable tensor is ``m.parametrizations.weight.original``.
+    """
+    targets = [
+        m
+        for m in module.modules()
+        if isinstance(m, SPECTRAL_NORM_TYPES) and not parametrize.is_parametrized(m, "weight")
+    ]
+    for m in targets:
+        spectral_norm(m, name="weight")
+    return targets

@@ -1,0 +1,90 @@
+"""Fully connected generator and discriminator for low-dimensional toy data (e.g. 2-D mixtures of Gaussians).
+
+Samples are vectors ``(B, dim)``, not images: the models have ``dim`` instead of ``resolution``/``channels``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gantrain.errors import ConfigError
+from gantrain.models.layers import (
+    NORMS_1D,
+    DiscriminatorHead,
+    apply_spectral_norm,
+    check_dropout,
+    check_int,
+    norm_layer,
+)
+
+
+class Generator(nn.Module):
+    """``(B, nz)`` noise -> ``(B, out_dim)`` samples.
+
+    ``depth`` x (Linear, ReLU[, Dropout(dropout) if > 0]), then Linear; no output activation.
+    """
+
+    def __init__(self, nz: int = 2, width: int = 256, depth: int = 3, out_dim: int = 2, dropout: float = 0.0):
+        super().__init__()
+        check_int("model.g.nz", nz, 1)
+        check_int("model.g.width", width, 1)
+        check_int("model.g.depth", depth, 1)
+        check_int("model.g.out_dim", out_dim, 1)
+        dropout = check_dropout(dropout, "model.g.dropout")
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Linear(nz if i == 0 else width, width), nn.ReLU(True)]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(width, out_dim))
+        self.net = nn.Sequential(*layers)
+        self.nz, self.dim = nz, out_dim
+        self.latent_shape = (nz,)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class Discriminator(nn.Module):
+    """``(B, in_dim)`` -> ``(B,)`` logits: body of ``depth`` x (Linear, [norm], LeakyReLU(0.2)), then the head.
+
+    ``features(x)`` is the body's last activation ``(B, width)``; ``forward(x) == head(features(x))``.
+    ``norm``: batch | layer | none on every hidden layer (a bias before a norm is dropped).
+    """
+
+    def __init__(
+        self,
+        in_dim: int = 2,
+        width: int = 256,
+        depth: int = 3,
+        norm: str = "none",
+        spectral_norm: bool = False,
+        minibatch_std: int = 0,
+        minibatch_kernels: int = 0,
+        minibatch_kernel_dim: int = 16,
+    ):
+        super().__init__()
+        if norm not in NORMS_1D:
+            raise ConfigError(f"model.d.norm={norm!r}; allowed: {', '.join(NORMS_1D)}")
+        check_int("model.d.in_dim", in_dim, 1)
+        check_int("model.d.width", width, 1)
+        check_int("model.d.depth", depth, 1)
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [
+                nn.Linear(in_dim if i == 0 else width, width, bias=norm == "none"),
+                norm_layer(norm, width, "model.d.norm", dims=1),
+                nn.LeakyReLU(0.2, True),
+            ]
+        self.body = nn.Sequential(*layers)
+        self.head = DiscriminatorHead((width,), minibatch_std, minibatch_kernels, minibatch_kernel_dim)
+        self.dim = in_dim
+        if spectral_norm:
+            apply_spectral_norm(self)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))

@@ -1,0 +1,155 @@
+"""ResNet generator and discriminator of SNGAN (Miyato et al. 2018, the CIFAR-10 ResNet of the appendix).
+
+Widths are constant (``ngf`` in G, ``ndf`` in D). Resolutions 32 (the paper's) and 64 are supported:
+64 px adds one up-block to G and one down-block to D; anything else raises a ConfigError.
+
+* G: ``Linear(nz -> 4*4*ngf)`` -> n up-blocks (4 -> 8 -> ... -> R) -> BN, ReLU, conv3x3 -> Tanh.
+  Up-block: ``BN, ReLU, upsample x2 (nearest), conv3x3, BN, ReLU, conv3x3`` + shortcut ``upsample, conv1x1``.
+* D: "optimized" first block ``conv3x3, ReLU, conv3x3, avgpool`` + shortcut ``avgpool, conv1x1`` (R -> R/2);
+  down-blocks ``ReLU, conv3x3, ReLU, conv3x3, avgpool`` + shortcut ``conv1x1, avgpool`` down to 8x8; two
+  blocks at 8x8 with identity shortcuts; ReLU; sum over H, W -> ``features (B, ndf)`` -> head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gantrain.errors import ConfigError
+from gantrain.models.layers import NORMS, DiscriminatorHead, apply_spectral_norm, check_dropout, check_int, norm_layer
+
+RESOLUTIONS = (32, 64)
+
+
+def _n_up(resolution: int) -> int:
+    if resolution not in RESOLUTIONS:
+        allowed = ", ".join(map(str, RESOLUTIONS))
+        raise ConfigError(f"model.resolution={resolution!r}: the ResNet models support {allowed}")
+    return {32: 3, 64: 4}[resolution]
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+class GBlock(nn.Module):
+    """Residual up-block: ``(B, c_in, H, W) -> (B, c_out, 2H, 2W)``."""
+
+    def __init__(self, c_in: int, c_out: int, dropout: float = 0.0):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, 1, 1)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, 1, 0)
+        self.drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(_up(self.drop(F.relu(self.bn1(x)))))
+        h = self.conv2(self.drop(F.relu(self.bn2(h))))
+        return h + self.shortcut(_up(x))
+
+
+class DBlock(nn.Module):
+    """Residual block ``[norm], ReLU, conv3x3, [norm], ReLU, conv3x3, [avgpool]``.
+
+    ``optimized``: the first block of D, which sees raw images: ``conv3x3, [norm], ReLU, conv3x3, avgpool``
+    with shortcut ``avgpool, conv1x1``. Otherwise the shortcut is ``conv1x1, avgpool`` when the block
+    downsamples or changes width, and the identity when it does neither.
+    """
+
+    def __init__(self, c_in: int, c_out: int, norm: str = "none", down: bool = True, optimized: bool = False):
+        super().__init__()
+        self.down, self.optimized = down or optimized, optimized
+        self.norm1 = nn.Identity() if optimized else norm_layer(norm, c_in, "model.d.norm")
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
+        self.norm2 = norm_layer(norm, c_out, "model.d.norm")
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
+        learnable = self.down or c_in != c_out
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, 1, 0) if learnable else None
+
+    def _residual(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(x if self.optimized else F.relu(self.norm1(x)))
+        h = self.conv2(F.relu(self.norm2(h)))
+        return F.avg_pool2d(h, 2) if self.down else h
+
+    def _skip(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shortcut is None:
+            return x
+        if self.optimized:
+            return self.shortcut(F.avg_pool2d(x, 2))
+        s = self.shortcut(x)
+        return F.avg_pool2d(s, 2) if self.down else s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._residual(x) + self._skip(x)
+
+
+class Generator(nn.Module):
+    """SNGAN ResNet generator: ``(B, nz)`` noise -> ``(B, channels, R, R)`` images in [-1, 1] (Tanh).
+
+    ``dropout`` > 0 adds ``Dropout2d(dropout)`` after every hidden ReLU (both ReLUs of each block and
+    the final one), active in train mode only.
+    """
+
+    def __init__(self, nz: int = 128, ngf: int = 128, channels: int = 3, resolution: int = 32, dropout: float = 0.0):
+        super().__init__()
+        check_int("model.g.nz", nz, 1)
+        check_int("model.g.ngf", ngf, 1)
+        dropout = check_dropout(dropout, "model.g.dropout")
+        n = _n_up(resolution)
+        self.ngf = ngf
+        self.linear = nn.Linear(nz, 4 * 4 * ngf)
+        self.blocks = nn.Sequential(*(GBlock(ngf, ngf, dropout) for _ in range(n)))
+        self.out = nn.Sequential(
+            nn.BatchNorm2d(ngf),
+            nn.ReLU(),
+            *([nn.Dropout2d(dropout)] if dropout > 0 else []),
+            nn.Conv2d(ngf, channels, 3, 1, 1),
+            nn.Tanh(),
+        )
+        self.nz, self.channels, self.resolution = nz, channels, resolution
+        self.latent_shape = (nz,)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.linear(z.flatten(1)).view(-1, self.ngf, 4, 4)
+        return self.out(self.blocks(h))
+
+
+class Discriminator(nn.Module):
+    """SNGAN ResNet discriminator: ``(B, channels, R, R)`` -> ``(B,)`` logits.
+
+    ``features(x)`` is the globally sum-pooled last activation ``(B, ndf)``; ``forward(x) == head(features(x))``.
+    ``norm`` (default none, as in SNGAN) goes before every ReLU inside the blocks; WGAN-GP critics must
+    not use ``batch``. ``spectral_norm`` wraps every conv/linear weight, head included.
+    """
+
+    def __init__(
+        self,
+        ndf: int = 128,
+        channels: int = 3,
+        resolution: int = 32,
+        norm: str = "none",
+        spectral_norm: bool = False,
+        minibatch_std: int = 0,
+        minibatch_kernels: int = 0,
+        minibatch_kernel_dim: int = 16,
+    ):
+        super().__init__()
+        if norm not in NORMS:
+            raise ConfigError(f"model.d.norm={norm!r}; allowed: {', '.join(NORMS)}")
+        check_int("model.d.ndf", ndf, 1)
+        n = _n_up(resolution)
+        blocks = [DBlock(channels, ndf, norm, optimized=True)]  # R -> R/2
+        blocks += [DBlock(ndf, ndf, norm, down=True) for _ in range(n - 2)]  # ... -> 8
+        blocks += [DBlock(ndf, ndf, norm, down=False) for _ in range(2)]
+        self.blocks = nn.Sequential(*blocks)
+        self.head = DiscriminatorHead((ndf,), minibatch_std, minibatch_kernels, minibatch_kernel_dim)
+        self.ndf, self.channels, self.resolution = ndf, channels, resolution
+        if spectral_norm:
+            apply_spectral_norm(self)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.blocks(x)).sum(dim=(2, 3))  # (B, ndf)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
