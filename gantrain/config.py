@@ -11,7 +11,7 @@ Only the entry point (``gantrain.train``) reads the composed config.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -56,6 +56,27 @@ class FolderConfig(DataConfig):
     path: str = MISSING
 
 
+# 2-D Gaussian mixtures (gantrain.toy): points, not images, so no channels/resolution/loader keys.
+@dataclass
+class RingConfig:
+    _target_: str = "gantrain.toy.Ring"
+    batch_size: int = 256
+    num_modes: int = 8
+    radius: float = 1.0
+    std: float = 0.01
+    num_eval_samples: int = 2500
+
+
+@dataclass
+class GridConfig:
+    _target_: str = "gantrain.toy.Grid"
+    batch_size: int = 256
+    size: int = 5
+    spacing: float = 2.0
+    std: float = 0.05
+    num_eval_samples: int = 2500
+
+
 # ----------------------------------------------------------------------------- model
 @dataclass
 class DCGANGeneratorConfig:
@@ -65,6 +86,7 @@ class DCGANGeneratorConfig:
     channels: int = 3
     resolution: int = 32
     norm: str = "batch"
+    dropout: float = 0.0
 
 
 @dataclass
@@ -74,6 +96,10 @@ class DCGANDiscriminatorConfig:
     channels: int = 3
     resolution: int = 32
     norm: str = "batch"
+    spectral_norm: bool = False
+    minibatch_std: int = 0  # group size of the minibatch-stddev feature (0: off)
+    minibatch_kernels: int = 0  # minibatch-discrimination kernels (0: off)
+    minibatch_kernel_dim: int = 16
 
 
 @dataclass
@@ -86,11 +112,78 @@ class DCGANConfig:
     d: DCGANDiscriminatorConfig = field(default_factory=DCGANDiscriminatorConfig)
 
 
+@dataclass
+class ResNetGeneratorConfig:
+    _target_: str = "gantrain.models.resnet.Generator"
+    nz: int = 128
+    ngf: int = 128
+    channels: int = 3
+    resolution: int = 32
+    dropout: float = 0.0
+
+
+@dataclass
+class ResNetDiscriminatorConfig:
+    _target_: str = "gantrain.models.resnet.Discriminator"
+    ndf: int = 128
+    channels: int = 3
+    resolution: int = 32
+    norm: str = "none"
+    spectral_norm: bool = False
+    minibatch_std: int = 0
+    minibatch_kernels: int = 0
+    minibatch_kernel_dim: int = 16
+
+
+@dataclass
+class ResNetConfig:
+    _target_: str = "gantrain.models.GAN"
+    resolution: int = 32
+    channels: int = 3
+    init: str = "xavier"
+    g: ResNetGeneratorConfig = field(default_factory=ResNetGeneratorConfig)
+    d: ResNetDiscriminatorConfig = field(default_factory=ResNetDiscriminatorConfig)
+
+
+@dataclass
+class MLPGeneratorConfig:
+    _target_: str = "gantrain.models.mlp.Generator"
+    nz: int = 2
+    width: int = 256
+    depth: int = 3
+    out_dim: int = 2
+    dropout: float = 0.0
+
+
+@dataclass
+class MLPDiscriminatorConfig:
+    _target_: str = "gantrain.models.mlp.Discriminator"
+    in_dim: int = 2
+    width: int = 256
+    depth: int = 3
+    norm: str = "none"
+    spectral_norm: bool = False
+    minibatch_std: int = 0
+    minibatch_kernels: int = 0
+    minibatch_kernel_dim: int = 16
+
+
+@dataclass
+class MLPConfig:
+    _target_: str = "gantrain.models.GAN"
+    dim: int = 2  # sample size; g.out_dim and d.in_dim interpolate it. No resolution/channels: not images
+    init: str = "xavier"
+    g: MLPGeneratorConfig = field(default_factory=MLPGeneratorConfig)
+    d: MLPDiscriminatorConfig = field(default_factory=MLPDiscriminatorConfig)
+
+
 # ----------------------------------------------------------------------------- loss
 @dataclass
 class BCEConfig:
     _target_: str = "gantrain.losses.BCELoss"
     saturating: bool = False
+    label_smoothing: float = 0.0  # one-sided: D's real target is 1 - label_smoothing
+    instance_noise: float = 0.0  # std of Gaussian noise on every D input
 
 
 @dataclass
@@ -99,29 +192,84 @@ class WassersteinConfig:
 
 
 @dataclass
+class HingeConfig:
+    _target_: str = "gantrain.losses.HingeLoss"
+
+
+@dataclass
+class LeastSquaresConfig:
+    _target_: str = "gantrain.losses.LeastSquaresLoss"
+    a: float = 0.0  # D's target for fakes
+    b: float = 1.0  # D's target for reals
+    c: float = 1.0  # G's target for fakes
+
+
+# Composable terms: every objective has all of them, each off at weight/strength 0.
+@dataclass
 class GradientPenaltyConfig:
     _target_: str = "gantrain.losses.GradientPenalty"
-    weight: float = 10.0
+    weight: float = 0.0  # lambda; WGAN-GP uses 10
     center: float = 1.0
+    every: int = 1  # lazy regularisation: every k-th D step, weight x k
 
 
 @dataclass
-class BCEObjectiveConfig:
+class R1Config:
+    _target_: str = "gantrain.losses.R1Penalty"
+    gamma: float = 0.0
+    every: int = 1
+
+
+@dataclass
+class WeightClipConfig:
+    _target_: str = "gantrain.losses.WeightClip"
+    clip: float = 0.0  # original WGAN: 0.01
+
+
+@dataclass
+class FeatureMatchingConfig:
+    _target_: str = "gantrain.losses.FeatureMatching"
+    weight: float = 0.0
+
+
+@dataclass
+class PerceptualConfig:
+    _target_: str = "gantrain.perceptual.PerceptualMatching"
+    weight: float = 0.0
+    layer: str = "relu3_3"  # relu1_2 | relu2_2 | relu3_3 | relu4_3
+    weights: str = "imagenet"  # imagenet | random (tests)
+    weights_path: Optional[str] = None  # a local vgg16 state_dict instead of torchvision's download/cache
+
+
+@dataclass
+class GANObjectiveConfig:
     _target_: str = "gantrain.objectives.GANObjective"
-    adversarial: BCEConfig = field(default_factory=BCEConfig)
-    penalties: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class GPPenalties:
+    adversarial: Any = MISSING
     gp: GradientPenaltyConfig = field(default_factory=GradientPenaltyConfig)
+    r1: R1Config = field(default_factory=R1Config)
+    weight_clip: WeightClipConfig = field(default_factory=WeightClipConfig)
+    fm: FeatureMatchingConfig = field(default_factory=FeatureMatchingConfig)
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
 
 
 @dataclass
-class WGANGPObjectiveConfig:
-    _target_: str = "gantrain.objectives.GANObjective"
+class BCEObjectiveConfig(GANObjectiveConfig):
+    adversarial: BCEConfig = field(default_factory=BCEConfig)
+
+
+@dataclass
+class WassersteinObjectiveConfig(GANObjectiveConfig):
     adversarial: WassersteinConfig = field(default_factory=WassersteinConfig)
-    penalties: GPPenalties = field(default_factory=GPPenalties)
+
+
+@dataclass
+class HingeObjectiveConfig(GANObjectiveConfig):
+    adversarial: HingeConfig = field(default_factory=HingeConfig)
+
+
+@dataclass
+class LeastSquaresObjectiveConfig(GANObjectiveConfig):
+    adversarial: LeastSquaresConfig = field(default_factory=LeastSquaresConfig)
 
 
 # ----------------------------------------------------------------------------- optim
@@ -141,6 +289,24 @@ class AdamPairConfig:
     d: AdamConfig = field(default_factory=AdamConfig)
 
 
+@dataclass
+class RMSpropConfig:
+    _target_: str = "torch.optim.RMSprop"
+    _partial_: bool = True
+    lr: float = 5e-5
+    alpha: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    centered: bool = False
+
+
+@dataclass
+class RMSpropPairConfig:
+    g: RMSpropConfig = field(default_factory=RMSpropConfig)
+    d: RMSpropConfig = field(default_factory=RMSpropConfig)
+
+
 # ----------------------------------------------------------------------------- root
 @dataclass
 class Config:
@@ -155,10 +321,22 @@ class Config:
 
 SCHEMAS: dict[str, dict[str, Any]] = {
     "trainer": {"default": TrainerConfig},
-    "data": {"digits": DigitsConfig, "torchvision": TorchvisionConfig, "folder": FolderConfig},
-    "model": {"dcgan": DCGANConfig},
-    "loss": {"bce": BCEObjectiveConfig, "wgan_gp": WGANGPObjectiveConfig},
-    "optim": {"adam": AdamPairConfig},
+    "data": {
+        "digits": DigitsConfig,
+        "torchvision": TorchvisionConfig,
+        "folder": FolderConfig,
+        "ring8": RingConfig,
+        "grid25": GridConfig,
+    },
+    "model": {"dcgan": DCGANConfig, "resnet": ResNetConfig, "mlp": MLPConfig},
+    "loss": {
+        "bce": BCEObjectiveConfig,
+        "wasserstein": WassersteinObjectiveConfig,
+        "wgan_gp": WassersteinObjectiveConfig,
+        "hinge": HingeObjectiveConfig,
+        "lsgan": LeastSquaresObjectiveConfig,
+    },
+    "optim": {"adam": AdamPairConfig, "rmsprop": RMSpropPairConfig},
 }
 
 

@@ -180,6 +180,23 @@ class ImageData(abc.ABC):
     def dataset(self) -> Dataset:
         """Build the dataset; items are (C, R, R) float32 tensors in [-1, 1], no labels."""
 
+    def stream(self, seed: int, device: torch.device | str = "cpu") -> BatchStream:
+        """The endless, resumable batch stream the Trainer draws from."""
+        return BatchStream(
+            self.dataset(),
+            self.batch_size,
+            seed=seed,
+            device=device,
+            num_workers=self.num_workers,
+            in_memory=self.in_memory,
+        )
+
+    def render(self, samples: torch.Tensor) -> torch.Tensor:
+        """Generated images ``(N, C, R, R)`` in [-1, 1] -> the sample grid ``(3, H, W)`` in [0, 1]."""
+        from gantrain.sampling import sample_grid
+
+        return sample_grid(samples.float().cpu())
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"

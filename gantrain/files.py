@@ -30,3 +30,21 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], fsync: boo
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def replace_marked_section(path: str | Path, tag: str, body: str) -> Path:
+    """Replace the text between ``<!-- TAG:begin -->`` and ``<!-- TAG:end -->`` in a markdown file.
+
+    Benchmark scripts write their tables into the docs this way; the markers are appended at the
+    end when the file (or the section) does not exist yet. The file is rewritten atomically.
+    """
+    import re
+
+    path = Path(path)
+    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+    text = path.read_text() if path.exists() else ""
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    section = f"{begin}\n{body.rstrip()}\n{end}"
+    text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
+    return atomic_write(path, lambda f: f.write(text.encode()))

@@ -1,7 +1,12 @@
-"""Adversarial losses and discriminator penalties, as small classes the objective composes.
+"""Adversarial losses, discriminator penalties and generator-side terms, as small classes the
+:class:`~gantrain.objectives.GANObjective` composes.
 
-Every loss works on raw discriminator outputs ``(B,)``: logits for BCE, critic scores for the
-Wasserstein loss. ``score`` maps them to what people plot as ``D(x)`` / ``D(G(z))``.
+Every adversarial loss works on raw discriminator outputs ``(B,)``: logits for BCE, critic scores
+for the Wasserstein and hinge losses, regression outputs for least squares. ``score`` maps them to
+what people plot as ``D(x)`` / ``D(G(z))``.
+
+Penalties (:class:`Penalty`) add a term to D's loss and/or act on D after its optimizer step; a
+weight/strength of 0 switches one off. Generator terms (:class:`GeneratorTerm`) add to G's loss.
 """
 
 from __future__ import annotations
@@ -9,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from gantrain.errors import ConfigError
 
 
 class AdversarialLoss:
@@ -24,6 +31,10 @@ class AdversarialLoss:
         """What to report as D(x) / D(G(z)) for these outputs."""
         return out
 
+    def d_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What D sees for a batch ``x`` (real or fake); instance noise hooks in here."""
+        return x
+
 
 class BCELoss(AdversarialLoss):
     """Goodfellow et al. 2014, from logits with ``binary_cross_entropy_with_logits``.
@@ -31,13 +42,24 @@ class BCELoss(AdversarialLoss):
     D minimises ``-log D(x) - log(1 - D(G(z)))``. The generator uses the non-saturating
     ``-log D(G(z))`` by default; ``saturating=True`` gives the original minimax ``log(1 - D(G(z)))``,
     whose gradient vanishes when D confidently rejects fakes.
+
+    Args:
+        label_smoothing: one-sided label smoothing (Salimans et al. 2016, §3.4): D's target for
+            reals is ``1 - label_smoothing`` (0.1 -> 0.9); fakes keep target 0.
+        instance_noise: std of Gaussian noise added to every D input, real and fake, in both
+            phases (Sønderby et al. 2017; Arjovsky & Bottou 2017), so the two distributions overlap.
     """
 
-    def __init__(self, saturating: bool = False):
-        self.saturating = saturating
+    def __init__(self, saturating: bool = False, label_smoothing: float = 0.0, instance_noise: float = 0.0):
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"loss.adversarial.label_smoothing={label_smoothing}: must be in [0, 1)")
+        if instance_noise < 0:
+            raise ConfigError(f"loss.adversarial.instance_noise={instance_noise}: must be >= 0 (a std)")
+        self.saturating, self.label_smoothing, self.instance_noise = saturating, label_smoothing, instance_noise
 
     def d_loss(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) + F.binary_cross_entropy_with_logits(
+        real_target = torch.full_like(real, 1.0 - self.label_smoothing)
+        return F.binary_cross_entropy_with_logits(real, real_target) + F.binary_cross_entropy_with_logits(
             fake, torch.zeros_like(fake)
         )
 
@@ -50,10 +72,13 @@ class BCELoss(AdversarialLoss):
     def score(self, out: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(out)
 
+    def d_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.instance_noise * torch.randn_like(x) if self.instance_noise > 0 else x
+
 
 class WassersteinLoss(AdversarialLoss):
     """Arjovsky et al. 2017: the critic maximises E[D(x)] - E[D(G(z))]; needs a Lipschitz constraint
-    (e.g. :class:`GradientPenalty`)."""
+    (:class:`GradientPenalty` or :class:`WeightClip`)."""
 
     def d_loss(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         return fake.mean() - real.mean()
@@ -62,15 +87,87 @@ class WassersteinLoss(AdversarialLoss):
         return -fake.mean()
 
 
-class GradientPenalty:
+class HingeLoss(AdversarialLoss):
+    """Hinge loss (Lim & Ye 2017; Miyato et al. 2018): D ``E[relu(1 - D(x))] + E[relu(1 + D(G(z)))]``,
+    G ``-E[D(G(z))]``."""
+
+    def d_loss(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
+
+    def g_loss(self, fake: torch.Tensor) -> torch.Tensor:
+        return -fake.mean()
+
+
+class LeastSquaresLoss(AdversarialLoss):
+    """LSGAN (Mao et al. 2017): D ``½E[(D(x) - b)²] + ½E[(D(G(z)) - a)²]``, G ``½E[(D(G(z)) - c)²]``.
+
+    The paper's two settings: a=-1, b=1, c=0 (Pearson chi² divergence) and a=0, b=c=1 (the default).
+    """
+
+    def __init__(self, a: float = 0.0, b: float = 1.0, c: float = 1.0):
+        self.a, self.b, self.c = a, b, c
+
+    def d_loss(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((real - self.b) ** 2).mean() + 0.5 * ((fake - self.a) ** 2).mean()
+
+    def g_loss(self, fake: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((fake - self.c) ** 2).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# penalties on D
+
+
+def _check_every(key: str, every: int) -> None:
+    if every < 1:
+        raise ConfigError(f"loss.{key}.every={every}: must be >= 1 (1 = every D step; k = lazy, weight scaled by k)")
+
+
+class Penalty:
+    """A term on D's loss (``__call__``) and/or a constraint applied after each D step (``after_step``).
+
+    ``every``: lazy regularisation (Karras et al. 2020): the term is computed on D steps
+    0, k, 2k, ... only, multiplied by k so its average strength is unchanged.
+    """
+
+    every: int = 1
+
+    @property
+    def active(self) -> bool:
+        return True
+
+    def __call__(self, d: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    @torch.no_grad()
+    def after_step(self, d: nn.Module) -> None:
+        pass
+
+
+def _input_gradient(d: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``∇_x sum_i D(x_i)`` per sample, differentiable w.r.t. D's weights (``create_graph``)."""
+    if not x.requires_grad:  # a leaf of its own; an input that already requires grad keeps its graph
+        x = x.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(d(x).sum(), x, create_graph=True)
+    return grad
+
+
+class GradientPenalty(Penalty):
     """WGAN-GP (Gulrajani et al. 2017): ``weight * E[(||grad_x D(x_hat)||_2 - center)^2]``.
 
     ``x_hat = a * real + (1 - a) * fake`` with one ``a ~ U(0, 1)`` per sample. The gradient is
     taken with ``create_graph=True`` so the penalty itself is differentiable w.r.t. D's weights.
     """
 
-    def __init__(self, weight: float = 10.0, center: float = 1.0):
-        self.weight, self.center = weight, center
+    def __init__(self, weight: float = 10.0, center: float = 1.0, every: int = 1):
+        _check_every("gp", every)
+        if weight < 0:
+            raise ConfigError(f"loss.gp.weight={weight}: must be >= 0 (0 = off)")
+        self.weight, self.center, self.every = weight, center, every
+
+    @property
+    def active(self) -> bool:
+        return self.weight > 0
 
     def __call__(
         self, d: nn.Module, real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor | None = None
@@ -78,7 +175,84 @@ class GradientPenalty:
         """Penalty for critic ``d``; ``alpha`` ``(B, 1, ..., 1)`` is drawn per sample unless given (tests)."""
         if alpha is None:
             alpha = torch.rand((real.shape[0],) + (1,) * (real.dim() - 1), device=real.device, dtype=real.dtype)
-        x_hat = (alpha * real + (1 - alpha) * fake).requires_grad_(True)  # (B, C, H, W)
-        (grad,) = torch.autograd.grad(d(x_hat).sum(), x_hat, create_graph=True)
-        norms = grad.flatten(1).norm(2, dim=1)  # (B,)
+        x_hat = alpha * real + (1 - alpha) * fake  # (B, ...)
+        norms = _input_gradient(d, x_hat).flatten(1).norm(2, dim=1)  # (B,)
         return self.weight * ((norms - self.center) ** 2).mean()
+
+
+class R1Penalty(Penalty):
+    """R1 (Mescheder et al. 2018): ``gamma / 2 * E[||grad_x D(x)||^2]`` on real data only."""
+
+    def __init__(self, gamma: float = 10.0, every: int = 1):
+        _check_every("r1", every)
+        if gamma < 0:
+            raise ConfigError(f"loss.r1.gamma={gamma}: must be >= 0 (0 = off)")
+        self.gamma, self.every = gamma, every
+
+    @property
+    def active(self) -> bool:
+        return self.gamma > 0
+
+    def __call__(self, d: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        sq = _input_gradient(d, real).flatten(1).pow(2).sum(1)  # (B,)
+        return 0.5 * self.gamma * sq.mean()
+
+
+class WeightClip(Penalty):
+    """Original WGAN (Arjovsky et al. 2017): clamp every D parameter to ``[-clip, clip]`` after each D step."""
+
+    def __init__(self, clip: float = 0.01):
+        if clip < 0:
+            raise ConfigError(f"loss.weight_clip.clip={clip}: must be >= 0 (0 = off)")
+        self.clip = clip
+
+    @property
+    def active(self) -> bool:
+        return self.clip > 0
+
+    @torch.no_grad()
+    def after_step(self, d: nn.Module) -> None:
+        for p in d.parameters():
+            p.clamp_(-self.clip, self.clip)
+
+
+# ----------------------------------------------------------------------------------------------
+# generator-side terms
+
+
+class GeneratorTerm(nn.Module):
+    """A term added to G's loss: ``forward(d, real, fake, fake_features) -> weight * value``.
+
+    ``fake_features`` is ``d.features(fake)``, computed once by the objective for the adversarial
+    term too. Terms are modules so a fixed network inside them (VGG) moves with ``.to(device)``.
+    """
+
+    weight: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.weight > 0
+
+
+def mean_feature_distance(real_features: torch.Tensor, fake_features: torch.Tensor) -> torch.Tensor:
+    """``||E f(x) - E f(G(z))||_2^2`` over the batch, features flattened per sample."""
+    diff = real_features.flatten(1).mean(0) - fake_features.flatten(1).mean(0)
+    return diff.pow(2).sum()
+
+
+class FeatureMatching(GeneratorTerm):
+    """Feature matching (Salimans et al. 2016, §3.1) on D's last hidden layer (``d.features``).
+
+    The real statistics are computed without a graph, so the gradient of this term reaches G only.
+    """
+
+    def __init__(self, weight: float = 0.0):
+        super().__init__()
+        if weight < 0:
+            raise ConfigError(f"loss.fm.weight={weight}: must be >= 0 (0 = off)")
+        self.weight = weight
+
+    def forward(self, d: nn.Module, real: torch.Tensor, fake: torch.Tensor, fake_features: torch.Tensor):
+        with torch.no_grad():
+            real_features = d.features(real)
+        return self.weight * mean_feature_distance(real_features, fake_features)

@@ -10,24 +10,42 @@ from functools import partial
 from typing import Mapping
 
 import torch
+from torch import nn
 from torch.optim import Optimizer
 
 from gantrain.errors import ConfigError
-from gantrain.losses import AdversarialLoss, GradientPenalty
+from gantrain.losses import AdversarialLoss, GeneratorTerm, Penalty
 from gantrain.models import GAN
 from gantrain.stats import report
 from gantrain.trainer import Phase
 
 
-class GANObjective:
-    """An adversarial loss plus named penalties on D (e.g. ``{"gp": GradientPenalty(10)}``).
+class GANObjective(nn.Module):
+    """An adversarial loss plus named terms, each a :class:`Penalty` on D or a :class:`GeneratorTerm` on G.
 
-    Reports ``loss/D`` (total), ``loss/D/<penalty>``, ``loss/G``, ``D(x)`` and ``D(G(z))``.
+    ``GANObjective(HingeLoss(), r1=R1Penalty(10), fm=FeatureMatching(1.0))``: the keyword is the
+    term's name in the logs (``loss/D/r1``, ``loss/G/fm``) and its config key (``loss.r1.gamma``).
+    Inactive terms (weight 0) and ``None`` are dropped, so a config can list every term switched off.
+
+    Reports ``loss/D`` (total), ``loss/D/adv``, ``loss/D/<penalty>``, ``loss/G`` (total),
+    ``loss/G/adv``, ``loss/G/<term>``, ``D(x)`` and ``D(G(z))``.
     """
 
-    def __init__(self, adversarial: AdversarialLoss, penalties: Mapping[str, GradientPenalty] | None = None):
+    def __init__(self, adversarial: AdversarialLoss, **terms: Penalty | GeneratorTerm | None):
+        super().__init__()
         self.adversarial = adversarial
-        self.penalties = dict(penalties or {})
+        self.penalties: dict[str, Penalty] = {}
+        g_terms: dict[str, GeneratorTerm] = {}
+        for name, term in terms.items():
+            if term is None or not term.active:
+                continue
+            if isinstance(term, Penalty):
+                self.penalties[name] = term
+            elif isinstance(term, GeneratorTerm):
+                g_terms[name] = term
+            else:
+                raise ConfigError(f"loss.{name}: {type(term).__name__} is neither a Penalty nor a GeneratorTerm")
+        self.g_terms = nn.ModuleDict(g_terms)  # moves fixed networks (VGG) with .to(device)
 
     def phases(self, model: GAN, optimizers: Mapping[str, Optimizer], n_critic: int = 1) -> list[Phase]:
         """D phase then G phase; G runs every ``n_critic``-th iteration (after the critic's updates)."""
@@ -36,28 +54,61 @@ class GANObjective:
         missing = {"g", "d"} - set(optimizers)
         if missing:
             raise ConfigError(f"optim: a GAN needs optimizers 'g' and 'd'; missing {sorted(missing)}")
+        if self.g_terms and not (hasattr(model.d, "features") and hasattr(model.d, "head")):
+            raise ConfigError(
+                f"loss.{next(iter(self.g_terms))}: generator terms need a discriminator with features(x) and "
+                f"head(h); {type(model.d).__name__} has not"
+            )
         return [
-            Phase("D", model.d, optimizers["d"], partial(self.d_loss, model), interval=1),
+            Phase(
+                "D",
+                model.d,
+                optimizers["d"],
+                partial(self.d_loss, model),
+                interval=1,
+                after_step=partial(self.after_d_step, model),
+            ),
             Phase("G", model.g, optimizers["g"], partial(self.g_loss, model), interval=n_critic, counts_as_step=True),
         ]
 
-    def d_loss(self, model: GAN, real: torch.Tensor) -> torch.Tensor:
-        d = model.d
+    def d_loss(self, model: GAN, real: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """D's loss on a real batch; ``step`` (D steps so far) schedules lazy penalties."""
+        d, x = model.d, self.adversarial.d_input
         fake = model.g(model.noise(real.shape[0], real.device)).detach()  # no gradient may reach G
-        real_out, fake_out = d(real), d(fake)
+        real_in, fake_in = x(real), x(fake)
+        real_out, fake_out = d(real_in), d(fake_in)
         loss = self.adversarial.d_loss(real_out, fake_out)
         report("loss/D/adv", loss)
         for name, penalty in self.penalties.items():
-            term = penalty(d, real, fake)
+            if step % penalty.every:
+                continue
+            term = penalty(d, real_in, fake_in)
+            if term is None:  # a constraint (weight clipping), not a loss term
+                continue
             report(f"loss/D/{name}", term)
-            loss = loss + term
+            loss = loss + penalty.every * term
         report("loss/D", loss)
         report("D(x)", self.adversarial.score(real_out))
         report("D(G(z))", self.adversarial.score(fake_out))
         return loss
 
-    def g_loss(self, model: GAN, real: torch.Tensor) -> torch.Tensor:
-        fake_out = model.d(model.g(model.noise(real.shape[0], real.device)))
+    def after_d_step(self, model: GAN) -> None:
+        for penalty in self.penalties.values():
+            penalty.after_step(model.d)
+
+    def g_loss(self, model: GAN, real: torch.Tensor, step: int = 0) -> torch.Tensor:
+        d = model.d
+        fake = model.g(model.noise(real.shape[0], real.device))
+        if self.g_terms:  # one D body pass serves the adversarial term and feature matching
+            fake_features = d.features(self.adversarial.d_input(fake))
+            fake_out = d.head(fake_features)
+        else:
+            fake_features, fake_out = None, d(self.adversarial.d_input(fake))
         loss = self.adversarial.g_loss(fake_out)
+        report("loss/G/adv", loss)
+        for name, term in self.g_terms.items():
+            value = term(d, real, fake, fake_features)
+            report(f"loss/G/{name}", value)
+            loss = loss + value
         report("loss/G", loss)
         return loss

@@ -21,7 +21,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gantrain.config import register
-from gantrain.data import BatchStream
 from gantrain.errors import GantrainError
 from gantrain.trainer import Trainer, resolve_device
 
@@ -49,22 +48,21 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
     settings = instantiate(cfg.trainer)
     device = resolve_device(settings.device)
     model = instantiate(cfg.model).to(device)  # device placement happens here and only here
-    objective = instantiate(cfg.loss)
+    objective = instantiate(cfg.loss).to(device)  # fixed networks inside terms (VGG) move too
     optimizers = {
         name: instantiate(cfg.optim[name], _convert_="all")(getattr(model, name).parameters()) for name in cfg.optim
     }
     phases = objective.phases(model, optimizers, n_critic=settings.n_critic)
     data = instantiate(cfg.data)
-    stream = BatchStream(
-        data.dataset(),
-        data.batch_size,
-        seed=cfg.seed,
-        device=device,
-        num_workers=data.num_workers,
-        in_memory=data.in_memory,
-    )
-    # Fixed noise from its own generator: sample grids never consume the training RNG.
+    stream = data.stream(seed=cfg.seed, device=device)
+    # Fixed noise from its own generators: sample grids and evaluation never consume the training RNG.
     fixed_noise = model.noise(settings.num_samples, device, generator=torch.Generator(device).manual_seed(cfg.seed))
+    evaluator = None
+    if hasattr(data, "evaluate"):
+        eval_noise = model.noise(
+            data.num_eval_samples, device, generator=torch.Generator(device).manual_seed(cfg.seed + 1)
+        )
+        evaluator = lambda: data.evaluate(model.sample(eval_noise))
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     return Trainer(
         settings,
@@ -72,7 +70,8 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
         phases=phases,
         data=stream,
         run_dir=run_dir,
-        sampler=lambda: model.sample(fixed_noise),
+        sampler=lambda: data.render(model.sample(fixed_noise)),
+        evaluator=evaluator,
         config=resolved,
         compat={"model": resolved["model"], "loss": resolved["loss"]},
     )

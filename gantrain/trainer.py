@@ -34,7 +34,6 @@ from gantrain import checkpoint as ckpt_io
 from gantrain.checkpoint import CheckpointError
 from gantrain.errors import ConfigError
 from gantrain.files import atomic_write
-from gantrain.sampling import sample_grid
 from gantrain.stats import Collector, collecting, report
 
 log = logging.getLogger(__name__)
@@ -45,19 +44,22 @@ CLIP_ALGORITHMS = ("norm", "value")
 
 @dataclass
 class Phase:
-    """One kind of optimizer step: ``loss(real_batch)`` is minimised w.r.t. ``module`` by ``optimizer``.
+    """One kind of optimizer step: ``loss(real_batch, step)`` is minimised w.r.t. ``module`` by ``optimizer``.
 
+    ``step`` is the number of optimizer steps this phase has taken before (lazy regularisers use it).
     ``interval``: run on iterations ``interval-1, 2*interval-1, ...`` (so a G phase with interval
     ``n_critic`` follows ``n_critic`` D updates). ``counts_as_step``: this phase's optimizer steps are
-    the ones ``trainer.max_steps`` counts (exactly one phase has it).
+    the ones ``trainer.max_steps`` counts (exactly one phase has it). ``after_step``: called (no grad)
+    after each optimizer step, e.g. weight clipping.
     """
 
     name: str
     module: nn.Module
     optimizer: Optimizer
-    loss: Callable[[torch.Tensor], torch.Tensor]
+    loss: Callable[[torch.Tensor, int], torch.Tensor]
     interval: int = 1
     counts_as_step: bool = False
+    after_step: Optional[Callable[[], None]] = None
 
 
 @dataclass
@@ -128,7 +130,11 @@ class Trainer:
         data: an endless batch iterator with ``state_dict``/``load_state_dict`` (``BatchStream``),
             already yielding tensors on the training device.
         run_dir: where TensorBoard events, ``samples/`` and ``checkpoints/last.ckpt`` go.
-        sampler: returns images in [-1, 1] for the sample grid (fixed noise, no state change).
+        sampler: returns the picture to log as ``samples`` (``(3, H, W)`` in [0, 1]: an image grid, a
+            scatter plot, ...), from fixed noise and without changing any state.
+        evaluator: returns metrics (name -> float) of the current model, computed and logged with
+            each sample grid and at the end (e.g. the 2-D mixture's modes covered); must not use
+            the global RNG (a resumed run must continue bit-identically).
         config: the resolved config, saved in checkpoints and logged as text/hparams.
         compat: the part of the config a checkpoint must match to be resumed (model, loss).
         is_main: rank 0 logs and writes checkpoints; other ranks only train.
@@ -143,6 +149,7 @@ class Trainer:
         data: Any,
         run_dir: str | Path,
         sampler: Callable[[], torch.Tensor] | None = None,
+        evaluator: Callable[[], dict[str, float]] | None = None,
         config: dict | None = None,
         compat: dict | None = None,
         is_main: bool = True,
@@ -160,7 +167,8 @@ class Trainer:
                 f"run directory '{self.run_dir}' already holds a checkpoint ({self.ckpt_path}); continue it with "
                 "trainer.resume=auto, or start a new run in another hydra.run.dir"
             )
-        self.sampler, self.config, self.compat = sampler, config or {}, compat or {}
+        self.sampler, self.evaluator = sampler, evaluator
+        self.config, self.compat = config or {}, compat or {}
         self.is_main = is_main
         self.params = list(model.parameters())
         self.device = self.params[0].device if self.params else torch.device("cpu")
@@ -171,7 +179,8 @@ class Trainer:
         self.collector = Collector()
         self._t0, self._images0 = time.perf_counter(), 0  # images/s since the last log
         self.writer: SummaryWriter | None = None
-        self.metrics: dict[str, float] = {}
+        self.metrics: dict[str, float] = {}  # the last logged training stats
+        self.eval_metrics: dict[str, float] = {}  # the evaluator's last results
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict[str, float]:
@@ -213,7 +222,7 @@ class Trainer:
             bar.close()
             if self.writer is not None:
                 self.writer.close()
-        return {**self.metrics, "step": float(self.step)}
+        return {**self.metrics, **self.eval_metrics, "step": float(self.step)}
 
     def _run_phase(self, phase: Phase) -> None:
         flags = [p.requires_grad for p in self.params]
@@ -222,17 +231,21 @@ class Trainer:
             p.requires_grad_(id(p) in active)
         try:
             k = self.s.accumulate_grad_batches
+            step = self.iteration // phase.interval  # this phase's optimizer steps so far
             phase.optimizer.zero_grad(set_to_none=True)
             for _ in range(k):
                 real = next(self.data)  # fresh real batch per micro-batch
                 with torch.autocast(
                     self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
                 ):
-                    loss = phase.loss(real)
+                    loss = phase.loss(real, step)
                 (loss / k).backward()
                 self.images_seen += real.shape[0]
             grad_norm = self._clip([p for p in phase.module.parameters() if p.grad is not None])
             phase.optimizer.step()
+            if phase.after_step is not None:
+                with torch.no_grad():
+                    phase.after_step()
         finally:
             for p, flag in zip(self.params, flags):
                 p.requires_grad_(flag)
@@ -275,10 +288,17 @@ class Trainer:
         bar.set_postfix(shown, refresh=False)
 
     def _write_samples(self) -> None:
-        if not (self.is_main and self.sampler is not None):
+        if not self.is_main:
             return
-        images = self.sampler().float().cpu()  # (N, C, H, W) in [-1, 1]
-        grid = sample_grid(images)  # (3, H', W') in [0, 1]
+        if self.evaluator is not None:
+            self.eval_metrics = {k: float(v) for k, v in self.evaluator().items()}
+            if self.writer is not None:
+                for name, value in self.eval_metrics.items():
+                    self.writer.add_scalar(name, value, self.step)
+            log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4g}" for k, v in self.eval_metrics.items()))
+        if self.sampler is None:
+            return
+        grid = self.sampler().float().cpu()  # (3, H', W') in [0, 1]
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
         atomic_write(path, lambda f: save_image(grid, f, format="png"), fsync=False)
         if self.writer is not None:

@@ -20,7 +20,6 @@ import argparse
 import copy
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -30,9 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gantrain.files import replace_marked_section
 from gantrain.train import build, compose_config
-
-MARK_BEGIN, MARK_END = "<!-- bench.py:begin -->", "<!-- bench.py:end -->"
 
 
 def sync(device: torch.device) -> None:
@@ -177,10 +175,7 @@ def main() -> None:
     report = "\n".join(lines)
     print(report)
     if args.write:
-        text = args.write.read_text() if args.write.exists() else f"{MARK_BEGIN}\n{MARK_END}\n"
-        section = f"{MARK_BEGIN}\n{report}\n{MARK_END}"
-        text = re.sub(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), lambda _: section, text, flags=re.S)
-        args.write.write_text(text)
+        replace_marked_section(args.write, "bench.py", report)
         print(f"wrote {args.write}", file=sys.stderr)
 
 

@@ -15,8 +15,6 @@ EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
 # Small enough for a 2-core CPU: 8-wide networks, batch 8, a handful of steps.
 TINY = [
-    "model.g.ngf=8",
-    "model.d.ndf=8",
     "data.batch_size=8",
     "trainer.max_steps=2",
     "trainer.device=cpu",
@@ -24,10 +22,16 @@ TINY = [
     "trainer.progress_bar=false",
     "trainer.log_every_n_steps=1",
 ]
+# Width keys differ by model family: image models (DCGAN, ResNet) vs the MLP for 2-D data.
+TINY_WIDTH = {"ngf": ["model.g.ngf=8", "model.d.ndf=8"], "width": ["model.g.width=16", "model.d.width=16"]}
 
 
 def make_cfg(*overrides: str, tiny: bool = True) -> DictConfig:
-    return compose_config(*(TINY if tiny else []), *overrides)
+    if not tiny:
+        return compose_config(*overrides)
+    g = compose_config(*overrides).model.g
+    width = TINY_WIDTH["ngf"] if "ngf" in g else TINY_WIDTH["width"]
+    return compose_config(*TINY, *width, *overrides)
 
 
 def shared_mnist() -> Path:

@@ -12,7 +12,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gantrain.train import train
-from tests.conftest import TINY, make_cfg
+from tests.conftest import TINY, TINY_WIDTH, make_cfg
 from tests.test_experiments import EXPECTED_LOGS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def run_cli(args: list[str], cwd: Path, exe: list[str] | None = None) -> subproc
 
 
 def test_train_from_another_directory_uses_default_run_dir(tmp_path):
-    r = run_cli(["+experiment=dcgan", *TINY], cwd=tmp_path)
+    r = run_cli(["+experiment=dcgan", *TINY, *TINY_WIDTH["ngf"]], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = list((tmp_path / "outputs" / "dcgan").iterdir())  # outputs/<experiment>/<timestamp>
     assert (run / "checkpoints" / "last.ckpt").is_file()
@@ -44,7 +44,15 @@ def test_train_from_another_directory_uses_default_run_dir(tmp_path):
 
 def test_multirun_makes_one_run_per_value(tmp_path):
     r = run_cli(
-        ["-m", "+experiment=dcgan", "optim.g.lr=1e-4,2e-4", *TINY, f"hydra.sweep.dir={tmp_path}/sweep"], cwd=tmp_path
+        [
+            "-m",
+            "+experiment=dcgan",
+            "optim.g.lr=1e-4,2e-4",
+            *TINY,
+            *TINY_WIDTH["ngf"],
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        cwd=tmp_path,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -63,7 +71,10 @@ def test_console_script_composes_the_recipe(tmp_path):
 
 
 def test_user_error_is_one_line_not_a_traceback(tmp_path):
-    r = run_cli(["data=folder", f"data.path={tmp_path}/missing", *TINY, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    r = run_cli(
+        ["data=folder", f"data.path={tmp_path}/missing", *TINY, *TINY_WIDTH["ngf"], f"hydra.run.dir={tmp_path}/run"],
+        cwd=tmp_path,
+    )
     assert r.returncode == 1
     out = r.stdout + r.stderr
     assert f"data.path '{tmp_path}/missing' does not exist" in out
@@ -94,7 +105,7 @@ def test_tensorboard_gets_scalars_samples_config_and_hparams(tmp_path):
 def test_bench_script_runs_and_writes_its_section(tmp_path):
     doc = tmp_path / "bench.md"
     doc.write_text("# x\n<!-- bench.py:begin -->\nold\n<!-- bench.py:end -->\ntail\n")
-    args = ["--steps", "2", "--repeats", "1", "--warmup", "1", "--write", str(doc), *TINY[:3]]
+    args = ["--steps", "2", "--repeats", "1", "--warmup", "1", "--write", str(doc), *TINY_WIDTH["ngf"], TINY[0]]
     r = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench.py"), *args],
         capture_output=True,

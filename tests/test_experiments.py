@@ -47,9 +47,9 @@ def test_wgan_gp_recipe_values():
     cfg = make_cfg("+experiment=wgan_gp", tiny=False)
     assert cfg.trainer.n_critic == 5
     assert cfg.loss.adversarial._target_ == "gantrain.losses.WassersteinLoss"
-    assert cfg.loss.penalties.gp.weight == 10.0
+    assert cfg.loss.gp.weight == 10.0 and cfg.loss.r1.gamma == 0 and cfg.loss.weight_clip.clip == 0
     assert cfg.model.d.norm != "batch"  # the penalty is per sample
-    assert list(cfg.optim.g.betas) == [0.5, 0.9]
+    assert cfg.optim.g.lr == cfg.optim.d.lr == 1e-4 and list(cfg.optim.g.betas) == [0.5, 0.9]
 
 
 def test_dcgan_recipe_values():
@@ -62,8 +62,8 @@ def test_dcgan_recipe_values():
 
 
 def test_unknown_experiment_lists_the_available_ones():
-    with pytest.raises(MissingConfigException, match=r"(?s)Could not find 'experiment/wgan'.*dcgan.*wgan_gp"):
-        make_cfg("+experiment=wgan")
+    with pytest.raises(MissingConfigException, match=r"(?s)Could not find 'experiment/wgan_gpp'.*dcgan.*wgan_gp"):
+        make_cfg("+experiment=wgan_gpp")
 
 
 def test_misspelled_key_on_the_command_line_fails():

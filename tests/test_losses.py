@@ -9,7 +9,17 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from gantrain.losses import BCELoss, GradientPenalty, WassersteinLoss
+from gantrain.errors import ConfigError
+from gantrain.losses import (
+    BCELoss,
+    FeatureMatching,
+    GradientPenalty,
+    HingeLoss,
+    LeastSquaresLoss,
+    R1Penalty,
+    WassersteinLoss,
+    WeightClip,
+)
 from gantrain.models import GAN
 from gantrain.models.dcgan import Discriminator, Generator
 from gantrain.objectives import GANObjective
@@ -111,7 +121,7 @@ def test_gradient_penalty_reaches_d_not_g():
     def d_grads(weight: float) -> list[torch.Tensor]:
         model.zero_grad(set_to_none=True)
         torch.manual_seed(1)
-        objective = GANObjective(WassersteinLoss(), {"gp": GradientPenalty(weight)})
+        objective = GANObjective(WassersteinLoss(), gp=GradientPenalty(weight))
         objective.d_loss(model, real).backward()
         assert all(p.grad is None for p in model.g.parameters()), "the D loss must not reach G"
         return [p.grad.clone() for p in model.d.parameters()]
@@ -124,7 +134,7 @@ def test_objective_reports_terms():
     from gantrain.stats import Collector, collecting
 
     model = _tiny_gan()
-    objective = GANObjective(WassersteinLoss(), {"gp": GradientPenalty(10.0)})
+    objective = GANObjective(WassersteinLoss(), gp=GradientPenalty(10.0))
     with collecting(Collector()) as c:
         torch.manual_seed(0)
         total = objective.d_loss(model, torch.randn(4, 1, 8, 8))
@@ -133,3 +143,185 @@ def test_objective_reports_terms():
     assert {"loss/D", "loss/D/adv", "loss/D/gp", "loss/G", "D(x)", "D(G(z))"} <= stats.keys()
     assert stats["loss/D"] == pytest.approx(total.item())
     assert stats["loss/D"] == pytest.approx(stats["loss/D/adv"] + stats["loss/D/gp"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- issue 3 losses
+def test_hinge_losses_match_hand_computation():
+    # D: mean(relu(1 - r)) + mean(relu(1 + f)); REAL = [2, -1, 0.5], FAKE = [0.5, -3, 1.5]
+    d_want = (0 + 2 + 0.5) / 3 + (1.5 + 0 + 2.5) / 3
+    assert HingeLoss().d_loss(REAL, FAKE).item() == pytest.approx(d_want, rel=1e-6)
+    assert HingeLoss().g_loss(FAKE).item() == pytest.approx(-(0.5 - 3 + 1.5) / 3, rel=1e-6)
+
+
+def test_least_squares_losses_match_hand_computation():
+    a, b, c = -1.0, 1.0, 0.0
+    loss = LeastSquaresLoss(a=a, b=b, c=c)
+    d_want = 0.5 * sum((r - b) ** 2 for r in REAL.tolist()) / 3 + 0.5 * sum((f - a) ** 2 for f in FAKE.tolist()) / 3
+    g_want = 0.5 * sum((f - c) ** 2 for f in FAKE.tolist()) / 3
+    assert loss.d_loss(REAL, FAKE).item() == pytest.approx(d_want, rel=1e-6)
+    assert loss.g_loss(FAKE).item() == pytest.approx(g_want, rel=1e-6)
+    # default 0-1 coding: a=0, b=c=1
+    assert LeastSquaresLoss().g_loss(FAKE).item() == pytest.approx(0.5 * (0.25 + 16 + 0.25) / 3, rel=1e-6)
+
+
+def test_bce_one_sided_label_smoothing():
+    # reals target 0.9: BCE(r, 0.9) = 0.9 * softplus(-r) + 0.1 * softplus(r); fakes keep target 0.
+    want = sum(0.9 * softplus(-r) + 0.1 * softplus(r) for r in REAL.tolist()) / 3
+    want += sum(softplus(f) for f in FAKE.tolist()) / 3
+    assert BCELoss(label_smoothing=0.1).d_loss(REAL, FAKE).item() == pytest.approx(want, rel=1e-6)
+    assert BCELoss(label_smoothing=0.1).g_loss(FAKE).item() == pytest.approx(BCELoss().g_loss(FAKE).item())
+
+
+def test_bce_instance_noise_has_the_configured_std():
+    x = torch.zeros(200_000)
+    assert torch.equal(BCELoss().d_input(x), x)
+    noisy = BCELoss(instance_noise=0.3).d_input(x)
+    assert noisy.std().item() == pytest.approx(0.3, rel=0.02) and abs(noisy.mean().item()) < 0.01
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: BCELoss(label_smoothing=1.0), "label_smoothing"),
+        (lambda: BCELoss(instance_noise=-1), "instance_noise"),
+        (lambda: GradientPenalty(every=0), r"loss.gp.every=0"),
+        (lambda: R1Penalty(gamma=-1), r"loss.r1.gamma=-1"),
+        (lambda: WeightClip(clip=-0.1), r"loss.weight_clip.clip"),
+        (lambda: FeatureMatching(weight=-1), r"loss.fm.weight"),
+    ],
+)
+def test_bad_term_arguments_name_the_key(make, match):
+    with pytest.raises(ConfigError, match=match):
+        make()
+
+
+def test_r1_of_linear_critic_is_closed_form():
+    # D(x) = <w, x> + b: grad_x D = w for every sample, R1 = gamma / 2 * ||w||^2.
+    d = nn.Sequential(nn.Flatten(), nn.Linear(12, 1))
+    with torch.no_grad():
+        d[1].weight.copy_(torch.arange(12.0).reshape(1, 12) / 10)
+    sq = d[1].weight.pow(2).sum().item()
+    real = torch.randn(5, 3, 2, 2)
+    assert R1Penalty(gamma=4.0)(d, real, torch.randn(5, 3, 2, 2)).item() == pytest.approx(2.0 * sq, rel=1e-5)
+    assert not real.requires_grad  # the caller's batch is not modified
+
+
+def test_r1_of_quadratic_critic_is_closed_form():
+    # D(x) = sum(x^2): grad = 2x, R1 = gamma / 2 * mean_i ||2 x_i||^2.
+    d = lambda x: (x**2).flatten(1).sum(1)  # noqa: E731
+    real = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    want = 0.5 * 10.0 * ((4 + 16) + (0 + 4)) / 2
+    assert R1Penalty(gamma=10.0)(d, real, real).item() == pytest.approx(want)
+
+
+def test_r1_passes_gradcheck_float64():
+    torch.manual_seed(0)
+    d = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 1)).double()
+    names = [n for n, _ in d.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_(True) for p in d.parameters())
+    real = torch.randn(3, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    r1 = R1Penalty(gamma=10.0)
+
+    def f(real, *ps):
+        return r1(lambda x: functional_call(d, dict(zip(names, ps)), (x,)), real, real)
+
+    assert torch.autograd.gradcheck(f, (real, *params), eps=1e-6, atol=1e-5)
+
+
+def test_weight_clip_clamps_d_after_its_step_only(tmp_path):
+    from gantrain.train import build
+    from tests.conftest import make_cfg
+
+    cfg = make_cfg("+experiment=wgan", "trainer.max_steps=1", "optim.d.lr=0.5", "optim.g.lr=0.5")
+    trainer = build(cfg, tmp_path)
+    model = trainer.model
+    assert max(p.abs().max().item() for p in model.d.parameters()) > 0.01  # N(0, 0.02) init exceeds the clip
+    d_phase = trainer.phases[0]
+    trainer._run_phase(d_phase)
+    d_max = max(p.abs().max().item() for p in model.d.parameters())
+    assert d_max == pytest.approx(0.01)  # lr 0.5 pushes weights past the bound; clamped back
+    g_before = [p.detach().clone() for p in model.g.parameters()]
+    trainer._run_phase(trainer.phases[1])
+    assert any(not torch.equal(a, p) for a, p in zip(g_before, model.g.parameters()))
+    assert max(p.abs().max().item() for p in model.g.parameters()) > 0.01  # G is never clipped
+
+
+class _CountingPenalty(GradientPenalty):
+    def __init__(self, every):
+        super().__init__(weight=1.0, every=every)
+        self.calls = 0
+
+    def __call__(self, d, real, fake, alpha=None):
+        self.calls += 1
+        return torch.tensor(2.0)
+
+
+def test_lazy_penalty_runs_every_k_steps_with_weight_times_k():
+    from gantrain.stats import Collector, collecting
+
+    model = _tiny_gan()
+    pen = _CountingPenalty(every=4)
+    objective = GANObjective(WassersteinLoss(), gp=pen)
+    real = torch.randn(4, 1, 8, 8)
+    totals = []
+    with collecting(Collector()):
+        for step in range(8):
+            torch.manual_seed(0)
+            totals.append(objective.d_loss(model, real, step).item())
+    assert pen.calls == 2  # steps 0 and 4
+    adv = totals[1]
+    assert totals[0] == pytest.approx(adv + 4 * 2.0) and totals[4] == pytest.approx(adv + 8.0)
+    assert all(t == pytest.approx(adv) for i, t in enumerate(totals) if i % 4)
+
+
+def _g_step_changes(model, objective, real):
+    """Run G's loss backward with D frozen (as the Trainer does); return D/G grads."""
+    model.zero_grad(set_to_none=True)
+    model.d.requires_grad_(False)
+    try:
+        objective.g_loss(model, real).backward()
+    finally:
+        model.d.requires_grad_(True)
+    return model
+
+
+def test_feature_matching_matches_hand_computation_and_reaches_g_only():
+    from gantrain.stats import Collector, collecting
+
+    model = _tiny_gan()
+    real = torch.randn(6, 1, 8, 8)
+    objective = GANObjective(WassersteinLoss(), fm=FeatureMatching(weight=2.0))
+    with collecting(Collector()) as c:
+        torch.manual_seed(3)
+        objective.g_loss(model, real)
+    stats = c.drain()
+    torch.manual_seed(3)
+    fake = model.g(model.noise(6, "cpu"))
+    f_real, f_fake = model.d.features(real).flatten(1), model.d.features(fake).flatten(1)
+    want = 2.0 * ((f_real.mean(0) - f_fake.mean(0)) ** 2).sum().item()
+    assert stats["loss/G/fm"] == pytest.approx(want, rel=1e-5)
+    assert stats["loss/G"] == pytest.approx(stats["loss/G/adv"] + stats["loss/G/fm"], rel=1e-5)
+    d_before = [p.detach().clone() for p in model.d.parameters()]
+    _g_step_changes(model, objective, real)
+    assert all(p.grad is None for p in model.d.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.g.parameters() if p.dim() > 1)
+    assert all(torch.equal(a, b) for a, b in zip(d_before, model.d.parameters()))
+
+
+def test_feature_matching_gradient_is_the_fm_term_alone():
+    # With the adversarial term removed (its gradient subtracted), G's gradient equals d(fm)/dG.
+    model = _tiny_gan()
+    real = torch.randn(6, 1, 8, 8)
+    grads = []
+    for objective in (GANObjective(WassersteinLoss()), GANObjective(WassersteinLoss(), fm=FeatureMatching(1.0))):
+        torch.manual_seed(5)
+        _g_step_changes(model, objective, real)
+        grads.append([p.grad.clone() for p in model.g.parameters()])
+    torch.manual_seed(5)
+    model.zero_grad(set_to_none=True)
+    fake = model.g(model.noise(6, "cpu"))
+    with torch.no_grad():
+        f_real = model.d.features(real).flatten(1).mean(0)
+    ((f_real - model.d.features(fake).flatten(1).mean(0)) ** 2).sum().backward()
+    for adv, both, p in zip(*grads, model.g.parameters()):
+        torch.testing.assert_close(both - adv, p.grad, rtol=1e-4, atol=1e-6)

@@ -39,7 +39,11 @@ def one_weight_trainer(tmp_path, w0=1.0, lr=0.1, **settings) -> tuple[Trainer, n
         lin.weight.fill_(w0)
     # loss(x) = (w * x)^2 / 2  ->  d/dw = w * x^2
     phase = Phase(
-        "main", lin, torch.optim.SGD(lin.parameters(), lr=lr), lambda x: 0.5 * (lin(x) ** 2).sum(), counts_as_step=True
+        "main",
+        lin,
+        torch.optim.SGD(lin.parameters(), lr=lr),
+        lambda x, step: 0.5 * (lin(x) ** 2).sum(),
+        counts_as_step=True,
     )
     s = TrainerSettings(device="cpu", progress_bar=False, **settings)
     return Trainer(s, model=lin, phases=[phase], data=ListStream(), run_dir=tmp_path), lin
@@ -91,7 +95,7 @@ def test_settings_errors_are_clear():
 
 def test_exactly_one_phase_counts(tmp_path):
     lin = nn.Linear(1, 1)
-    ph = Phase("a", lin, torch.optim.SGD(lin.parameters(), lr=0.1), lambda x: lin(x).sum())
+    ph = Phase("a", lin, torch.optim.SGD(lin.parameters(), lr=0.1), lambda x, step: lin(x).sum())
     with pytest.raises(AssertionError, match="exactly one phase"):
         Trainer(TrainerSettings(), model=lin, phases=[ph], data=ListStream(), run_dir=tmp_path)
 
@@ -118,12 +122,12 @@ def test_gradient_hygiene_invariants(tmp_path, experiment, n_critic):
     for phase in trainer.phases:
         other = model.d if phase.name == "G" else model.g
 
-        def loss(real, _phase=phase, _orig=phase.loss, _other=other):
+        def loss(real, step, _phase=phase, _orig=phase.loss, _other=other):
             # While a phase runs: its module trainable, every other parameter frozen.
             assert all(p.requires_grad for p in _phase.module.parameters())
             assert not any(p.requires_grad for p in _other.parameters())
             loss_calls.append(_phase.name)
-            return _orig(real)
+            return _orig(real, step)
 
         def zero_grad(set_to_none=True, _name=phase.name, _orig=phase.optimizer.zero_grad):
             assert set_to_none is True
