@@ -153,6 +153,7 @@ class MLPGeneratorConfig:
     depth: int = 3
     out_dim: int = 2
     dropout: float = 0.0
+    norm: str = "none"
 
 
 @dataclass
@@ -166,6 +167,7 @@ class MLPDiscriminatorConfig:
     minibatch_std: int = 0
     minibatch_kernels: int = 0
     minibatch_kernel_dim: int = 16
+    pack: int = 1  # PacGAN: samples per D decision
 
 
 @dataclass

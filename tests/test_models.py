@@ -426,3 +426,20 @@ def test_model_configs_compose_and_instantiate(overrides, family):
         assert model.dim == 2 and model.resolution is None and x.shape == (4, 2)
     else:
         assert x.shape == (4, cfg.model.channels, 32, 32)
+
+
+def test_mlp_pack_judges_consecutive_samples_together():
+    from gantrain.models.mlp import Discriminator as MLPD
+
+    torch.manual_seed(0)
+    d = MLPD(in_dim=2, width=8, depth=2, pack=4)
+    x = torch.randn(12, 2)
+    out = d(x)
+    assert out.shape == (3,)
+    # The second decision depends on samples 4..7 only.
+    y = x.clone()
+    y[0] += 1.0
+    assert torch.equal(d(y)[1:], out[1:]) and d(y)[0] != out[0]
+    torch.testing.assert_close(d.features(x), d.body(x.reshape(3, 8)))
+    with pytest.raises(ConfigError, match=r"model.d.pack=4 needs a batch size divisible by it, got 10"):
+        d(torch.randn(10, 2))

@@ -22,10 +22,19 @@ from gantrain.models.layers import (
 class Generator(nn.Module):
     """``(B, nz)`` noise -> ``(B, out_dim)`` samples.
 
-    ``depth`` x (Linear, ReLU[, Dropout(dropout) if > 0]), then Linear; no output activation.
+    ``depth`` x (Linear, [norm], ReLU[, Dropout(dropout) if > 0]), then Linear; no output activation.
+    ``norm``: batch | layer | none on every hidden layer (PacGAN's toy generator uses BatchNorm).
     """
 
-    def __init__(self, nz: int = 2, width: int = 256, depth: int = 3, out_dim: int = 2, dropout: float = 0.0):
+    def __init__(
+        self,
+        nz: int = 2,
+        width: int = 256,
+        depth: int = 3,
+        out_dim: int = 2,
+        dropout: float = 0.0,
+        norm: str = "none",
+    ):
         super().__init__()
         check_int("model.g.nz", nz, 1)
         check_int("model.g.width", width, 1)
@@ -33,8 +42,14 @@ class Generator(nn.Module):
         check_int("model.g.out_dim", out_dim, 1)
         dropout = check_dropout(dropout, "model.g.dropout")
         layers: list[nn.Module] = []
+        if norm not in NORMS_1D:
+            raise ConfigError(f"model.g.norm={norm!r}; allowed: {', '.join(NORMS_1D)}")
         for i in range(depth):
-            layers += [nn.Linear(nz if i == 0 else width, width), nn.ReLU(True)]
+            layers += [
+                nn.Linear(nz if i == 0 else width, width, bias=norm == "none"),
+                norm_layer(norm, width, "model.g.norm", dims=1),
+                nn.ReLU(True),
+            ]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
         layers.append(nn.Linear(width, out_dim))
@@ -51,6 +66,9 @@ class Discriminator(nn.Module):
 
     ``features(x)`` is the body's last activation ``(B, width)``; ``forward(x) == head(features(x))``.
     ``norm``: batch | layer | none on every hidden layer (a bias before a norm is dropped).
+    ``pack``: PacGAN (Lin et al. 2018): D judges ``pack`` samples at once, concatenated, so the
+    outputs are ``(B / pack,)``; the batch size must be a multiple of ``pack``. Every loss and
+    penalty works unchanged on the packed outputs (they average over them).
     """
 
     def __init__(
@@ -63,27 +81,33 @@ class Discriminator(nn.Module):
         minibatch_std: int = 0,
         minibatch_kernels: int = 0,
         minibatch_kernel_dim: int = 16,
+        pack: int = 1,
     ):
         super().__init__()
         if norm not in NORMS_1D:
             raise ConfigError(f"model.d.norm={norm!r}; allowed: {', '.join(NORMS_1D)}")
         check_int("model.d.in_dim", in_dim, 1)
+        check_int("model.d.pack", pack, 1)
         check_int("model.d.width", width, 1)
         check_int("model.d.depth", depth, 1)
         layers: list[nn.Module] = []
         for i in range(depth):
             layers += [
-                nn.Linear(in_dim if i == 0 else width, width, bias=norm == "none"),
+                nn.Linear(in_dim * pack if i == 0 else width, width, bias=norm == "none"),
                 norm_layer(norm, width, "model.d.norm", dims=1),
                 nn.LeakyReLU(0.2, True),
             ]
         self.body = nn.Sequential(*layers)
         self.head = DiscriminatorHead((width,), minibatch_std, minibatch_kernels, minibatch_kernel_dim)
-        self.dim = in_dim
+        self.dim, self.pack = in_dim, pack
         if spectral_norm:
             apply_spectral_norm(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pack > 1:
+            if x.shape[0] % self.pack:
+                raise ConfigError(f"model.d.pack={self.pack} needs a batch size divisible by it, got {x.shape[0]}")
+            x = x.reshape(x.shape[0] // self.pack, self.pack * x.shape[1])  # (B/pack, pack*dim), consecutive
         return self.body(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
