@@ -149,10 +149,14 @@ def write_samples(images: torch.Tensor, out: str | Path, progress: bool = True) 
     never leaves a half-written file where an older one was. Numbered PNGs beyond ``N`` left in the
     folder by an earlier, larger run are kept, with a warning.
     """
-    assert images.ndim == 4, f"expected images (N, C, H, W), got shape {tuple(images.shape)}"
     out = Path(out)
     kind = output_kind(out)
     images = images.detach().float().cpu()
+    if kind != "pt" and images.ndim != 4:
+        raise GantrainError(
+            f"'{out}': these samples have shape {tuple(images.shape)}, not images (N, C, H, W); write a .pt file "
+            "(2-D toy models: the training run's samples/ holds scatter plots)"
+        )
     if kind != "pt" and images.shape[1] not in (1, 3):
         raise GantrainError(
             f"'{out}': PNG output needs 1 or 3 channels, these samples have {images.shape[1]}; write a .pt file"

@@ -211,3 +211,14 @@ def test_cli_truncated_checkpoint_is_one_line(capsys, ckpt_path, tmp_path):
     assert err[-1].startswith(f"sample.py: error: --checkpoint: '{bad}' is not a readable checkpoint (")
     assert [line for line in err if not line.startswith(("usage:", " "))] == [err[-1]]  # usage, then one line
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_toy_checkpoint_samples_points(tmp_path):
+    train(make_cfg("+experiment=toy_gan", "trainer.max_steps=1"), tmp_path / "run")
+    model = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    points = generate(model, 10, seed=0)
+    assert points.shape == (10, 2) and torch.isfinite(points).all()
+    write_samples(points, tmp_path / "points.pt", progress=False)
+    assert torch.equal(torch.load(tmp_path / "points.pt"), points)
+    with pytest.raises(GantrainError, match=r"shape \(10, 2\), not images .*write a .pt file"):
+        write_samples(points, tmp_path / "points.png", progress=False)
