@@ -15,11 +15,13 @@ CPU minutes are this process's CPU time (all threads) per run.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -36,7 +38,9 @@ PUBLISHED = {
 }
 
 
-def run_one(recipe: str, data: str, seed: int, out: Path, overrides: list[str]) -> dict[str, float]:
+def run_one(recipe: str, data: str, seed: int, out: Path, overrides: list[str], threads: int = 0) -> dict[str, float]:
+    if threads:
+        torch.set_num_threads(threads)
     cfg = compose_config(
         f"+experiment={recipe}", f"data={data}", f"seed={seed}", "trainer.progress_bar=false", *overrides
     )
@@ -51,10 +55,12 @@ def run_one(recipe: str, data: str, seed: int, out: Path, overrides: list[str]) 
     }
 
 
-def table(results: dict[tuple[str, str], list[dict[str, float]]], seeds: list[int], overrides: list[str]) -> str:
+def table(
+    results: dict[tuple[str, str], list[dict[str, float]]], seeds: list[int], overrides: list[str], jobs: int
+) -> str:
     lines = [
         f"Measured {datetime.now():%Y-%m-%d} on {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, CPU, torch {torch.__version__}; "
+        f"{os.cpu_count()} cores, {jobs} run(s) at a time, CPU, torch {torch.__version__}; "
         f"seeds {', '.join(map(str, seeds))}" + (f"; overrides `{' '.join(overrides)}`" if overrides else "") + ".",
         "",
         "| recipe | data | modes (mean) | % HQ (mean) | per seed (modes / % HQ) | CPU min per run | wall min per run |",
@@ -80,22 +86,25 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("outputs/toy_benchmark") / f"{datetime.now():%Y-%m-%d_%H-%M-%S}")
     ap.add_argument("--write", type=Path, help="replace the toy_benchmark section of this markdown file")
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel, each with cores/jobs torch threads")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (after --)")
     args = ap.parse_args()
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    runs = [(r, d, s) for r in args.recipes for d in args.data for s in args.seeds]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
     results: dict[tuple[str, str], list[dict[str, float]]] = {}
-    for recipe in args.recipes:
-        for data in args.data:
-            for seed in args.seeds:
-                r = run_one(recipe, data, seed, args.out, args.overrides)
-                results.setdefault((recipe, data), []).append(r)
-                print(
-                    f"{recipe} {data} seed {seed}: {r['modes']:.0f} modes, {r['hq']:.1f}% HQ, "
-                    f"{r['cpu_min']:.1f} CPU min, {r['wall_min']:.1f} min",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    report = table(results, args.seeds, args.overrides)
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_one, r, d, s, args.out, args.overrides, threads) for r, d, s in runs]
+        for (recipe, data, seed), future in zip(runs, futures):
+            r = future.result()
+            results.setdefault((recipe, data), []).append(r)
+            print(
+                f"{recipe} {data} seed {seed}: {r['modes']:.0f} modes, {r['hq']:.1f}% HQ, "
+                f"{r['cpu_min']:.1f} CPU min, {r['wall_min']:.1f} min",
+                file=sys.stderr,
+                flush=True,
+            )
+    report = table(results, args.seeds, args.overrides, args.jobs)
     print(report)
     if args.write:
         replace_marked_section(args.write, "toy_benchmark.py", report)
