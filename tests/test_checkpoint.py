@@ -32,10 +32,20 @@ def _assert_same_tensors(a, b, where=""):
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-@pytest.mark.parametrize("experiment", ["dcgan", "wgan_gp"])
-def test_resume_is_bit_identical(tmp_path, experiment):
+@pytest.mark.parametrize(
+    "experiment, extra",
+    [
+        ("dcgan", []),
+        ("wgan_gp", []),
+        ("wgan", []),  # weight clipping after each D step
+        ("hinge_sngan", ["loss.r1.gamma=1", "loss.r1.every=3"]),  # spectral-norm u/v buffers, lazy R1
+        ("toy_wgan_gp", ["loss.fm.weight=1"]),  # the mixture stream's own RNG; feature matching
+        ("toy_gan", ["data=grid25", "model.d.minibatch_kernels=4", "model.g.dropout=0.2"]),
+    ],
+)
+def test_resume_is_bit_identical(tmp_path, experiment, extra):
     n = 4
-    common = [f"+experiment={experiment}", "trainer.checkpoint_every_n_steps=100"]
+    common = [f"+experiment={experiment}", "trainer.checkpoint_every_n_steps=100", *extra]
     train(make_cfg(*common, f"trainer.max_steps={n}"), tmp_path / "straight")
     half = tmp_path / "halves"
     train(make_cfg(*common, f"trainer.max_steps={n // 2}"), half)

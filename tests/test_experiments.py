@@ -107,16 +107,43 @@ def test_bf16_mixed_trains_on_cpu(tmp_path, experiment):
     assert all(math.isfinite(v) for v in metrics.values())
 
 
-def test_folder_data_through_the_entry_point(tmp_path, mnist_dir):
+IMAGE_EXPERIMENTS = [e for e in EXPERIMENTS if not e.startswith("toy_")]
+TOY_EXPERIMENTS = [e for e in EXPERIMENTS if e.startswith("toy_")]
+
+
+@pytest.fixture(scope="module")
+def mnist_folder(tmp_path_factory):
     # The README's `data=folder data.path=../shared/data/mnist-t10k/png data.channels=1`, on 40 of its PNGs.
-    folder = tmp_path / "png"
-    for src in sorted((mnist_dir / "png").rglob("*.png"))[:40]:
+    from tests.conftest import shared_mnist
+
+    folder = tmp_path_factory.mktemp("png")
+    for src in sorted((shared_mnist() / "png").rglob("*.png"))[:40]:
         dst = folder / src.parent.name / src.name
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.write_bytes(src.read_bytes())
-    cfg = make_cfg("+experiment=dcgan", "data=folder", f"data.path={folder}", "data.channels=1", "data.num_workers=0")
+    return folder
+
+
+@pytest.mark.parametrize("experiment", IMAGE_EXPERIMENTS)
+def test_image_experiment_on_mnist_folder(tmp_path, mnist_folder, experiment):
+    cfg = make_cfg(
+        f"+experiment={experiment}", "data=folder", f"data.path={mnist_folder}", "data.channels=1", "trainer.max_steps=3"
+    )
     metrics = train(cfg, tmp_path / "run")
-    assert metrics["step"] == 2 and math.isfinite(metrics["loss/D"])
+    assert metrics["step"] == 3 and all(math.isfinite(v) for v in metrics.values())
+
+
+@pytest.mark.parametrize("data, modes", [("ring8", 8), ("grid25", 25)])
+@pytest.mark.parametrize("experiment", TOY_EXPERIMENTS)
+def test_toy_experiment_logs_mode_metrics(tmp_path, experiment, data, modes):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics = train(make_cfg(f"+experiment={experiment}", f"data={data}", "trainer.max_steps=3"), tmp_path)
+    assert 0 <= metrics["toy/modes"] <= modes and 0 <= metrics["toy/hq"] <= 100
+    assert all(math.isfinite(v) for v in metrics.values())
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0}).Reload()
+    assert {"toy/modes", "toy/hq"} <= set(acc.Tags()["scalars"])
+    assert acc.Images("samples")[-1].width == 512  # the scatter plot, not an image grid
 
 
 def test_dcgan_at_64_px(tmp_path):
