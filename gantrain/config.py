@@ -65,6 +65,7 @@ class RingConfig:
     radius: float = 1.0
     std: float = 0.01
     num_eval_samples: int = 2500
+    normalize: bool = True  # the model sees points / max |centre coordinate|
 
 
 @dataclass
@@ -75,6 +76,7 @@ class GridConfig:
     spacing: float = 2.0
     std: float = 0.05
     num_eval_samples: int = 2500
+    normalize: bool = True  # the model sees points / max |centre coordinate|
 
 
 # ----------------------------------------------------------------------------- model

@@ -143,17 +143,30 @@ class Mixture(abc.ABC):
         batch_size: points per batch, >= 1.
         std: standard deviation of every mode along each axis, > 0.
         num_eval_samples: generated points `evaluate` should be given, >= 1 (the caller draws them).
+        normalize: the model sees points divided by `scale` (the largest |coordinate| of a centre),
+            so both mixtures span [-1, 1] like image data and one recipe's learning rates and
+            penalty weights carry over; `evaluate` and `render` take the model's points and map them
+            back, so the metric and the plot are always in the mixture's own units.
 
     Subclasses define the centres (`_make_centers`) and the plot margin (`_plot_margin`).
     """
 
-    def __init__(self, *, batch_size: int, std: float, num_eval_samples: int = 2500):
+    def __init__(self, *, batch_size: int, std: float, num_eval_samples: int = 2500, normalize: bool = True):
         _check_int("data.batch_size", batch_size, minimum=1)
         std = _check_positive("data.std", std)
         _check_int("data.num_eval_samples", num_eval_samples, minimum=1)
         self.batch_size = batch_size
         self.std = std
         self.num_eval_samples = num_eval_samples
+        self.normalize = bool(normalize)
+
+    @property
+    def scale(self) -> float:
+        """Model units -> mixture units: the largest |coordinate| of a centre when normalising, else 1."""
+        if not self.normalize:
+            return 1.0
+        extent = float(self.centers.abs().max())
+        return extent if extent > 0 else 1.0
 
     @abc.abstractmethod
     def _make_centers(self) -> torch.Tensor:
@@ -170,14 +183,15 @@ class Mixture(abc.ABC):
 
     def stream(self, seed: int, device: torch.device | str = "cpu") -> MixtureStream:
         """An endless, resumable iterator of fresh (batch_size, 2) float32 batches on `device`."""
-        return MixtureStream(self.centers, self.std, self.batch_size, seed=seed, device=device)
+        scale = self.scale
+        return MixtureStream(self.centers / scale, self.std / scale, self.batch_size, seed=seed, device=device)
 
     def evaluate(self, samples: torch.Tensor) -> dict[str, float]:
         """Mode-collapse metrics of generated `samples` (N, 2), see `mode_metrics`.
 
         Returns `{"toy/modes": modes covered (0..K), "toy/hq": percent of high-quality samples (0..100)}`.
         """
-        modes, hq = mode_metrics(samples, self.centers, self.std)
+        modes, hq = mode_metrics(samples * self.scale, self.centers, self.std)
         return {"toy/modes": float(modes), "toy/hq": hq}
 
     def plot_box(self) -> tuple[float, float, float, float]:
@@ -191,7 +205,7 @@ class Mixture(abc.ABC):
         return x - half, x + half, y - half, y + half
 
     def render(self, samples: torch.Tensor, size: int = 512) -> torch.Tensor:
-        """Scatter plot of `samples` (N, 2) over the mode centres as a (3, size, size) float image in [0, 1].
+        """Scatter plot of model `samples` (N, 2) over the mode centres as a (3, size, size) float image in [0, 1].
 
         White background; light grey axes through 0; each centre is a pale red disc with a red edge of
         radius 3 * std (the high-quality zone, at least 2 px); samples are 2x2 px blue dots drawn over the
@@ -203,6 +217,7 @@ class Mixture(abc.ABC):
 
         assert samples.dim() == 2 and samples.shape[1] == 2, f"expected (N, 2) samples, got {tuple(samples.shape)}"
         assert isinstance(size, int) and size >= 16, f"render size must be an int >= 16, got {size!r}"
+        samples = samples * self.scale  # model units -> mixture units
         x0, x1, y0, y1 = self.plot_box()
         scale = (size - 1) / (x1 - x0)  # px per data unit, same on both axes
 
@@ -258,8 +273,9 @@ class Ring(Mixture):
         radius: float = 1.0,
         std: float = 0.01,
         num_eval_samples: int = 2500,
+        normalize: bool = True,
     ):
-        super().__init__(batch_size=batch_size, std=std, num_eval_samples=num_eval_samples)
+        super().__init__(batch_size=batch_size, std=std, num_eval_samples=num_eval_samples, normalize=normalize)
         _check_int("data.num_modes", num_modes, minimum=1)
         self.num_modes = num_modes
         self.radius = _check_positive("data.radius", radius)
@@ -290,8 +306,9 @@ class Grid(Mixture):
         spacing: float = 2.0,
         std: float = 0.05,
         num_eval_samples: int = 2500,
+        normalize: bool = True,
     ):
-        super().__init__(batch_size=batch_size, std=std, num_eval_samples=num_eval_samples)
+        super().__init__(batch_size=batch_size, std=std, num_eval_samples=num_eval_samples, normalize=normalize)
         _check_int("data.size", size, minimum=1)
         self.size = size
         self.spacing = _check_positive("data.spacing", spacing)

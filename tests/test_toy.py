@@ -105,8 +105,9 @@ def test_batches_follow_the_mixture(mixture):
     stream = mixture.stream(seed=0, device="cpu")
     batches = [next(stream) for _ in range(4)]
     assert all(b.shape == (5000, 2) and b.dtype == torch.float32 and b.device.type == "cpu" for b in batches)
-    x = torch.cat(batches)  # 20k samples
-    dist, idx = _nearest(x, mixture.centers)
+    x = torch.cat(batches)  # 20k samples, in model units (divided by mixture.scale)
+    assert x.abs().max() < 1.1
+    dist, idx = _nearest(x * mixture.scale, mixture.centers)
     # |noise| / std of a 2-D isotropic Gaussian is chi-distributed with 2 dof (Rayleigh): mean sqrt(pi/2),
     # variance (4 - pi) / 2, P(<= 3) = 1 - exp(-4.5). The modes are far apart, so the nearest centre is
     # the one sampled.
@@ -199,7 +200,7 @@ STD = 0.01
 def test_samples_at_every_centre():
     assert mode_metrics(RING, RING, STD) == (8, 100.0)
     grid = Grid()
-    assert grid.evaluate(grid.centers.repeat(3, 1)) == {"toy/modes": 25.0, "toy/hq": 100.0}
+    assert grid.evaluate(grid.centers.repeat(3, 1) / grid.scale) == {"toy/modes": 25.0, "toy/hq": 100.0}
 
 
 def test_samples_at_one_centre():
@@ -281,7 +282,7 @@ def test_render_scatter_plot(mixture):
     for c in centers:
         row, col = _pixel(mixture, c)
         assert _is_red(img[:, row, col]), (c, img[:, row, col])
-    for s in samples.tolist():
+    for s in (samples * mixture.scale).tolist():  # render takes model units
         row, col = _pixel(mixture, s)
         assert _is_blue(img[:, row, col]), (s, img[:, row, col])
     # Light grey axes through 0, away from modes and samples.
@@ -350,3 +351,15 @@ def test_config_overrides_and_typos():
         compose_config("data=ring8", "data.channels=3")  # points, not images
     with pytest.raises(Exception, match=r"data\.std must be a finite number > 0"):
         instantiate(compose_config("data=grid25", "data.std=0").data)
+
+
+def test_normalize_maps_points_to_unit_extent_and_back():
+    grid, raw = Grid(), Grid(normalize=False)
+    assert grid.scale == 4.0 and raw.scale == 1.0 and Ring(radius=2.0).scale == 2.0
+    model_points = grid.centers / 4.0  # what a perfect generator outputs in model units
+    assert grid.evaluate(model_points) == {"toy/modes": 25.0, "toy/hq": 100.0}
+    assert raw.evaluate(grid.centers) == {"toy/modes": 25.0, "toy/hq": 100.0}
+    assert raw.evaluate(model_points)["toy/modes"] == 1.0  # unnormalised: only the centre mode is hit
+    torch.testing.assert_close(grid.render(model_points), raw.render(grid.centers))
+    b = next(raw.stream(seed=0))
+    torch.testing.assert_close(next(grid.stream(seed=0)) * 4.0, b)
