@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: install train test test-slow bench tensorboard clean
+.PHONY: install train test test-slow bench toy-bench grids tensorboard clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,12 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) scripts/bench.py --write docs/benchmarks.md
+
+toy-bench: $(STAMP)
+	$(PY) scripts/toy_benchmark.py --jobs 2 --write docs/benchmarks.md
+
+grids: $(STAMP)
+	$(PY) scripts/recipe_grids.py --write docs/benchmarks.md
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir outputs

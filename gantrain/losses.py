@@ -131,6 +131,7 @@ class Penalty:
     """
 
     every: int = 1
+    per_sample_gradient: bool = False  # True: needs D(x_i) to depend on x_i only (no BatchNorm in D)
 
     @property
     def active(self) -> bool:
@@ -159,6 +160,8 @@ class GradientPenalty(Penalty):
     taken with ``create_graph=True`` so the penalty itself is differentiable w.r.t. D's weights.
     """
 
+    per_sample_gradient = True
+
     def __init__(self, weight: float = 10.0, center: float = 1.0, every: int = 1):
         _check_every("gp", every)
         if weight < 0:
@@ -182,6 +185,8 @@ class GradientPenalty(Penalty):
 
 class R1Penalty(Penalty):
     """R1 (Mescheder et al. 2018): ``gamma / 2 * E[||grad_x D(x)||^2]`` on real data only."""
+
+    per_sample_gradient = True
 
     def __init__(self, gamma: float = 10.0, every: int = 1):
         _check_every("r1", every)

@@ -54,6 +54,13 @@ class GANObjective(nn.Module):
         missing = {"g", "d"} - set(optimizers)
         if missing:
             raise ConfigError(f"optim: a GAN needs optimizers 'g' and 'd'; missing {sorted(missing)}")
+        mixing = [type(m).__name__ for m in model.d.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for name, penalty in self.penalties.items():
+            if penalty.per_sample_gradient and mixing:
+                raise ConfigError(
+                    f"loss.{name}: a gradient penalty needs per-sample critic gradients, but D has {mixing[0]}, "
+                    "which mixes the samples of a batch; set model.d.norm=layer, instance or none"
+                )
         if self.g_terms and not (hasattr(model.d, "features") and hasattr(model.d, "head")):
             raise ConfigError(
                 f"loss.{next(iter(self.g_terms))}: generator terms need a discriminator with features(x) and "

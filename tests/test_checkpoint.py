@@ -96,9 +96,9 @@ def test_checkpoint_from_another_model_fails_clearly(tmp_path):
         train(make_cfg("model.g.ngf=16", "trainer.max_steps=3", "trainer.resume=auto"), tmp_path)
     with pytest.raises(
         CheckpointError,
-        match=r"loss.adversarial._target_: 'gantrain.losses.BCELoss' -> 'gantrain.losses.WassersteinLoss'",
+        match=r"loss.adversarial._target_: 'gantrain.losses.BCELoss' -> 'gantrain.losses.HingeLoss'",
     ):
-        train(make_cfg("loss=wgan_gp", "trainer.max_steps=3", "trainer.resume=auto"), tmp_path)
+        train(make_cfg("loss=hinge", "trainer.max_steps=3", "trainer.resume=auto"), tmp_path)
     assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == before  # nothing overwritten
 
 

@@ -127,7 +127,11 @@ def mnist_folder(tmp_path_factory):
 @pytest.mark.parametrize("experiment", IMAGE_EXPERIMENTS)
 def test_image_experiment_on_mnist_folder(tmp_path, mnist_folder, experiment):
     cfg = make_cfg(
-        f"+experiment={experiment}", "data=folder", f"data.path={mnist_folder}", "data.channels=1", "trainer.max_steps=3"
+        f"+experiment={experiment}",
+        "data=folder",
+        f"data.path={mnist_folder}",
+        "data.channels=1",
+        "trainer.max_steps=3",
     )
     metrics = train(cfg, tmp_path / "run")
     assert metrics["step"] == 3 and all(math.isfinite(v) for v in metrics.values())

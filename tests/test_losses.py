@@ -325,3 +325,13 @@ def test_feature_matching_gradient_is_the_fm_term_alone():
     ((f_real - model.d.features(fake).flatten(1).mean(0)) ** 2).sum().backward()
     for adv, both, p in zip(*grads, model.g.parameters()):
         torch.testing.assert_close(both - adv, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_penalties_refuse_a_batchnorm_critic(tmp_path):
+    from gantrain.train import build
+    from tests.conftest import make_cfg
+
+    for term in ("loss.gp.weight=10", "loss.r1.gamma=1"):
+        with pytest.raises(ConfigError, match=r"per-sample critic gradients, but D has BatchNorm2d.*model.d.norm"):
+            build(make_cfg("+experiment=dcgan", term), tmp_path)
+    build(make_cfg("+experiment=dcgan", "loss.gp.weight=10", "model.d.norm=layer"), tmp_path)  # fine
