@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("outputs/recipe_grids") / f"{datetime.now():%Y-%m-%d_%H-%M-%S}")
     ap.add_argument("--img-dir", type=Path, default=REPO / "docs" / "img")
     ap.add_argument("--write", type=Path, help="replace the recipe_grids.py section of this markdown file")
+    ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (after --)")
     args = ap.parse_args()
     if not args.data_path.is_dir():
         sys.exit(f"--data-path {args.data_path}: not a folder of images (the MNIST PNGs: mnist-t10k/png)")
@@ -53,6 +54,7 @@ def main() -> None:
             f"trainer.max_steps={steps}",
             f"trainer.sample_every_n_steps={steps}",
             "trainer.progress_bar=false",
+            *args.overrides,
         )
         run_dir = args.out / recipe
         t0 = time.perf_counter()
@@ -72,7 +74,7 @@ def main() -> None:
         [
             f"Measured {datetime.now():%Y-%m-%d} on {platform.machine()}, {torch.get_num_threads()} torch threads, "
             f"CPU, torch {torch.__version__}; `data=folder` on the 10,000 MNIST test PNGs, `data.channels=1`, "
-            "each recipe otherwise unchanged.",
+            "each recipe otherwise unchanged" + (f" except `{' '.join(args.overrides)}`." if args.overrides else "."),
             "",
             "| recipe | steps | wall min | images/s | final loss/D | final loss/G | all stats finite |",
             "|---|---|---|---|---|---|---|",

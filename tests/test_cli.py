@@ -116,3 +116,41 @@ def test_bench_script_runs_and_writes_its_section(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     text = doc.read_text()
     assert "Framework overhead" in text and "old" not in text and text.endswith("tail\n")
+
+
+def test_toy_benchmark_script_writes_its_table(tmp_path):
+    doc = tmp_path / "bench.md"
+    doc.write_text("# x\n")
+    args = ["--recipes", "toy_gan", "--data", "grid25", "--seeds", "0", "1", "--out", str(tmp_path / "runs")]
+    args += ["--write", str(doc), "--", "trainer.max_steps=2", "model.g.width=8", "model.d.width=8"]
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "toy_benchmark.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = doc.read_text()
+    assert "| `toy_gan` | `grid25` |" in text and "PacGAN4 24.8 / 93.6" in text
+    assert (tmp_path / "runs" / "toy_gan_grid25_s1" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_recipe_grids_script_copies_the_last_grid(tmp_path, mnist_dir):
+    doc, img = tmp_path / "bench.md", tmp_path / "img"
+    folder = tmp_path / "png"
+    for src in sorted((mnist_dir / "png").rglob("*.png"))[:20]:
+        (folder / src.parent.name).mkdir(parents=True, exist_ok=True)
+        (folder / src.parent.name / src.name).write_bytes(src.read_bytes())
+    args = ["--recipes", "lsgan", "--steps", "2", "--data-path", str(folder), "--img-dir", str(img)]
+    args += ["--out", str(tmp_path / "runs"), "--write", str(doc), "--", *TINY_WIDTH["ngf"], TINY[0]]
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "recipe_grids.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (img / "lsgan_mnist_step2.png").is_file()
+    assert "| `lsgan` | 2 |" in doc.read_text() and "img/lsgan_mnist_step2.png" in doc.read_text()
