@@ -102,18 +102,19 @@ def test_tensorboard_gets_scalars_samples_config_and_hparams(tmp_path):
     assert "_hparams_/session_start_info" in acc.summary_metadata
 
 
+def run_script(name: str, args: list[str], cwd) -> None:
+    """Run ``scripts/<name>`` in a subprocess (as a user would) and require success."""
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 def test_bench_script_runs_and_writes_its_section(tmp_path):
     doc = tmp_path / "bench.md"
     doc.write_text("# x\n<!-- bench.py:begin -->\nold\n<!-- bench.py:end -->\ntail\n")
     args = ["--steps", "2", "--repeats", "1", "--warmup", "1", "--write", str(doc), *TINY_WIDTH["ngf"], TINY[0]]
-    r = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_script("bench.py", args, tmp_path)
     text = doc.read_text()
     assert "Framework overhead" in text and "old" not in text and text.endswith("tail\n")
 
@@ -123,14 +124,7 @@ def test_toy_benchmark_script_writes_its_table(tmp_path):
     doc.write_text("# x\n")
     args = ["--recipes", "toy_gan", "--data", "grid25", "--seeds", "0", "1", "--out", str(tmp_path / "runs")]
     args += ["--write", str(doc), "--", "trainer.max_steps=2", "model.g.width=8", "model.d.width=8"]
-    r = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "toy_benchmark.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_script("toy_benchmark.py", args, tmp_path)
     text = doc.read_text()
     assert "| `toy_gan` | `grid25` |" in text and "PacGAN4 24.8 / 93.6" in text
     assert (tmp_path / "runs" / "toy_gan_grid25_s1" / "checkpoints" / "last.ckpt").is_file()
@@ -144,13 +138,6 @@ def test_recipe_grids_script_copies_the_last_grid(tmp_path, mnist_dir):
         (folder / src.parent.name / src.name).write_bytes(src.read_bytes())
     args = ["--recipes", "lsgan", "--steps", "2", "--data-path", str(folder), "--img-dir", str(img)]
     args += ["--out", str(tmp_path / "runs"), "--write", str(doc), "--", *TINY_WIDTH["ngf"], TINY[0]]
-    r = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "recipe_grids.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_script("recipe_grids.py", args, tmp_path)
     assert (img / "lsgan_mnist_step2.png").is_file()
     assert "| `lsgan` | 2 |" in doc.read_text() and "img/lsgan_mnist_step2.png" in doc.read_text()
