@@ -87,19 +87,24 @@ def test_gradient_penalty_uses_one_alpha_per_sample():
     assert len(set(per_sample[:, 0].tolist())) == 3
 
 
-def test_gradient_penalty_passes_gradcheck_float64():
+def _functional_critic():
+    """A small float64 conv critic as a function of its parameters: ``(critic(params), params)`` for gradcheck."""
     torch.manual_seed(0)
     d = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 1)).double()
     names = [n for n, _ in d.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_(True) for p in d.parameters())
+    return (lambda ps: lambda x: functional_call(d, dict(zip(names, ps)), (x,))), params
+
+
+def test_gradient_penalty_passes_gradcheck_float64():
+    critic, params = _functional_critic()
     real = torch.randn(3, 1, 4, 4, dtype=torch.float64, requires_grad=True)
     fake = torch.randn(3, 1, 4, 4, dtype=torch.float64, requires_grad=True)
     alpha = torch.rand(3, 1, 1, 1, dtype=torch.float64)
     gp = GradientPenalty(weight=10.0)
 
     def f(real, fake, *ps):
-        critic = lambda x: functional_call(d, dict(zip(names, ps)), (x,))  # noqa: E731
-        return gp(critic, real, fake, alpha=alpha)
+        return gp(critic(ps), real, fake, alpha=alpha)
 
     assert torch.autograd.gradcheck(f, (real, fake, *params), eps=1e-6, atol=1e-5)
 
@@ -215,15 +220,12 @@ def test_r1_of_quadratic_critic_is_closed_form():
 
 
 def test_r1_passes_gradcheck_float64():
-    torch.manual_seed(0)
-    d = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 1)).double()
-    names = [n for n, _ in d.named_parameters()]
-    params = tuple(p.detach().clone().requires_grad_(True) for p in d.parameters())
+    critic, params = _functional_critic()
     real = torch.randn(3, 1, 4, 4, dtype=torch.float64, requires_grad=True)
     r1 = R1Penalty(gamma=10.0)
 
     def f(real, *ps):
-        return r1(lambda x: functional_call(d, dict(zip(names, ps)), (x,)), real, real)
+        return r1(critic(ps), real, real)
 
     assert torch.autograd.gradcheck(f, (real, *params), eps=1e-6, atol=1e-5)
 
