@@ -277,26 +277,61 @@ class LeastSquaresObjectiveConfig(GANObjectiveConfig):
 
 
 # ----------------------------------------------------------------------------- optim
+# optim.<net> (g, d): a torch.optim `_partial_` target plus our per-network keys below, which the
+# entry point pops off before instantiating the optimizer (gantrain.optim has the classes they feed).
+OPTIM_EXTRA_KEYS = ("schedule", "lookahead", "gradient_clip_val", "gradient_clip_algorithm", "implementation")
+
+
 @dataclass
-class AdamConfig:
-    _target_: str = "torch.optim.Adam"
+class ScheduleConfig:
+    _target_: str = "gantrain.optim.Schedule"
+    kind: str = "constant"  # constant | step | cosine | exponential | linear
+    warmup_steps: int = 0  # linear warm-up: optimizer step i < W runs at lr * (i + 1) / W
+    step_size: int = 1000  # step: multiply the lr by gamma every step_size optimizer steps
+    gamma: float = 0.5  # step, exponential
+    min_lr: float = 0.0  # cosine: the lr at the end of the run
+
+
+@dataclass
+class LookaheadConfig:
+    k: int = 0  # slow-weight update every k optimizer steps (Zhang et al. 2019 use 5); 0: off
+    alpha: float = 0.5  # slow weights move alpha of the way to the fast ones
+
+
+@dataclass
+class NetworkOptimConfig:
+    _target_: str = MISSING  # a torch.optim class
     _partial_: bool = True  # the entry point passes the network's parameters
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    lookahead: LookaheadConfig = field(default_factory=LookaheadConfig)
+    gradient_clip_val: Optional[float] = None  # null: trainer.gradient_clip_val; 0: no clipping for this network
+    gradient_clip_algorithm: Optional[str] = None  # null: trainer.gradient_clip_algorithm; norm | value
+    implementation: str = "auto"  # auto (fused/foreach on CUDA where torch has them) | default | foreach | fused
+
+
+@dataclass
+class AdamConfig(NetworkOptimConfig):
+    _target_: str = "torch.optim.Adam"
     lr: float = 2e-4
     betas: List[float] = field(default_factory=lambda: [0.5, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0
+    amsgrad: bool = False
 
 
 @dataclass
-class AdamPairConfig:
-    g: AdamConfig = field(default_factory=AdamConfig)
-    d: AdamConfig = field(default_factory=AdamConfig)
+class AdamWConfig(NetworkOptimConfig):
+    _target_: str = "torch.optim.AdamW"
+    lr: float = 2e-4
+    betas: List[float] = field(default_factory=lambda: [0.5, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.01  # decoupled
+    amsgrad: bool = False
 
 
 @dataclass
-class RMSpropConfig:
+class RMSpropConfig(NetworkOptimConfig):
     _target_: str = "torch.optim.RMSprop"
-    _partial_: bool = True
     lr: float = 5e-5
     alpha: float = 0.99
     eps: float = 1e-8
@@ -306,9 +341,106 @@ class RMSpropConfig:
 
 
 @dataclass
+class SGDConfig(NetworkOptimConfig):
+    _target_: str = "torch.optim.SGD"
+    lr: float = 0.01
+    momentum: float = 0.9
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+
+
+@dataclass
+class AdagradConfig(NetworkOptimConfig):
+    _target_: str = "torch.optim.Adagrad"
+    lr: float = 0.01
+    lr_decay: float = 0.0
+    weight_decay: float = 0.0
+    initial_accumulator_value: float = 0.0
+    eps: float = 1e-10
+
+
+@dataclass
+class AdadeltaConfig(NetworkOptimConfig):
+    _target_: str = "torch.optim.Adadelta"
+    lr: float = 1.0
+    rho: float = 0.9
+    eps: float = 1e-6
+    weight_decay: float = 0.0
+
+
+@dataclass
+class AdamaxConfig(NetworkOptimConfig):
+    _target_: str = "torch.optim.Adamax"
+    lr: float = 2e-4
+    betas: List[float] = field(default_factory=lambda: [0.5, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class NAdamConfig(NetworkOptimConfig):
+    _target_: str = "torch.optim.NAdam"
+    lr: float = 2e-4
+    betas: List[float] = field(default_factory=lambda: [0.5, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum_decay: float = 0.004
+
+
+# One pair class per optim option: optim.g and optim.d are independent nodes.
+@dataclass
+class AdamPairConfig:
+    g: AdamConfig = field(default_factory=AdamConfig)
+    d: AdamConfig = field(default_factory=AdamConfig)
+
+
+@dataclass
+class AdamWPairConfig:
+    g: AdamWConfig = field(default_factory=AdamWConfig)
+    d: AdamWConfig = field(default_factory=AdamWConfig)
+
+
+@dataclass
 class RMSpropPairConfig:
     g: RMSpropConfig = field(default_factory=RMSpropConfig)
     d: RMSpropConfig = field(default_factory=RMSpropConfig)
+
+
+@dataclass
+class SGDPairConfig:
+    g: SGDConfig = field(default_factory=SGDConfig)
+    d: SGDConfig = field(default_factory=SGDConfig)
+
+
+@dataclass
+class AdagradPairConfig:
+    g: AdagradConfig = field(default_factory=AdagradConfig)
+    d: AdagradConfig = field(default_factory=AdagradConfig)
+
+
+@dataclass
+class AdadeltaPairConfig:
+    g: AdadeltaConfig = field(default_factory=AdadeltaConfig)
+    d: AdadeltaConfig = field(default_factory=AdadeltaConfig)
+
+
+@dataclass
+class AdamaxPairConfig:
+    g: AdamaxConfig = field(default_factory=AdamaxConfig)
+    d: AdamaxConfig = field(default_factory=AdamaxConfig)
+
+
+@dataclass
+class NAdamPairConfig:
+    g: NAdamConfig = field(default_factory=NAdamConfig)
+    d: NAdamConfig = field(default_factory=NAdamConfig)
+
+
+@dataclass
+class TTURPairConfig:  # Adam with D's lr 4x G's, beta = (0, 0.9)
+    g: AdamConfig = field(default_factory=lambda: AdamConfig(lr=1e-4, betas=[0.0, 0.9]))
+    d: AdamConfig = field(default_factory=lambda: AdamConfig(lr=4e-4, betas=[0.0, 0.9]))
 
 
 # ----------------------------------------------------------------------------- root
@@ -340,7 +472,17 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "hinge": HingeObjectiveConfig,
         "lsgan": LeastSquaresObjectiveConfig,
     },
-    "optim": {"adam": AdamPairConfig, "rmsprop": RMSpropPairConfig},
+    "optim": {
+        "adam": AdamPairConfig,
+        "adamw": AdamWPairConfig,
+        "rmsprop": RMSpropPairConfig,
+        "sgd": SGDPairConfig,
+        "adagrad": AdagradPairConfig,
+        "adadelta": AdadeltaPairConfig,
+        "adamax": AdamaxPairConfig,
+        "nadam": NAdamPairConfig,
+        "ttur": TTURPairConfig,
+    },
 }
 
 
