@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gantrain import amp
 from gantrain.errors import ConfigError
 
 
@@ -146,11 +147,13 @@ class Penalty:
 
 
 def _input_gradient(d: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``∇_x sum_i D(x_i)`` per sample, differentiable w.r.t. D's weights (``create_graph``)."""
+    """``∇_x sum_i D(x_i)`` per sample, differentiable w.r.t. D's weights (``create_graph``).
+
+    Under ``precision=16-mixed`` the gradient follows PyTorch's AMP recipe (:func:`gantrain.amp.input_gradient`).
+    """
     if not x.requires_grad:  # a leaf of its own; an input that already requires grad keeps its graph
         x = x.detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(d(x).sum(), x, create_graph=True)
-    return grad
+    return amp.input_gradient(d(x), x)
 
 
 class GradientPenalty(Penalty):

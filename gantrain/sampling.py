@@ -55,12 +55,16 @@ def output_kind(out: str | Path) -> OutputKind:
     return kind
 
 
-def load_model(checkpoint_path: str | Path, device: torch.device | str = "cpu", what: str = "checkpoint") -> nn.Module:
+def load_model(
+    checkpoint_path: str | Path, device: torch.device | str = "cpu", what: str = "checkpoint", ema: bool = True
+) -> nn.Module:
     """The model saved in a gantrain training checkpoint, on ``device`` and in eval mode.
 
     The model is rebuilt from the checkpoint's own resolved ``config["model"]``, so no config
-    files are needed. Raises :class:`CheckpointError` (naming ``what`` and the path) when the file
-    is missing, corrupt, not a gantrain checkpoint, or holds a model that cannot draw samples.
+    files are needed. ``ema``: when the run kept an EMA of the generator (``trainer.ema``), the
+    generator gets the averaged weights (what the run's grids and evaluation showed); ``False``
+    keeps the raw trained weights. Raises :class:`CheckpointError` (naming ``what`` and the path)
+    when the file is missing, corrupt, not a gantrain checkpoint, or holds a model that cannot draw samples.
     """
     ckpt = ckpt_io.load(checkpoint_path, what=what)
     try:
@@ -75,7 +79,9 @@ def load_model(checkpoint_path: str | Path, device: torch.device | str = "cpu", 
         )
     try:
         model.load_state_dict(ckpt["model"])
-    except (KeyError, RuntimeError) as e:
+        if ema and ckpt.get("ema"):
+            model.get_submodule(ckpt["ema"]["module"]).load_state_dict(ckpt["ema"]["average"])
+    except (KeyError, AttributeError, RuntimeError) as e:
         raise CheckpointError(
             f"{what}: the weights in '{checkpoint_path}' do not fit its own model config ({e})"
         ) from None

@@ -20,8 +20,9 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gantrain.config import register
-from gantrain.errors import GantrainError
+from gantrain.config import OPTIM_EXTRA_KEYS, register
+from gantrain.errors import ConfigError, GantrainError
+from gantrain.optim import make_optimizer
 from gantrain.trainer import Trainer, resolve_device
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -49,10 +50,28 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
     device = resolve_device(settings.device)
     model = instantiate(cfg.model).to(device)  # device placement happens here and only here
     objective = instantiate(cfg.loss).to(device)  # fixed networks inside terms (VGG) move too
-    optimizers = {
-        name: instantiate(cfg.optim[name], _convert_="all")(getattr(model, name).parameters()) for name in cfg.optim
-    }
+    optimizers, extras = {}, {}
+    for name in cfg.optim:  # optim.<network>: a torch.optim partial plus our per-network keys
+        node = OmegaConf.to_container(cfg.optim[name], resolve=True)
+        extras[name] = {key: node.pop(key) for key in OPTIM_EXTRA_KEYS if key in node}
+        lookahead = extras[name].get("lookahead") or {}
+        optimizers[name] = keyed(
+            f"optim.{name}",
+            make_optimizer,
+            instantiate(node, _convert_="all"),
+            getattr(model, name).parameters(),
+            device=device,
+            implementation=extras[name].get("implementation", "auto"),
+            lookahead_k=lookahead.get("k", 0),
+            lookahead_alpha=lookahead.get("alpha", 0.5),
+        )
     phases = objective.phases(model, optimizers, n_critic=settings.n_critic)
+    for phase in phases:  # the per-network schedule and clipping go to the phase that steps that optimizer
+        name = next(n for n, opt in optimizers.items() if opt is phase.optimizer)
+        if extras[name].get("schedule") is not None:
+            phase.schedule = keyed(f"optim.{name}", instantiate, extras[name]["schedule"])
+        phase.gradient_clip_val = extras[name].get("gradient_clip_val")
+        phase.gradient_clip_algorithm = extras[name].get("gradient_clip_algorithm")
     data = instantiate(cfg.data)
     stream = data.stream(seed=cfg.seed, device=device)
     # Fixed noise from its own generators: sample grids and evaluation never consume the training RNG.
@@ -75,6 +94,17 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
         config=resolved,
         compat={"model": resolved["model"], "loss": resolved["loss"]},
     )
+
+
+def keyed(prefix: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, with ``prefix.`` in front of the config key a ConfigError names."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        err = user_error(e)
+        if err is None:
+            raise
+        raise ConfigError(f"{prefix}.{err}") from None
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:

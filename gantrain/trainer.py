@@ -6,9 +6,15 @@ phase whose interval divides it; the phase marked ``counts_as_step`` defines a t
 
 * only the active phase's module has ``requires_grad=True``; every other parameter of the model is
   frozen while it runs and the flags are restored afterwards, so a G step cannot touch D's grads;
-* ``zero_grad(set_to_none=True)`` once before each accumulation window, each micro-batch's loss
-  divided by the window size, clipping after the backward passes, then one optimizer step;
-* autocast is a context that does nothing at ``precision=32`` (no ``if amp:`` branches).
+* ``zero_grad(set_to_none=True)`` once before each accumulation window, each micro-batch (fresh
+  data, fresh noise) and every term of its loss divided by the window size, then unscaling,
+  clipping, one optimizer step and one LR-scheduler step;
+* autocast and the per-phase loss scalers are contexts/objects that do nothing at ``precision=32``
+  (no ``if amp:`` branches); under ``16-mixed`` each phase has its own ``GradScaler``, so a D step
+  that overflows backs off D's scale only (D and G losses differ by orders of magnitude, e.g. a
+  critic with a gradient penalty), and steps skipped for inf/NaN are counted per phase;
+* an optional EMA of the counting phase's network (the generator) replaces its weights while
+  sample grids and evaluation run.
 
 It also owns logging (one stats sink -> TensorBoard + tqdm), sample grids and checkpoints, and does
 them on rank 0 only. Losses and models never see a writer, a config or a device string.
@@ -18,7 +24,9 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -30,15 +38,18 @@ from torch.utils.tensorboard.summary import hparams
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
+from gantrain import amp
 from gantrain import checkpoint as ckpt_io
 from gantrain.checkpoint import CheckpointError
+from gantrain.ema import EMA
 from gantrain.errors import ConfigError
 from gantrain.files import atomic_write
+from gantrain.optim import Schedule
 from gantrain.stats import Collector, collecting, report
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16}
+PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 CLIP_ALGORITHMS = ("norm", "value")
 
 
@@ -50,7 +61,10 @@ class Phase:
     ``interval``: run on iterations ``interval-1, 2*interval-1, ...`` (so a G phase with interval
     ``n_critic`` follows ``n_critic`` D updates). ``counts_as_step``: this phase's optimizer steps are
     the ones ``trainer.max_steps`` counts (exactly one phase has it). ``after_step``: called (no grad)
-    after each optimizer step, e.g. weight clipping.
+    after each optimizer step, e.g. weight clipping. ``schedule``: the LR schedule of this phase's
+    optimizer (:class:`gantrain.optim.Schedule`; None = constant), stepped after each of its
+    optimizer steps. ``gradient_clip_val``/``gradient_clip_algorithm``: this phase's clipping
+    (None = the trainer's setting; a value of 0 = no clipping for this phase).
     """
 
     name: str
@@ -60,6 +74,16 @@ class Phase:
     interval: int = 1
     counts_as_step: bool = False
     after_step: Optional[Callable[[], None]] = None
+    schedule: Optional[Schedule] = None
+    gradient_clip_val: Optional[float] = None
+    gradient_clip_algorithm: Optional[str] = None
+
+
+@dataclass
+class EMASettings:
+    """``trainer.ema.*``: EMA of the generator (of the counting phase's network)."""
+
+    half_life_images: float = 0.0  # images for the EMA weight of a sample to halve (stylegan2-ada: 10k); 0 = off
 
 
 @dataclass
@@ -69,7 +93,7 @@ class TrainerSettings:
     max_steps: int = 1000  # optimizer steps of the phase that counts (generator steps for GANs)
     device: str = "auto"  # auto -> cuda, else mps, else cpu; or any torch device string
     n_critic: int = 1  # discriminator steps per generator step (the G phase's interval)
-    precision: str = "32"  # 32 | bf16-mixed
+    precision: str = "32"  # 32 | bf16-mixed | 16-mixed
     accumulate_grad_batches: int = 1  # micro-batches summed into each optimizer step
     gradient_clip_val: Optional[float] = None
     gradient_clip_algorithm: str = "norm"  # norm | value
@@ -79,8 +103,13 @@ class TrainerSettings:
     checkpoint_every_n_steps: int = 500
     resume: Optional[str] = None  # null | auto (this run dir's last.ckpt) | a checkpoint path
     progress_bar: bool = True  # tqdm bar; it also stays quiet when stdout is not a terminal
+    ema: EMASettings = field(default_factory=EMASettings)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.ema, EMASettings):  # a mapping from the config
+            self.ema = EMASettings(**self.ema)
+        if self.ema.half_life_images < 0:
+            raise ConfigError(f"trainer.ema.half_life_images={self.ema.half_life_images}: must be >= 0 (0 = off)")
         for key in (
             "max_steps",
             "n_critic",
@@ -173,6 +202,25 @@ class Trainer:
         self.params = list(model.parameters())
         self.device = self.params[0].device if self.params else torch.device("cpu")
         self.amp_dtype = PRECISIONS[settings.precision]
+        for phase in self.phases:
+            _check_phase_clip(phase)
+        counting_phase = next(p for p in self.phases if p.counts_as_step)
+        iterations = settings.max_steps * counting_phase.interval  # of the whole run
+        # One LR scheduler per phase, its horizon the optimizer steps that phase takes in the run.
+        self.schedulers = {
+            p.name: (p.schedule or Schedule()).build(p.optimizer, total_steps=max(iterations // p.interval, 1))
+            for p in self.phases
+        }
+        fp16 = settings.precision == "16-mixed"
+        if fp16 and self.device.type == "cpu":
+            log.warning("trainer.precision=16-mixed on CPU is slow and for testing; CPUs train with bf16-mixed")
+        self.scalers = {p.name: torch.amp.GradScaler(self.device.type, enabled=fp16) for p in self.phases}
+        self.skipped_steps = {p.name: 0 for p in self.phases}  # optimizer steps the scaler skipped (inf/NaN)
+        self.ema: EMA | None = None
+        self.ema_module_name = ""  # the EMA network's name in the model ("g")
+        if settings.ema.half_life_images > 0:
+            self.ema = EMA(counting_phase.module, settings.ema.half_life_images)
+            self.ema_module_name = next(n for n, m in model.named_modules() if m is counting_phase.module)
         self.step = 0  # completed steps of the counting phase
         self.iteration = 0  # loop iterations (each runs the phases due)
         self.images_seen = 0  # real images drawn from the data
@@ -229,39 +277,62 @@ class Trainer:
         active = {id(p) for p in phase.module.parameters()}
         for p in self.params:
             p.requires_grad_(id(p) in active)
+        scaler = self.scalers[phase.name]
+        lr = phase.optimizer.param_groups[0]["lr"]  # the LR this step uses
         try:
             k = self.s.accumulate_grad_batches
             step = self.iteration // phase.interval  # this phase's optimizer steps so far
+            images = 0
             phase.optimizer.zero_grad(set_to_none=True)
-            for _ in range(k):
-                real = next(self.data)  # fresh real batch per micro-batch
-                with torch.autocast(
-                    self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
-                ):
-                    loss = phase.loss(real, step)
-                (loss / k).backward()
-                self.images_seen += real.shape[0]
-            grad_norm = self._clip([p for p in phase.module.parameters() if p.grad is not None])
-            phase.optimizer.step()
+            with amp.scaling(scaler):  # input-gradient penalties scale/unscale with this phase's scaler
+                for _ in range(k):
+                    real = next(self.data)  # fresh real batch per micro-batch (the loss draws fresh noise)
+                    with self._autocast():
+                        loss = phase.loss(real, step)
+                    scaler.scale(loss / k).backward()
+                    images += real.shape[0]
+            self.images_seen += images
+            scaler.unscale_(phase.optimizer)  # clip and measure true gradients, not scaled ones
+            grad_norm = self._clip(phase, [p for p in phase.module.parameters() if p.grad is not None])
+            scaler.step(phase.optimizer)  # skipped when the unscaled gradients hold inf/NaN (fp16)
+            scaler.update()
+            with warnings.catch_warnings():  # fp16: the scaler may skip the very first optimizer step, by design
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                self.schedulers[phase.name].step()
             if phase.after_step is not None:
                 with torch.no_grad():
                     phase.after_step()
+            if phase.counts_as_step and self.ema is not None:
+                self.ema.update(images)
         finally:
             for p, flag in zip(self.params, flags):
                 p.requires_grad_(flag)
+        if scaler.is_enabled():  # same test as the scaler's: any non-finite gradient
+            self.skipped_steps[phase.name] += ~torch.isfinite(grad_norm)
         report(f"grad_norm/{phase.name}", grad_norm)  # before clipping
-        report(f"lr/{phase.name}", phase.optimizer.param_groups[0]["lr"])
+        report(f"lr/{phase.name}", lr)
 
-    def _clip(self, params: list[torch.Tensor]) -> torch.Tensor:
-        """Clip in place per the settings; return the pre-clip total gradient L2 norm."""
+    def _autocast(self) -> torch.autocast:
+        """Autocast to the precision's dtype around forward passes; disabled (a no-op) at 32."""
+        dtype = self.amp_dtype or torch.float32
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.amp_dtype is not None)
+
+    def _clip(self, phase: Phase, params: list[torch.Tensor]) -> torch.Tensor:
+        """Clip in place per the phase's (else the trainer's) settings; return the pre-clip total L2 norm."""
         if not params:
-            return torch.zeros(())
-        if self.s.gradient_clip_val is not None and self.s.gradient_clip_algorithm == "norm":
-            return torch.nn.utils.clip_grad_norm_(params, self.s.gradient_clip_val)
+            return torch.zeros((), device=self.device)
+        val = self.s.gradient_clip_val if phase.gradient_clip_val is None else phase.gradient_clip_val
+        algorithm = phase.gradient_clip_algorithm or self.s.gradient_clip_algorithm
+        if val and algorithm == "norm":
+            return torch.nn.utils.clip_grad_norm_(params, val)
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if self.s.gradient_clip_val is not None:
-            torch.nn.utils.clip_grad_value_(params, self.s.gradient_clip_val)
+        if val:
+            torch.nn.utils.clip_grad_value_(params, val)
         return norm
+
+    def averaged_weights(self):
+        """Context: the EMA weights in the generator while sampling/evaluating (nothing without EMA)."""
+        return self.ema.swapped() if self.ema is not None else nullcontext()
 
     def _after_step(self, bar: tqdm) -> None:
         if self.step % self.s.log_every_n_steps == 0:
@@ -278,6 +349,10 @@ class Trainer:
             return
         now = time.perf_counter()
         stats["perf/images_per_s"] = (self.images_seen - self._images0) / max(now - self._t0, 1e-9)
+        for name, scaler in self.scalers.items():
+            if scaler.is_enabled():
+                stats[f"amp/scale/{name}"] = scaler.get_scale()
+                stats[f"amp/skipped_steps/{name}"] = float(self.skipped_steps[name])
         self._t0, self._images0 = now, self.images_seen
         self.metrics = stats
         if self.writer is not None:
@@ -291,14 +366,16 @@ class Trainer:
         if not self.is_main:
             return
         if self.evaluator is not None:
-            self.eval_metrics = {k: float(v) for k, v in self.evaluator().items()}
+            with self.averaged_weights():
+                self.eval_metrics = {k: float(v) for k, v in self.evaluator().items()}
             if self.writer is not None:
                 for name, value in self.eval_metrics.items():
                     self.writer.add_scalar(name, value, self.step)
             log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4g}" for k, v in self.eval_metrics.items()))
         if self.sampler is None:
             return
-        grid = self.sampler().float().cpu()  # (3, H', W') in [0, 1]
+        with self.averaged_weights():
+            grid = self.sampler().float().cpu()  # (3, H', W') in [0, 1]
         path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
         atomic_write(path, lambda f: save_image(grid, f, format="png"), fsync=False)
         if self.writer is not None:
@@ -325,6 +402,10 @@ class Trainer:
             "images_seen": self.images_seen,
             "model": self.model.state_dict(),
             "optimizers": {p.name: p.optimizer.state_dict() for p in self.phases},
+            "schedulers": {name: s.state_dict() for name, s in self.schedulers.items()},
+            "scalers": {name: s.state_dict() for name, s in self.scalers.items()},
+            "skipped_steps": {name: int(n) for name, n in self.skipped_steps.items()},
+            "ema": None if self.ema is None else {"module": self.ema_module_name, **self.ema.state_dict()},
             "rng": ckpt_io.rng_state(),
             "data": self.data.state_dict(),
             "config": self.config,
@@ -348,10 +429,39 @@ class Trainer:
         if missing:
             raise CheckpointError(f"trainer.resume: {source} has no optimizer state for phases {sorted(missing)}")
         for p in self.phases:
-            p.optimizer.load_state_dict(state["optimizers"][p.name])
+            try:
+                p.optimizer.load_state_dict(state["optimizers"][p.name])
+            except (ValueError, KeyError) as e:  # another optimizer type, Lookahead on/off, other groups
+                raise CheckpointError(
+                    f"trainer.resume: {source} holds optimizer state for phase {p.name} that does not fit "
+                    f"{type(p.optimizer).__name__} ({e}); resume with the optimizer it was trained with"
+                ) from None
+        for name, sched in self.schedulers.items():
+            if name in state.get("schedulers", {}):
+                sched.load_state_dict(state["schedulers"][name])
+        for name, scaler in self.scalers.items():
+            saved = state.get("scalers", {}).get(name)
+            if scaler.is_enabled() and saved:  # empty when it was written at another precision
+                scaler.load_state_dict(saved)
+        self.skipped_steps.update(state.get("skipped_steps", {}))
+        if self.ema is not None:
+            if state.get("ema"):
+                self.ema.load_state_dict(state["ema"])
+            else:
+                log.warning("trainer.resume: %s has no EMA weights; the EMA starts from the current weights", source)
+                self.ema = EMA(self.ema.module, self.ema.half_life_images)
         self.data.load_state_dict(state["data"])
         ckpt_io.set_rng_state(state["rng"])
         self.step, self.iteration, self.images_seen = state["step"], state["iteration"], state["images_seen"]
+        saved_max = state.get("settings", {}).get("max_steps", self.s.max_steps)
+        if saved_max != self.s.max_steps and any(p.schedule is not None for p in self.phases):
+            log.warning(
+                "trainer.resume: trainer.max_steps changed from %d to %d; the LR schedules keep the checkpoint's "
+                "horizon (%d steps)",
+                saved_max,
+                self.s.max_steps,
+                saved_max,
+            )
 
     def _maybe_resume(self) -> None:
         resume = self.s.resume
@@ -367,3 +477,16 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         if self.is_main:
             ckpt_io.save_atomic(self.state_dict(), self.ckpt_path)
+
+
+def _check_phase_clip(phase: Phase) -> None:
+    if phase.gradient_clip_val is not None and phase.gradient_clip_val < 0:
+        raise ConfigError(
+            f"gradient_clip_val={phase.gradient_clip_val} for phase {phase.name}: must be >= 0 "
+            "(0 = no clipping for this network) or null (the trainer's setting)"
+        )
+    if phase.gradient_clip_algorithm not in (None, *CLIP_ALGORITHMS):
+        raise ConfigError(
+            f"gradient_clip_algorithm={phase.gradient_clip_algorithm!r} for phase {phase.name}; "
+            f"allowed: null (the trainer's), {', '.join(CLIP_ALGORITHMS)}"
+        )

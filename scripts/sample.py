@@ -53,6 +53,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size", type=int, default=256, metavar="B", help="samples decoded at once (>= 1; default: %(default)s)"
     )
+    parser.add_argument(
+        "--no-ema",
+        action="store_true",
+        help="use the generator's raw trained weights even when the run kept an EMA of them (trainer.ema); "
+        "by default the EMA weights are used, as in the run's sample grids",
+    )
     return parser
 
 
@@ -74,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except GantrainError as e:
         parser.error(str(e))
     try:
-        model = load_model(args.checkpoint, device, what="--checkpoint")
+        model = load_model(args.checkpoint, device, what="--checkpoint", ema=not args.no_ema)
     except GantrainError as e:
         parser.error(" ".join(str(e).split()))  # one line, even when a torch error inside spans several
     images = generate(model, args.num, seed=args.seed, device=device, batch_size=args.batch_size)

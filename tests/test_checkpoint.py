@@ -59,6 +59,75 @@ def test_resume_is_bit_identical(tmp_path, experiment, extra):
     _assert_same_tensors(straight["rng"]["torch"], resumed["rng"]["torch"], "rng")
 
 
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "experiment, extra",
+    [
+        (  # every optimization option at once: schedules with warm-up, Lookahead, EMA, accumulation
+            "wgan_gp",
+            [
+                "optim.d.schedule.kind=cosine",
+                "optim.d.schedule.warmup_steps=3",
+                "optim.g.schedule.kind=linear",
+                "optim.d.lookahead.k=3",
+                "optim.g.lookahead.k=2",
+                "trainer.ema.half_life_images=20",
+                "trainer.accumulate_grad_batches=2",
+                "trainer.gradient_clip_val=1.0",
+            ],
+        ),
+        (
+            "dcgan",
+            [
+                "optim=sgd",
+                "optim.g.schedule.kind=step",
+                "optim.g.schedule.step_size=2",
+                "trainer.ema.half_life_images=50",
+            ],
+        ),
+        ("dcgan", ["trainer.precision=16-mixed", "optim.d.lookahead.k=2"]),  # the scalers' state (fp16 on CPU)
+        ("toy_gan", ["optim=ttur", "optim.d.schedule.kind=exponential", "trainer.ema.half_life_images=100"]),
+    ],
+)
+def test_resume_after_a_crash_is_bit_identical_with_every_optimization_option(tmp_path, monkeypatch, experiment, extra):
+    """A run killed after its step-3 checkpoint and resumed equals the uninterrupted 6-step run, bit for bit.
+
+    Same ``max_steps`` in both, so the LR schedules have the same horizon; the crash is real (an
+    exception out of the loop right after the periodic checkpoint is written).
+    """
+    from gantrain.trainer import Trainer
+
+    common = [f"+experiment={experiment}", "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=3", *extra]
+    train(make_cfg(*common), tmp_path / "straight")
+
+    after_step = Trainer._after_step
+
+    def crash_after_checkpoint(self, bar):
+        after_step(self, bar)
+        if self.step == 3:
+            raise Crash
+
+    monkeypatch.setattr(Trainer, "_after_step", crash_after_checkpoint)
+    with pytest.raises(Crash):
+        train(make_cfg(*common), tmp_path / "crashed")
+    monkeypatch.undo()
+    assert _load(tmp_path / "crashed")["step"] == 3
+    train(make_cfg(*common, "trainer.resume=auto"), tmp_path / "crashed")
+
+    straight, resumed = _load(tmp_path / "straight"), _load(tmp_path / "crashed")
+    assert resumed["step"] == 6
+    keys = ("model", "optimizers", "schedulers", "scalers", "skipped_steps", "ema", "data", "iteration", "images_seen")
+    for key in keys:
+        _assert_same_tensors(straight[key], resumed[key], key)
+    _assert_same_tensors(straight["rng"]["torch"], resumed["rng"]["torch"], "rng")
+    if "trainer.ema.half_life_images" in " ".join(extra):
+        assert straight["ema"]["module"] == "g"
+        assert not torch.equal(straight["ema"]["average"]["net.0.weight"], straight["model"]["g.net.0.weight"])
+
+
 def test_resume_from_explicit_path_and_periodic_checkpoint(tmp_path):
     train(make_cfg("trainer.max_steps=2", "trainer.checkpoint_every_n_steps=1"), tmp_path / "a")
     path = tmp_path / "a" / "checkpoints" / "last.ckpt"

@@ -33,20 +33,27 @@ class ListStream:
         self.i = s["i"]
 
 
-def one_weight_trainer(tmp_path, w0=1.0, lr=0.1, **settings) -> tuple[Trainer, nn.Linear]:
+def one_weight_trainer(
+    tmp_path, w0=1.0, lr=0.1, optimizer=None, data=None, phase_kw=None, sampler=None, **settings
+) -> tuple[Trainer, nn.Linear]:
+    """One phase on ``w`` with loss ``(w * x)^2 / 2`` (so d/dw = w * x^2), x = 1, 2, 3, ... by default.
+
+    ``optimizer``: params -> optimizer (default SGD with ``lr``); ``phase_kw``: extra Phase fields.
+    """
     lin = nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         lin.weight.fill_(w0)
-    # loss(x) = (w * x)^2 / 2  ->  d/dw = w * x^2
     phase = Phase(
         "main",
         lin,
-        torch.optim.SGD(lin.parameters(), lr=lr),
+        (optimizer or (lambda params: torch.optim.SGD(params, lr=lr)))(lin.parameters()),
         lambda x, step: 0.5 * (lin(x) ** 2).sum(),
         counts_as_step=True,
+        **(phase_kw or {}),
     )
     s = TrainerSettings(device="cpu", progress_bar=False, **settings)
-    return Trainer(s, model=lin, phases=[phase], data=ListStream(), run_dir=tmp_path), lin
+    trainer = Trainer(s, model=lin, phases=[phase], data=data or ListStream(), run_dir=tmp_path, sampler=sampler)
+    return trainer, lin
 
 
 def test_sgd_steps_match_hand_computation(tmp_path):
@@ -78,8 +85,10 @@ def test_gradient_clipping_norm_and_value(tmp_path):
 
 
 def test_settings_errors_are_clear():
-    with pytest.raises(ConfigError, match=r"trainer.precision='16-mixed'; allowed: 32, bf16-mixed"):
-        TrainerSettings(precision="16-mixed")
+    with pytest.raises(ConfigError, match=r"trainer.precision='fp16'; allowed: 32, bf16-mixed, 16-mixed"):
+        TrainerSettings(precision="fp16")
+    with pytest.raises(ConfigError, match=r"trainer.ema.half_life_images=-1: must be >= 0"):
+        TrainerSettings(ema={"half_life_images": -1})
     with pytest.raises(ConfigError, match=r"trainer.n_critic=0: must be >= 1"):
         TrainerSettings(n_critic=0)
     with pytest.raises(ConfigError, match=r"trainer.gradient_clip_algorithm='l2'; allowed: norm, value"):
