@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from gantrain import checkpoint as ckpt_io
 from gantrain.train import train
 from tests.conftest import TINY, TINY_WIDTH, make_cfg
 from tests.test_experiments import EXPECTED_LOGS
@@ -42,12 +43,14 @@ def test_train_from_another_directory_uses_default_run_dir(tmp_path):
     assert list(run.glob("events.out.tfevents.*"))
 
 
-def test_multirun_makes_one_run_per_value(tmp_path):
+def test_multirun_sweeps_optimizers_one_tensorboard_run_each(tmp_path):
+    """``-m optim=adam,rmsprop,sgd``: one run directory per optimizer, each with its own events file."""
     r = run_cli(
         [
             "-m",
             "+experiment=dcgan",
-            "optim.g.lr=1e-4,2e-4",
+            "optim=adam,rmsprop,sgd",
+            "optim.g.lr=1e-4",
             *TINY,
             *TINY_WIDTH["ngf"],
             f"hydra.sweep.dir={tmp_path}/sweep",
@@ -55,10 +58,15 @@ def test_multirun_makes_one_run_per_value(tmp_path):
         cwd=tmp_path,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith("."))
-    assert len(runs) == 2 and "optim.g.lr=0.0001" in runs[0], runs
-    for name in runs:
-        assert (tmp_path / "sweep" / name / "checkpoints" / "last.ckpt").is_file()
+    runs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(runs) == 3 and all(f"optim={o}," in p.name for p, o in zip(runs, ("adam", "rmsprop", "sgd"))), runs
+    targets = []
+    for run in runs:
+        assert len(list(run.glob("events.out.tfevents.*"))) == 1
+        ckpt = ckpt_io.load(run / "checkpoints" / "last.ckpt")
+        targets.append(ckpt["config"]["optim"]["d"]["_target_"])
+        assert ckpt["config"]["optim"]["g"]["lr"] == 1e-4
+    assert targets == ["torch.optim.Adam", "torch.optim.RMSprop", "torch.optim.SGD"]
 
 
 def test_console_script_composes_the_recipe(tmp_path):

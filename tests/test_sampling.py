@@ -222,3 +222,25 @@ def test_toy_checkpoint_samples_points(tmp_path):
     assert torch.equal(torch.load(tmp_path / "points.pt"), points)
     with pytest.raises(GantrainError, match=r"shape \(10, 2\), not images .*write a .pt file"):
         write_samples(points, tmp_path / "points.png", progress=False)
+
+
+def test_ema_weights_are_sampled_by_default(tmp_path):
+    run_dir = tmp_path / "run"
+    train(make_cfg("trainer.ema.half_life_images=4", "trainer.max_steps=3"), run_dir)
+    ckpt_path = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = ckpt_io.load(ckpt_path)
+    assert ckpt["ema"]["module"] == "g"
+    averaged, raw = load_model(ckpt_path), load_model(ckpt_path, ema=False)
+    for name, value in ckpt["ema"]["average"].items():
+        assert torch.equal(averaged.g.state_dict()[name], value), name
+        assert torch.equal(raw.g.state_dict()[name], ckpt["model"][f"g.{name}"]), name
+    assert not torch.equal(averaged.g.net[0].weight, raw.g.net[0].weight)
+    for a, b in zip(averaged.d.parameters(), raw.d.parameters()):  # only G is averaged
+        assert torch.equal(a, b)
+
+    cli = _cli()
+    cli.main(["--checkpoint", str(ckpt_path), "--num", "3", "--out", str(tmp_path / "ema.pt")])
+    cli.main(["--checkpoint", str(ckpt_path), "--num", "3", "--out", str(tmp_path / "raw.pt"), "--no-ema"])
+    z = torch.Generator().manual_seed(0)
+    assert torch.equal(torch.load(tmp_path / "ema.pt"), averaged.sample(averaged.noise(3, "cpu", generator=z)))
+    assert not torch.equal(torch.load(tmp_path / "ema.pt"), torch.load(tmp_path / "raw.pt"))
