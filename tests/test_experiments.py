@@ -8,10 +8,11 @@ import shutil
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import instantiate
 from omegaconf.errors import MissingMandatoryValue
 
-from gantrain.train import CONFIG_DIR, train
-from tests.conftest import EXPERIMENTS, make_cfg
+from gantrain.train import CONFIG_DIR, compose_config, train
+from tests.conftest import EXPERIMENTS, REPO, make_cfg
 
 # What every GAN run must log (the README and the issue name these tags).
 EXPECTED_LOGS = {
@@ -154,3 +155,32 @@ def test_dcgan_at_64_px(tmp_path):
     metrics = train(make_cfg("+experiment=dcgan", "model.resolution=64"), tmp_path)
     assert metrics["step"] == 2
     assert (tmp_path / "samples" / "step_0000002.png").is_file()
+
+
+def _readme_commands() -> list[list[str]]:
+    """The overrides of every ``python -m gantrain ...`` line in the README's code blocks."""
+    commands = []
+    for line in (REPO / "README.md").read_text().splitlines():
+        if not line.startswith("python -m gantrain "):
+            continue
+        args = line.split("#")[0].split()[3:]
+        overrides = []
+        for a in args:
+            if a in ("-m", "--cfg", "job") or a.startswith("hydra."):
+                continue
+            key, _, value = a.partition("=")
+            overrides.append(f"{key}={value.split(',')[0]}" if "," in value and "[" not in value else a)
+        commands.append(overrides)
+    return commands
+
+
+def test_every_readme_command_composes():
+    """The README's train commands name real keys and options (a renamed key would fail here)."""
+    commands = _readme_commands()
+    assert len(commands) >= 15
+    for overrides in commands:
+        cfg = compose_config(*overrides)
+        instantiate(cfg.trainer)  # settings validation (precision, clip algorithm, ema)
+        for net in cfg.optim:
+            if cfg.optim[net].schedule is not None:
+                instantiate(cfg.optim[net].schedule)
