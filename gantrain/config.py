@@ -34,6 +34,8 @@ class DataConfig:
     resolution: int = 32  # the YAML files interpolate ${model.resolution}
     num_workers: int = 0
     in_memory: bool = True  # hold the whole dataset as one tensor on the device
+    binarize: str = "none"  # none | static (once, fixed seed) | dynamic (every batch): pixels -> -1/+1
+    holdout: int = 0  # the last N images (file order) never trained on; ImageData.heldout() returns them
 
 
 @dataclass

@@ -4,16 +4,22 @@ Every dataset here yields float32 image tensors of shape (C, R, R) scaled to [-1
 labels. `ImageData` subclasses only describe *what* to load; `BatchStream` alone decides the
 order in which images are seen, so that order is a pure function of (seed, epoch) and a resumed
 run sees exactly the batches an uninterrupted one would have.
+
+Every `data=` option can also hold out its last `data.holdout` images for evaluation
+(`ImageData.heldout()`) and binarize pixels stochastically (`data.binarize`, see `binarize`).
 """
 
 from __future__ import annotations
 
 import abc
+import gzip
+import hashlib
 import os
+import struct
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 
 from gantrain.errors import GantrainError
@@ -26,13 +32,21 @@ __all__ = [
     "ImageFolder",
     "TensorImages",
     "TorchvisionImages",
+    "binarize",
+    "derive_seed",
     "image_files",
+    "read_idx",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # A progress bar for the one-off in-memory load is only worth its noise on big datasets.
 _PROGRESS_MIN_ITEMS = 5_000
+
+BINARIZE_MODES = ("none", "static", "dynamic")
+# The constant behind data.binarize=static and heldout(): every run, whatever its seed, sees the
+# same binarized images, so held-out NLLs of different runs are comparable.
+STATIC_BINARIZE_SEED = 0
 
 
 class DataError(GantrainError):
@@ -65,6 +79,43 @@ def _absolute(path: str | os.PathLike) -> Path:
     return path.resolve()
 
 
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit generator seed that is a pure function of `parts`.
+
+    The blake2b digest of their text, so distinct tuples give unrelated seeds (no `seed + k`
+    overlaps between neighbouring runs) and the value is the same in every process, platform and
+    Python version (unlike `hash()`).
+    """
+    digest = hashlib.blake2b("/".join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def binarize(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Stochastic binarization (Salakhutdinov & Murray 2008) of images in [-1, 1].
+
+    Pixel x becomes +1 with probability (x + 1) / 2 and -1 otherwise, so x01 = (x + 1) / 2 becomes
+    1 with probability x01: black (-1) and white (+1) pixels stay as they are. The uniforms come
+    from `generator` alone (it must live on `images`' device), never from the global RNG.
+    """
+    u = torch.rand(images.shape, generator=generator, device=images.device, dtype=images.dtype)  # [0, 1)
+    return (u < (images + 1) / 2).to(images.dtype).mul_(2).sub_(1)
+
+
+def _static_binarized(images: torch.Tensor, first_index: int) -> torch.Tensor:
+    """The fixed binarization of dataset items first_index, first_index + 1, ... (stacked in `images`).
+
+    Item i always gets the uniforms of `torch.Generator().manual_seed(derive_seed("binarize/static",
+    STATIC_BINARIZE_SEED, i))`, drawn on the CPU: the result depends only on the image and its index
+    in the full dataset (not on holdout, batch size, seed, device or load order).
+    """
+    out = torch.empty_like(images)
+    gen = torch.Generator()
+    for k in range(images.shape[0]):
+        gen.manual_seed(derive_seed("binarize/static", STATIC_BINARIZE_SEED, first_index + k))
+        out[k] = binarize(images[k].cpu(), gen)
+    return out
+
+
 def _pil_to_tensor(resolution: int, channels: int):
     """PIL image -> (C, R, R) float in [-1, 1]; the PIL image must already have `channels` bands."""
     return transforms.Compose(
@@ -90,6 +141,59 @@ class TensorImages(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.images[index]
+
+
+class _StaticallyBinarized(Dataset):
+    """Item i of `dataset`, binarized with the fixed per-item seed of `_static_binarized`."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return _static_binarized(self.dataset[index][None], index)[0]
+
+
+def _images_between(dataset: Dataset, start: int, stop: int, *, binarized: bool) -> Dataset:
+    """Items start..stop-1 of `dataset`, statically binarized if asked; tensors stay `TensorImages`."""
+    if isinstance(dataset, TensorImages):
+        images = dataset.images[start:stop]
+        return TensorImages(_static_binarized(images, start) if binarized else images)
+    if binarized:
+        dataset = _StaticallyBinarized(dataset)
+    if (start, stop) != (0, len(dataset)):
+        dataset = Subset(dataset, range(start, stop))
+    return dataset
+
+
+def _stack(dataset: Dataset, device: torch.device, num_workers: int, seed: int) -> torch.Tensor:
+    """Every item of `dataset`, in order, as one (N, C, R, R) tensor on `device`."""
+    if isinstance(dataset, TensorImages):
+        return dataset.images.to(device)
+    from tqdm.auto import tqdm
+
+    n = len(dataset)
+    chunk = 256
+    sequential = [list(range(i, min(i + chunk, n))) for i in range(0, n, chunk)]
+    # Without an explicit generator, a DataLoader iterator draws its worker base seed from the
+    # global torch RNG, which would shift the trainer's random stream.
+    loader = DataLoader(
+        dataset, batch_sampler=sequential, num_workers=num_workers, generator=torch.Generator().manual_seed(seed)
+    )
+    data = None
+    start = 0
+    with tqdm(total=n, desc="loading images", unit="img", disable=n <= _PROGRESS_MIN_ITEMS) as bar:
+        for x in loader:  # (b, C, R, R)
+            if data is None:
+                # Preallocated so peak memory is one copy of the dataset, not two.
+                data = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=device)
+            data[start : start + len(x)].copy_(x)
+            start += len(x)
+            bar.update(len(x))
+    assert start == n, f"loaded {start} of {n} images"
+    return data
 
 
 class _WithoutLabels(Dataset):
@@ -154,6 +258,12 @@ class ImageData(abc.ABC):
         num_workers: DataLoader worker processes, >= 0.
         in_memory: stack the whole dataset into one tensor on the training device (fast for
             small datasets) instead of decoding batches on the fly.
+        binarize: "none", "static" or "dynamic": stochastic binarization (see `binarize`), pixels
+            become -1 or +1. "static": once, with a fixed seed (`STATIC_BINARIZE_SEED`; the same
+            binarized dataset in every run). "dynamic": every batch the stream yields is binarized
+            afresh from (stream seed, epoch, batch), reproducibly and resumably (see `BatchStream`).
+        holdout: hold out the last `holdout` images of the dataset (in file order) for evaluation:
+            the training stream never sees them and `heldout()` returns them.
     """
 
     def __init__(
@@ -164,31 +274,79 @@ class ImageData(abc.ABC):
         resolution: int,
         num_workers: int = 0,
         in_memory: bool = True,
+        binarize: str = "none",
+        holdout: int = 0,
     ):
         _check_int("data.batch_size", batch_size, minimum=1)
         if channels not in (1, 3) or isinstance(channels, bool):
             raise DataError(f"data.channels must be 1 (grey) or 3 (RGB), got {channels!r}")
         _check_int("data.resolution", resolution, minimum=4)
         _check_int("data.num_workers", num_workers, minimum=0)
+        if binarize not in BINARIZE_MODES:
+            allowed = ", ".join(repr(m) for m in BINARIZE_MODES)
+            raise DataError(f"data.binarize must be one of {allowed}, got {binarize!r}")
+        _check_int("data.holdout", holdout, minimum=0)
         self.batch_size = batch_size
         self.channels = channels
         self.resolution = resolution
         self.num_workers = num_workers
         self.in_memory = bool(in_memory)
+        self.binarize = binarize
+        self.holdout = holdout
+        self._built: tuple[Dataset, int] | None = None  # (dataset(), training size), built once
 
     @abc.abstractmethod
     def dataset(self) -> Dataset:
-        """Build the dataset; items are (C, R, R) float32 tensors in [-1, 1], no labels."""
+        """Build the whole dataset (held-out images included, not binarized); items are (C, R, R)
+        float32 tensors in [-1, 1], no labels."""
+
+    def _split(self) -> tuple[Dataset, int]:
+        """(the whole dataset, number of training images), built and checked on first use."""
+        if self._built is None:
+            full = self.dataset()
+            n = len(full)
+            if self.holdout and n - self.holdout < self.batch_size:
+                raise DataError(
+                    f"data.holdout={self.holdout} leaves {max(n - self.holdout, 0)} of the dataset's {n} "
+                    f"images for training, less than one batch (data.batch_size={self.batch_size}); "
+                    f"data.holdout must be at most {max(n - self.batch_size, 0)}"
+                )
+            self._built = (full, n - self.holdout)
+        return self._built
+
+    @property
+    def training_size(self) -> int:
+        """How many images the training stream draws from: the dataset's size minus `holdout`."""
+        return self._split()[1]
+
+    def training_dataset(self) -> Dataset:
+        """The first `training_size` images of `dataset()`, statically binarized if binarize="static"
+        (binarize="dynamic" is applied per batch by the stream)."""
+        full, n_train = self._split()
+        return _images_between(full, 0, n_train, binarized=self.binarize == "static")
+
+    def heldout(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The last `holdout` images of the dataset, in order, as one (N, C, R, R) float32 tensor.
+
+        With binarize "static" or "dynamic" they are binarized with the fixed static seed (the
+        same images, bit for bit, in every run and whatever the training seed).
+        """
+        if self.holdout == 0:
+            raise DataError("data.holdout=0: no held-out images; train with data.holdout=N")
+        full, n_train = self._split()
+        held = _images_between(full, n_train, len(full), binarized=self.binarize != "none")
+        return _stack(held, torch.device(device), self.num_workers, seed=0)
 
     def stream(self, seed: int, device: torch.device | str = "cpu") -> BatchStream:
-        """The endless, resumable batch stream the Trainer draws from."""
+        """The endless, resumable batch stream the Trainer draws from (training images only)."""
         return BatchStream(
-            self.dataset(),
+            self.training_dataset(),
             self.batch_size,
             seed=seed,
             device=device,
             num_workers=self.num_workers,
             in_memory=self.in_memory,
+            binarize=self.binarize == "dynamic",
         )
 
     def render(self, samples: torch.Tensor) -> torch.Tensor:
@@ -198,7 +356,7 @@ class ImageData(abc.ABC):
         return sample_grid(samples.float().cpu())
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
 
 
@@ -227,12 +385,48 @@ class Digits(ImageData):
         return TensorImages(images.contiguous())
 
 
+_IDX_MAGIC = {2049: 1, 2051: 3}  # labels: (n,); images: (n, rows, cols); both unsigned bytes
+
+
+def read_idx(path: str | os.PathLike, magic: int) -> torch.Tensor:
+    """An IDX file of unsigned bytes (MNIST's format), gzipped or not, as a uint8 tensor; read-only.
+
+    Header: big-endian int32 `magic` (2049 labels, 2051 images), then one int32 per dimension.
+    A wrong magic or a size that does not match the header is a `DataError` naming the file.
+    """
+    path = str(path)
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; EOFError: truncated archive
+        raise DataError(f"could not read the IDX file '{path}' ({type(e).__name__}: {e})") from None
+    ndim = _IDX_MAGIC[magic]
+    header = 4 * (1 + ndim)
+    got = struct.unpack(">I", data[:4])[0] if len(data) >= 4 else None
+    if got != magic or len(data) < header:
+        raise DataError(f"'{path}' is not an IDX file of {ndim}-d unsigned bytes (magic {got}, expected {magic})")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    count = 1
+    for d in dims:
+        count *= d
+    if len(data) - header != count:
+        raise DataError(
+            f"'{path}' holds {len(data) - header} bytes of data but its header says {'x'.join(map(str, dims))}; "
+            f"the file is truncated or corrupt"
+        )
+    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(dims)
+
+
 class _OneSplit:
-    """MNIST-family mixin: fetch and check only the archives of the requested split.
+    """MNIST-family mixin: fetch, check and read only the files of the requested split.
 
     Stock torchvision MNIST insists on all four archives (train and test) even for
-    `train=False`, so a test-only copy on an offline machine would fail. Files stay in
-    torchvision's usual `<root>/<Name>/raw`, so both layouts are interchangeable.
+    `train=False`, so a test-only copy on an offline machine would fail.
+
+    The files may sit in torchvision's `<root>/<Name>/raw` (preferred when it holds them) or
+    directly in `<root>/raw`, each either as the `.gz` archive or unpacked. They are read here
+    (`read_idx`), never extracted or written: a shared, read-only data folder stays untouched.
+    torchvision downloads (into `<root>/<Name>/raw`) only when neither folder has the files.
     """
 
     _folder: str  # torchvision's folder name under root, e.g. "MNIST"
@@ -243,9 +437,40 @@ class _OneSplit:
         self.resources = [r for r in type(self).resources if r[0].startswith(prefix)]
         super().__init__(root, train=train, **kwargs)
 
+    def _split_files(self, folder: str) -> list[str] | None:
+        """Path of each of the split's files in `folder` (unpacked preferred over .gz), or None if one is missing."""
+        found = []
+        for archive, _md5 in self.resources:  # e.g. "t10k-images-idx3-ubyte.gz"
+            unpacked = os.path.join(folder, archive.removesuffix(".gz"))
+            packed = os.path.join(folder, archive)
+            path = unpacked if os.path.isfile(unpacked) else packed if os.path.isfile(packed) else None
+            if path is None:
+                return None
+            found.append(path)
+        return found
+
     @property
     def raw_folder(self) -> str:
-        return os.path.join(self.root, self._folder, "raw")
+        nested = os.path.join(self.root, self._folder, "raw")
+        flat = os.path.join(self.root, "raw")
+        if self._split_files(nested) is None and self._split_files(flat) is not None:
+            return flat
+        return nested
+
+    def _check_exists(self) -> bool:
+        return self._split_files(self.raw_folder) is not None
+
+    def _load_data(self):
+        paths = dict(zip((archive for archive, _md5 in self.resources), self._split_files(self.raw_folder)))
+        split = "train" if self.train else "t10k"
+        images = read_idx(paths[f"{split}-images-idx3-ubyte.gz"], 2051)  # (N, 28, 28) uint8
+        labels = read_idx(paths[f"{split}-labels-idx1-ubyte.gz"], 2049)  # (N,) uint8
+        if len(images) != len(labels):
+            raise DataError(
+                f"{len(images)} images but {len(labels)} labels in '{self.raw_folder}': "
+                f"the files do not belong together"
+            )
+        return images, labels.long()
 
     @property
     def processed_folder(self) -> str:
@@ -278,8 +503,11 @@ class TorchvisionImages(ImageData):
             raised from `dataset()` as one `DataError` that points to offline alternatives.
         **common: `ImageData` arguments (batch_size, channels, resolution, ...).
 
-    For MNIST/Fashion-MNIST only the requested split's archives are needed (stock torchvision
-    wants both splits present).
+    For MNIST/Fashion-MNIST only the requested split's IDX files are needed (stock torchvision
+    wants both splits present), gzipped or not, in `<root>/MNIST/raw` (`FashionMNIST`) as
+    torchvision lays them out or directly in `<root>/raw`; they are read in place and nothing is
+    written next to them. At the native 28 px nothing is resized: pixel byte k becomes
+    k / 127.5 - 1 (to float rounding).
     """
 
     NAMES = tuple(sorted(_TORCHVISION_NATIVE_CHANNELS))
@@ -325,6 +553,8 @@ class TorchvisionImages(ImageData):
                 transform=self.transform(),
                 download=self.download,
             )
+        except DataError:  # files found but unreadable (read_idx): its message names the file
+            raise
         except Exception as e:  # torchvision raises URLError, RuntimeError, OSError, tarfile errors...
             # The boundary to torchvision's download/check code: whatever went wrong, the user
             # needs to know where the files were expected and how to train without them.
@@ -332,10 +562,16 @@ class TorchvisionImages(ImageData):
             reason = f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
             if not self.download:
                 reason = f"data.download=false; {reason}"
+            where = "files there"
+            if self.name in ("mnist", "fashion_mnist"):
+                folder = _TORCHVISION_CLASSES[self.name]._folder
+                split = "train" if self.split == "train" else "t10k"
+                files = f"{split}-images-idx3-ubyte[.gz] and {split}-labels-idx1-ubyte[.gz]"
+                where = f"{files} there (in {folder}/raw/ or raw/)"
             raise DataError(
                 f"data.name={self.name!r} ({self.split} split): the dataset files are missing under "
                 f"data.root '{self.root}' and could not be downloaded ({reason}). Put torchvision's "
-                f"files there, or train offline with `data=digits` (bundled, no network) or on your "
+                f"{where}, or train offline with `data=digits` (bundled, no network) or on your "
                 f"own images with `data=folder data.path=DIR`."
             ) from None
         return _WithoutLabels(ds)
@@ -456,6 +692,14 @@ class BatchStream:
     The stream never draws from the global torch/numpy/python RNGs, so it cannot perturb a
     bit-exact resume of the training loop.
 
+    With `binarize=True` (data.binarize=dynamic) every batch is binarized afresh (see `binarize`)
+    after it reaches `device`, with uniforms from a generator on that device seeded with
+    `derive_seed("binarize/dynamic", seed, epoch, batch, rank)`: a pure function of the batch's
+    position, so a resumed stream yields bit-identical batches and the in-memory and streaming
+    paths agree. The noise is drawn on the batch's device (Philox on CUDA, no host work or copy
+    per step), so a CPU and a CUDA run binarize differently; a run and its resume on the same
+    kind of device do not.
+
     Args:
         dataset: items are (C, R, R) float tensors.
         batch_size: images per batch on this process.
@@ -465,6 +709,7 @@ class BatchStream:
         in_memory: stack the whole dataset on `device` once and index it (fast path), or stream
             batches through a DataLoader.
         rank, world_size: this process's place in a data-parallel group.
+        binarize: binarize every batch stochastically, afresh each time (images must be in [-1, 1]).
     """
 
     def __init__(
@@ -478,6 +723,7 @@ class BatchStream:
         in_memory: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        binarize: bool = False,
     ):
         _check_int("data.batch_size", batch_size, minimum=1)
         _check_int("data.num_workers", num_workers, minimum=0)
@@ -498,6 +744,7 @@ class BatchStream:
         self.in_memory = bool(in_memory)
         self.rank = rank
         self.world_size = world_size
+        self.binarize = bool(binarize)
         self.num_items = n
         self._order = _Order(n, batch_size, self.seed, rank, world_size)
         self.batches_per_epoch = self._order.batches_per_epoch
@@ -505,7 +752,8 @@ class BatchStream:
         self._epoch = 0
         self._batch = 0  # batches consumed within self._epoch, always < batches_per_epoch
         self._loader_iter = None  # streaming mode: built lazily from the current position
-        self._data = self._load_all() if self.in_memory else None  # (N, C, R, R) on device
+        self._noise: torch.Generator | None = None  # binarize: re-seeded for every batch
+        self._data = _stack(dataset, self.device, num_workers, self.seed) if self.in_memory else None  # (N, C, R, R)
 
     def _loader(self, batch_sampler, num_workers: int, pin_memory: bool, persistent: bool) -> DataLoader:
         return DataLoader(
@@ -518,28 +766,6 @@ class BatchStream:
             # seed from the global torch RNG, which would shift the trainer's random stream.
             generator=torch.Generator().manual_seed(self.seed),
         )
-
-    def _load_all(self) -> torch.Tensor:
-        if isinstance(self.dataset, TensorImages):
-            return self.dataset.images.to(self.device)
-        from tqdm.auto import tqdm
-
-        n = self.num_items
-        chunk = 256
-        sequential = [list(range(i, min(i + chunk, n))) for i in range(0, n, chunk)]
-        loader = self._loader(sequential, self.num_workers, pin_memory=False, persistent=False)
-        data = None
-        start = 0
-        with tqdm(total=n, desc="loading images", unit="img", disable=n <= _PROGRESS_MIN_ITEMS) as bar:
-            for x in loader:  # (b, C, R, R)
-                if data is None:
-                    # Preallocated so peak memory is one copy of the dataset, not two.
-                    data = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=self.device)
-                data[start : start + len(x)].copy_(x)
-                start += len(x)
-                bar.update(len(x))
-        assert start == n, f"loaded {start} of {n} images"
-        return data
 
     # -- iteration ---------------------------------------------------------------------------
 
@@ -558,6 +784,11 @@ class BatchStream:
                 loader = self._loader(sampler, workers, self.device.type == "cuda", workers > 0)
                 self._loader_iter = iter(loader)
             batch = next(self._loader_iter).to(self.device, non_blocking=True)
+        if self.binarize:
+            if self._noise is None or self._noise.device != batch.device:
+                self._noise = torch.Generator(device=batch.device)
+            self._noise.manual_seed(derive_seed("binarize/dynamic", self.seed, self._epoch, self._batch, self.rank))
+            batch = binarize(batch, self._noise)
         # Count consumption here, not in the sampler: DataLoader workers prefetch ahead.
         self._batch += 1
         if self._batch == self.batches_per_epoch:

@@ -3,8 +3,11 @@ errors, and BatchStream's order, coverage, resume and RNG hygiene."""
 
 from __future__ import annotations
 
+import gzip
+import os
 import random
 import shutil
+import struct
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,8 +26,10 @@ from gantrain.data import (
     ImageFolder,
     TensorImages,
     TorchvisionImages,
+    binarize,
     epoch_seed,
     image_files,
+    read_idx,
 )
 
 
@@ -55,6 +60,10 @@ COMMON = dict(batch_size=4, channels=1, resolution=32)
         (dict(channels=2), r"data\.channels must be 1 \(grey\) or 3 \(RGB\), got 2"),
         (dict(resolution=3), r"data\.resolution must be an integer >= 4, got 3"),
         (dict(num_workers=-1), r"data\.num_workers must be an integer >= 0, got -1"),
+        (dict(binarize="yes"), r"data\.binarize must be one of 'none', 'static', 'dynamic', got 'yes'"),
+        (dict(binarize=True), r"data\.binarize must be one of 'none', 'static', 'dynamic', got True"),
+        (dict(holdout=-1), r"data\.holdout must be an integer >= 0, got -1"),
+        (dict(holdout=2.5), r"data\.holdout must be an integer >= 0, got 2\.5"),
     ],
 )
 def test_common_arguments_are_validated(override, match):
@@ -160,7 +169,9 @@ def test_mnist_test_split_from_local_archives(tmp_path, mnist_dir, no_network):
         shutil.copy(mnist_dir / "raw" / f, raw / f)
 
     ds = TorchvisionImages(name="mnist", root=str(tmp_path), split="test", download=True, **COMMON).dataset()
-    assert no_network == []  # md5 of the present archives matched: extracted, not fetched
+    assert no_network == []  # the archives are present: read in place, neither fetched nor extracted
+    assert sorted(os.listdir(raw)) == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    assert not (tmp_path / "MNIST" / "processed").exists()
     assert len(ds) == 10_000
     x = ds[0]
     assert x.shape == (1, 32, 32) and x.dtype == torch.float32
@@ -332,6 +343,9 @@ class Numbered(Dataset):
 
 
 def ids(batch: torch.Tensor) -> list[int]:
+    """Item indices of a batch of `Numbered` (value i) or `Coded` (i in binary in row 0) images."""
+    if batch.shape[-2:] == (8, 8):  # Coded
+        return ((batch[:, 0, 0] > 0).long() * 2 ** torch.arange(8)).sum(1).tolist()
     return batch[:, 0, 0, 0].long().tolist()
 
 
@@ -517,3 +531,366 @@ def test_neighbouring_seeds_do_not_share_epoch_orders():
     a, b = BatchStream(Numbered(40), 40, seed=0), BatchStream(Numbered(40), 40, seed=1)
     next(a)
     assert not torch.equal(next(a), next(b))
+
+
+# ----------------------------------------------------------------------------------------------
+# Binarization (data.binarize) and held-out images (data.holdout)
+
+
+class Coded(Dataset):
+    """Item i is a (1, 8, 8) image: row 0 spells i in binary with pixels -1/+1 (which binarization
+    keeps as they are), rows 1..7 are the grey level `grey` (which it randomizes)."""
+
+    def __init__(self, n: int, grey: float = 0.0):
+        assert n <= 256
+        self.n, self.grey = n, grey
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = torch.full((1, 8, 8), self.grey)
+        x[0, 0] = torch.tensor([1.0 if (i >> bit) & 1 else -1.0 for bit in range(8)])
+        return x
+
+
+def grey_part(batch: torch.Tensor) -> torch.Tensor:
+    return batch[:, :, 1:]  # Coded's rows 1..7
+
+
+class GivenData(ImageData):
+    """An `ImageData` whose `dataset()` is the one given (a tensor is wrapped in TensorImages)."""
+
+    def __init__(self, data, **common):
+        super().__init__(**common)
+        self.data = data
+
+    def dataset(self) -> Dataset:
+        return TensorImages(self.data) if isinstance(self.data, torch.Tensor) else self.data
+
+
+def stacked(ds: Dataset) -> torch.Tensor:
+    return torch.stack([ds[i] for i in range(len(ds))])
+
+
+@pytest.mark.parametrize("binarized", [False, True])
+@pytest.mark.parametrize("in_memory, num_workers", [(True, 0), (False, 0), (False, 2)])
+def test_binarizing_stream_never_touches_global_rngs(in_memory, num_workers, binarized):
+    torch.manual_seed(7)
+    np.random.seed(7)
+    random.seed(7)
+    before = _rng_states()
+    s = BatchStream(Coded(30), 4, seed=0, in_memory=in_memory, num_workers=num_workers, binarize=binarized)
+    take(s, 10)
+    s.load_state_dict({"epoch": 3, "batch": 1})
+    take(s, 2)
+    after = _rng_states()
+    assert torch.equal(before[0], after[0])
+    assert np.array_equal(before[1], after[1])
+    assert before[2] == after[2]
+
+
+def test_binarize_gives_plus_minus_one_with_probability_x01():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.full((100, 1, 16, 16), -0.4)  # x01 = 0.3
+    b = binarize(x, gen)
+    assert b.shape == x.shape and b.dtype == torch.float32
+    assert set(b.unique().tolist()) == {-1.0, 1.0}
+    assert ((b + 1) / 2).mean().item() == pytest.approx(0.3, abs=0.01)  # 25,600 draws: sd 0.003
+    # Black and white stay put; the generator's draws decide everything else.
+    assert torch.equal(binarize(torch.full((50, 50), -1.0), gen), torch.full((50, 50), -1.0))
+    assert torch.equal(binarize(torch.full((50, 50), 1.0), gen), torch.full((50, 50), 1.0))
+    assert torch.equal(binarize(x, torch.Generator().manual_seed(0)), b)
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_binarize_none_keeps_the_grey_levels(in_memory):
+    data = GivenData(Coded(8, grey=-0.4), batch_size=4, channels=1, resolution=8, in_memory=in_memory)
+    x = next(data.stream(seed=0))
+    assert torch.equal(grey_part(x), torch.full((4, 1, 7, 8), -0.4))
+
+
+def test_static_binarization_of_real_images_is_fixed():
+    a = Digits(batch_size=8, channels=1, resolution=8, binarize="static").training_dataset().images
+    b = Digits(batch_size=8, channels=1, resolution=8, binarize="static").training_dataset().images
+    grey = Digits(batch_size=8, channels=1, resolution=8).dataset().images
+    assert a.shape == grey.shape == (1797, 1, 8, 8)
+    assert set(a.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(a, b)  # two builds (as in two runs): bit-identical
+    # Pixel by pixel, P(+1) = x01: over all 115,008 pixels the means agree.
+    assert ((a + 1) / 2).mean().item() == pytest.approx(((grey + 1) / 2).mean().item(), abs=0.01)
+    assert torch.equal(a[grey == -1], grey[grey == -1]) and torch.equal(a[grey == 1], grey[grey == 1])
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_static_stream_repeats_each_image_dynamic_redraws_it(in_memory):
+    common = dict(batch_size=4, channels=1, resolution=8, in_memory=in_memory)
+    for mode in ("static", "dynamic"):
+        s = GivenData(Coded(16), binarize=mode, **common).stream(seed=3)
+        seen: dict[int, list[torch.Tensor]] = {}
+        for _ in range(3 * s.batches_per_epoch):  # three epochs: each image three times
+            x = next(s)
+            assert set(x.unique().tolist()) <= {-1.0, 1.0}
+            for i, image in zip(ids(x), x):
+                seen.setdefault(i, []).append(image)
+        assert sorted(seen) == list(range(16)) and all(len(v) == 3 for v in seen.values())
+        for i, images in seen.items():
+            same = [torch.equal(images[0], other) for other in images[1:]]
+            # 56 grey pixels at p = 0.5: two dynamic draws coincide with probability 2**-56.
+            assert all(same) if mode == "static" else not any(same), (mode, i)
+
+
+def test_dynamic_binarization_mean_is_x01():
+    data = GivenData(Coded(64, grey=-0.4), batch_size=16, channels=1, resolution=8, binarize="dynamic")
+    s = data.stream(seed=0)
+    draws = torch.cat([grey_part(next(s)).flatten() for _ in range(60)])  # 53,760 draws of x01 = 0.3
+    assert set(draws.unique().tolist()) == {-1.0, 1.0}
+    assert ((draws + 1) / 2).mean().item() == pytest.approx(0.3, abs=0.01)  # sd 0.002
+    # Every image of a batch gets its own noise, and every batch new noise.
+    x, y = next(s), next(s)
+    assert len({tuple(img.flatten().tolist()) for img in grey_part(x)}) == 16
+    assert not torch.equal(grey_part(x), grey_part(y))
+
+
+@pytest.mark.parametrize("in_memory, num_workers", [(True, 0), (False, 0), (False, 2)])
+@pytest.mark.parametrize("k", [3, 5, 7])  # mid-epoch, at the epoch boundary, in epoch 1
+def test_dynamic_resume_is_bit_identical(in_memory, num_workers, k):
+    ds = Coded(26)  # batch 5 -> 5 batches per epoch
+    kw = dict(seed=11, in_memory=in_memory, num_workers=num_workers, binarize=True)
+    reference = [next(s) for s in [BatchStream(ds, 5, **kw)] for _ in range(k + 6)]
+    first = BatchStream(ds, 5, **kw)
+    for i in range(k):
+        assert torch.equal(next(first), reference[i])
+    resumed = BatchStream(ds, 5, **kw)
+    resumed.load_state_dict(first.state_dict())
+    for i in range(k, k + 6):
+        assert torch.equal(next(resumed), reference[i])
+    # Both paths draw the same noise: in-memory and streamed batches agree bit for bit.
+    other = BatchStream(ds, 5, **{**kw, "in_memory": not in_memory, "num_workers": 0})
+    assert all(torch.equal(next(other), reference[i]) for i in range(k + 6))
+
+
+def test_ranks_binarize_with_their_own_noise():
+    grey = torch.zeros(8, 1, 8, 8)  # identical images: rank 0 and 1 must still differ
+    a = next(BatchStream(TensorImages(grey), 4, seed=0, rank=0, world_size=2, binarize=True))
+    b = next(BatchStream(TensorImages(grey), 4, seed=0, rank=1, world_size=2, binarize=True))
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["dataset", "tensor"])
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_holdout_is_never_streamed_and_heldout_returns_it(kind, in_memory):
+    data_ = Numbered(30) if kind == "dataset" else stacked(Numbered(30))
+    data = GivenData(data_, batch_size=4, channels=1, resolution=4, in_memory=in_memory, holdout=6)
+    assert data.training_size == 24
+    s = data.stream(seed=5)
+    assert s.num_items == 24 and s.batches_per_epoch == 6
+    for _ in range(3):
+        assert sorted(sum(take(s, 6), [])) == list(range(24))  # every training image, no held-out one
+    held = data.heldout()
+    assert held.shape == (6, 1, 2, 2) and held.dtype == torch.float32 and held.device.type == "cpu"
+    assert torch.equal(held, stacked(Numbered(30))[24:])  # the last 6, in file order
+    assert torch.equal(data.heldout(device="cpu"), held)
+
+
+@pytest.mark.parametrize("kind", ["dataset", "tensor"])
+def test_heldout_uses_the_fixed_static_binarization(kind):
+    def make(**kw):
+        data_ = Coded(30) if kind == "dataset" else stacked(Coded(30))
+        return GivenData(data_, batch_size=4, channels=1, resolution=8, **kw)
+
+    everything = stacked(make(binarize="static").training_dataset())  # holdout=0: all 30, binarized
+    assert set(everything.unique().tolist()) == {-1.0, 1.0}
+    for mode in ("static", "dynamic"):
+        held = make(binarize=mode, holdout=6).heldout()
+        assert ids(held) == list(range(24, 30))
+        assert torch.equal(held, everything[24:])  # the same images a static run holds, whatever the mode
+    assert torch.equal(stacked(make(binarize="static", holdout=6).training_dataset()), everything[:24])
+    assert torch.equal(make(holdout=6).heldout(), stacked(Coded(30))[24:])  # binarize=none: grey kept
+    # Both code paths (tensor and lazily binarized dataset) give the same bits.
+    other = stacked(Coded(30)) if kind == "dataset" else Coded(30)
+    twin = GivenData(other, batch_size=4, channels=1, resolution=8, binarize="static")
+    assert torch.equal(stacked(twin.training_dataset()), everything)
+
+
+def test_heldout_and_streams_never_touch_global_rngs():
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    for mode in ("static", "dynamic"):
+        data = GivenData(Coded(30), batch_size=4, channels=1, resolution=8, binarize=mode, holdout=6)
+        data.heldout()
+        take(data.stream(seed=0), 9)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_holdout_errors():
+    def make(holdout):
+        return GivenData(Numbered(30), batch_size=4, channels=1, resolution=4, holdout=holdout)
+
+    assert make(26).training_size == 4  # exactly one batch left is fine
+    for holdout, left in ((27, 3), (40, 0)):
+        msg = (
+            rf"data\.holdout={holdout} leaves {left} of the dataset's 30 images for training, less than one "
+            rf"batch \(data\.batch_size=4\); data\.holdout must be at most 26"
+        )
+        with pytest.raises(DataError, match=msg):
+            make(holdout).stream(seed=0)
+        with pytest.raises(DataError, match=msg):
+            make(holdout).heldout()
+    with pytest.raises(DataError, match=r"^data\.holdout=0: no held-out images; train with data\.holdout=N$"):
+        make(0).heldout()
+
+
+# ----------------------------------------------------------------------------------------------
+# MNIST IDX files directly under data.root/raw
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file of unsigned bytes (gzipped if the name ends in .gz), as MNIST ships them."""
+    magic = {1: 2049, 3: 2051}[array.ndim]
+    blob = struct.pack(f">{1 + array.ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(blob) if path.suffix == ".gz" else blob)
+
+
+def fake_split(folder: Path, n: int, *, gz: bool = True, split: str = "t10k", offset: int = 0) -> np.ndarray:
+    images = (np.arange(n * 28 * 28).reshape(n, 28, 28) * 7 + offset) % 256
+    suffix = ".gz" if gz else ""
+    write_idx(folder / f"{split}-images-idx3-ubyte{suffix}", images)
+    write_idx(folder / f"{split}-labels-idx1-ubyte{suffix}", np.arange(n) % 10)
+    return images
+
+
+NATIVE = dict(batch_size=4, channels=1, resolution=28)  # MNIST's own size: no resizing
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under root (root included) with its mtime and size: any write shows up."""
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in [root, *root.rglob("*")]}
+
+
+@pytest.mark.parametrize("gz", [True, False])
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+@pytest.mark.parametrize("download", [True, False])
+def test_idx_files_directly_under_root_raw(tmp_path, no_network, gz, name, download):
+    images = fake_split(tmp_path / "raw", 5, gz=gz)
+    before = snapshot(tmp_path)
+    data = TorchvisionImages(name=name, root=str(tmp_path), split="test", download=download, **NATIVE)
+    ds = data.dataset()
+    assert len(ds) == 5
+    for i in range(5):  # native 28 px: byte k -> k / 127.5 - 1, nothing resized
+        torch.testing.assert_close(ds[i][0], torch.from_numpy(images[i]).float() / 127.5 - 1, atol=1e-6, rtol=0)
+    assert snapshot(tmp_path) == before and no_network == []  # read in place: nothing fetched or written
+
+
+def test_torchvision_layout_is_preferred_over_root_raw(tmp_path, no_network):
+    nested = fake_split(tmp_path / "MNIST" / "raw", 3, offset=1)
+    fake_split(tmp_path / "raw", 5)
+    ds = TorchvisionImages(name="mnist", root=str(tmp_path), split="test", download=False, **NATIVE)
+    assert len(ds.dataset()) == 3
+    assert torch.equal(((ds.dataset()[2][0] + 1) * 127.5).round(), torch.from_numpy(nested[2]).float())
+    # The other split is not there at all: the usual error, naming both places.
+    train = TorchvisionImages(name="mnist", root=str(tmp_path), split="train", download=False, **COMMON)
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\[\.gz\] and train-labels-idx1-ubyte\[\.gz\] there "):
+        train.dataset()
+    with pytest.raises(DataError, match=r"\(in MNIST/raw/ or raw/\), or train offline"):
+        train.dataset()
+
+
+def test_broken_idx_files_name_the_file(tmp_path, no_network):
+    raw = tmp_path / "raw"
+    fake_split(raw, 4, gz=False)
+    images = raw / "t10k-images-idx3-ubyte"
+    data = TorchvisionImages(name="mnist", root=str(tmp_path), split="test", download=False, **COMMON)
+
+    images.write_bytes(images.read_bytes()[:-10])
+    with pytest.raises(
+        DataError, match=rf"'{images}' holds 3126 bytes of data but its header says 4x28x28; .*truncated"
+    ):
+        data.dataset()
+    images.write_bytes(struct.pack(">4I", 2049, 1, 28, 28) + bytes(784))
+    with pytest.raises(DataError, match=r"is not an IDX file of 3-d unsigned bytes \(magic 2049, expected 2051\)"):
+        data.dataset()
+    fake_split(raw, 3, gz=False)
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.arange(4))
+    with pytest.raises(DataError, match=r"3 images but 4 labels in '.*raw': the files do not belong together"):
+        data.dataset()
+    gz = raw / "t10k-images-idx3-ubyte.gz"
+    images.unlink()
+    gz.write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match=r"could not read the IDX file '.*t10k-images-idx3-ubyte\.gz' \(BadGzipFile"):
+        data.dataset()
+
+
+def test_read_idx_matches_the_shared_pngs(mnist_dir):
+    images = read_idx(mnist_dir / "raw" / "t10k-images-idx3-ubyte.gz", 2051)
+    labels = read_idx(mnist_dir / "raw" / "t10k-labels-idx1-ubyte.gz", 2049)
+    assert images.shape == (10_000, 28, 28) and images.dtype == torch.uint8 and labels.shape == (10_000,)
+    for i in (0, 1, 4321, 9999):
+        png = mnist_dir / "png" / str(int(labels[i])) / f"{i:05d}.png"
+        assert torch.equal(images[i], torch.from_numpy(np.array(Image.open(png).convert("L"))))
+
+
+def test_shared_mnist_root_raw_layout_protocol(mnist_dir, no_network):
+    """The benchmark protocol: `data=mnist data.root=<shared>/mnist-t10k data.split=test
+    data.download=false data.holdout=2000 data.binarize=dynamic model.resolution=28`."""
+    from hydra.utils import instantiate
+
+    from tests.conftest import make_cfg
+
+    before = snapshot(mnist_dir)
+    common = dict(name="mnist", root=str(mnist_dir), split="test", resolution=28, channels=1, batch_size=64)
+    ds = TorchvisionImages(download=False, **common).dataset()
+    assert len(ds) == 10_000
+    pngs = {int(p.stem): p for p in (mnist_dir / "png").glob("*/*.png")}
+    assert sorted(pngs) == list(range(10_000))  # png/<label>/<test-set index>.png
+    for i in range(0, 10_000, 500):  # 20 images: exactly the PNG's bytes k as k / 127.5 - 1
+        pixels = torch.from_numpy(np.asarray(Image.open(pngs[i]).convert("L"), dtype=np.float32))
+        x = ds[i]
+        assert x.shape == (1, 28, 28)
+        torch.testing.assert_close(x[0], pixels / 127.5 - 1, atol=1e-6, rtol=0)
+        assert torch.equal(((x[0] + 1) * 127.5).round(), pixels)
+
+    plain = TorchvisionImages(download=True, holdout=2000, **common)  # download=true: files found, nothing fetched
+    assert plain.training_size == 8000
+    held = plain.heldout()
+    assert held.shape == (2000, 1, 28, 28)
+    for i in (0, 1, 1999):
+        assert torch.equal(held[i], ds[8000 + i])
+    s = plain.stream(seed=0)
+    assert s.num_items == 8000 and torch.equal(s._data[-1], ds[7999]) and torch.equal(s._data[0], ds[0])
+
+    cfg = make_cfg(
+        "data=mnist",
+        f"data.root={mnist_dir}",
+        "data.split=test",
+        "data.download=false",
+        "data.holdout=2000",
+        "data.binarize=dynamic",
+        "model.resolution=28",
+        tiny=False,
+    )
+    data = instantiate(cfg.data)
+    assert (data.resolution, data.binarize, data.holdout, data.training_size) == (28, "dynamic", 2000, 8000)
+    binary = data.heldout()
+    assert binary.shape == (2000, 1, 28, 28) and set(binary.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(binary, data.heldout())
+    x = next(data.stream(seed=0))
+    assert x.shape == (64, 1, 28, 28) and set(x.unique().tolist()) == {-1.0, 1.0}
+    assert snapshot(mnist_dir) == before and no_network == []
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_dynamic_binarization_on_cuda(in_memory):
+    kw = dict(seed=0, device="cuda", in_memory=in_memory, binarize=True)
+    s = BatchStream(Coded(64, grey=-0.4), 16, **kw)
+    batches = [next(s) for _ in range(8)]
+    assert all(x.device.type == "cuda" for x in batches)
+    draws = torch.cat([grey_part(x).flatten() for x in batches])
+    assert set(draws.unique().tolist()) == {-1.0, 1.0}
+    assert ((draws + 1) / 2).mean().item() == pytest.approx(0.3, abs=0.015)
+    resumed = BatchStream(Coded(64, grey=-0.4), 16, **kw)
+    resumed.load_state_dict({"epoch": 0, "batch": 5})
+    assert all(torch.equal(next(resumed), x) for x in batches[5:])
