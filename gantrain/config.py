@@ -183,6 +183,92 @@ class MLPConfig:
     d: MLPDiscriminatorConfig = field(default_factory=MLPDiscriminatorConfig)
 
 
+# VAE family (gantrain.models.vae): the VAE is the container's g; d is null (vae, vae_mlp) or a
+# discriminator (vaegan).
+@dataclass
+class ConvEncoderConfig:
+    _target_: str = "gantrain.models.vae.ConvEncoder"
+    channels: int = 1
+    resolution: int = 32
+    ndf: int = 64
+    latent_dim: int = 32
+    norm: str = "none"
+
+
+@dataclass
+class ConvDecoderConfig:
+    _target_: str = "gantrain.models.vae.ConvDecoder"
+    channels: int = 1
+    resolution: int = 32
+    ngf: int = 64
+    latent_dim: int = 32
+    norm: str = "none"
+
+
+@dataclass
+class MLPEncoderConfig:
+    _target_: str = "gantrain.models.vae.MLPEncoder"
+    channels: int = 1
+    resolution: int = 28
+    hidden: List[int] = field(default_factory=lambda: [400])
+    latent_dim: int = 40
+    activation: str = "relu"
+
+
+@dataclass
+class MLPDecoderConfig:
+    _target_: str = "gantrain.models.vae.MLPDecoder"
+    channels: int = 1
+    resolution: int = 28
+    hidden: List[int] = field(default_factory=lambda: [400])
+    latent_dim: int = 40
+    activation: str = "relu"
+
+
+@dataclass
+class VAEConfig:
+    _target_: str = "gantrain.models.vae.VAE"
+    latent_dim: int = 32
+    likelihood: str = "bernoulli"  # bernoulli (decoder logits) | gaussian (decoder means)
+    encoder: Any = MISSING
+    decoder: Any = MISSING
+
+
+@dataclass
+class ConvVAEConfig(VAEConfig):
+    encoder: ConvEncoderConfig = field(default_factory=ConvEncoderConfig)
+    decoder: ConvDecoderConfig = field(default_factory=ConvDecoderConfig)
+
+
+@dataclass
+class MLPVAEConfig(VAEConfig):
+    encoder: MLPEncoderConfig = field(default_factory=MLPEncoderConfig)
+    decoder: MLPDecoderConfig = field(default_factory=MLPDecoderConfig)
+
+
+@dataclass
+class VAEModelConfig:
+    _target_: str = "gantrain.models.GAN"
+    resolution: int = 32
+    channels: int = 1
+    latent_dim: int = 32
+    init: str = "torch"
+    g: ConvVAEConfig = field(default_factory=ConvVAEConfig)
+    d: Optional[Any] = None
+
+
+@dataclass
+class MLPVAEModelConfig(VAEModelConfig):
+    resolution: int = 28
+    latent_dim: int = 40
+    g: MLPVAEConfig = field(default_factory=MLPVAEConfig)
+
+
+@dataclass
+class VAEGANModelConfig(VAEModelConfig):
+    d: DCGANDiscriminatorConfig = field(default_factory=DCGANDiscriminatorConfig)
+
+
 # ----------------------------------------------------------------------------- loss
 @dataclass
 class BCEConfig:
@@ -276,6 +362,49 @@ class HingeObjectiveConfig(GANObjectiveConfig):
 @dataclass
 class LeastSquaresObjectiveConfig(GANObjectiveConfig):
     adversarial: LeastSquaresConfig = field(default_factory=LeastSquaresConfig)
+
+
+# VAE objectives (gantrain.vae_objective): reconstruction terms, each off at weight 0.
+@dataclass
+class BernoulliReconConfig:
+    _target_: str = "gantrain.vae_objective.BernoulliRecon"
+    weight: float = 0.0
+
+
+@dataclass
+class GaussianReconConfig:
+    _target_: str = "gantrain.vae_objective.GaussianRecon"
+    weight: float = 0.0
+    sigma: Optional[float] = None  # fixed sigma on [0, 1] pixels; null: the per-image ML sigma (sigma-VAE)
+
+
+@dataclass
+class PerceptualReconConfig:
+    _target_: str = "gantrain.vae_objective.PerceptualRecon"
+    weight: float = 0.0
+    layer: str = "relu3_3"
+    weights: str = "imagenet"
+    weights_path: Optional[str] = None
+
+
+@dataclass
+class VAEObjectiveConfig:
+    _target_: str = "gantrain.vae_objective.VAEObjective"
+    beta: float = 1.0
+    kl_warmup_steps: int = 0
+    free_bits: float = 0.0
+    bce: BernoulliReconConfig = field(default_factory=BernoulliReconConfig)
+    gaussian: GaussianReconConfig = field(default_factory=GaussianReconConfig)
+    perceptual: PerceptualReconConfig = field(default_factory=PerceptualReconConfig)
+
+
+@dataclass
+class VAEGANObjectiveConfig(BCEObjectiveConfig):
+    _target_: str = "gantrain.vae_objective.VAEGANObjective"
+    feature_weight: float = 1.0
+    beta: float = 1.0
+    kl_warmup_steps: int = 0
+    free_bits: float = 0.0
 
 
 # ----------------------------------------------------------------------------- optim
@@ -466,13 +595,23 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "ring8": RingConfig,
         "grid25": GridConfig,
     },
-    "model": {"dcgan": DCGANConfig, "resnet": ResNetConfig, "mlp": MLPConfig},
+    "model": {
+        "dcgan": DCGANConfig,
+        "resnet": ResNetConfig,
+        "mlp": MLPConfig,
+        "vae": VAEModelConfig,
+        "vae_mlp": MLPVAEModelConfig,
+        "vaegan": VAEGANModelConfig,
+    },
     "loss": {
         "bce": BCEObjectiveConfig,
         "wasserstein": WassersteinObjectiveConfig,
         "wgan_gp": WassersteinObjectiveConfig,
         "hinge": HingeObjectiveConfig,
         "lsgan": LeastSquaresObjectiveConfig,
+        "vae": VAEObjectiveConfig,
+        "vae_gaussian": VAEObjectiveConfig,
+        "vaegan": VAEGANObjectiveConfig,
     },
     "optim": {
         "adam": AdamPairConfig,

@@ -15,26 +15,36 @@ class GAN(nn.Module):
     Args:
         g: maps noise ``(B, *g.latent_shape)`` to images ``(B, channels, resolution, resolution)``
             (or to vectors ``(B, dim)`` for the MLP models).
-        d: maps samples to one logit/score per sample ``(B,)``.
+        d: maps samples to one logit/score per sample ``(B,)``; None for a VAE trained alone (its
+            encoder and decoder are ``g``, a :class:`gantrain.models.vae.VAE`).
         resolution, channels: the image shape both networks were built for (checked here, so a
             mismatched override fails at construction, not as a shape error mid-step). ``None`` (the
             MLP models, which have no image shape) skips the check of that value.
         init: weight init applied to both networks, see :data:`gantrain.models.INIT_SCHEMES`.
         dim: the vector size of non-image samples (MLP models), checked against ``g.dim`` and
             ``d.dim`` the same way; ``None`` skips the check.
+        latent_dim: the VAE's latent size, checked against ``g.latent_shape``; ``None`` skips the check.
     """
 
     def __init__(
         self,
         g: nn.Module,
-        d: nn.Module,
+        d: nn.Module | None = None,
         resolution: int | None = None,
         channels: int | None = None,
         init: str = "normal_0.02",
         dim: int | None = None,
+        latent_dim: int | None = None,
     ):
         super().__init__()
+        if latent_dim is not None and tuple(getattr(g, "latent_shape", (latent_dim,))) != (latent_dim,):
+            raise ConfigError(
+                f"model.g draws latents of shape {tuple(g.latent_shape)} but model.latent_dim={latent_dim}; "
+                "keep them equal (they interpolate by default)"
+            )
         for name, net in (("g", g), ("d", d)):
+            if net is None:  # a VAE alone: the generator is the whole model
+                continue
             if resolution is not None or channels is not None:
                 want = (resolution, channels)
                 got = (getattr(net, "resolution", resolution), getattr(net, "channels", channels))
@@ -48,7 +58,7 @@ class GAN(nn.Module):
                     f"model.{name} is built for {net.dim}-dimensional samples but model.dim={dim}; "
                     "keep them equal (they interpolate by default)"
                 )
-        self.g, self.d = initialize(g, init), initialize(d, init)
+        self.g, self.d = initialize(g, init), (None if d is None else initialize(d, init))
         self.resolution, self.channels, self.dim = resolution, channels, dim
 
     def noise(

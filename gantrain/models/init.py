@@ -8,7 +8,7 @@ from torch.nn.utils import parametrize
 
 from gantrain.errors import ConfigError
 
-INIT_SCHEMES = ("normal_0.02", "xavier", "kaiming", "orthogonal")
+INIT_SCHEMES = ("normal_0.02", "xavier", "kaiming", "orthogonal", "torch")
 
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm)
@@ -42,13 +42,16 @@ def initialize(module: nn.Module, scheme: str) -> nn.Module:
 
     ``normal_0.02`` is Radford et al.'s DCGAN init (weights N(0, 0.02), norm gains N(1, 0.02));
     the others use torch's ``xavier_normal_``, ``kaiming_normal_`` (LeakyReLU 0.2) and
-    ``orthogonal_`` with norm gains at 1. A spectrally normalised weight has its unnormalised
+    ``orthogonal_`` with norm gains at 1; ``torch`` leaves PyTorch's per-layer defaults.
+    A spectrally normalised weight has its unnormalised
     ``parametrizations.weight.original`` initialised (and its power iteration re-run).
     Parameters of other layers (e.g. :class:`~gantrain.models.layers.MinibatchDiscrimination`'s ``T``)
     keep their own init.
     """
     if scheme not in INIT_SCHEMES:
         raise ConfigError(f"model.init: unknown scheme {scheme!r}; allowed: {', '.join(INIT_SCHEMES)}")
+    if scheme == "torch":  # keep every layer's own PyTorch default init (the usual choice for VAEs)
+        return module
     for m in module.modules():
         if isinstance(m, _WEIGHTED):
             w = _raw_weight(m)

@@ -1,0 +1,316 @@
+"""Variational autoencoder (Kingma & Welling 2014): encoders, decoders and the :class:`VAE` container.
+
+Images arrive in the data range [-1, 1]. An encoder maps them to ``(B, 2 * latent_dim)``, read as the
+posterior mean and log-variance ``(mu, logvar)`` of a diagonal Gaussian q(z | x); a decoder maps a latent
+``(B, latent_dim)`` to raw per-pixel parameters ``(B, C, R, R)`` of p(x | z) over ``x01 = (x + 1) / 2``
+in [0, 1]: Bernoulli logits or Gaussian means (``VAE.likelihood``). ``VAE.forward(z)`` turns them into
+images in [-1, 1], so a VAE can stand in for a generator ``g`` wherever samples are drawn from
+``g(z)`` with ``z ~ N(0, I)`` of shape ``(n, *g.latent_shape)`` (e.g. :meth:`gantrain.models.GAN.sample`).
+
+Families: :class:`ConvEncoder` / :class:`ConvDecoder` mirror the DCGAN discriminator / generator shapes
+(32 or 64 px); :class:`MLPEncoder` / :class:`MLPDecoder` are fully connected (e.g. the classic
+784-400-40 MNIST VAE). All layers keep torch's default init; a container may re-initialise them
+(:func:`gantrain.models.initialize`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from gantrain.errors import ConfigError
+from gantrain.models.layers import NORMS, check_int, norm_layer
+
+ENCODER_KEY = "model.g.encoder"
+DECODER_KEY = "model.g.decoder"
+
+ENCODER_NORMS = NORMS  # batch | layer | instance | none
+DECODER_NORMS = ("batch", "none")
+CONV_RESOLUTIONS = (32, 64)
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU}
+LIKELIHOODS = ("bernoulli", "gaussian")
+
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+
+
+# ----------------------------------------------------------------------------- argument checks
+def _check_conv_resolution(resolution: int) -> int:
+    """The number of stride-2 layers (3 at 32 px, 4 at 64 px), else a :class:`ConfigError`."""
+    if isinstance(resolution, bool) or resolution not in CONV_RESOLUTIONS:
+        raise ConfigError(
+            f"model.resolution={resolution!r}: the conv VAE supports {' or '.join(map(str, CONV_RESOLUTIONS))} px"
+        )
+    return 3 if resolution == 32 else 4
+
+
+def _check_norm(norm: str, allowed: tuple[str, ...], key: str) -> str:
+    if norm not in allowed:
+        raise ConfigError(f"{key}={norm!r}; allowed: {', '.join(allowed)}")
+    return norm
+
+
+def _check_hidden(hidden: Sequence[int], key: str) -> list[int]:
+    """``hidden`` (list, tuple or OmegaConf ListConfig) as a non-empty list of ints >= 1."""
+    if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
+        raise ConfigError(f"{key}={hidden!r}: must be a list of layer widths, e.g. [400]")
+    sizes = [check_int(f"{key}[{i}]", h, 1) for i, h in enumerate(hidden)]
+    if not sizes:
+        raise ConfigError(f"{key}=[]: needs at least one hidden layer width, e.g. [400]")
+    return sizes
+
+
+def _activation(name: str, key: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"{key}={name!r}; allowed: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+# ----------------------------------------------------------------------------- conv encoder / decoder
+class ConvEncoder(nn.Module):
+    """Strided-conv encoder: ``(B, channels, R, R)`` images in [-1, 1] -> ``(B, 2 * latent_dim)`` = ``[mu, logvar]``.
+
+    The DCGAN discriminator's body (kernel 4, stride 2, padding 1): at 32 px
+    ``Conv(C, ndf) LReLU(0.2) -> Conv(ndf, 2ndf) [norm] LReLU -> Conv(2ndf, 4ndf) [norm] LReLU``
+    gives ``(B, 4ndf, 4, 4)``; 64 px adds one more layer (widths ndf, 2ndf, 4ndf, 8ndf). Then flatten and
+    ``Linear(width * 16, 2 * latent_dim)``. The first conv has no norm, and a conv right before a norm
+    has no bias.
+
+    ``norm``: ``none`` (default; each sample's ELBO is then independent of the rest of the batch),
+    ``batch``, ``layer`` (GroupNorm(1, C)) or ``instance``.
+    """
+
+    def __init__(
+        self, channels: int = 1, resolution: int = 32, ndf: int = 64, latent_dim: int = 32, norm: str = "none"
+    ):
+        super().__init__()
+        check_int("model.channels", channels, 1)
+        n = _check_conv_resolution(resolution)
+        check_int(f"{ENCODER_KEY}.ndf", ndf, 1)
+        check_int("model.latent_dim", latent_dim, 1)
+        _check_norm(norm, ENCODER_NORMS, f"{ENCODER_KEY}.norm")
+        widths = [ndf * 2**i for i in range(n)]  # [ndf, 2ndf, 4ndf] at 32 px
+        bias = norm == "none"
+        layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        for c_in, c_out in zip(widths, widths[1:]):
+            layers += [
+                nn.Conv2d(c_in, c_out, 4, 2, 1, bias=bias),
+                norm_layer(norm, c_out, f"{ENCODER_KEY}.norm"),
+                nn.LeakyReLU(0.2, True),
+            ]
+        layers += [nn.Flatten(1), nn.Linear(widths[-1] * 4 * 4, 2 * latent_dim)]
+        self.net = nn.Sequential(*layers)
+        self.channels, self.resolution, self.latent_dim = channels, resolution, latent_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, R, R)`` -> ``(B, 2 * latent_dim)``."""
+        return self.net(x)
+
+
+class ConvDecoder(nn.Module):
+    """Transposed-conv decoder: ``(B, latent_dim)`` -> raw ``(B, channels, R, R)`` (no output activation).
+
+    The DCGAN generator with a Linear stem: at 32 px ``Linear(latent_dim, 4ngf * 4 * 4)``, reshape to
+    ``(B, 4ngf, 4, 4)``, ``[norm] ReLU -> ConvT(4ngf, 2ngf) [norm] ReLU -> ConvT(2ngf, ngf) [norm] ReLU ->
+    ConvT(ngf, C)`` (kernel 4, stride 2, padding 1: 4 -> 8 -> 16 -> 32); 64 px starts at 8ngf and adds one
+    layer. The output is Bernoulli logits or Gaussian means of the pixels in [0, 1], as the :class:`VAE`'s
+    ``likelihood`` says. ``norm``: ``none`` (default) or ``batch``; a layer right before a norm has no bias.
+    """
+
+    def __init__(
+        self, channels: int = 1, resolution: int = 32, ngf: int = 64, latent_dim: int = 32, norm: str = "none"
+    ):
+        super().__init__()
+        check_int("model.channels", channels, 1)
+        n = _check_conv_resolution(resolution)
+        check_int(f"{DECODER_KEY}.ngf", ngf, 1)
+        check_int("model.latent_dim", latent_dim, 1)
+        _check_norm(norm, DECODER_NORMS, f"{DECODER_KEY}.norm")
+        widths = [ngf * 2 ** (n - 1 - i) for i in range(n)]  # [4ngf, 2ngf, ngf] at 32 px
+        bias = norm == "none"
+        layers: list[nn.Module] = [
+            nn.Linear(latent_dim, widths[0] * 4 * 4, bias=bias),
+            nn.Unflatten(1, (widths[0], 4, 4)),
+            norm_layer(norm, widths[0], f"{DECODER_KEY}.norm"),
+            nn.ReLU(True),
+        ]
+        for c_in, c_out in zip(widths, widths[1:]):
+            layers += [
+                nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=bias),
+                norm_layer(norm, c_out, f"{DECODER_KEY}.norm"),
+                nn.ReLU(True),
+            ]
+        layers.append(nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1))  # (B, C, R, R), raw
+        self.net = nn.Sequential(*layers)
+        self.channels, self.resolution, self.latent_dim = channels, resolution, latent_dim
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """``(B, latent_dim)`` -> ``(B, C, R, R)`` raw."""
+        return self.net(z)
+
+
+# ----------------------------------------------------------------------------- MLP encoder / decoder
+class MLPEncoder(nn.Module):
+    """Fully connected encoder: ``(B, channels, R, R)`` -> ``(B, 2 * latent_dim)`` = ``[mu, logvar]``.
+
+    Flatten to ``C * R * R``, then ``[Linear(., h), act]`` for every width ``h`` in ``hidden``, then
+    ``Linear(hidden[-1], 2 * latent_dim)``. ``activation``: relu | tanh | softplus | elu.
+    Any ``resolution`` >= 4. ``hidden`` may be a list, tuple or OmegaConf ListConfig of ints >= 1.
+    """
+
+    def __init__(
+        self,
+        channels: int = 1,
+        resolution: int = 28,
+        hidden: Sequence[int] = (400,),
+        latent_dim: int = 40,
+        activation: str = "relu",
+    ):
+        super().__init__()
+        check_int("model.channels", channels, 1)
+        check_int("model.resolution", resolution, 4)
+        check_int("model.latent_dim", latent_dim, 1)
+        sizes = _check_hidden(hidden, f"{ENCODER_KEY}.hidden")
+        _activation(activation, f"{ENCODER_KEY}.activation")  # validate before building
+        layers: list[nn.Module] = [nn.Flatten(1)]
+        for h_in, h_out in zip([channels * resolution * resolution, *sizes], sizes):
+            layers += [nn.Linear(h_in, h_out), _activation(activation, f"{ENCODER_KEY}.activation")]
+        layers.append(nn.Linear(sizes[-1], 2 * latent_dim))
+        self.net = nn.Sequential(*layers)
+        self.channels, self.resolution, self.latent_dim = channels, resolution, latent_dim
+        self.hidden = sizes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, R, R)`` -> ``(B, 2 * latent_dim)``."""
+        return self.net(x)
+
+
+class MLPDecoder(nn.Module):
+    """Fully connected decoder: ``(B, latent_dim)`` -> raw ``(B, channels, R, R)`` (no output activation).
+
+    ``[Linear(., h), act]`` for every width ``h`` in ``hidden``, then ``Linear(hidden[-1], C * R * R)``
+    reshaped to ``(B, C, R, R)``. Same arguments and checks as :class:`MLPEncoder`.
+    """
+
+    def __init__(
+        self,
+        channels: int = 1,
+        resolution: int = 28,
+        hidden: Sequence[int] = (400,),
+        latent_dim: int = 40,
+        activation: str = "relu",
+    ):
+        super().__init__()
+        check_int("model.channels", channels, 1)
+        check_int("model.resolution", resolution, 4)
+        check_int("model.latent_dim", latent_dim, 1)
+        sizes = _check_hidden(hidden, f"{DECODER_KEY}.hidden")
+        _activation(activation, f"{DECODER_KEY}.activation")
+        layers: list[nn.Module] = []
+        for h_in, h_out in zip([latent_dim, *sizes], sizes):
+            layers += [nn.Linear(h_in, h_out), _activation(activation, f"{DECODER_KEY}.activation")]
+        layers += [
+            nn.Linear(sizes[-1], channels * resolution * resolution),
+            nn.Unflatten(1, (channels, resolution, resolution)),
+        ]
+        self.net = nn.Sequential(*layers)
+        self.channels, self.resolution, self.latent_dim = channels, resolution, latent_dim
+        self.hidden = sizes
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """``(B, latent_dim)`` -> ``(B, C, R, R)`` raw."""
+        return self.net(z)
+
+
+# ----------------------------------------------------------------------------- the VAE
+class VAE(nn.Module):
+    """An ``encoder`` q(z | x) and a ``decoder`` p(x | z) sharing a ``latent_dim``-dimensional latent.
+
+    Args:
+        encoder: ``(B, C, R, R)`` images in [-1, 1] -> ``(B, 2 * latent_dim)``, split into ``(mu, logvar)``.
+        decoder: ``(B, latent_dim)`` -> raw ``(B, C, R, R)``.
+        latent_dim: checked against ``encoder.latent_dim`` / ``decoder.latent_dim`` where they exist.
+        likelihood: what the decoder's raw output parameterises, over the pixels rescaled to [0, 1]
+            (``x01 = (x + 1) / 2``): ``bernoulli`` (logits of x01) or ``gaussian`` (the mean of x01).
+
+    Attributes: ``channels``, ``resolution`` (from the decoder, else the encoder, else ``None``),
+    ``latent_dim``, ``latent_shape = (latent_dim,)`` (prior noise is ``(n, *latent_shape)`` from N(0, I)),
+    ``likelihood``, ``encoder``, ``decoder``.
+
+    ``forward(z)`` returns images in [-1, 1] (the likelihood's mean), so ``VAE`` works as the ``g`` of a
+    :class:`~gantrain.models.GAN`; the ELBO needs :meth:`encode`, :meth:`reparameterize` and :meth:`decode`.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, latent_dim: int, likelihood: str = "bernoulli"):
+        super().__init__()
+        check_int("model.latent_dim", latent_dim, 1)
+        if likelihood not in LIKELIHOODS:
+            raise ConfigError(f"model.g.likelihood={likelihood!r}; allowed: {', '.join(LIKELIHOODS)}")
+        for name, net in (("encoder", encoder), ("decoder", decoder)):
+            have = getattr(net, "latent_dim", latent_dim)
+            if have != latent_dim:
+                raise ConfigError(
+                    f"model.g.{name} is built for latent_dim={have} but model.latent_dim={latent_dim}; keep them equal"
+                )
+        for attr in ("channels", "resolution"):
+            enc, dec = getattr(encoder, attr, None), getattr(decoder, attr, None)
+            if enc is not None and dec is not None and enc != dec:
+                raise ConfigError(
+                    f"model.g.encoder.{attr}={enc} but model.g.decoder.{attr}={dec}; keep both equal to model.{attr}"
+                )
+        self.encoder, self.decoder = encoder, decoder
+        self.channels = getattr(decoder, "channels", getattr(encoder, "channels", None))
+        self.resolution = getattr(decoder, "resolution", getattr(encoder, "resolution", None))
+        self.latent_dim = latent_dim
+        self.latent_shape = (latent_dim,)
+        self.likelihood = likelihood
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, C, R, R)`` images in [-1, 1] -> posterior ``(mu, logvar)``, each ``(B, latent_dim)``.
+
+        ``logvar`` is clamped to [-30, 20] (std in [3e-7, 2.2e4]) so that ``exp`` in the reparameterisation
+        and the KL term cannot overflow or underflow; outside that range its gradient is zero.
+        """
+        h = self.encoder(x)
+        if h.dim() != 2 or h.shape[1] != 2 * self.latent_dim:
+            raise ValueError(
+                f"the encoder must return (B, 2 * latent_dim) = (B, {2 * self.latent_dim}), got {tuple(h.shape)}"
+            )
+        mu, logvar = h.chunk(2, dim=1)
+        return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
+
+    @staticmethod
+    def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """A sample ``z = mu + exp(0.5 * logvar) * eps``, ``eps ~ N(0, I)``, same shape as ``mu``.
+
+        ``eps`` comes from ``torch.randn_like`` (the global training RNG: reproducible under
+        ``torch.manual_seed``); gradients flow to ``mu`` (1) and ``logvar`` (``0.5 * std * eps``).
+        """
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``(B, latent_dim)`` -> the decoder's raw ``(B, C, R, R)``: Bernoulli logits or Gaussian means of x01."""
+        return self.decoder(z)
+
+    def to_images(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw decoder output -> images in [-1, 1], the mean of p(x | z) mapped back to the data range.
+
+        ``bernoulli``: ``2 * sigmoid(logits) - 1``; ``gaussian``: ``2 * mean.clamp(0, 1) - 1``.
+        """
+        if self.likelihood == "bernoulli":
+            return 2.0 * torch.sigmoid(raw) - 1.0
+        return 2.0 * raw.clamp(0.0, 1.0) - 1.0
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents ``(B, latent_dim)`` -> images ``(B, C, R, R)`` in [-1, 1] (what sample grids show)."""
+        return self.to_images(self.decode(z))
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, R, R)`` images in [-1, 1] -> reconstructions in [-1, 1] decoded from the posterior mean.
+
+        Deterministic (no sampling). It neither switches to eval mode nor disables autograd: for grids,
+        call it under ``torch.no_grad()`` with the model in eval mode.
+        """
+        mu, _ = self.encode(x)
+        return self.to_images(self.decode(mu))
