@@ -31,6 +31,8 @@ class GANObjective(nn.Module):
     ``loss/G/adv``, ``loss/G/<term>``, ``D(x)`` and ``D(G(z))``.
     """
 
+    networks = ("g", "d")  # the model's networks this objective trains (each gets optim.<name>)
+
     def __init__(self, adversarial: AdversarialLoss, **terms: Penalty | GeneratorTerm | None):
         super().__init__()
         self.adversarial = adversarial

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from gantrain.config import OPTIM_EXTRA_KEYS, register
 from gantrain.errors import ConfigError, GantrainError
 from gantrain.optim import make_optimizer
+from gantrain.sampling import interpolation_strip, reconstruction_grid
 from gantrain.trainer import Trainer, resolve_device
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -51,7 +53,14 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
     model = instantiate(cfg.model).to(device)  # device placement happens here and only here
     objective = instantiate(cfg.loss).to(device)  # fixed networks inside terms (VGG) move too
     optimizers, extras = {}, {}
-    for name in cfg.optim:  # optim.<network>: a torch.optim partial plus our per-network keys
+    networks = getattr(objective, "networks", tuple(cfg.optim))
+    missing = [n for n in networks if n not in cfg.optim]
+    if missing:
+        raise ConfigError(f"optim: {type(objective).__name__} trains {list(networks)} but optim has no {missing}")
+    unused = [n for n in cfg.optim if n not in networks]
+    if unused:
+        log.info("optim.%s: not used, %s trains only %s", "/".join(unused), type(objective).__name__, list(networks))
+    for name in networks:  # optim.<network>: a torch.optim partial plus our per-network keys
         node = OmegaConf.to_container(cfg.optim[name], resolve=True)
         extras[name] = {key: node.pop(key) for key in OPTIM_EXTRA_KEYS if key in node}
         lookahead = extras[name].get("lookahead") or {}
@@ -82,6 +91,10 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
             data.num_eval_samples, device, generator=torch.Generator(device).manual_seed(cfg.seed + 1)
         )
         evaluator = lambda: data.evaluate(model.sample(eval_noise))
+    sampler = lambda: {"samples": data.render(model.sample(fixed_noise))}  # noqa: E731
+    if hasattr(model.g, "reconstruct"):  # a VAE: also inputs beside reconstructions, and latent interpolations
+        fixed = torch.stack([stream.dataset[i] for i in range(min(16, len(stream.dataset)))]).to(device)
+        sampler = partial(_vae_pictures, model, data, fixed_noise, fixed)
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     return Trainer(
         settings,
@@ -89,11 +102,24 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
         phases=phases,
         data=stream,
         run_dir=run_dir,
-        sampler=lambda: data.render(model.sample(fixed_noise)),
+        sampler=sampler,
         evaluator=evaluator,
         config=resolved,
         compat={"model": resolved["model"], "loss": resolved["loss"]},
     )
+
+
+def _vae_pictures(model, data, noise: torch.Tensor, fixed: torch.Tensor) -> dict[str, torch.Tensor]:
+    was_training = model.g.training
+    model.g.eval()
+    try:
+        return {
+            "samples": data.render(model.sample(noise)),  # prior samples from the fixed z
+            "reconstructions": reconstruction_grid(model.g, fixed),
+            "interpolation": interpolation_strip(model.g, fixed[:8]),
+        }
+    finally:
+        model.g.train(was_training)
 
 
 def keyed(prefix: str, fn, *args, **kwargs):

@@ -27,6 +27,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -160,7 +161,8 @@ class Trainer:
             already yielding tensors on the training device.
         run_dir: where TensorBoard events, ``samples/`` and ``checkpoints/last.ckpt`` go.
         sampler: returns the picture to log as ``samples`` (``(3, H, W)`` in [0, 1]: an image grid, a
-            scatter plot, ...), from fixed noise and without changing any state.
+            scatter plot, ...), from fixed noise and without changing any state; or a dict of named
+            pictures (``samples``, ``reconstructions``, ...), each logged under its name.
         evaluator: returns metrics (name -> float) of the current model, computed and logged with
             each sample grid and at the end (e.g. the 2-D mixture's modes covered); must not use
             the global RNG (a resumed run must continue bit-identically).
@@ -375,11 +377,16 @@ class Trainer:
         if self.sampler is None:
             return
         with self.averaged_weights():
-            grid = self.sampler().float().cpu()  # (3, H', W') in [0, 1]
-        path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
-        atomic_write(path, lambda f: save_image(grid, f, format="png"), fsync=False)
-        if self.writer is not None:
-            self.writer.add_image("samples", grid, self.step)
+            pictures = self.sampler()
+        if isinstance(pictures, torch.Tensor):
+            pictures = {"samples": pictures}
+        for name, picture in pictures.items():
+            grid = picture.float().cpu()  # (3, H', W') in [0, 1]
+            prefix = "" if name == "samples" else f"{name}_"
+            path = self.run_dir / "samples" / f"{prefix}step_{self.step:07d}.png"
+            atomic_write(path, partial(_save_png, grid), fsync=False)
+            if self.writer is not None:
+                self.writer.add_image(name, grid, self.step)
 
     def _log_config(self) -> None:
         import yaml  # PyYAML comes with hydra/omegaconf
@@ -490,3 +497,7 @@ def _check_phase_clip(phase: Phase) -> None:
             f"gradient_clip_algorithm={phase.gradient_clip_algorithm!r} for phase {phase.name}; "
             f"allowed: null (the trainer's), {', '.join(CLIP_ALGORITHMS)}"
         )
+
+
+def _save_png(picture: torch.Tensor, f) -> None:
+    save_image(picture, f, format="png")

@@ -22,16 +22,32 @@ TINY = [
     "trainer.progress_bar=false",
     "trainer.log_every_n_steps=1",
 ]
-# Width keys differ by model family: image models (DCGAN, ResNet) vs the MLP for 2-D data.
-TINY_WIDTH = {"ngf": ["model.g.ngf=8", "model.d.ndf=8"], "width": ["model.g.width=16", "model.d.width=16"]}
+# Width keys differ by model family: image GANs (DCGAN, ResNet), the MLP for 2-D data, the conv and
+# MLP VAEs (whose networks are model.g.encoder / model.g.decoder), and a VAE-GAN's discriminator.
+TINY_WIDTH = {
+    "ngf": ["model.g.ngf=8", "model.d.ndf=8"],
+    "width": ["model.g.width=16", "model.d.width=16"],
+    "conv_vae": ["model.g.encoder.ndf=8", "model.g.decoder.ngf=8"],
+    "mlp_vae": ["model.g.encoder.hidden=[16]", "model.g.decoder.hidden=[16]"],
+    "d": ["model.d.ndf=8"],
+}
+
+
+def tiny_widths(model: DictConfig) -> list[str]:
+    """The TINY_WIDTH overrides that fit a composed ``model`` config."""
+    g = model.g
+    if "ngf" in g:
+        return TINY_WIDTH["ngf"]
+    if "width" in g:
+        return TINY_WIDTH["width"]
+    widths = TINY_WIDTH["conv_vae"] if "ndf" in g.encoder else TINY_WIDTH["mlp_vae"]
+    return widths + (TINY_WIDTH["d"] if model.get("d") is not None else [])
 
 
 def make_cfg(*overrides: str, tiny: bool = True) -> DictConfig:
     if not tiny:
         return compose_config(*overrides)
-    g = compose_config(*overrides).model.g
-    width = TINY_WIDTH["ngf"] if "ngf" in g else TINY_WIDTH["width"]
-    return compose_config(*TINY, *width, *overrides)
+    return compose_config(*TINY, *tiny_widths(compose_config(*overrides).model), *overrides)
 
 
 def shared_mnist() -> Path:

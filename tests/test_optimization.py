@@ -76,24 +76,31 @@ class FixedBatches:
         self.i = s["i"]
 
 
-@pytest.mark.parametrize("experiment", ["dcgan", "wgan_gp"])
+@pytest.mark.parametrize("experiment", ["dcgan", "wgan_gp", "vae"])
 def test_k_micro_batches_equal_one_large_batch(tmp_path, monkeypatch, experiment):
-    """k=4 micro-batches of b and one batch of 4b: same gradients and weights (float64, BatchNorm-free)."""
+    """k=4 micro-batches of b and one batch of 4b: same gradients and weights (float64, BatchNorm-free).
+
+    Every random draw (real batch, G's noise, the GP's mixing weights, the VAE's reparameterisation
+    noise) is fed from fixed tensors, the micro-batch runs getting them in slices.
+    """
     k, b = 4, 3
+    vae = experiment == "vae"
+    windows = 1 if vae else 2  # a VAE has one phase; a GAN's D and G each draw a window of k batches
     gen = torch.Generator().manual_seed(0)
-    reals = [torch.rand(b, 1, 32, 32, generator=gen, dtype=torch.float64) * 2 - 1 for _ in range(2 * k)]
-    noises = [torch.randn(b, 100, 1, 1, generator=gen, dtype=torch.float64) for _ in range(2 * k)]
+    latent = (32,) if vae else (100, 1, 1)
+    reals = [torch.rand(b, 1, 32, 32, generator=gen, dtype=torch.float64) * 2 - 1 for _ in range(windows * k)]
+    noises = [torch.randn(b, *latent, generator=gen, dtype=torch.float64) for _ in range(windows * k)]
     alphas = [torch.rand(b, 1, 1, 1, generator=gen, dtype=torch.float64) for _ in range(k)]
     gp_call = GradientPenalty.__call__
 
     def run(name: str, micro: int) -> tuple[dict, dict]:
-        chunks = [torch.cat(reals[i : i + micro]) for i in range(0, 2 * k, micro)]  # D's window, then G's
-        z = [torch.cat(noises[i : i + micro]) for i in range(0, 2 * k, micro)]
+        chunks = [torch.cat(reals[i : i + micro]) for i in range(0, windows * k, micro)]  # D's window, then G's
+        z = [torch.cat(noises[i : i + micro]) for i in range(0, windows * k, micro)]
         a = [torch.cat(alphas[i : i + micro]) for i in range(0, k, micro)]
+        no_norms = [] if vae else ["model.g.norm=none", "model.d.norm=none"]  # the VAE has none by default
         cfg = make_cfg(
             f"+experiment={experiment}",
-            "model.g.norm=none",
-            "model.d.norm=none",
+            *no_norms,
             f"data.batch_size={b * micro}",
             f"trainer.accumulate_grad_batches={k // micro}",
             "trainer.n_critic=1",
@@ -102,7 +109,10 @@ def test_k_micro_batches_equal_one_large_batch(tmp_path, monkeypatch, experiment
         trainer = build(cfg, tmp_path / name)
         trainer.model.double()
         trainer.data, trainer.sampler = FixedBatches(chunks), None
-        trainer.model.noise = lambda n, device, generator=None: z.pop(0)
+        if vae:
+            trainer.model.g.reparameterize = lambda mu, logvar: mu + torch.exp(0.5 * logvar) * z.pop(0)
+        else:
+            trainer.model.noise = lambda n, device, generator=None: z.pop(0)
         monkeypatch.setattr(GradientPenalty, "__call__", lambda self, d, r, f: gp_call(self, d, r, f, alpha=a.pop(0)))
         grads: dict[str, list[torch.Tensor]] = {}
         for phase in trainer.phases:
@@ -118,7 +128,8 @@ def test_k_micro_batches_equal_one_large_batch(tmp_path, monkeypatch, experiment
 
     grads_micro, params_micro = run("micro", 1)
     grads_big, params_big = run("big", k)
-    for phase in ("D", "G"):
+    assert grads_big.keys() == ({"VAE"} if vae else {"D", "G"})
+    for phase in grads_big:
         assert torch.nn.utils.get_total_norm(grads_big[phase]) > 1e-6  # a real gradient, not all zeros
         for gm, gb in zip(grads_micro[phase], grads_big[phase]):
             # far inside the required 1e-5: G's gradients are ~1e-5 themselves at DCGAN's init

@@ -114,7 +114,7 @@ def _snapshot(module: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor |
     return {n: (p.detach().clone(), None if p.grad is None else p.grad.clone()) for n, p in module.named_parameters()}
 
 
-@pytest.mark.parametrize("experiment,n_critic", [("dcgan", 1), ("wgan_gp", 5)])
+@pytest.mark.parametrize("experiment,n_critic", [("dcgan", 1), ("wgan_gp", 5), ("vaegan", 1)])
 def test_gradient_hygiene_invariants(tmp_path, experiment, n_critic):
     cfg = make_cfg(
         f"+experiment={experiment}",
@@ -124,7 +124,7 @@ def test_gradient_hygiene_invariants(tmp_path, experiment, n_critic):
     )
     trainer = build(cfg, tmp_path)
     model = trainer.model
-    model.g.net[0].weight.requires_grad_(False)  # a user-frozen parameter: its flag must come back
+    next(model.g.parameters()).requires_grad_(False)  # a user-frozen parameter: its flag must come back
     flags0 = [p.requires_grad for p in model.parameters()]
     order, zero_calls, loss_calls = [], [], []
 

@@ -1,0 +1,249 @@
+"""VAE objectives on the same Trainer: one phase for a VAE, the GAN's D/G phases for a VAE-GAN.
+
+The VAE is the container's generator ``g`` (a :class:`gantrain.models.vae.VAE`: encoder, decoder,
+``g(z)`` decodes to images), so the optimizer ``optim.g``, the EMA, sample grids and
+``scripts/sample.py`` work as for a GAN. Likelihoods are on ``x01 = (x + 1) / 2`` in [0, 1], so
+``elbo`` is in nats per image, comparable with the binarized-MNIST literature.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Mapping
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from gantrain import elbo
+from gantrain.errors import ConfigError
+from gantrain.losses import AdversarialLoss, GeneratorTerm, Penalty
+from gantrain.objectives import GANObjective
+from gantrain.perceptual import VGG16Features
+from gantrain.stats import report
+from gantrain.trainer import Phase
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 (autocast outputs) -> float32 for the log-likelihood sums; float32/64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+# ----------------------------------------------------------------------------- reconstruction terms
+class ReconTerm(nn.Module):
+    """A per-image reconstruction cost ``(B,)`` of decoder output ``raw`` for images ``x`` in [-1, 1].
+
+    ``likelihood``: the decoder output this term needs (``bernoulli`` logits, ``gaussian`` means), or
+    None when it works on images. ``is_likelihood``: the cost is a negative log-likelihood in nats
+    (counted in ``elbo``).
+    """
+
+    likelihood: str | None = None
+    is_likelihood: bool = False
+
+    def __init__(self, weight: float, key: str):
+        super().__init__()
+        if weight < 0:
+            raise ConfigError(f"loss.{key}.weight={weight}: must be >= 0 (0 = off)")
+        self.weight, self.key = float(weight), key
+
+    @property
+    def active(self) -> bool:
+        return self.weight > 0
+
+
+class BernoulliRecon(ReconTerm):
+    """``-log p(x01 | z)`` under independent Bernoulli pixels (decoder logits); for binarized data."""
+
+    likelihood, is_likelihood = "bernoulli", True
+
+    def __init__(self, weight: float = 1.0):
+        super().__init__(weight, "bce")
+
+    def forward(self, vae: nn.Module, raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return -elbo.bernoulli_log_prob(_full(raw), (_full(x) + 1) / 2)
+
+
+class GaussianRecon(ReconTerm):
+    """``-log N(x01; mean, sigma^2)`` per image; ``sigma`` fixed, or None: the per-image ML sigma (sigma-VAE)."""
+
+    likelihood, is_likelihood = "gaussian", True
+
+    def __init__(self, weight: float = 0.0, sigma: float | None = None):
+        super().__init__(weight, "gaussian")
+        if sigma is not None and sigma <= 0:
+            raise ConfigError(
+                f"loss.gaussian.sigma={sigma}: must be > 0, "
+                "or null for the per-image maximum-likelihood sigma (sigma-VAE)"
+            )
+        self.sigma = sigma
+        self.log_likelihood = elbo.likelihood_fn("gaussian", sigma)
+
+    def forward(self, vae: nn.Module, raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return -self.log_likelihood(_full(raw), (_full(x) + 1) / 2)
+
+
+class PerceptualRecon(ReconTerm):
+    """Mean squared distance of frozen VGG16 features (as ``loss.perceptual`` of the GAN objectives) per image.
+
+    Not a likelihood, so it is not part of ``elbo``. The VGG is frozen, in eval mode and in no optimizer.
+    """
+
+    def __init__(
+        self, weight: float = 0.0, layer: str = "relu3_3", weights: str = "imagenet", weights_path: str | None = None
+    ):
+        super().__init__(weight, "perceptual")
+        self.vgg = VGG16Features(layer, weights, weights_path, key="loss.perceptual") if weight > 0 else None
+
+    def forward(self, vae: nn.Module, raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.vgg(x)
+        return _full(self.vgg(vae.to_images(raw)) - target).pow(2).flatten(1).mean(1)
+
+
+# ----------------------------------------------------------------------------- KL
+class KLSchedule:
+    """``beta`` (beta-VAE, Higgins et al. 2017), linear warm-up over ``kl_warmup_steps``, free bits per latent dim."""
+
+    def __init__(self, beta: float = 1.0, kl_warmup_steps: int = 0, free_bits: float = 0.0):
+        if beta < 0:
+            raise ConfigError(f"loss.beta={beta}: must be >= 0")
+        if kl_warmup_steps < 0:
+            raise ConfigError(f"loss.kl_warmup_steps={kl_warmup_steps}: must be >= 0 (0 = no warm-up)")
+        if free_bits < 0:
+            raise ConfigError(f"loss.free_bits={free_bits}: must be >= 0 nats per latent dimension (0 = off)")
+        self.beta, self.kl_warmup_steps, self.free_bits = beta, kl_warmup_steps, free_bits
+
+    def term(self, mu: torch.Tensor, logvar: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the weighted KL term of the loss, the plain mean KL in nats for logging/ELBO)."""
+        kl_dims = elbo.gaussian_kl_per_dim(_full(mu), _full(logvar))  # (B, D)
+        kl = kl_dims.sum(1).mean()
+        trained = elbo.free_bits_kl(kl_dims, self.free_bits) if self.free_bits > 0 else kl
+        weight = elbo.kl_weight(step, self.beta, self.kl_warmup_steps)
+        report("kl_weight", weight)
+        return weight * trained, kl
+
+
+def _check_likelihood(vae: nn.Module, terms: Mapping[str, ReconTerm]) -> None:
+    kind = getattr(vae, "likelihood", None)
+    for name, term in terms.items():
+        if term.likelihood is not None and term.likelihood != kind:
+            raise ConfigError(
+                f"loss.{name}: needs a decoder that outputs {term.likelihood} parameters, but "
+                f"model.g.likelihood={kind!r}; set model.g.likelihood={term.likelihood} or use another loss"
+            )
+
+
+class VAEObjective(nn.Module):
+    """The negative ELBO ``recon + beta * KL`` (Kingma & Welling 2014) as one training phase named ``VAE``.
+
+    ``recon`` is the weighted sum of the active terms (``loss.bce``, ``loss.gaussian``, ``loss.perceptual``).
+    Reports ``loss/recon``, ``loss/recon/<term>``, ``loss/kl`` (nats, unweighted), ``loss/VAE``
+    (what is minimised) and ``elbo`` (nats per image: minus the likelihood terms minus the KL, when
+    there is exactly one likelihood term).
+    """
+
+    networks = ("g",)
+
+    def __init__(
+        self,
+        beta: float = 1.0,
+        kl_warmup_steps: int = 0,
+        free_bits: float = 0.0,
+        **terms: ReconTerm | None,
+    ):
+        super().__init__()
+        self.kl = KLSchedule(beta, kl_warmup_steps, free_bits)
+        active = {name: t for name, t in terms.items() if t is not None and t.active}
+        if not active:
+            raise ConfigError(
+                "loss: every reconstruction term has weight 0; set loss.bce.weight, loss.gaussian.weight "
+                "or loss.perceptual.weight > 0"
+            )
+        self.terms = nn.ModuleDict(active)
+
+    def phases(self, model: nn.Module, optimizers: Mapping[str, Optimizer], n_critic: int = 1) -> list[Phase]:
+        _check_likelihood(model.g, self.terms)
+        return [Phase("VAE", model.g, optimizers["g"], partial(self.loss, model.g), counts_as_step=True)]
+
+    def negative_elbo_parts(self, vae: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(decoder output, mu, logvar) for a batch, with one reparameterised sample."""
+        mu, logvar = vae.encode(x)
+        return vae.decode(vae.reparameterize(mu, logvar)), mu, logvar
+
+    def loss(self, vae: nn.Module, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+        raw, mu, logvar = self.negative_elbo_parts(vae, x)
+        recon, nll = torch.zeros((), device=x.device), []
+        for name, term in self.terms.items():
+            cost = term(vae, raw, x)  # (B,)
+            report(f"loss/recon/{name}", cost.mean())
+            recon = recon + term.weight * cost.mean()
+            if term.is_likelihood:
+                nll.append(cost.mean())
+        kl_term, kl = self.kl.term(mu, logvar, step)
+        loss = recon + kl_term
+        report("loss/recon", recon)
+        report("loss/kl", kl)
+        report("loss/VAE", loss)
+        if len(nll) == 1:
+            report("elbo", -(nll[0] + kl))
+        return loss
+
+
+class VAEGANObjective(GANObjective):
+    """VAE-GAN (Larsen et al. 2016): the reconstruction is measured in D's feature space, plus an adversarial term.
+
+    Phases: the GAN objective's own D phase (real images against decoded prior samples, any
+    adversarial loss and penalties), then a ``G`` phase updating encoder and decoder together on
+    ``feature_weight * ||d.features(x) - d.features(x_rec)||^2 / 2 + KL + adversarial(decoded prior)``.
+    The feature distance is the Gaussian log-likelihood of Larsen et al. in D's feature space (the
+    "learned similarity metric"); the real features are taken without a graph, so, as in feature
+    matching, the gradient reaches the VAE only. Departures from the paper: one optimizer for
+    encoder and decoder (the paper has three and weights the decoder's similarity term by gamma),
+    and D sees prior samples only, not also the reconstructions.
+    """
+
+    def __init__(
+        self,
+        adversarial: AdversarialLoss,
+        feature_weight: float = 1.0,
+        beta: float = 1.0,
+        kl_warmup_steps: int = 0,
+        free_bits: float = 0.0,
+        **terms: Penalty | GeneratorTerm | None,
+    ):
+        super().__init__(adversarial, **terms)
+        if self.g_terms:
+            raise ConfigError(
+                f"loss.{next(iter(self.g_terms))}: generator terms are not used by VAE-GAN, whose reconstruction "
+                "term already matches D's features; set its weight to 0"
+            )
+        if feature_weight <= 0:
+            raise ConfigError(f"loss.feature_weight={feature_weight}: must be > 0 (the VAE's reconstruction term)")
+        self.feature_weight = feature_weight
+        self.kl = KLSchedule(beta, kl_warmup_steps, free_bits)
+
+    def phases(self, model: nn.Module, optimizers: Mapping[str, Optimizer], n_critic: int = 1) -> list[Phase]:
+        if not (hasattr(model.d, "features") and hasattr(model.d, "head")):
+            raise ConfigError(f"loss: VAE-GAN needs a discriminator with features(x) and head(h); {type(model.d)}")
+        d_phase, g_phase = super().phases(model, optimizers, n_critic)
+        g_phase.loss = partial(self.vae_loss, model)
+        return [d_phase, g_phase]
+
+    def vae_loss(self, model: nn.Module, real: torch.Tensor, step: int = 0) -> torch.Tensor:
+        vae, d, x = model.g, model.d, self.adversarial.d_input
+        mu, logvar = vae.encode(real)
+        recon_images = vae.to_images(vae.decode(vae.reparameterize(mu, logvar)))
+        with torch.no_grad():
+            real_features = d.features(x(real))
+        diff = d.features(x(recon_images)) - real_features
+        recon = 0.5 * _full(diff).pow(2).flatten(1).sum(1).mean()
+        prior_images = vae(model.noise(real.shape[0], real.device))
+        adv = self.adversarial.g_loss(d(x(prior_images)))
+        kl_term, kl = self.kl.term(mu, logvar, step)
+        loss = self.feature_weight * recon + kl_term + adv
+        report("loss/recon", recon)
+        report("loss/kl", kl)
+        report("loss/G/adv", adv)
+        report("loss/G", loss)
+        return loss
