@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: install train test test-slow bench toy-bench grids tensorboard clean
+.PHONY: install train test test-slow bench toy-bench grids vae-bench tensorboard clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ toy-bench: $(STAMP)
 
 grids: $(STAMP)
 	$(PY) scripts/recipe_grids.py --write docs/benchmarks.md
+
+vae-bench: $(STAMP)
+	$(PY) scripts/vae_benchmark.py --write docs/benchmarks.md $(ARGS)
 
 tensorboard: $(STAMP)
 	$(VENV)/bin/tensorboard --logdir outputs

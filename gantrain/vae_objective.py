@@ -106,10 +106,7 @@ class KLSchedule:
     """``beta`` (beta-VAE, Higgins et al. 2017), linear warm-up over ``kl_warmup_steps``, free bits per latent dim."""
 
     def __init__(self, beta: float = 1.0, kl_warmup_steps: int = 0, free_bits: float = 0.0):
-        if beta < 0:
-            raise ConfigError(f"loss.beta={beta}: must be >= 0")
-        if kl_warmup_steps < 0:
-            raise ConfigError(f"loss.kl_warmup_steps={kl_warmup_steps}: must be >= 0 (0 = no warm-up)")
+        elbo.kl_weight(0, beta, kl_warmup_steps)  # validates loss.beta and loss.kl_warmup_steps
         if free_bits < 0:
             raise ConfigError(f"loss.free_bits={free_bits}: must be >= 0 nats per latent dimension (0 = off)")
         self.beta, self.kl_warmup_steps, self.free_bits = beta, kl_warmup_steps, free_bits

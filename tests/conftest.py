@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import DictConfig
 
 from gantrain.train import CONFIG_DIR, compose_config
@@ -48,6 +49,15 @@ def make_cfg(*overrides: str, tiny: bool = True) -> DictConfig:
     if not tiny:
         return compose_config(*overrides)
     return compose_config(*TINY, *tiny_widths(compose_config(*overrides).model), *overrides)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny nets: one intra-op thread is faster, and avoids stalls when the 2 cores are busy."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def shared_mnist() -> Path:

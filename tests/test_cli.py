@@ -149,3 +149,21 @@ def test_recipe_grids_script_copies_the_last_grid(tmp_path, mnist_dir):
     run_script("recipe_grids.py", args, tmp_path)
     assert (img / "lsgan_mnist_step2.png").is_file()
     assert "| `lsgan` | 2 |" in doc.read_text() and "img/lsgan_mnist_step2.png" in doc.read_text()
+
+
+def test_vae_benchmark_script_trains_evaluates_and_writes_its_table(tmp_path, mnist_dir):
+    doc = tmp_path / "bench.md"
+    doc.write_text("# x\n")
+    args = ["--runs", "vae_mlp", "--k", "3", "--data-root", str(mnist_dir), "--out", str(tmp_path / "runs")]
+    args += [
+        "--write",
+        str(doc),
+        "--",
+        "trainer.max_steps=2",
+        "model.g.encoder.hidden=[8]",
+        "model.g.decoder.hidden=[8]",
+    ]
+    run_script("vae_benchmark.py", args, tmp_path)
+    text = doc.read_text()
+    assert "| `vae_mlp` |" in text and "k=3 on the 2,000 held-out images" in text and "98.6 nats" in text
+    assert (tmp_path / "runs" / "vae_mlp" / "checkpoints" / "last.ckpt").is_file()

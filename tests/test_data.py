@@ -470,6 +470,12 @@ def test_bad_stream_state_is_a_clear_error():
         s.load_state_dict({"step": 3})
 
 
+def _assert_same_rng_states(before, after) -> None:
+    assert torch.equal(before[0], after[0])
+    assert np.array_equal(before[1], after[1])
+    assert before[2] == after[2]
+
+
 def _rng_states():
     return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
 
@@ -484,10 +490,7 @@ def test_stream_never_touches_global_rngs(in_memory, num_workers):
     take(s, 10)  # crosses an epoch boundary
     s.load_state_dict({"epoch": 3, "batch": 1})
     take(s, 2)
-    after = _rng_states()
-    assert torch.equal(before[0], after[0])
-    assert np.array_equal(before[1], after[1])
-    assert before[2] == after[2]
+    _assert_same_rng_states(before, _rng_states())
 
 
 def test_in_memory_load_goes_through_a_dataloader_without_global_rng():
@@ -584,10 +587,7 @@ def test_binarizing_stream_never_touches_global_rngs(in_memory, num_workers, bin
     take(s, 10)
     s.load_state_dict({"epoch": 3, "batch": 1})
     take(s, 2)
-    after = _rng_states()
-    assert torch.equal(before[0], after[0])
-    assert np.array_equal(before[1], after[1])
-    assert before[2] == after[2]
+    _assert_same_rng_states(before, _rng_states())
 
 
 def test_binarize_gives_plus_minus_one_with_probability_x01():

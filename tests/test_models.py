@@ -20,14 +20,7 @@ from gantrain.models.layers import (
     norm_layer,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These nets are tiny: one intra-op thread is faster, and avoids stalls when the 2 cores are busy."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def _convs(m: nn.Module) -> list[nn.Module]:

@@ -215,3 +215,43 @@ def test_vae_model_is_g_without_d(tmp_path):
     model = build(make_cfg("+experiment=vae_mlp"), tmp_path).model
     assert isinstance(model.g, VAE) and model.d is None
     assert isinstance(model.g.encoder, nn.Module) and model.g.latent_shape == (40,)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        ["data=digits", "data.channels=3"],  # RGB
+        ["data=mnist", "data.split=test", "data.download=false", "data.binarize=dynamic"],  # IDX files from ../shared
+        ["model.resolution=64"],
+    ],
+)
+def test_vae_trains_on_other_data_options(tmp_path, mnist_dir, data):
+    overrides = list(data)
+    if "data=mnist" in data:
+        overrides.append(f"data.root={mnist_dir}")
+    metrics = train(make_cfg("+experiment=vae", *overrides), tmp_path)
+    assert metrics["step"] == 2 and math.isfinite(metrics["elbo"])
+
+
+def test_sample_script_draws_from_a_vae_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    train(make_cfg("+experiment=vae_mlp"), tmp_path / "run")
+    out = tmp_path / "grid.png"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "sample.py"),
+            "--checkpoint",
+            str(tmp_path / "run/checkpoints/last.ckpt"),
+        ]
+        + ["--num", "9", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Image.open(out).size == (2 + 3 * 30, 2 + 3 * 30)  # 3 x 3 grid of 28 px images, padding 2

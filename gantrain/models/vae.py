@@ -151,6 +151,21 @@ class ConvDecoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------- MLP encoder / decoder
+def _mlp_body(
+    channels: int, resolution: int, latent_dim: int, hidden: Sequence[int], activation: str, key: str, encoder: bool
+) -> tuple[list[int], list[nn.Module]]:
+    """Checked hidden sizes and the ``[Linear, act]`` layers from the input (image or latent) through them."""
+    check_int("model.channels", channels, 1)
+    check_int("model.resolution", resolution, 4)
+    check_int("model.latent_dim", latent_dim, 1)
+    sizes = _check_hidden(hidden, f"{key}.hidden")
+    _activation(activation, f"{key}.activation")  # validate before building
+    layers: list[nn.Module] = []
+    for h_in, h_out in zip([channels * resolution * resolution if encoder else latent_dim, *sizes], sizes):
+        layers += [nn.Linear(h_in, h_out), _activation(activation, f"{key}.activation")]
+    return sizes, layers
+
+
 class MLPEncoder(nn.Module):
     """Fully connected encoder: ``(B, channels, R, R)`` -> ``(B, 2 * latent_dim)`` = ``[mu, logvar]``.
 
@@ -168,16 +183,10 @@ class MLPEncoder(nn.Module):
         activation: str = "relu",
     ):
         super().__init__()
-        check_int("model.channels", channels, 1)
-        check_int("model.resolution", resolution, 4)
-        check_int("model.latent_dim", latent_dim, 1)
-        sizes = _check_hidden(hidden, f"{ENCODER_KEY}.hidden")
-        _activation(activation, f"{ENCODER_KEY}.activation")  # validate before building
-        layers: list[nn.Module] = [nn.Flatten(1)]
-        for h_in, h_out in zip([channels * resolution * resolution, *sizes], sizes):
-            layers += [nn.Linear(h_in, h_out), _activation(activation, f"{ENCODER_KEY}.activation")]
-        layers.append(nn.Linear(sizes[-1], 2 * latent_dim))
-        self.net = nn.Sequential(*layers)
+        sizes, hidden_layers = _mlp_body(
+            channels, resolution, latent_dim, hidden, activation, ENCODER_KEY, encoder=True
+        )
+        self.net = nn.Sequential(nn.Flatten(1), *hidden_layers, nn.Linear(sizes[-1], 2 * latent_dim))
         self.channels, self.resolution, self.latent_dim = channels, resolution, latent_dim
         self.hidden = sizes
 
@@ -202,14 +211,7 @@ class MLPDecoder(nn.Module):
         activation: str = "relu",
     ):
         super().__init__()
-        check_int("model.channels", channels, 1)
-        check_int("model.resolution", resolution, 4)
-        check_int("model.latent_dim", latent_dim, 1)
-        sizes = _check_hidden(hidden, f"{DECODER_KEY}.hidden")
-        _activation(activation, f"{DECODER_KEY}.activation")
-        layers: list[nn.Module] = []
-        for h_in, h_out in zip([latent_dim, *sizes], sizes):
-            layers += [nn.Linear(h_in, h_out), _activation(activation, f"{DECODER_KEY}.activation")]
+        sizes, layers = _mlp_body(channels, resolution, latent_dim, hidden, activation, DECODER_KEY, encoder=False)
         layers += [
             nn.Linear(sizes[-1], channels * resolution * resolution),
             nn.Unflatten(1, (channels, resolution, resolution)),
