@@ -83,7 +83,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
         err = user_error(e)
         if err is None:
             raise
-        raise GantrainError(f"data: {err}") from None
+        raise GantrainError(
+            f"data: {err} (if the run used paths relative to another directory, pass e.g. --data root=/abs/path)"
+        ) from None
     batches = heldout.split(args.batch_size)
     result = elbo.evaluate_nll(
         vae,

@@ -45,10 +45,19 @@ def tiny_widths(model: DictConfig) -> list[str]:
     return widths + (TINY_WIDTH["d"] if model.get("d") is not None else [])
 
 
+def offline_data(data: DictConfig) -> list[str]:
+    """Overrides that point a recipe's torchvision MNIST (default: download into ./data) at the shared
+    MNIST test set on disk, as tests run offline; none for other data."""
+    if data.get("name") != "mnist" or data.get("root") != "./data":
+        return []
+    return [f"data.root={shared_mnist()}", "data.split=test", "data.download=false"]
+
+
 def make_cfg(*overrides: str, tiny: bool = True) -> DictConfig:
     if not tiny:
         return compose_config(*overrides)
-    return compose_config(*TINY, *tiny_widths(compose_config(*overrides).model), *overrides)
+    composed = compose_config(*overrides)
+    return compose_config(*TINY, *tiny_widths(composed.model), *offline_data(composed.data), *overrides)
 
 
 @pytest.fixture
