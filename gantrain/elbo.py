@@ -22,7 +22,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -121,6 +121,24 @@ def likelihood_fn(kind: str, sigma: float | None = None) -> LogLikelihood:
 
 # ----------------------------------------------------------------------------------------------
 # latent densities
+
+
+def likelihood_of_loss(loss: Mapping) -> LogLikelihood:
+    """The log-likelihood of a trained VAE's one likelihood term, from its saved ``loss`` config.
+
+    ``loss.bce`` -> Bernoulli; ``loss.gaussian`` -> Gaussian with its ``sigma``. GantrainError when
+    the run had none (perceptual only, or a GAN) or both, since then no NLL is defined.
+    """
+    active = [name for name in ("bce", "gaussian") if (loss.get(name) or {}).get("weight", 0) > 0]
+    if len(active) != 1:
+        raise GantrainError(
+            "the checkpoint's loss has "
+            + ("no likelihood term (loss.bce or loss.gaussian)" if not active else f"several ({', '.join(active)})")
+            + "; the NLL is defined for a VAE trained with exactly one of them"
+        )
+    if active[0] == "bce":
+        return likelihood_fn("bernoulli")
+    return likelihood_fn("gaussian", loss["gaussian"].get("sigma"))
 
 
 def log_normal_standard(z: torch.Tensor) -> torch.Tensor:

@@ -30,18 +30,6 @@ from gantrain.train import user_error
 from gantrain.trainer import resolve_device
 
 
-def likelihood_of(loss_cfg: dict) -> tuple[str, float | None]:
-    """(kind, sigma) of the run's one likelihood reconstruction term, or GantrainError."""
-    active = [name for name in ("bce", "gaussian") if (loss_cfg.get(name) or {}).get("weight", 0) > 0]
-    if len(active) != 1:
-        raise GantrainError(
-            "the checkpoint's loss has "
-            + ("no likelihood term (loss.bce or loss.gaussian)" if not active else f"several ({', '.join(active)})")
-            + "; the NLL is defined for a VAE trained with exactly one of them"
-        )
-    return ("bernoulli", None) if active[0] == "bce" else ("gaussian", loss_cfg["gaussian"].get("sigma"))
-
-
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a VAE training checkpoint (last.ckpt)")
@@ -65,7 +53,7 @@ def make_parser() -> argparse.ArgumentParser:
 def evaluate(args: argparse.Namespace) -> dict[str, float]:
     device = resolve_device(args.device, key="--device")
     ckpt = ckpt_io.load(args.checkpoint, what="--checkpoint")
-    kind, sigma = likelihood_of(ckpt.get("config", {}).get("loss", {}))
+    log_likelihood = elbo.likelihood_of_loss(ckpt.get("config", {}).get("loss", {}))
     model = load_model(args.checkpoint, device, what="--checkpoint", ema=not args.no_ema)
     vae = model.g
     if not hasattr(vae, "encode"):
@@ -92,7 +80,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
         batches,
         k=args.k,
         chunk=args.chunk,
-        log_likelihood=elbo.likelihood_fn(kind, sigma),
+        log_likelihood=log_likelihood,
         generator=torch.Generator(device).manual_seed(args.seed),
     )
     return {**result, "k": args.k}

@@ -75,15 +75,13 @@ def run_one(name: str, overrides: list[str], out: Path, k: int, threads: int) ->
 
     model = load_model(run_dir / "checkpoints" / "last.ckpt", "cpu")  # EMA weights when the run kept them
     heldout = instantiate(cfg.data).heldout()
-    loss = cfg.loss
-    kind, sigma = ("bernoulli", None) if loss.bce.weight > 0 else ("gaussian", loss.gaussian.sigma)
     cpu1 = time.process_time()
     result = elbo.evaluate_nll(
         model.g,
         heldout.split(100),
         k=k,
         chunk=100,
-        log_likelihood=elbo.likelihood_fn(kind, sigma),
+        log_likelihood=elbo.likelihood_of_loss(cfg.loss),
         progress=False,
         generator=torch.Generator().manual_seed(0),
     )
