@@ -1,7 +1,11 @@
 """User-facing errors. Each message names the key or path, what was wrong and what is allowed.
 
 The entry point prints these as one line instead of a traceback; invariants stay ``assert``s.
+:mod:`gantrain.checks` raises them in one format; an object names its own argument only, and
+:meth:`ConfigError.within` puts the config path of the node that built it in front.
 """
+
+from __future__ import annotations
 
 
 class GantrainError(ValueError):
@@ -9,4 +13,18 @@ class GantrainError(ValueError):
 
 
 class ConfigError(GantrainError):
-    """A config value that is out of range or not one of the allowed choices."""
+    """A config value that is out of range or not one of the allowed choices.
+
+    ``key``: the argument the message starts with, relative to the object that raised it (None
+    when the message is already complete, e.g. it names a file, not a key).
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+    def within(self, node: str) -> "ConfigError":
+        """The same error with ``node.`` in front of its key (``weight=...`` -> ``loss.gp.weight=...``)."""
+        if not node or self.key is None:
+            return self
+        return type(self)(f"{node}.{self}", key=f"{node}.{self.key}")

@@ -17,7 +17,7 @@ from gantrain.errors import ConfigError
 from gantrain.losses import AdversarialLoss, GeneratorTerm, Penalty
 from gantrain.models import GAN
 from gantrain.stats import report
-from gantrain.trainer import Phase
+from gantrain.phase import Phase
 
 
 class GANObjective(nn.Module):

@@ -46,38 +46,13 @@ from gantrain.ema import EMA
 from gantrain.errors import ConfigError
 from gantrain.files import atomic_write
 from gantrain.optim import Schedule
+from gantrain.phase import Phase
 from gantrain.stats import Collector, collecting, report
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 CLIP_ALGORITHMS = ("norm", "value")
-
-
-@dataclass
-class Phase:
-    """One kind of optimizer step: ``loss(real_batch, step)`` is minimised w.r.t. ``module`` by ``optimizer``.
-
-    ``step`` is the number of optimizer steps this phase has taken before (lazy regularisers use it).
-    ``interval``: run on iterations ``interval-1, 2*interval-1, ...`` (so a G phase with interval
-    ``n_critic`` follows ``n_critic`` D updates). ``counts_as_step``: this phase's optimizer steps are
-    the ones ``trainer.max_steps`` counts (exactly one phase has it). ``after_step``: called (no grad)
-    after each optimizer step, e.g. weight clipping. ``schedule``: the LR schedule of this phase's
-    optimizer (:class:`gantrain.optim.Schedule`; None = constant), stepped after each of its
-    optimizer steps. ``gradient_clip_val``/``gradient_clip_algorithm``: this phase's clipping
-    (None = the trainer's setting; a value of 0 = no clipping for this phase).
-    """
-
-    name: str
-    module: nn.Module
-    optimizer: Optimizer
-    loss: Callable[[torch.Tensor, int], torch.Tensor]
-    interval: int = 1
-    counts_as_step: bool = False
-    after_step: Optional[Callable[[], None]] = None
-    schedule: Optional[Schedule] = None
-    gradient_clip_val: Optional[float] = None
-    gradient_clip_algorithm: Optional[str] = None
 
 
 @dataclass

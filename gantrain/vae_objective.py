@@ -21,7 +21,7 @@ from gantrain.losses import AdversarialLoss, GeneratorTerm, Penalty
 from gantrain.objectives import GANObjective
 from gantrain.perceptual import VGG16Features
 from gantrain.stats import report
-from gantrain.trainer import Phase
+from gantrain.phase import Phase
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ from gantrain import amp
 from gantrain.losses import GradientPenalty
 from gantrain.optim import Schedule
 from gantrain.train import build
-from gantrain.trainer import Phase, Trainer, TrainerSettings
+from gantrain.phase import Phase
+from gantrain.trainer import Trainer, TrainerSettings
 from tests.conftest import make_cfg
 from tests.test_trainer import ListStream, one_weight_trainer
 

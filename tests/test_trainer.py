@@ -12,7 +12,8 @@ from torch import nn
 
 from gantrain.errors import ConfigError
 from gantrain.train import build
-from gantrain.trainer import Phase, Trainer, TrainerSettings, resolve_device
+from gantrain.phase import Phase
+from gantrain.trainer import Trainer, TrainerSettings, resolve_device
 from tests.conftest import make_cfg
 
 
