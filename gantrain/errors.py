@@ -7,6 +7,8 @@ The entry point prints these as one line instead of a traceback; invariants stay
 
 from __future__ import annotations
 
+import re
+
 
 class GantrainError(ValueError):
     """Base of every error caused by user input (config values, data, checkpoints)."""
@@ -21,7 +23,8 @@ class ConfigError(GantrainError):
 
     def __init__(self, message: str, key: str | None = None):
         super().__init__(message)
-        self.key = key
+        found = re.match(r"[A-Za-z_][\w.]*(?=[=:])", message) if key is None else None
+        self.key = found.group(0) if found else key  # a message that starts with `key=` or `key:` names it
 
     def within(self, node: str) -> "ConfigError":
         """The same error with ``node.`` in front of its key (``weight=...`` -> ``loss.gp.weight=...``)."""

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gantrain import amp
-from gantrain.errors import ConfigError
+from gantrain import amp, checks
 
 
 class AdversarialLoss:
@@ -52,10 +51,8 @@ class BCELoss(AdversarialLoss):
     """
 
     def __init__(self, saturating: bool = False, label_smoothing: float = 0.0, instance_noise: float = 0.0):
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ConfigError(f"loss.adversarial.label_smoothing={label_smoothing}: must be in [0, 1)")
-        if instance_noise < 0:
-            raise ConfigError(f"loss.adversarial.instance_noise={instance_noise}: must be >= 0 (a std)")
+        checks.number("label_smoothing", label_smoothing, ge=0, lt=1)
+        checks.number("instance_noise", instance_noise, ge=0, hint="a std")
         self.saturating, self.label_smoothing, self.instance_noise = saturating, label_smoothing, instance_noise
 
     def d_loss(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -119,9 +116,7 @@ class LeastSquaresLoss(AdversarialLoss):
 # penalties on D
 
 
-def _check_every(key: str, every: int) -> None:
-    if every < 1:
-        raise ConfigError(f"loss.{key}.every={every}: must be >= 1 (1 = every D step; k = lazy, weight scaled by k)")
+LAZY = "1 = every D step; k = lazy, weight scaled by k"
 
 
 class Penalty:
@@ -165,10 +160,9 @@ class GradientPenalty(Penalty):
 
     per_sample_gradient = True
 
-    def __init__(self, weight: float = 10.0, center: float = 1.0, every: int = 1):
-        _check_every("gp", every)
-        if weight < 0:
-            raise ConfigError(f"loss.gp.weight={weight}: must be >= 0 (0 = off)")
+    def __init__(self, weight: float = 0.0, center: float = 1.0, every: int = 1):
+        checks.integer("every", every, at_least=1, hint=LAZY)
+        checks.number("weight", weight, ge=0, hint="0 = off; WGAN-GP uses 10")
         self.weight, self.center, self.every = weight, center, every
 
     @property
@@ -191,10 +185,9 @@ class R1Penalty(Penalty):
 
     per_sample_gradient = True
 
-    def __init__(self, gamma: float = 10.0, every: int = 1):
-        _check_every("r1", every)
-        if gamma < 0:
-            raise ConfigError(f"loss.r1.gamma={gamma}: must be >= 0 (0 = off)")
+    def __init__(self, gamma: float = 0.0, every: int = 1):
+        checks.integer("every", every, at_least=1, hint=LAZY)
+        checks.number("gamma", gamma, ge=0, hint="0 = off; e.g. 10")
         self.gamma, self.every = gamma, every
 
     @property
@@ -209,9 +202,8 @@ class R1Penalty(Penalty):
 class WeightClip(Penalty):
     """Original WGAN (Arjovsky et al. 2017): clamp every D parameter to ``[-clip, clip]`` after each D step."""
 
-    def __init__(self, clip: float = 0.01):
-        if clip < 0:
-            raise ConfigError(f"loss.weight_clip.clip={clip}: must be >= 0 (0 = off)")
+    def __init__(self, clip: float = 0.0):
+        checks.number("clip", clip, ge=0, hint="0 = off; WGAN uses 0.01")
         self.clip = clip
 
     @property
@@ -256,8 +248,7 @@ class FeatureMatching(GeneratorTerm):
 
     def __init__(self, weight: float = 0.0):
         super().__init__()
-        if weight < 0:
-            raise ConfigError(f"loss.fm.weight={weight}: must be >= 0 (0 = off)")
+        checks.number("weight", weight, ge=0, hint="0 = off")
         self.weight = weight
 
     def forward(self, d: nn.Module, real: torch.Tensor, fake: torch.Tensor, fake_features: torch.Tensor):

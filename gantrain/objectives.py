@@ -7,17 +7,19 @@ iterations, the phase that counts as a training step).
 from __future__ import annotations
 
 from functools import partial
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
-from torch.optim import Optimizer
 
 from gantrain.errors import ConfigError
-from gantrain.losses import AdversarialLoss, GeneratorTerm, Penalty
-from gantrain.models import GAN
+from gantrain.losses import AdversarialLoss, FeatureMatching, GeneratorTerm, GradientPenalty, Penalty, R1Penalty, WeightClip
+from gantrain.models import GenerativeModel
+from gantrain.phase import Phase, Update
 from gantrain.stats import report
-from gantrain.phase import Phase
+
+
+Pictures = dict  # name -> (3, H, W) picture in [0, 1]; logged under its name
 
 
 class GANObjective(nn.Module):
@@ -33,11 +35,21 @@ class GANObjective(nn.Module):
 
     networks = ("g", "d")  # the model's networks this objective trains (each gets optim.<name>)
 
-    def __init__(self, adversarial: AdversarialLoss, **terms: Penalty | GeneratorTerm | None):
+    def __init__(
+        self,
+        adversarial: AdversarialLoss,
+        gp: GradientPenalty | None = None,
+        r1: R1Penalty | None = None,
+        weight_clip: WeightClip | None = None,
+        fm: FeatureMatching | None = None,
+        perceptual: GeneratorTerm | None = None,
+        **terms: Penalty | GeneratorTerm | None,
+    ):
         super().__init__()
         self.adversarial = adversarial
         self.penalties: dict[str, Penalty] = {}
         g_terms: dict[str, GeneratorTerm] = {}
+        terms = dict(gp=gp, r1=r1, weight_clip=weight_clip, fm=fm, perceptual=perceptual, **terms)
         for name, term in terms.items():
             if term is None or not term.active:
                 continue
@@ -46,41 +58,40 @@ class GANObjective(nn.Module):
             elif isinstance(term, GeneratorTerm):
                 g_terms[name] = term
             else:
-                raise ConfigError(f"loss.{name}: {type(term).__name__} is neither a Penalty nor a GeneratorTerm")
+                raise ConfigError(f"{name}: {type(term).__name__} is neither a Penalty nor a GeneratorTerm", key=name)
         self.g_terms = nn.ModuleDict(g_terms)  # moves fixed networks (VGG) with .to(device)
 
-    def phases(self, model: GAN, optimizers: Mapping[str, Optimizer], n_critic: int = 1) -> list[Phase]:
-        """D phase then G phase; G runs every ``n_critic``-th iteration (after the critic's updates)."""
-        if n_critic < 1:
-            raise ConfigError(f"trainer.n_critic={n_critic}: must be >= 1 (discriminator steps per generator step)")
-        missing = {"g", "d"} - set(optimizers)
-        if missing:
-            raise ConfigError(f"optim: a GAN needs optimizers 'g' and 'd'; missing {sorted(missing)}")
+    def phases(self, model: GenerativeModel, updates: Mapping[str, Update], n_critic: int = 1) -> list[Phase]:
+        """D phase then G phase; G runs every ``n_critic``-th iteration (after the critic's updates).
+
+        ``updates``: each trained network's optimizer, schedule and clipping (from ``optim.<net>``).
+        """
         mixing = [type(m).__name__ for m in model.d.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for name, penalty in self.penalties.items():
             if penalty.per_sample_gradient and mixing:
                 raise ConfigError(
-                    f"loss.{name}: a gradient penalty needs per-sample critic gradients, but D has {mixing[0]}, "
-                    "which mixes the samples of a batch; set model.d.norm=layer, instance or none"
+                    f"{name}: a gradient penalty needs per-sample critic gradients, but D has {mixing[0]}, "
+                    "which mixes the samples of a batch; set model.d.norm=layer, instance or none",
+                    key=name,
                 )
         if self.g_terms and not (hasattr(model.d, "features") and hasattr(model.d, "head")):
+            name = next(iter(self.g_terms))
             raise ConfigError(
-                f"loss.{next(iter(self.g_terms))}: generator terms need a discriminator with features(x) and "
-                f"head(h); {type(model.d).__name__} has not"
+                f"{name}: generator terms need a discriminator with features(x) and "
+                f"head(h); {type(model.d).__name__} has not",
+                key=name,
             )
         return [
-            Phase(
-                "D",
-                model.d,
-                optimizers["d"],
-                partial(self.d_loss, model),
-                interval=1,
-                after_step=partial(self.after_d_step, model),
-            ),
-            Phase("G", model.g, optimizers["g"], partial(self.g_loss, model), interval=n_critic, counts_as_step=True),
+            Phase.of("D", model.d, updates["d"], partial(self.d_loss, model), after_step=partial(self.after_d_step, model)),
+            Phase.of("G", model.g, updates["g"], partial(self.g_loss, model), interval=n_critic, counts_as_step=True),
         ]
 
-    def d_loss(self, model: GAN, real: torch.Tensor, step: int = 0) -> torch.Tensor:
+    def sampler(self, model: GenerativeModel, render: Callable, noise: torch.Tensor, data) -> Callable[[], Pictures]:
+        """What a run shows at each sample step: ``samples`` of the fixed ``noise``, drawn by ``render``
+        (an image grid, a scatter plot). ``data``: the batch stream, for objectives that show real data."""
+        return lambda: {"samples": render(model.sample(noise))}
+
+    def d_loss(self, model: GenerativeModel, real: torch.Tensor, step: int = 0) -> torch.Tensor:
         """D's loss on a real batch; ``step`` (D steps so far) schedules lazy penalties."""
         d, x = model.d, self.adversarial.d_input
         fake = model.g(model.noise(real.shape[0], real.device)).detach()  # no gradient may reach G
@@ -101,11 +112,11 @@ class GANObjective(nn.Module):
         report("D(G(z))", self.adversarial.score(fake_out))
         return loss
 
-    def after_d_step(self, model: GAN) -> None:
+    def after_d_step(self, model: GenerativeModel) -> None:
         for penalty in self.penalties.values():
             penalty.after_step(model.d)
 
-    def g_loss(self, model: GAN, real: torch.Tensor, step: int = 0) -> torch.Tensor:
+    def g_loss(self, model: GenerativeModel, real: torch.Tensor, step: int = 0) -> torch.Tensor:
         d = model.d
         fake = model.g(model.noise(real.shape[0], real.device))
         if self.g_terms:  # one D body pass serves the adversarial term and feature matching

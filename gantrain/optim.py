@@ -1,9 +1,9 @@
-"""Optimizer building blocks: LR schedules, Lookahead, and torch's foreach/fused implementations.
+"""Optimizer building blocks: one network's update rule, LR schedules, Lookahead, and torch's foreach/fused kernels.
 
-Nothing here reads the config. The entry point (``gantrain.train``) pops the per-network keys
-(``optim.<net>.schedule``, ``lookahead``, ``implementation``, ...) off each ``optim.<net>`` node,
-instantiates the rest as a ``functools.partial`` of a ``torch.optim`` class and calls
-:func:`make_optimizer`; the trainer calls :meth:`Schedule.build` once per network.
+Nothing here reads the config. ``optim.<net>`` instantiates a :class:`NetworkOptim` (its sub-nodes:
+``optimizer``, a ``_partial_`` torch optimizer; ``schedule``; ``lookahead``; and the clipping keys);
+the entry point calls :meth:`NetworkOptim.build` with the network's parameters and hands the
+resulting :class:`~gantrain.phase.Update` to the objective.
 
 Error messages name the key relative to the network's node (``schedule.kind=...``,
 ``lookahead.k=...``, ``implementation=...``); the entry point puts ``optim.<net>.`` in front.
@@ -22,7 +22,9 @@ import torch
 from torch.optim import Optimizer
 from torch.optim import lr_scheduler as lrs
 
+from gantrain import checks
 from gantrain.errors import ConfigError
+from gantrain.phase import Update
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +68,12 @@ class Schedule:
     min_lr: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.kind not in SCHEDULE_KINDS:
-            raise ConfigError(f"schedule.kind={self.kind!r}: unknown schedule; allowed: {', '.join(SCHEDULE_KINDS)}")
-        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
-            raise ConfigError(f"schedule.warmup_steps={self.warmup_steps!r}: must be an integer >= 0 (0: no warm-up)")
-        if not _is_int(self.step_size) or self.step_size < 1:
-            raise ConfigError(f"schedule.step_size={self.step_size!r}: must be an integer >= 1")
-        if self.kind in ("step", "exponential") and not 0.0 < self.gamma <= 1.0:
-            raise ConfigError(
-                f"schedule.gamma={self.gamma!r}: schedule.kind={self.kind} multiplies the LR by gamma, "
-                "which must lie in (0, 1]"
-            )
-        if not self.min_lr >= 0.0:  # also rejects NaN
-            raise ConfigError(f"schedule.min_lr={self.min_lr!r}: must be >= 0")
+        checks.choice("kind", self.kind, SCHEDULE_KINDS)
+        checks.integer("warmup_steps", self.warmup_steps, at_least=0, hint="0: no warm-up")
+        checks.integer("step_size", self.step_size, at_least=1)
+        if self.kind in ("step", "exponential"):
+            checks.number("gamma", self.gamma, gt=0, le=1, hint=f"kind={self.kind} multiplies the LR by gamma")
+        checks.number("min_lr", self.min_lr, ge=0)
 
     def build(self, optimizer: Optimizer, total_steps: int) -> lrs.LRScheduler:
         """A torch scheduler for ``optimizer``, to be stepped once after each of its ``total_steps`` steps.
@@ -317,18 +312,63 @@ def make_optimizer(
     implementation: str = "auto",
     lookahead_k: int = 0,
     lookahead_alpha: float = 0.5,
+    **kwargs: Any,
 ) -> Optimizer:
-    """``factory(params, **implementation_kwargs(...))``, wrapped in :class:`Lookahead` if ``lookahead_k > 0``.
+    """``factory(params, **kwargs, **implementation_kwargs(...))``, wrapped in :class:`Lookahead` if ``lookahead_k > 0``.
 
     ``factory``: a ``functools.partial`` of a ``torch.optim`` class (what Hydra's ``_partial_: true``
     instantiates to) or the class itself. ``lookahead_k = 0`` means no Lookahead.
     """
-    optimizer_cls = factory.func if isinstance(factory, functools.partial) else factory
+    optimizer_cls = factory
+    while isinstance(optimizer_cls, functools.partial):  # Hydra's partials may wrap one another
+        optimizer_cls = optimizer_cls.func
     if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Optimizer)):
         raise ConfigError(f"_target_: {optimizer_cls!r} is not a torch.optim.Optimizer class")
-    if not _is_int(lookahead_k) or lookahead_k < 0:
-        raise ConfigError(f"lookahead.k={lookahead_k!r}: must be an integer >= 0 (0: no Lookahead)")
-    optimizer = factory(params, **implementation_kwargs(optimizer_cls, device, implementation))
-    if lookahead_k > 0:
-        optimizer = Lookahead(optimizer, k=lookahead_k, alpha=lookahead_alpha)
-    return optimizer
+    optimizer = factory(params, **kwargs, **implementation_kwargs(optimizer_cls, device, implementation))
+    return lookahead(optimizer, lookahead_k, lookahead_alpha)
+
+
+def lookahead(base: Optimizer, k: int = 0, alpha: float = 0.5) -> Optimizer:
+    """``optim.<net>.lookahead``: ``base`` wrapped in :class:`Lookahead` (Zhang et al. use k=5), or ``base`` at k=0."""
+    checks.integer("lookahead.k", k, at_least=0, hint="0: no Lookahead")
+    return Lookahead(base, k=k, alpha=alpha) if k > 0 else base
+
+
+class NetworkOptim:
+    """``optim.<net>``: everything about how one network is updated.
+
+    Args:
+        optimizer: a ``torch.optim`` class or a ``functools.partial`` of one (Hydra's ``_partial_``),
+            without parameters and learning rate.
+        lr: the base learning rate (what ``schedule`` scales).
+        schedule: the LR schedule, stepped once per optimizer step of this network.
+        lookahead: wraps the optimizer (:func:`lookahead`; ``k=0`` leaves it alone).
+        gradient_clip_val: None: the trainer's ``gradient_clip_val``; 0: no clipping for this network.
+        gradient_clip_algorithm: None: the trainer's; ``norm`` | ``value``.
+        implementation: ``auto`` (fused/foreach on CUDA where torch has them) | ``default`` |
+            ``foreach`` | ``fused`` (:func:`implementation_kwargs`).
+    """
+
+    def __init__(
+        self,
+        optimizer: Callable[..., Optimizer],
+        lr: float,
+        schedule: Schedule = Schedule(),
+        lookahead: Callable[[Optimizer], Optimizer] = lookahead,
+        gradient_clip_val: Optional[float] = None,
+        gradient_clip_algorithm: Optional[str] = None,
+        implementation: str = "auto",
+    ):
+        checks.positive("lr", lr)
+        if gradient_clip_val is not None:
+            checks.number("gradient_clip_val", gradient_clip_val, ge=0, hint="0: no clipping; null: the trainer's")
+        checks.choice("gradient_clip_algorithm", gradient_clip_algorithm, (None, "norm", "value"))
+        checks.choice("implementation", implementation, IMPLEMENTATIONS)
+        self.optimizer, self.lr, self.schedule, self.lookahead = optimizer, lr, schedule, lookahead
+        self.gradient_clip_val, self.gradient_clip_algorithm = gradient_clip_val, gradient_clip_algorithm
+        self.implementation = implementation
+
+    def build(self, params: Iterable[Any], device: torch.device | str) -> Update:
+        """The network's :class:`~gantrain.phase.Update`: optimizer (with Lookahead), schedule, clipping."""
+        base = make_optimizer(self.optimizer, params, device=device, implementation=self.implementation, lr=self.lr)
+        return Update(self.lookahead(base), self.schedule, self.gradient_clip_val, self.gradient_clip_algorithm)

@@ -8,13 +8,14 @@ An objective (``loss=`` group) receives one :class:`Update` per trained network 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from gantrain.optim import Schedule
+if TYPE_CHECKING:
+    from gantrain.optim import Schedule
 
 
 @dataclass

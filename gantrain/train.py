@@ -6,28 +6,30 @@ on the device, and hands typed objects to the :class:`~gantrain.trainer.Trainer`
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 import random
-from functools import partial
+import re
 from pathlib import Path
 from typing import Any
 
 import hydra
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gantrain.config import OPTIM_EXTRA_KEYS, register
+from gantrain.config import register
 from gantrain.errors import ConfigError, GantrainError
-from gantrain.optim import make_optimizer
-from gantrain.sampling import interpolation_strip, reconstruction_grid
 from gantrain.trainer import Trainer, resolve_device
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# configs/ ships inside the package as `gantrain.configs` (pyproject's package-dir), so an installed
+# wheel finds the recipes as well as an editable clone does.
+CONFIG_MODULE = "gantrain.configs"
+CONFIG_DIR = Path(str(importlib.resources.files(CONFIG_MODULE)))
 log = logging.getLogger("gantrain")
 
 register()
@@ -41,18 +43,22 @@ def seed_everything(seed: int) -> None:
 
 def compose_config(*overrides: str) -> DictConfig:
     """The config ``python -m gantrain OVERRIDES...`` would run, via Hydra's Compose API (tests, scripts)."""
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
 
 
 def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
-    """Instantiate model, objective, optimizers, data and Trainer from a composed config."""
+    """Instantiate model, objective, per-network updates, data and Trainer from a composed config.
+
+    The build flows one way: each ``optim.<net>`` node instantiates to a complete
+    :class:`~gantrain.optim.NetworkOptim`, the objective turns the model and those updates into
+    complete phases, and the objective also says which pictures a run shows.
+    """
     seed_everything(cfg.seed)
-    settings = instantiate(cfg.trainer)
+    settings = within("trainer", instantiate, cfg.trainer)
     device = resolve_device(settings.device)
-    model = instantiate(cfg.model).to(device)  # device placement happens here and only here
-    objective = instantiate(cfg.loss).to(device)  # fixed networks inside terms (VGG) move too
-    optimizers, extras = {}, {}
+    model = within("model", instantiate, cfg.model).to(device)  # device placement happens here and only here
+    objective = within("loss", instantiate, cfg.loss).to(device)  # fixed networks inside terms (VGG) move too
     networks = getattr(objective, "networks", tuple(cfg.optim))
     missing = [n for n in networks if n not in cfg.optim]
     if missing:
@@ -60,28 +66,12 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
     unused = [n for n in cfg.optim if n not in networks]
     if unused:
         log.info("optim.%s: not used, %s trains only %s", "/".join(unused), type(objective).__name__, list(networks))
-    for name in networks:  # optim.<network>: a torch.optim partial plus our per-network keys
-        node = OmegaConf.to_container(cfg.optim[name], resolve=True)
-        extras[name] = {key: node.pop(key) for key in OPTIM_EXTRA_KEYS if key in node}
-        lookahead = extras[name].get("lookahead") or {}
-        optimizers[name] = keyed(
-            f"optim.{name}",
-            make_optimizer,
-            instantiate(node, _convert_="all"),
-            getattr(model, name).parameters(),
-            device=device,
-            implementation=extras[name].get("implementation", "auto"),
-            lookahead_k=lookahead.get("k", 0),
-            lookahead_alpha=lookahead.get("alpha", 0.5),
-        )
-    phases = objective.phases(model, optimizers, n_critic=settings.n_critic)
-    for phase in phases:  # the per-network schedule and clipping go to the phase that steps that optimizer
-        name = next(n for n, opt in optimizers.items() if opt is phase.optimizer)
-        if extras[name].get("schedule") is not None:
-            phase.schedule = keyed(f"optim.{name}", instantiate, extras[name]["schedule"])
-        phase.gradient_clip_val = extras[name].get("gradient_clip_val")
-        phase.gradient_clip_algorithm = extras[name].get("gradient_clip_algorithm")
-    data = instantiate(cfg.data)
+    updates = {
+        name: within(f"optim.{name}", lambda n: instantiate(cfg.optim[n]).build(getattr(model, n).parameters(), device), name)
+        for name in networks
+    }
+    phases = within("loss", objective.phases, model, updates, n_critic=settings.n_critic)
+    data = within("data", instantiate, cfg.data)
     stream = data.stream(seed=cfg.seed, device=device)
     # Fixed noise from its own generators: sample grids and evaluation never consume the training RNG.
     fixed_noise = model.noise(settings.num_samples, device, generator=torch.Generator(device).manual_seed(cfg.seed))
@@ -91,10 +81,6 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
             data.num_eval_samples, device, generator=torch.Generator(device).manual_seed(cfg.seed + 1)
         )
         evaluator = lambda: data.evaluate(model.sample(eval_noise))
-    sampler = lambda: {"samples": data.render(model.sample(fixed_noise))}  # noqa: E731
-    if hasattr(model.g, "reconstruct"):  # a VAE: also inputs beside reconstructions, and latent interpolations
-        fixed = torch.stack([stream.dataset[i] for i in range(min(16, len(stream.dataset)))]).to(device)
-        sampler = partial(_vae_pictures, model, data, fixed_noise, fixed)
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     return Trainer(
         settings,
@@ -102,35 +88,22 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
         phases=phases,
         data=stream,
         run_dir=run_dir,
-        sampler=sampler,
+        sampler=objective.sampler(model, data.render, fixed_noise, stream),
         evaluator=evaluator,
         config=resolved,
         compat={"model": resolved["model"], "loss": resolved["loss"]},
     )
 
 
-def _vae_pictures(model, data, noise: torch.Tensor, fixed: torch.Tensor) -> dict[str, torch.Tensor]:
-    was_training = model.g.training
-    model.g.eval()
-    try:
-        return {
-            "samples": data.render(model.sample(noise)),  # prior samples from the fixed z
-            "reconstructions": reconstruction_grid(model.g, fixed),
-            "interpolation": interpolation_strip(model.g, fixed[:8]),
-        }
-    finally:
-        model.g.train(was_training)
-
-
-def keyed(prefix: str, fn, *args, **kwargs):
-    """``fn(*args, **kwargs)``, with ``prefix.`` in front of the config key a ConfigError names."""
+def within(node: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; a user error it raises names its key under ``node`` (``weight`` -> ``loss.gp.weight``)."""
     try:
         return fn(*args, **kwargs)
     except Exception as e:
-        err = user_error(e)
+        err = user_error(e, node)
         if err is None:
             raise
-        raise ConfigError(f"{prefix}.{err}") from None
+        raise err from None
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
@@ -146,14 +119,25 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     return metrics
 
 
-def user_error(e: BaseException) -> GantrainError | None:
-    """The user-input error behind ``e`` (Hydra wraps errors raised while instantiating), if any."""
+def user_error(e: BaseException, node: str = "") -> GantrainError | None:
+    """The user-input error behind ``e``, if any, its key put under the config node that raised it.
+
+    Hydra wraps errors raised while instantiating and names the node (``full_key: loss.gp``);
+    ``node`` is the fallback for errors raised outside ``instantiate``.
+    """
     while e is not None and not isinstance(e, GantrainError):
-        e = e.__cause__ if isinstance(e, InstantiationException) else None
+        if isinstance(e, InstantiationException):
+            found = re.search(r"full_key: (\S+)\s*$", str(e))
+            node = found.group(1) if found else node
+            e = e.__cause__
+        else:
+            e = None
+    if isinstance(e, ConfigError) and node and not str(e).startswith(f"{node}."):
+        return e.within(node)
     return e
 
 
-@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="train")
 def _hydra_main(cfg: DictConfig) -> float:
     try:
         metrics = train(cfg, HydraConfig.get().runtime.output_dir)
@@ -163,15 +147,13 @@ def _hydra_main(cfg: DictConfig) -> float:
             raise  # a bug: keep the traceback
         log.error("%s", err)  # one line on the console and in the run's log, no traceback
         raise SystemExit(1) from None
-    return metrics.get("loss/G", float("nan"))  # a scalar for sweepers
+    monitor = cfg.trainer.monitor
+    if monitor not in metrics:
+        log.warning("trainer.monitor=%s was never logged (logged: %s); a sweeper gets NaN", monitor, sorted(metrics))
+    return metrics.get(monitor, float("nan"))  # the value a sweeper optimizes
 
 
 def main() -> None:
-    if not CONFIG_DIR.is_dir():
-        raise SystemExit(
-            f"gantrain: config directory {CONFIG_DIR} not found; install from a clone with `pip install -e .` "
-            "(the recipes live in the repository's configs/)"
-        )
     _hydra_main()
 
 

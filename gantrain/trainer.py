@@ -80,6 +80,7 @@ class TrainerSettings:
     resume: Optional[str] = None  # null | auto (this run dir's last.ckpt) | a checkpoint path
     progress_bar: bool = True  # tqdm bar; it also stays quiet when stdout is not a terminal
     ema: EMASettings = field(default_factory=EMASettings)
+    monitor: str = "loss/G"  # the logged value a run returns to a sweeper (VAE recipes: elbo)
 
     def __post_init__(self) -> None:
         if not isinstance(self.ema, EMASettings):  # a mapping from the config

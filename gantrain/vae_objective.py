@@ -9,19 +9,19 @@ The VAE is the container's generator ``g`` (a :class:`gantrain.models.vae.VAE`: 
 from __future__ import annotations
 
 from functools import partial
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
-from torch.optim import Optimizer
 
-from gantrain import elbo
+from gantrain import checks, elbo
 from gantrain.errors import ConfigError
-from gantrain.losses import AdversarialLoss, GeneratorTerm, Penalty
-from gantrain.objectives import GANObjective
+from gantrain.losses import AdversarialLoss, FeatureMatching, GeneratorTerm, GradientPenalty, R1Penalty, WeightClip
+from gantrain.objectives import GANObjective, Pictures
 from gantrain.perceptual import VGG16Features
+from gantrain.phase import Phase, Update
+from gantrain.sampling import interpolation_strip, reconstruction_grid
 from gantrain.stats import report
-from gantrain.phase import Phase
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -41,11 +41,9 @@ class ReconTerm(nn.Module):
     likelihood: str | None = None
     is_likelihood: bool = False
 
-    def __init__(self, weight: float, key: str):
+    def __init__(self, weight: float):
         super().__init__()
-        if weight < 0:
-            raise ConfigError(f"loss.{key}.weight={weight}: must be >= 0 (0 = off)")
-        self.weight, self.key = float(weight), key
+        self.weight = float(checks.number("weight", weight, ge=0, hint="0 = off"))
 
     @property
     def active(self) -> bool:
@@ -57,8 +55,8 @@ class BernoulliRecon(ReconTerm):
 
     likelihood, is_likelihood = "bernoulli", True
 
-    def __init__(self, weight: float = 1.0):
-        super().__init__(weight, "bce")
+    def __init__(self, weight: float = 0.0):
+        super().__init__(weight)
 
     def forward(self, vae: nn.Module, raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return -elbo.bernoulli_log_prob(_full(raw), (_full(x) + 1) / 2)
@@ -70,12 +68,9 @@ class GaussianRecon(ReconTerm):
     likelihood, is_likelihood = "gaussian", True
 
     def __init__(self, weight: float = 0.0, sigma: float | None = None):
-        super().__init__(weight, "gaussian")
-        if sigma is not None and sigma <= 0:
-            raise ConfigError(
-                f"loss.gaussian.sigma={sigma}: must be > 0, "
-                "or null for the per-image maximum-likelihood sigma (sigma-VAE)"
-            )
+        super().__init__(weight)
+        if sigma is not None:
+            checks.positive("sigma", sigma, hint="or null for the per-image maximum-likelihood sigma (sigma-VAE)")
         self.sigma = sigma
         self.log_likelihood = elbo.likelihood_fn("gaussian", sigma)
 
@@ -92,8 +87,8 @@ class PerceptualRecon(ReconTerm):
     def __init__(
         self, weight: float = 0.0, layer: str = "relu3_3", weights: str = "imagenet", weights_path: str | None = None
     ):
-        super().__init__(weight, "perceptual")
-        self.vgg = VGG16Features(layer, weights, weights_path, key="loss.perceptual") if weight > 0 else None
+        super().__init__(weight)
+        self.vgg = VGG16Features(layer, weights, weights_path) if weight > 0 else None
 
     def forward(self, vae: nn.Module, raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -107,8 +102,7 @@ class KLSchedule:
 
     def __init__(self, beta: float = 1.0, kl_warmup_steps: int = 0, free_bits: float = 0.0):
         elbo.kl_weight(0, beta, kl_warmup_steps)  # validates loss.beta and loss.kl_warmup_steps
-        if free_bits < 0:
-            raise ConfigError(f"loss.free_bits={free_bits}: must be >= 0 nats per latent dimension (0 = off)")
+        checks.number("free_bits", free_bits, ge=0, hint="nats per latent dimension; 0 = off")
         self.beta, self.kl_warmup_steps, self.free_bits = beta, kl_warmup_steps, free_bits
 
     def term(self, mu: torch.Tensor, logvar: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,8 +120,9 @@ def _check_likelihood(vae: nn.Module, terms: Mapping[str, ReconTerm]) -> None:
     for name, term in terms.items():
         if term.likelihood is not None and term.likelihood != kind:
             raise ConfigError(
-                f"loss.{name}: needs a decoder that outputs {term.likelihood} parameters, but "
-                f"model.g.likelihood={kind!r}; set model.g.likelihood={term.likelihood} or use another loss"
+                f"{name}: needs a decoder that outputs {term.likelihood} parameters, but "
+                f"model.g.likelihood={kind!r}; set model.g.likelihood={term.likelihood} or use another loss",
+                key=name,
             )
 
 
@@ -147,10 +142,14 @@ class VAEObjective(nn.Module):
         beta: float = 1.0,
         kl_warmup_steps: int = 0,
         free_bits: float = 0.0,
+        bce: BernoulliRecon | None = None,
+        gaussian: GaussianRecon | None = None,
+        perceptual: PerceptualRecon | None = None,
         **terms: ReconTerm | None,
     ):
         super().__init__()
         self.kl = KLSchedule(beta, kl_warmup_steps, free_bits)
+        terms = dict(bce=bce, gaussian=gaussian, perceptual=perceptual, **terms)
         active = {name: t for name, t in terms.items() if t is not None and t.active}
         if not active:
             raise ConfigError(
@@ -159,9 +158,13 @@ class VAEObjective(nn.Module):
             )
         self.terms = nn.ModuleDict(active)
 
-    def phases(self, model: nn.Module, optimizers: Mapping[str, Optimizer], n_critic: int = 1) -> list[Phase]:
+    def phases(self, model: nn.Module, updates: Mapping[str, Update], n_critic: int = 1) -> list[Phase]:
         _check_likelihood(model.g, self.terms)
-        return [Phase("VAE", model.g, optimizers["g"], partial(self.loss, model.g), counts_as_step=True)]
+        return [Phase.of("VAE", model.g, updates["g"], partial(self.loss, model.g), counts_as_step=True)]
+
+    def sampler(self, model: nn.Module, render: Callable, noise: torch.Tensor, data) -> Callable[[], Pictures]:
+        """Prior samples from the fixed ``noise``, the first 16 images beside their reconstructions, interpolations."""
+        return partial(vae_pictures, model, render, noise, first_images(data))
 
     def negative_elbo_parts(self, vae: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(decoder output, mu, logvar) for a batch, with one reparameterised sample."""
@@ -207,25 +210,33 @@ class VAEGANObjective(GANObjective):
         beta: float = 1.0,
         kl_warmup_steps: int = 0,
         free_bits: float = 0.0,
-        **terms: Penalty | GeneratorTerm | None,
+        gp: GradientPenalty | None = None,
+        r1: R1Penalty | None = None,
+        weight_clip: WeightClip | None = None,
+        fm: FeatureMatching | None = None,
+        perceptual: GeneratorTerm | None = None,
     ):
-        super().__init__(adversarial, **terms)
+        super().__init__(adversarial, gp=gp, r1=r1, weight_clip=weight_clip, fm=fm, perceptual=perceptual)
         if self.g_terms:
+            name = next(iter(self.g_terms))
             raise ConfigError(
-                f"loss.{next(iter(self.g_terms))}: generator terms are not used by VAE-GAN, whose reconstruction "
-                "term already matches D's features; set its weight to 0"
+                f"{name}: generator terms are not used by VAE-GAN, whose reconstruction "
+                "term already matches D's features; set its weight to 0",
+                key=name,
             )
-        if feature_weight <= 0:
-            raise ConfigError(f"loss.feature_weight={feature_weight}: must be > 0 (the VAE's reconstruction term)")
+        checks.positive("feature_weight", feature_weight, hint="the VAE's reconstruction term")
         self.feature_weight = feature_weight
         self.kl = KLSchedule(beta, kl_warmup_steps, free_bits)
 
-    def phases(self, model: nn.Module, optimizers: Mapping[str, Optimizer], n_critic: int = 1) -> list[Phase]:
+    def phases(self, model: nn.Module, updates: Mapping[str, Update], n_critic: int = 1) -> list[Phase]:
         if not (hasattr(model.d, "features") and hasattr(model.d, "head")):
             raise ConfigError(f"loss: VAE-GAN needs a discriminator with features(x) and head(h); {type(model.d)}")
-        d_phase, g_phase = super().phases(model, optimizers, n_critic)
+        d_phase, g_phase = super().phases(model, updates, n_critic)
         g_phase.loss = partial(self.vae_loss, model)
         return [d_phase, g_phase]
+
+    def sampler(self, model: nn.Module, render: Callable, noise: torch.Tensor, data) -> Callable[[], Pictures]:
+        return partial(vae_pictures, model, render, noise, first_images(data))
 
     def vae_loss(self, model: nn.Module, real: torch.Tensor, step: int = 0) -> torch.Tensor:
         vae, d, x = model.g, model.d, self.adversarial.d_input
@@ -244,3 +255,22 @@ class VAEGANObjective(GANObjective):
         report("loss/G/adv", adv)
         report("loss/G", loss)
         return loss
+
+
+def first_images(stream, n: int = 16) -> torch.Tensor:
+    """The stream's first ``n`` training images ``(n, C, H, W)``, on its device: the fixed reconstruction inputs."""
+    return torch.stack([stream.dataset[i] for i in range(min(n, len(stream.dataset)))]).to(stream.device)
+
+
+def vae_pictures(model: nn.Module, render: Callable, noise: torch.Tensor, real: torch.Tensor) -> Pictures:
+    """A VAE's pictures, in eval mode: prior samples, ``real`` beside its reconstructions, interpolations."""
+    was_training = model.g.training
+    model.g.eval()
+    try:
+        return {
+            "samples": render(model.sample(noise)),  # prior samples from the fixed z
+            "reconstructions": reconstruction_grid(model.g, real),
+            "interpolation": interpolation_strip(model.g, real[:8]),
+        }
+    finally:
+        model.g.train(was_training)

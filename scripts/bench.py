@@ -133,7 +133,8 @@ def main() -> None:
 
         def handwritten(reuse_fakes: bool) -> Handwritten:
             g, d = copy.deepcopy(g0), copy.deepcopy(d0)
-            return Handwritten(g, d, data, cfg.data.batch_size, opt.lr, tuple(opt.betas), reuse_fakes=reuse_fakes)
+            betas = tuple(opt.optimizer.betas)
+            return Handwritten(g, d, data, cfg.data.batch_size, opt.lr, betas, reuse_fakes=reuse_fakes)
 
         loops = {
             "gantrain Trainer": lambda n: framework_block(trainer, n),

@@ -66,7 +66,7 @@ def test_multirun_sweeps_optimizers_one_tensorboard_run_each(tmp_path):
         ckpt = ckpt_io.load(run / "checkpoints" / "last.ckpt")
         targets.append(ckpt["config"]["optim"]["d"]["_target_"])
         assert ckpt["config"]["optim"]["g"]["lr"] == 1e-4
-    assert targets == ["torch.optim.Adam", "torch.optim.RMSprop", "torch.optim.SGD"]
+    assert targets == ["torch.optim.adam.Adam", "torch.optim.rmsprop.RMSprop", "torch.optim.sgd.SGD"]
 
 
 def test_console_script_composes_the_recipe(tmp_path):

@@ -18,7 +18,6 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 from torch import optim
 
-from gantrain.config import OPTIM_EXTRA_KEYS
 from gantrain.errors import ConfigError
 from gantrain.optim import Lookahead, Schedule, implementation_kwargs, make_optimizer
 from gantrain.train import CONFIG_DIR, compose_config
@@ -126,12 +125,12 @@ def test_schedule_warmup_resumes_from_state_dicts():
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [
-        ({"kind": "cos"}, "schedule.kind='cos'"),
-        ({"warmup_steps": -1}, "schedule.warmup_steps=-1"),
-        ({"step_size": 0}, "schedule.step_size=0"),
-        ({"kind": "step", "gamma": 0.0}, "schedule.gamma=0.0"),
-        ({"kind": "exponential", "gamma": 1.5}, "schedule.gamma=1.5"),
-        ({"min_lr": -1e-3}, "schedule.min_lr=-0.001"),
+        ({"kind": "cos"}, "kind='cos': must be "),
+        ({"warmup_steps": -1}, "warmup_steps=-1: must be "),
+        ({"step_size": 0}, "step_size=0: must be "),
+        ({"kind": "step", "gamma": 0.0}, "gamma=0.0: must be "),
+        ({"kind": "exponential", "gamma": 1.5}, "gamma=1.5: must be "),
+        ({"min_lr": -1e-3}, "min_lr=-0.001: must be "),
     ],
 )
 def test_schedule_rejects_bad_values(kwargs, key):
@@ -139,7 +138,7 @@ def test_schedule_rejects_bad_values(kwargs, key):
         Schedule(**kwargs)
     assert str(err.value).startswith(key)
     if "kind" in key:
-        assert "allowed: constant, step, cosine, exponential, linear" in str(err.value)
+        assert "must be one of constant, step, cosine, exponential, linear" in str(err.value)
 
 
 def test_schedule_warns_when_warmup_outlasts_the_run(caplog):
@@ -354,18 +353,21 @@ OPTIONS = {  # option -> (torch class, g lr, d lr)
 
 
 def build(cfg, net: str, params) -> tuple[torch.optim.Optimizer, dict, dict]:
-    """What the entry point does with optim.<net>: pop our keys, instantiate the partial, make the optimizer."""
-    node = OmegaConf.to_container(cfg.optim[net], resolve=True)
-    extras = {key: node.pop(key) for key in OPTIM_EXTRA_KEYS}
-    optimizer = make_optimizer(
-        instantiate(node, _convert_="all"),
-        params,
-        device="cpu",
-        implementation=extras["implementation"],
-        lookahead_k=extras["lookahead"]["k"],
-        lookahead_alpha=extras["lookahead"]["alpha"],
+    """What the entry point does with optim.<net>: instantiate the NetworkOptim and build the network's Update.
+
+    Returns the optimizer, the torch optimizer's hyperparameters from the config (its node plus ``lr``)
+    and every other key of ``optim.<net>``; the Update's schedule and clipping must equal those keys.
+    """
+    update = instantiate(cfg.optim[net]).build(params, "cpu")
+    extras = OmegaConf.to_container(cfg.optim[net], resolve=True)
+    node = {**extras.pop("optimizer"), "lr": extras.pop("lr")}
+    extras.pop("_target_")
+    assert update.schedule == instantiate(extras["schedule"])
+    assert (update.gradient_clip_val, update.gradient_clip_algorithm) == (
+        extras["gradient_clip_val"],
+        extras["gradient_clip_algorithm"],
     )
-    return optimizer, node, extras
+    return update.optimizer, node, extras
 
 
 def test_every_optim_option_is_tested():
@@ -395,7 +397,7 @@ def test_optim_option_composes_and_instantiates(name):
                 "gamma": 0.5,
                 "min_lr": 0.0,
             },
-            "lookahead": {"k": 0, "alpha": 0.5},
+            "lookahead": {"_target_": "gantrain.optim.lookahead", "_partial_": True, "k": 0, "alpha": 0.5},
             "gradient_clip_val": None,
             "gradient_clip_algorithm": None,
             "implementation": "auto",
@@ -449,7 +451,7 @@ def test_misspelled_optim_key_fails_in_a_yaml_merge(delta):
 
 def test_bad_schedule_kind_fails_on_instantiate():
     cfg = compose_config("optim.d.schedule.kind=cosinus")
-    with pytest.raises(Exception, match="schedule.kind='cosinus'"):
+    with pytest.raises(Exception, match="kind='cosinus': must be one of constant"):
         instantiate(cfg.optim.d.schedule)
 
 
@@ -458,7 +460,10 @@ def test_bad_schedule_kind_fails_on_instantiate():
 def test_sgd_option_follows_torchs_documented_update(momentum, nesterov):
     """w0 = 1, loss 0.5 (w x)^2 with x = 1, 2, 3, lr 0.1: torch's SGD rule written out by hand."""
     cfg = compose_config(
-        "optim=sgd", "optim.d.lr=0.1", f"optim.d.momentum={momentum}", f"optim.d.nesterov={str(nesterov).lower()}"
+        "optim=sgd",
+        "optim.d.lr=0.1",
+        f"optim.d.optimizer.momentum={momentum}",
+        f"optim.d.optimizer.nesterov={str(nesterov).lower()}",
     )
     w = scalar_param()
     opt, _, _ = build(cfg, "d", [w])

@@ -1,11 +1,11 @@
-"""Networks. A model config instantiates a container (e.g. :class:`GAN`) holding named networks;
+"""Networks. A model config instantiates a container (:class:`GenerativeModel`) holding named networks;
 the objective (``loss=`` group) decides which of them each training phase updates.
 
 Families: :mod:`~gantrain.models.dcgan`, :mod:`~gantrain.models.resnet` (SNGAN) and
 :mod:`~gantrain.models.mlp` (toy vectors); shared blocks in :mod:`~gantrain.models.layers`.
 """
 
-from gantrain.models.gan import GAN
+from gantrain.models.generative import GenerativeModel
 from gantrain.models.init import INIT_SCHEMES, initialize
 from gantrain.models.layers import (
     DiscriminatorHead,
@@ -15,8 +15,11 @@ from gantrain.models.layers import (
     norm_layer,
 )
 
+GAN = GenerativeModel  # the name before 0.2: checkpoints written then build `gantrain.models.GAN`
+
 __all__ = [
     "GAN",
+    "GenerativeModel",
     "INIT_SCHEMES",
     "DiscriminatorHead",
     "MinibatchDiscrimination",

@@ -1,4 +1,4 @@
-"""The generator/discriminator pair that GAN objectives train."""
+"""The container of a run's networks: a generator (or VAE) ``g`` and an optional discriminator ``d``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from gantrain.errors import ConfigError
 from gantrain.models.init import initialize
 
 
-class GAN(nn.Module):
+class GenerativeModel(nn.Module):
     """A generator ``g`` and a discriminator/critic ``d`` that agree on one sample shape.
 
     Args:
