@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from gantrain.errors import ConfigError, GantrainError
+from gantrain import checks
+from gantrain.errors import GantrainError
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -103,20 +104,16 @@ def likelihood_fn(kind: str, sigma: float | None = None) -> LogLikelihood:
     - ``"gaussian"`` with ``sigma`` a float > 0: :func:`gaussian_log_prob` with that fixed sigma;
     - ``"gaussian"`` with ``sigma=None``: per-image :func:`optimal_log_sigma` (sigma-VAE).
     """
-    if kind == "bernoulli":
+    if checks.choice("likelihood", kind, ("bernoulli", "gaussian")) == "bernoulli":
         if sigma is not None:
-            raise ConfigError(
-                f"loss.gaussian.sigma={sigma}: only a gaussian likelihood has a sigma (model.g.likelihood=bernoulli)"
-            )
+            checks.fail("sigma", sigma, "null", "only a gaussian likelihood has a sigma")
         return bernoulli_log_prob
-    if kind == "gaussian":
-        if sigma is None:
-            return lambda raw, x01: gaussian_log_prob(raw, x01, optimal_log_sigma(raw, x01))
-        if not sigma > 0:
-            raise ConfigError(f"loss.gaussian.sigma={sigma}: must be > 0, or null for the per-image optimal sigma")
-        log_sigma = math.log(sigma)
-        return lambda raw, x01: gaussian_log_prob(raw, x01, log_sigma)
-    raise ConfigError(f"model.g.likelihood={kind!r}: must be one of 'bernoulli', 'gaussian'")
+    if sigma is None:
+        return lambda raw, x01: gaussian_log_prob(raw, x01, optimal_log_sigma(raw, x01))
+    if not sigma > 0:
+        checks.fail("sigma", sigma, "> 0", "or null for the per-image optimal sigma")
+    log_sigma = math.log(sigma)
+    return lambda raw, x01: gaussian_log_prob(raw, x01, log_sigma)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,9 +160,9 @@ def kl_weight(step: int, beta: float = 1.0, warmup_steps: int = 0) -> float:
     of optimizer steps taken before this one (0 for the first).
     """
     if beta < 0:
-        raise ConfigError(f"loss.beta={beta}: must be >= 0")
-    if warmup_steps < 0:
-        raise ConfigError(f"loss.kl_warmup_steps={warmup_steps}: must be >= 0 (0 = no warm-up)")
+        checks.fail("beta", beta, ">= 0")
+    if warmup_steps < 0:  # named as the loss config names it
+        checks.fail("kl_warmup_steps", warmup_steps, ">= 0", "0 = no warm-up")
     if step < 0:
         raise GantrainError(f"step={step}: must be >= 0")
     if warmup_steps == 0:
@@ -183,7 +180,7 @@ def free_bits_kl(kl_per_dim: torch.Tensor, free_bits: float) -> torch.Tensor:
     KL. Unlike the other functions this is batch-level (the training term), not per sample.
     """
     if free_bits < 0:
-        raise ConfigError(f"loss.free_bits={free_bits}: must be >= 0 (nats per latent dimension; 0 = off)")
+        checks.fail("free_bits", free_bits, ">= 0", "nats per latent dimension; 0 = off")
     if free_bits == 0:
         return kl_per_dim.sum(1).mean()
     return kl_per_dim.mean(0).clamp_min(free_bits).sum()
@@ -195,9 +192,9 @@ def free_bits_kl(kl_per_dim: torch.Tensor, free_bits: float) -> torch.Tensor:
 
 def _check_k_chunk(k: int, chunk: int | None) -> None:
     if k < 1:
-        raise GantrainError(f"k={k}: must be >= 1 (number of importance samples)")
+        checks.fail("k", k, ">= 1", "number of importance samples")
     if chunk is not None and chunk < 1:
-        raise GantrainError(f"chunk={chunk}: must be >= 1 (importance samples per decoder pass) or None")
+        checks.fail("chunk", chunk, ">= 1 or None", "importance samples per decoder pass")
 
 
 def _importance_terms(

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from gantrain.errors import ConfigError
+from gantrain import checks
 
 
 class EMA:
@@ -27,7 +27,7 @@ class EMA:
 
     def __init__(self, module: nn.Module, half_life_images: float):
         if half_life_images <= 0:
-            raise ConfigError(f"trainer.ema.half_life_images={half_life_images}: must be > 0 (0 = EMA off)")
+            checks.fail("half_life_images", half_life_images, "> 0", "0 = EMA off")
         self.module = module
         self.half_life_images = float(half_life_images)
         self.average = copy.deepcopy(module).eval().requires_grad_(False)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from gantrain import checks
 from gantrain.errors import ConfigError
 from gantrain.losses import GeneratorTerm, mean_feature_distance
 
@@ -24,20 +25,21 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _vgg16_state_dict(key: str, weights: str, weights_path: str | None) -> dict[str, torch.Tensor] | None:
-    """The VGG16 ``features`` weights (keys ``"0.weight"``, ...) or None for random init."""
-    if weights not in WEIGHTS:
-        raise ConfigError(f"{key}.weights={weights!r}; allowed: {', '.join(WEIGHTS)} (random: tests only)")
-    if weights == "random":
-        return None
+def _vgg16_features(layer: str, weights: str, weights_path: str | None) -> nn.Sequential:
+    """torchvision's ``vgg16().features`` up to ``layer``, with ``weights`` loaded (keys ``"0.weight"``, ...)."""
+    checks.choice("layer", layer, VGG16_LAYERS)
+    from torchvision.models.vgg import cfgs, make_layers
+
+    # vgg16().features without building (and randomly initialising) the 120M-parameter classifier.
+    features = make_layers(cfgs["D"], batch_norm=False)[: VGG16_LAYERS[layer] + 1]
+    if checks.choice("weights", weights, WEIGHTS, "random: tests only") == "random":
+        return features
     if weights_path:
-        path = Path(weights_path).expanduser().resolve()
-        if not path.is_file():
-            raise ConfigError(f"{key}.weights_path='{path}': no such file (a VGG16 state_dict: vgg16-397923af.pth)")
+        path = checks.path("weights_path", weights_path, "file", "a VGG16 state_dict: vgg16-397923af.pth")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input
-            raise ConfigError(f"{key}.weights_path='{path}': not a readable torch state_dict ({e})") from None
+            checks.fail("weights_path", weights_path, "a readable torch state_dict", str(e))
     else:
         from torchvision.models import VGG16_Weights
 
@@ -46,43 +48,42 @@ def _vgg16_state_dict(key: str, weights: str, weights_path: str | None) -> dict[
         try:
             state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
         except Exception as e:  # noqa: BLE001 - offline, proxy, disk: all mean "no weights here"
-            raise ConfigError(
-                f"{key}: the ImageNet VGG16 weights are not in torchvision's cache ({cache}) and could not be "
-                f"downloaded from {url} ({type(e).__name__}: {e}). Either run once online so torchvision caches "
-                f"them, or download the file elsewhere and set {key}.weights_path=/path/to/{Path(url).name}"
-            ) from None
+            checks.fail(
+                "weights_path",
+                weights_path,
+                f"the path of a downloaded {Path(url).name}",
+                f"the ImageNet VGG16 weights are not in torchvision's cache ({cache}) and could not be downloaded "
+                f"from {url} ({type(e).__name__}: {e}); or run once online so torchvision caches them",
+            )
     if not isinstance(state, dict):
-        raise ConfigError(f"{key}.weights_path: expected a state_dict, got {type(state).__name__}")
+        checks.fail("weights_path", weights_path, "a state_dict", f"it holds a {type(state).__name__}")
     # Accept a whole torchvision vgg16 state_dict ("features.0.weight") or its features part ("0.weight").
     if any(k.startswith("features.") for k in state):
         state = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
-    return state
+    wanted = set(features.state_dict())
+    missing = wanted - set(state)
+    if missing:
+        checks.fail("weights_path", weights_path, "VGG16 weights", f"missing {sorted(missing)[:4]}")
+    features.load_state_dict({k: state[k] for k in wanted})
+    return features
 
 
 class VGG16Features(nn.Module):
     """Images in [-1, 1] ``(B, 1|3, H, W)`` -> VGG16 activations after ``layer`` (ImageNet-normalised input).
 
     Grey images are repeated to 3 channels. ``weights='random'`` keeps torchvision's random init
-    (for tests; meaningless as a perceptual metric).
+    (for tests; meaningless as a perceptual metric). Errors name the argument (``weights_path=...``);
+    ``key``, for callers that still pass their config path, goes in front (:meth:`ConfigError.within`).
     """
 
     def __init__(
-        self, layer: str = "relu3_3", weights: str = "imagenet", weights_path: str | None = None, key: str = "loss"
+        self, layer: str = "relu3_3", weights: str = "imagenet", weights_path: str | None = None, key: str = ""
     ):
         super().__init__()
-        if layer not in VGG16_LAYERS:
-            raise ConfigError(f"{key}.layer={layer!r}; allowed: {', '.join(VGG16_LAYERS)}")
-        from torchvision.models.vgg import cfgs, make_layers
-
-        # vgg16().features without building (and randomly initialising) the 120M-parameter classifier.
-        features = make_layers(cfgs["D"], batch_norm=False)[: VGG16_LAYERS[layer] + 1]
-        state = _vgg16_state_dict(key, weights, weights_path)
-        if state is not None:
-            wanted = set(features.state_dict())
-            missing = wanted - set(state)
-            if missing:
-                raise ConfigError(f"{key}.weights_path: not VGG16 weights (missing {sorted(missing)[:4]})")
-            features.load_state_dict({k: state[k] for k in wanted})
+        try:
+            features = _vgg16_features(layer, weights, weights_path)
+        except ConfigError as e:
+            raise e.within(key) from None
         for m in features.modules():
             if isinstance(m, nn.ReLU):
                 m.inplace = False  # keep the graph to the input simple and safe
@@ -112,9 +113,9 @@ class PerceptualMatching(GeneratorTerm):
     ):
         super().__init__()
         if weight < 0:
-            raise ConfigError(f"loss.perceptual.weight={weight}: must be >= 0 (0 = off)")
+            checks.fail("weight", weight, ">= 0", "0 = off")
         self.weight = weight
-        self.vgg = VGG16Features(layer, weights, weights_path, key="loss.perceptual") if weight > 0 else None
+        self.vgg = VGG16Features(layer, weights, weights_path) if weight > 0 else None
 
     def forward(self, d: nn.Module, real: torch.Tensor, fake: torch.Tensor, fake_features: torch.Tensor):
         with torch.no_grad():

@@ -65,11 +65,11 @@ def test_discriminator_norms(norm, kind):
 
 
 def test_bad_model_arguments_are_clear():
-    with pytest.raises(ConfigError, match=r"model.d.norm='bn'; allowed: batch, layer, instance, none"):
+    with pytest.raises(ConfigError, match=r"^norm='bn': must be one of batch, layer, instance, none$"):
         Discriminator(norm="bn")
-    with pytest.raises(ConfigError, match=r"model.resolution=48: DCGAN needs a power of two"):
+    with pytest.raises(ConfigError, match=r"^resolution=48: must be a power of two >= 8 \(32 and 64"):
         Generator(resolution=48)
-    with pytest.raises(ConfigError, match=r"model.init: unknown scheme 'he'; allowed: normal_0.02, xavier"):
+    with pytest.raises(ConfigError, match=r"^init='he': must be one of normal_0.02, xavier"):
         initialize(nn.Linear(2, 2), "he")
     with pytest.raises(ConfigError, match=r"model.g is built for 3x64x64 images but model.resolution=32"):
         GAN(Generator(channels=3, resolution=64), Discriminator(channels=3, resolution=32), resolution=32, channels=3)
@@ -356,20 +356,29 @@ def test_no_dropout_layers_by_default():
 @pytest.mark.parametrize(
     "build,message",
     [
-        (lambda: resnet.Discriminator(norm="foo"), r"model.d.norm='foo'; allowed: batch, layer, instance, none"),
-        (lambda: mlp.Discriminator(norm="instance"), r"model.d.norm='instance'; allowed: batch, layer, none"),
-        (lambda: norm_layer("foo", 4, key="model.x.norm"), r"model.x.norm='foo'; allowed: batch, layer"),
-        (lambda: mlp.Generator(width=0), r"model.g.width=0: must be an integer >= 1"),
-        (lambda: mlp.Generator(depth=0), r"model.g.depth=0"),
-        (lambda: mlp.Discriminator(width=0), r"model.d.width=0"),
-        (lambda: mlp.Discriminator(depth=-1), r"model.d.depth=-1"),
-        (lambda: Generator(dropout=1.0), r"model.g.dropout=1.0: must be a probability in \[0, 1\)"),
-        (lambda: resnet.Generator(dropout=-0.1), r"model.g.dropout=-0.1"),
-        (lambda: mlp.Generator(dropout=1.5), r"model.g.dropout=1.5"),
-        (lambda: resnet.Generator(resolution=48), r"model.resolution=48: the ResNet models support 32, 64"),
-        (lambda: resnet.Discriminator(resolution=16), r"model.resolution=16"),
-        (lambda: Discriminator(minibatch_std=-1), r"model.d.minibatch_std=-1"),
-        (lambda: mlp.Discriminator(minibatch_kernels=-2), r"model.d.minibatch_kernels=-2"),
+        (lambda: resnet.Discriminator(norm="foo"), r"^norm='foo': must be one of batch, layer, instance, none$"),
+        (lambda: mlp.Discriminator(norm="instance"), r"^norm='instance': must be one of batch, layer, none$"),
+        (lambda: norm_layer("foo", 4), r"^norm='foo': must be one of batch, layer, instance, none$"),
+        (lambda: norm_layer("instance", 4, dims=1), r"^norm='instance': must be one of batch, layer, none$"),
+        (lambda: mlp.Generator(width=0), r"^width=0: must be an integer >= 1$"),
+        (lambda: mlp.Generator(depth=0), r"^depth=0: must be an integer >= 1$"),
+        (lambda: mlp.Generator(norm="instance"), r"^norm='instance': must be one of batch, layer, none$"),
+        (lambda: mlp.Discriminator(width=0), r"^width=0: must be an integer >= 1$"),
+        (lambda: mlp.Discriminator(depth=-1), r"^depth=-1: must be an integer >= 1$"),
+        (lambda: mlp.Discriminator(pack=True), r"^pack=True: must be an integer >= 1$"),
+        (lambda: Generator(dropout=1.0), r"^dropout=1.0: must be >= 0 and < 1 \(0 turns dropout off\)$"),
+        (lambda: Generator(norm="layer"), r"^norm='layer': must be one of batch, none$"),
+        (lambda: resnet.Generator(dropout=-0.1), r"^dropout=-0.1: must be >= 0 and < 1"),
+        (lambda: mlp.Generator(dropout=1.5), r"^dropout=1.5: must be >= 0 and < 1"),
+        (lambda: resnet.Generator(resolution=48), r"^resolution=48: must be one of 32, 64$"),
+        (lambda: resnet.Discriminator(resolution=16), r"^resolution=16: must be one of 32, 64$"),
+        (lambda: resnet.Discriminator(ndf=0), r"^ndf=0: must be an integer >= 1$"),
+        (lambda: Discriminator(minibatch_std=-1), r"^minibatch_std=-1: must be an integer >= 0$"),
+        (lambda: mlp.Discriminator(minibatch_kernels=-2), r"^minibatch_kernels=-2: must be an integer >= 0$"),
+        (
+            lambda: mlp.Discriminator(minibatch_kernels=2, minibatch_kernel_dim=0),
+            r"^minibatch_kernel_dim=0: must be an integer >= 1$",
+        ),
     ],
 )
 def test_bad_new_arguments_name_their_key(build, message):
@@ -378,13 +387,13 @@ def test_bad_new_arguments_name_their_key(build, message):
 
 
 def test_norm_layer_kinds():
-    assert isinstance(norm_layer("batch", 4, "k"), nn.BatchNorm2d)
-    assert isinstance(norm_layer("layer", 4, "k"), nn.GroupNorm) and norm_layer("layer", 4, "k").num_groups == 1
-    inst = norm_layer("instance", 4, "k")
+    assert isinstance(norm_layer("batch", 4), nn.BatchNorm2d)
+    assert isinstance(norm_layer("layer", 4), nn.GroupNorm) and norm_layer("layer", 4).num_groups == 1
+    inst = norm_layer("instance", 4)
     assert isinstance(inst, nn.InstanceNorm2d) and inst.affine
-    assert isinstance(norm_layer("none", 4, "k"), nn.Identity)
-    assert isinstance(norm_layer("batch", 4, "k", dims=1), nn.BatchNorm1d)
-    assert isinstance(norm_layer("layer", 4, "k", dims=1), nn.LayerNorm)
+    assert isinstance(norm_layer("none", 4), nn.Identity)
+    assert isinstance(norm_layer("batch", 4, dims=1), nn.BatchNorm1d)
+    assert isinstance(norm_layer("layer", 4, dims=1), nn.LayerNorm)
     d = mlp.Discriminator(width=8, depth=2, norm="layer")
     assert sum(isinstance(m, nn.LayerNorm) for m in d.modules()) == 2
     assert all(m.bias is None for m in d.body if isinstance(m, nn.Linear))  # the norm's shift replaces it

@@ -36,10 +36,10 @@ def test_weights_path_loads_a_local_state_dict(tmp_path):
 
 
 def test_bad_weights_path_names_the_key(tmp_path):
-    with pytest.raises(ConfigError, match=r"loss.perceptual.weights_path='.*nope.pth': no such file"):
+    with pytest.raises(ConfigError, match=r"^weights_path='.*nope.pth': must be an existing file"):
         PerceptualMatching(weight=1.0, weights_path=str(tmp_path / "nope.pth"))
     (tmp_path / "junk.pth").write_text("not a checkpoint")
-    with pytest.raises(ConfigError, match=r"loss.perceptual.weights_path=.*not a readable"):
+    with pytest.raises(ConfigError, match=r"^weights_path='.*junk.pth': must be a readable torch state_dict"):
         PerceptualMatching(weight=1.0, weights_path=str(tmp_path / "junk.pth"))
 
 
@@ -51,7 +51,8 @@ def test_offline_without_weights_names_both_options(monkeypatch):
     with pytest.raises(ConfigError) as e:
         PerceptualMatching(weight=1.0)
     msg = str(e.value)
-    assert "loss.perceptual.weights_path=" in msg and "cache" in msg and "online" in msg and "URLError" in msg
+    assert msg.startswith("weights_path=None: must be the path of a downloaded vgg16-397923af.pth")
+    assert "cache" in msg and "online" in msg and "URLError" in msg
 
 
 def test_weight_zero_loads_nothing(monkeypatch):
@@ -93,3 +94,19 @@ def test_perceptual_term_in_training_reaches_g_only(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(d_before, trainer.model.d.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(g_before, trainer.model.g.parameters()))
     assert not vgg.training
+
+
+def test_bad_arguments_name_only_their_own_argument(tmp_path):
+    with pytest.raises(ConfigError, match=r"^layer='relu9_9': must be one of relu1_2, relu2_2, relu3_3, relu4_3$"):
+        VGG16Features("relu9_9", weights="random")
+    with pytest.raises(ConfigError, match=r"^weights='imagenet1k': must be one of imagenet, random \(random: tests"):
+        VGG16Features(weights="imagenet1k")
+    with pytest.raises(ConfigError, match=r"^weight=-1: must be >= 0 \(0 = off\)$"):
+        PerceptualMatching(weight=-1)
+    torch.save({"0.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match=r"^weights_path='.*other.pth': must be VGG16 weights \(missing \["):
+        VGG16Features("relu1_2", weights_path=str(tmp_path / "other.pth"))
+    # A caller that still passes its config path as key gets it in front, as ConfigError.within puts it.
+    with pytest.raises(ConfigError, match=r"^loss\.perceptual\.layer='x': must be one of relu1_2") as e:
+        VGG16Features("x", key="loss.perceptual")
+    assert e.value.key == "loss.perceptual.layer"

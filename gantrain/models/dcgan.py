@@ -14,8 +14,8 @@ import math
 import torch
 from torch import nn
 
-from gantrain.errors import ConfigError
-from gantrain.models.layers import NORMS, DiscriminatorHead, apply_spectral_norm, check_dropout, norm_layer
+from gantrain import checks
+from gantrain.models.layers import NORMS, DiscriminatorHead, apply_spectral_norm, norm_layer
 
 D_NORMS = NORMS
 G_NORMS = ("batch", "none")
@@ -24,7 +24,7 @@ G_NORMS = ("batch", "none")
 def _n_doublings(resolution: int) -> int:
     n = math.log2(resolution) - 2
     if resolution < 8 or n != int(n):
-        raise ConfigError(f"model.resolution={resolution}: DCGAN needs a power of two >= 8 (32 and 64 are the usual)")
+        checks.fail("resolution", resolution, "a power of two >= 8", "32 and 64 are the usual")
     return int(n)
 
 
@@ -44,9 +44,8 @@ class Generator(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        if norm not in G_NORMS:
-            raise ConfigError(f"model.g.norm={norm!r}; allowed: {', '.join(G_NORMS)}")
-        dropout = check_dropout(dropout, "model.g.dropout")
+        checks.choice("norm", norm, G_NORMS)
+        checks.number("dropout", dropout, ge=0, lt=1, hint="0 turns dropout off")
         n = _n_doublings(resolution)
         widths = [ngf * 2 ** (n - 1 - i) for i in range(n)]  # e.g. [256, 128, 64] at 32 px
         bias = norm == "none"  # a bias right before a norm layer is redundant
@@ -56,11 +55,11 @@ class Generator(nn.Module):
 
         layers: list[nn.Module] = [
             nn.ConvTranspose2d(nz, widths[0], 4, 1, 0, bias=bias),
-            norm_layer(norm, widths[0], "model.g.norm"),
+            norm_layer(norm, widths[0]),
             *act(),
         ]  # (B, 4ngf, 4, 4)
         for c_in, c_out in zip(widths, widths[1:]):
-            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=bias), norm_layer(norm, c_out, "model.g.norm")]
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=bias), norm_layer(norm, c_out)]
             layers += act()
         layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1), nn.Tanh()]  # (B, C, R, R)
         self.net = nn.Sequential(*layers)
@@ -93,8 +92,7 @@ class Discriminator(nn.Module):
         minibatch_kernel_dim: int = 16,
     ):
         super().__init__()
-        if norm not in D_NORMS:
-            raise ConfigError(f"model.d.norm={norm!r}; allowed: {', '.join(D_NORMS)}")
+        checks.choice("norm", norm, D_NORMS)
         n = _n_doublings(resolution)
         widths = [ndf * 2**i for i in range(n)]  # e.g. [64, 128, 256] at 32 px
         bias = norm == "none"
@@ -102,7 +100,7 @@ class Discriminator(nn.Module):
         for c_in, c_out in zip(widths, widths[1:]):
             layers += [
                 nn.Conv2d(c_in, c_out, 4, 2, 1, bias=bias),
-                norm_layer(norm, c_out, "model.d.norm"),
+                norm_layer(norm, c_out),
                 nn.LeakyReLU(0.2, True),
             ]
         self.body = nn.Sequential(*layers)  # (B, 4ndf, 4, 4)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from gantrain.errors import ConfigError
+from gantrain import checks
 
 INIT_SCHEMES = ("normal_0.02", "xavier", "kaiming", "orthogonal", "torch")
 
@@ -48,8 +48,7 @@ def initialize(module: nn.Module, scheme: str) -> nn.Module:
     Parameters of other layers (e.g. :class:`~gantrain.models.layers.MinibatchDiscrimination`'s ``T``)
     keep their own init.
     """
-    if scheme not in INIT_SCHEMES:
-        raise ConfigError(f"model.init: unknown scheme {scheme!r}; allowed: {', '.join(INIT_SCHEMES)}")
+    checks.choice("init", scheme, INIT_SCHEMES)  # the argument of the GAN that calls this
     if scheme == "torch":  # keep every layer's own PyTorch default init (the usual choice for VAEs)
         return module
     for m in module.modules():

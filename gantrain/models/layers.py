@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
-from gantrain.errors import ConfigError
+from gantrain import checks
 
 NORMS = ("batch", "layer", "instance", "none")
 NORMS_1D = ("batch", "layer", "none")  # per-feature vectors have no spatial axes to normalise an instance over
@@ -22,38 +22,21 @@ NORMS_1D = ("batch", "layer", "none")  # per-feature vectors have no spatial axe
 SPECTRAL_NORM_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
 
-# ----------------------------------------------------------------------------- argument checks
-def check_int(key: str, value: int, minimum: int) -> int:
-    """``value`` as an int >= ``minimum``, else a :class:`ConfigError` naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{key}={value!r}: must be an integer >= {minimum}")
-    return value
-
-
-def check_dropout(p: float, key: str = "model.g.dropout") -> float:
-    """A dropout probability in [0, 1), else a :class:`ConfigError` naming ``key``."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ConfigError(f"{key}={p!r}: must be a probability in [0, 1) (0 turns dropout off)")
-    return float(p)
-
-
-def norm_layer(kind: str, channels: int, key: str, dims: int = 2) -> nn.Module:
+def norm_layer(norm: str, channels: int, dims: int = 2) -> nn.Module:
     """Normalisation over ``channels`` feature maps (``dims=2``) or features (``dims=1``).
 
     ``batch``: BatchNorm2d / BatchNorm1d. ``layer``: GroupNorm(1, C) over (C, H, W), the LayerNorm that
     WGAN-GP recommends for critics / LayerNorm over the features. ``instance``: InstanceNorm2d with
-    affine gains (2-D only). ``none``: Identity. Anything else raises a :class:`ConfigError` naming ``key``.
+    affine gains (2-D only). ``none``: Identity. Anything else raises a :class:`ConfigError` naming ``norm``.
     """
     if dims not in (1, 2):
         raise ValueError(f"dims must be 1 or 2, got {dims}")
-    allowed = NORMS if dims == 2 else NORMS_1D
-    if kind not in allowed:
-        raise ConfigError(f"{key}={kind!r}; allowed: {', '.join(allowed)}")
-    if kind == "batch":
+    checks.choice("norm", norm, NORMS if dims == 2 else NORMS_1D)
+    if norm == "batch":
         return nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm1d(channels)
-    if kind == "layer":
+    if norm == "layer":
         return nn.GroupNorm(1, channels) if dims == 2 else nn.LayerNorm(channels)
-    if kind == "instance":
+    if norm == "instance":
         return nn.InstanceNorm2d(channels, affine=True)
     return nn.Identity()
 
@@ -79,7 +62,7 @@ class MinibatchStdDev(nn.Module):
 
     def __init__(self, group_size: int):
         super().__init__()
-        self.group_size = check_int("model.d.minibatch_std", group_size, 1)
+        self.group_size = checks.integer("minibatch_std", group_size, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() not in (2, 4):
@@ -114,9 +97,9 @@ class MinibatchDiscrimination(nn.Module):
 
     def __init__(self, in_features: int, kernels: int, kernel_dim: int = 16):
         super().__init__()
-        self.in_features = check_int("model.d.in_features", in_features, 1)
-        self.kernels = check_int("model.d.minibatch_kernels", kernels, 1)
-        self.kernel_dim = check_int("model.d.minibatch_kernel_dim", kernel_dim, 1)
+        self.in_features = checks.integer("in_features", in_features, 1)
+        self.kernels = checks.integer("minibatch_kernels", kernels, 1)
+        self.kernel_dim = checks.integer("minibatch_kernel_dim", kernel_dim, 1)
         self.T = nn.Parameter(torch.empty(in_features, kernels * kernel_dim))
         self.reset_parameters()
 
@@ -148,8 +131,8 @@ class DiscriminatorHead(nn.Module):
         self, in_shape: tuple[int, ...], minibatch_std: int = 0, minibatch_kernels: int = 0, kernel_dim: int = 16
     ):
         super().__init__()
-        check_int("model.d.minibatch_std", minibatch_std, 0)
-        check_int("model.d.minibatch_kernels", minibatch_kernels, 0)
+        checks.integer("minibatch_std", minibatch_std, 0)
+        checks.integer("minibatch_kernels", minibatch_kernels, 0)
         self.in_shape = tuple(int(s) for s in in_shape)
         if len(self.in_shape) not in (1, 3):
             raise ValueError(f"DiscriminatorHead takes (F,) or (C, H, W) shapes, got {self.in_shape}")

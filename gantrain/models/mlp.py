@@ -8,15 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gantrain import checks
 from gantrain.errors import ConfigError
-from gantrain.models.layers import (
-    NORMS_1D,
-    DiscriminatorHead,
-    apply_spectral_norm,
-    check_dropout,
-    check_int,
-    norm_layer,
-)
+from gantrain.models.layers import NORMS_1D, DiscriminatorHead, apply_spectral_norm, norm_layer
 
 
 class Generator(nn.Module):
@@ -36,18 +30,15 @@ class Generator(nn.Module):
         norm: str = "none",
     ):
         super().__init__()
-        check_int("model.g.nz", nz, 1)
-        check_int("model.g.width", width, 1)
-        check_int("model.g.depth", depth, 1)
-        check_int("model.g.out_dim", out_dim, 1)
-        dropout = check_dropout(dropout, "model.g.dropout")
+        for key, value in (("nz", nz), ("width", width), ("depth", depth), ("out_dim", out_dim)):
+            checks.integer(key, value, 1)
+        checks.number("dropout", dropout, ge=0, lt=1, hint="0 turns dropout off")
+        checks.choice("norm", norm, NORMS_1D)
         layers: list[nn.Module] = []
-        if norm not in NORMS_1D:
-            raise ConfigError(f"model.g.norm={norm!r}; allowed: {', '.join(NORMS_1D)}")
         for i in range(depth):
             layers += [
                 nn.Linear(nz if i == 0 else width, width, bias=norm == "none"),
-                norm_layer(norm, width, "model.g.norm", dims=1),
+                norm_layer(norm, width, dims=1),
                 nn.ReLU(True),
             ]
             if dropout > 0:
@@ -84,17 +75,14 @@ class Discriminator(nn.Module):
         pack: int = 1,
     ):
         super().__init__()
-        if norm not in NORMS_1D:
-            raise ConfigError(f"model.d.norm={norm!r}; allowed: {', '.join(NORMS_1D)}")
-        check_int("model.d.in_dim", in_dim, 1)
-        check_int("model.d.pack", pack, 1)
-        check_int("model.d.width", width, 1)
-        check_int("model.d.depth", depth, 1)
+        checks.choice("norm", norm, NORMS_1D)
+        for key, value in (("in_dim", in_dim), ("pack", pack), ("width", width), ("depth", depth)):
+            checks.integer(key, value, 1)
         layers: list[nn.Module] = []
         for i in range(depth):
             layers += [
                 nn.Linear(in_dim * pack if i == 0 else width, width, bias=norm == "none"),
-                norm_layer(norm, width, "model.d.norm", dims=1),
+                norm_layer(norm, width, dims=1),
                 nn.LeakyReLU(0.2, True),
             ]
         self.body = nn.Sequential(*layers)

@@ -16,17 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gantrain.errors import ConfigError
-from gantrain.models.layers import NORMS, DiscriminatorHead, apply_spectral_norm, check_dropout, check_int, norm_layer
+from gantrain import checks
+from gantrain.models.layers import NORMS, DiscriminatorHead, apply_spectral_norm, norm_layer
 
 RESOLUTIONS = (32, 64)
 
 
 def _n_up(resolution: int) -> int:
-    if resolution not in RESOLUTIONS:
-        allowed = ", ".join(map(str, RESOLUTIONS))
-        raise ConfigError(f"model.resolution={resolution!r}: the ResNet models support {allowed}")
-    return {32: 3, 64: 4}[resolution]
+    return {32: 3, 64: 4}[checks.choice("resolution", resolution, RESOLUTIONS)]
 
 
 def _up(x: torch.Tensor) -> torch.Tensor:
@@ -60,9 +57,9 @@ class DBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, norm: str = "none", down: bool = True, optimized: bool = False):
         super().__init__()
         self.down, self.optimized = down or optimized, optimized
-        self.norm1 = nn.Identity() if optimized else norm_layer(norm, c_in, "model.d.norm")
+        self.norm1 = nn.Identity() if optimized else norm_layer(norm, c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
-        self.norm2 = norm_layer(norm, c_out, "model.d.norm")
+        self.norm2 = norm_layer(norm, c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
         learnable = self.down or c_in != c_out
         self.shortcut = nn.Conv2d(c_in, c_out, 1, 1, 0) if learnable else None
@@ -93,9 +90,9 @@ class Generator(nn.Module):
 
     def __init__(self, nz: int = 128, ngf: int = 128, channels: int = 3, resolution: int = 32, dropout: float = 0.0):
         super().__init__()
-        check_int("model.g.nz", nz, 1)
-        check_int("model.g.ngf", ngf, 1)
-        dropout = check_dropout(dropout, "model.g.dropout")
+        checks.integer("nz", nz, 1)
+        checks.integer("ngf", ngf, 1)
+        checks.number("dropout", dropout, ge=0, lt=1, hint="0 turns dropout off")
         n = _n_up(resolution)
         self.ngf = ngf
         self.linear = nn.Linear(nz, 4 * 4 * ngf)
@@ -135,9 +132,8 @@ class Discriminator(nn.Module):
         minibatch_kernel_dim: int = 16,
     ):
         super().__init__()
-        if norm not in NORMS:
-            raise ConfigError(f"model.d.norm={norm!r}; allowed: {', '.join(NORMS)}")
-        check_int("model.d.ndf", ndf, 1)
+        checks.choice("norm", norm, NORMS)
+        checks.integer("ndf", ndf, 1)
         n = _n_up(resolution)
         blocks = [DBlock(channels, ndf, norm, optimized=True)]  # R -> R/2
         blocks += [DBlock(ndf, ndf, norm, down=True) for _ in range(n - 2)]  # ... -> 8

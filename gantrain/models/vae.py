@@ -20,11 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from gantrain.errors import ConfigError
-from gantrain.models.layers import NORMS, check_int, norm_layer
-
-ENCODER_KEY = "model.g.encoder"
-DECODER_KEY = "model.g.decoder"
+from gantrain import checks
+from gantrain.models.layers import NORMS, norm_layer
 
 ENCODER_NORMS = NORMS  # batch | layer | instance | none
 DECODER_NORMS = ("batch", "none")
@@ -33,38 +30,6 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu":
 LIKELIHOODS = ("bernoulli", "gaussian")
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
-
-
-# ----------------------------------------------------------------------------- argument checks
-def _check_conv_resolution(resolution: int) -> int:
-    """The number of stride-2 layers (3 at 32 px, 4 at 64 px), else a :class:`ConfigError`."""
-    if isinstance(resolution, bool) or resolution not in CONV_RESOLUTIONS:
-        raise ConfigError(
-            f"model.resolution={resolution!r}: the conv VAE supports {' or '.join(map(str, CONV_RESOLUTIONS))} px"
-        )
-    return 3 if resolution == 32 else 4
-
-
-def _check_norm(norm: str, allowed: tuple[str, ...], key: str) -> str:
-    if norm not in allowed:
-        raise ConfigError(f"{key}={norm!r}; allowed: {', '.join(allowed)}")
-    return norm
-
-
-def _check_hidden(hidden: Sequence[int], key: str) -> list[int]:
-    """``hidden`` (list, tuple or OmegaConf ListConfig) as a non-empty list of ints >= 1."""
-    if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence):
-        raise ConfigError(f"{key}={hidden!r}: must be a list of layer widths, e.g. [400]")
-    sizes = [check_int(f"{key}[{i}]", h, 1) for i, h in enumerate(hidden)]
-    if not sizes:
-        raise ConfigError(f"{key}=[]: needs at least one hidden layer width, e.g. [400]")
-    return sizes
-
-
-def _activation(name: str, key: str) -> nn.Module:
-    if name not in ACTIVATIONS:
-        raise ConfigError(f"{key}={name!r}; allowed: {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
 
 
 # ----------------------------------------------------------------------------- conv encoder / decoder
@@ -85,18 +50,18 @@ class ConvEncoder(nn.Module):
         self, channels: int = 1, resolution: int = 32, ndf: int = 64, latent_dim: int = 32, norm: str = "none"
     ):
         super().__init__()
-        check_int("model.channels", channels, 1)
-        n = _check_conv_resolution(resolution)
-        check_int(f"{ENCODER_KEY}.ndf", ndf, 1)
-        check_int("model.latent_dim", latent_dim, 1)
-        _check_norm(norm, ENCODER_NORMS, f"{ENCODER_KEY}.norm")
+        checks.integer("channels", channels, 1)
+        n = 3 if checks.choice("resolution", resolution, CONV_RESOLUTIONS) == 32 else 4
+        checks.integer("ndf", ndf, 1)
+        checks.integer("latent_dim", latent_dim, 1)
+        checks.choice("norm", norm, ENCODER_NORMS)
         widths = [ndf * 2**i for i in range(n)]  # [ndf, 2ndf, 4ndf] at 32 px
         bias = norm == "none"
         layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, True)]
         for c_in, c_out in zip(widths, widths[1:]):
             layers += [
                 nn.Conv2d(c_in, c_out, 4, 2, 1, bias=bias),
-                norm_layer(norm, c_out, f"{ENCODER_KEY}.norm"),
+                norm_layer(norm, c_out),
                 nn.LeakyReLU(0.2, True),
             ]
         layers += [nn.Flatten(1), nn.Linear(widths[-1] * 4 * 4, 2 * latent_dim)]
@@ -122,23 +87,23 @@ class ConvDecoder(nn.Module):
         self, channels: int = 1, resolution: int = 32, ngf: int = 64, latent_dim: int = 32, norm: str = "none"
     ):
         super().__init__()
-        check_int("model.channels", channels, 1)
-        n = _check_conv_resolution(resolution)
-        check_int(f"{DECODER_KEY}.ngf", ngf, 1)
-        check_int("model.latent_dim", latent_dim, 1)
-        _check_norm(norm, DECODER_NORMS, f"{DECODER_KEY}.norm")
+        checks.integer("channels", channels, 1)
+        n = 3 if checks.choice("resolution", resolution, CONV_RESOLUTIONS) == 32 else 4
+        checks.integer("ngf", ngf, 1)
+        checks.integer("latent_dim", latent_dim, 1)
+        checks.choice("norm", norm, DECODER_NORMS)
         widths = [ngf * 2 ** (n - 1 - i) for i in range(n)]  # [4ngf, 2ngf, ngf] at 32 px
         bias = norm == "none"
         layers: list[nn.Module] = [
             nn.Linear(latent_dim, widths[0] * 4 * 4, bias=bias),
             nn.Unflatten(1, (widths[0], 4, 4)),
-            norm_layer(norm, widths[0], f"{DECODER_KEY}.norm"),
+            norm_layer(norm, widths[0]),
             nn.ReLU(True),
         ]
         for c_in, c_out in zip(widths, widths[1:]):
             layers += [
                 nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=bias),
-                norm_layer(norm, c_out, f"{DECODER_KEY}.norm"),
+                norm_layer(norm, c_out),
                 nn.ReLU(True),
             ]
         layers.append(nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1))  # (B, C, R, R), raw
@@ -152,17 +117,22 @@ class ConvDecoder(nn.Module):
 
 # ----------------------------------------------------------------------------- MLP encoder / decoder
 def _mlp_body(
-    channels: int, resolution: int, latent_dim: int, hidden: Sequence[int], activation: str, key: str, encoder: bool
+    channels: int, resolution: int, latent_dim: int, hidden: Sequence[int], activation: str, encoder: bool
 ) -> tuple[list[int], list[nn.Module]]:
-    """Checked hidden sizes and the ``[Linear, act]`` layers from the input (image or latent) through them."""
-    check_int("model.channels", channels, 1)
-    check_int("model.resolution", resolution, 4)
-    check_int("model.latent_dim", latent_dim, 1)
-    sizes = _check_hidden(hidden, f"{key}.hidden")
-    _activation(activation, f"{key}.activation")  # validate before building
+    """Checked hidden sizes and the ``[Linear, act]`` layers from the input (image or latent) through them.
+
+    ``hidden``: a list, tuple or OmegaConf ListConfig of at least one int >= 1.
+    """
+    checks.integer("channels", channels, 1)
+    checks.integer("resolution", resolution, 4)
+    checks.integer("latent_dim", latent_dim, 1)
+    if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence) or len(hidden) == 0:
+        checks.fail("hidden", hidden, "a non-empty list of layer widths", "e.g. [400]")
+    sizes = [checks.integer(f"hidden[{i}]", h, 1) for i, h in enumerate(hidden)]
+    act = ACTIVATIONS[checks.choice("activation", activation, ACTIVATIONS)]
     layers: list[nn.Module] = []
     for h_in, h_out in zip([channels * resolution * resolution if encoder else latent_dim, *sizes], sizes):
-        layers += [nn.Linear(h_in, h_out), _activation(activation, f"{key}.activation")]
+        layers += [nn.Linear(h_in, h_out), act()]
     return sizes, layers
 
 
@@ -183,9 +153,7 @@ class MLPEncoder(nn.Module):
         activation: str = "relu",
     ):
         super().__init__()
-        sizes, hidden_layers = _mlp_body(
-            channels, resolution, latent_dim, hidden, activation, ENCODER_KEY, encoder=True
-        )
+        sizes, hidden_layers = _mlp_body(channels, resolution, latent_dim, hidden, activation, encoder=True)
         self.net = nn.Sequential(nn.Flatten(1), *hidden_layers, nn.Linear(sizes[-1], 2 * latent_dim))
         self.channels, self.resolution, self.latent_dim = channels, resolution, latent_dim
         self.hidden = sizes
@@ -211,7 +179,7 @@ class MLPDecoder(nn.Module):
         activation: str = "relu",
     ):
         super().__init__()
-        sizes, layers = _mlp_body(channels, resolution, latent_dim, hidden, activation, DECODER_KEY, encoder=False)
+        sizes, layers = _mlp_body(channels, resolution, latent_dim, hidden, activation, encoder=False)
         layers += [
             nn.Linear(sizes[-1], channels * resolution * resolution),
             nn.Unflatten(1, (channels, resolution, resolution)),
@@ -246,21 +214,16 @@ class VAE(nn.Module):
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, latent_dim: int, likelihood: str = "bernoulli"):
         super().__init__()
-        check_int("model.latent_dim", latent_dim, 1)
-        if likelihood not in LIKELIHOODS:
-            raise ConfigError(f"model.g.likelihood={likelihood!r}; allowed: {', '.join(LIKELIHOODS)}")
+        checks.integer("latent_dim", latent_dim, 1)
+        checks.choice("likelihood", likelihood, LIKELIHOODS)
         for name, net in (("encoder", encoder), ("decoder", decoder)):
             have = getattr(net, "latent_dim", latent_dim)
             if have != latent_dim:
-                raise ConfigError(
-                    f"model.g.{name} is built for latent_dim={have} but model.latent_dim={latent_dim}; keep them equal"
-                )
+                checks.fail(f"{name}.latent_dim", have, f"equal to latent_dim={latent_dim}")
         for attr in ("channels", "resolution"):
             enc, dec = getattr(encoder, attr, None), getattr(decoder, attr, None)
             if enc is not None and dec is not None and enc != dec:
-                raise ConfigError(
-                    f"model.g.encoder.{attr}={enc} but model.g.decoder.{attr}={dec}; keep both equal to model.{attr}"
-                )
+                checks.fail(f"decoder.{attr}", dec, f"equal to encoder.{attr}={enc}")
         self.encoder, self.decoder = encoder, decoder
         self.channels = getattr(decoder, "channels", getattr(encoder, "channels", None))
         self.resolution = getattr(decoder, "resolution", getattr(encoder, "resolution", None))
