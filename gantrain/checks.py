@@ -70,5 +70,7 @@ def path(key: str, value: Any, kind: str = "any", hint: str = "") -> Path:
     p = Path(str(value)).expanduser()
     exists = {"file": p.is_file, "dir": p.is_dir, "any": p.exists}[kind]()
     if not exists:
-        fail(key, value, {"file": "an existing file", "dir": "an existing folder", "any": "an existing path"}[kind], hint)
+        fail(
+            key, value, {"file": "an existing file", "dir": "an existing folder", "any": "an existing path"}[kind], hint
+        )
     return p

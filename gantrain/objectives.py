@@ -13,11 +13,18 @@ import torch
 from torch import nn
 
 from gantrain.errors import ConfigError
-from gantrain.losses import AdversarialLoss, FeatureMatching, GeneratorTerm, GradientPenalty, Penalty, R1Penalty, WeightClip
+from gantrain.losses import (
+    AdversarialLoss,
+    FeatureMatching,
+    GeneratorTerm,
+    GradientPenalty,
+    Penalty,
+    R1Penalty,
+    WeightClip,
+)
 from gantrain.models import GenerativeModel
 from gantrain.phase import Phase, Update
 from gantrain.stats import report
-
 
 Pictures = dict  # name -> (3, H, W) picture in [0, 1]; logged under its name
 
@@ -82,7 +89,9 @@ class GANObjective(nn.Module):
                 key=name,
             )
         return [
-            Phase.of("D", model.d, updates["d"], partial(self.d_loss, model), after_step=partial(self.after_d_step, model)),
+            Phase.of(
+                "D", model.d, updates["d"], partial(self.d_loss, model), after_step=partial(self.after_d_step, model)
+            ),
             Phase.of("G", model.g, updates["g"], partial(self.g_loss, model), interval=n_critic, counts_as_step=True),
         ]
 

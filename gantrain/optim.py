@@ -314,7 +314,7 @@ def make_optimizer(
     lookahead_alpha: float = 0.5,
     **kwargs: Any,
 ) -> Optimizer:
-    """``factory(params, **kwargs, **implementation_kwargs(...))``, wrapped in :class:`Lookahead` if ``lookahead_k > 0``.
+    """``factory(params, **kwargs, **implementation_kwargs(...))``, in :class:`Lookahead` if ``lookahead_k > 0``.
 
     ``factory``: a ``functools.partial`` of a ``torch.optim`` class (what Hydra's ``_partial_: true``
     instantiates to) or the class itself. ``lookahead_k = 0`` means no Lookahead.

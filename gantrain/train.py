@@ -66,10 +66,8 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
     unused = [n for n in cfg.optim if n not in networks]
     if unused:
         log.info("optim.%s: not used, %s trains only %s", "/".join(unused), type(objective).__name__, list(networks))
-    updates = {
-        name: within(f"optim.{name}", lambda n: instantiate(cfg.optim[n]).build(getattr(model, n).parameters(), device), name)
-        for name in networks
-    }
+    build_update = lambda n: instantiate(cfg.optim[n]).build(getattr(model, n).parameters(), device)  # noqa: E731
+    updates = {name: within(f"optim.{name}", build_update, name) for name in networks}
     phases = within("loss", objective.phases, model, updates, n_critic=settings.n_critic)
     data = within("data", instantiate, cfg.data)
     stream = data.stream(seed=cfg.seed, device=device)
@@ -96,7 +94,7 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
 
 
 def within(node: str, fn, *args, **kwargs):
-    """``fn(*args, **kwargs)``; a user error it raises names its key under ``node`` (``weight`` -> ``loss.gp.weight``)."""
+    """``fn(*args, **kwargs)``; a user error it raises names its key under ``node``."""
     try:
         return fn(*args, **kwargs)
     except Exception as e:

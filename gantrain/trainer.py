@@ -33,7 +33,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.optim import Optimizer
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from torchvision.utils import save_image

@@ -20,7 +20,7 @@ from gantrain.losses import (
     WassersteinLoss,
     WeightClip,
 )
-from gantrain.models import GAN
+from gantrain.models import GenerativeModel
 from gantrain.models.dcgan import Discriminator, Generator
 from gantrain.objectives import GANObjective
 
@@ -109,9 +109,9 @@ def test_gradient_penalty_passes_gradcheck_float64():
     assert torch.autograd.gradcheck(f, (real, fake, *params), eps=1e-6, atol=1e-5)
 
 
-def _tiny_gan() -> GAN:
+def _tiny_gan() -> GenerativeModel:
     torch.manual_seed(0)
-    return GAN(
+    return GenerativeModel(
         Generator(nz=4, ngf=4, channels=1, resolution=8),
         Discriminator(ndf=4, channels=1, resolution=8, norm="none"),
         8,

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from gantrain.errors import ConfigError
-from gantrain.models import GAN, initialize, mlp, resnet
+from gantrain.models import GenerativeModel, initialize, mlp, resnet
 from gantrain.models.dcgan import Discriminator, Generator
 from gantrain.models.layers import (
     DiscriminatorHead,
@@ -71,8 +71,10 @@ def test_bad_model_arguments_are_clear():
         Generator(resolution=48)
     with pytest.raises(ConfigError, match=r"^init='he': must be one of normal_0.02, xavier"):
         initialize(nn.Linear(2, 2), "he")
-    with pytest.raises(ConfigError, match=r"model.g is built for 3x64x64 images but model.resolution=32"):
-        GAN(Generator(channels=3, resolution=64), Discriminator(channels=3, resolution=32), resolution=32, channels=3)
+    with pytest.raises(ConfigError, match=r"^g is built for 3x64x64 images but resolution=32"):
+        GenerativeModel(
+            Generator(channels=3, resolution=64), Discriminator(channels=3, resolution=32), resolution=32, channels=3
+        )
 
 
 def test_init_normal_002():
@@ -103,7 +105,9 @@ def test_init_xavier_kaiming_orthogonal():
 
 def test_sample_uses_eval_mode_and_changes_no_state():
     torch.manual_seed(0)
-    model = GAN(Generator(nz=8, ngf=4, channels=1, resolution=8), Discriminator(ndf=4, channels=1, resolution=8), 8, 1)
+    model = GenerativeModel(
+        Generator(nz=8, ngf=4, channels=1, resolution=8), Discriminator(ndf=4, channels=1, resolution=8), 8, 1
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     z = model.noise(5, generator=torch.Generator().manual_seed(3))
@@ -167,11 +171,11 @@ def test_mlp_shapes():
     x = g(torch.randn(5, 3))
     assert x.shape == (5, 2)
     assert d.features(x).shape == (5, 16) and d(x).shape == (5,)
-    model = GAN(g, d, init="kaiming", dim=2)
+    model = GenerativeModel(g, d, init="kaiming", dim=2)
     assert model.resolution is None and model.channels is None
     assert model.noise(7).shape == (7, 3) and model.sample(model.noise(7)).shape == (7, 2)
-    with pytest.raises(ConfigError, match=r"model.d is built for 2-dimensional samples but model.dim=3"):
-        GAN(mlp.Generator(out_dim=3), mlp.Discriminator(in_dim=2), dim=3)
+    with pytest.raises(ConfigError, match=r"^d is built for 2-dimensional samples but dim=3"):
+        GenerativeModel(mlp.Generator(out_dim=3), mlp.Discriminator(in_dim=2), dim=3)
 
 
 @pytest.mark.parametrize("family", ["dcgan", "resnet", "mlp"])
@@ -320,9 +324,9 @@ def test_init_with_spectral_norm_sets_the_original_weight():
 def test_gan_initializes_spectral_norm_discriminators():
     torch.manual_seed(0)
     g = resnet.Generator(nz=8, ngf=8, channels=1)
-    model = GAN(g, resnet.Discriminator(ndf=8, channels=1, spectral_norm=True), 32, 1, init="xavier")
+    model = GenerativeModel(g, resnet.Discriminator(ndf=8, channels=1, spectral_norm=True), 32, 1, init="xavier")
     assert all(abs(s - 1.0) < 0.1 for s in _sigmas(model.d))
-    assert len(model.state_dict()) == len(GAN(g, model.d, 32, 1).state_dict())
+    assert len(model.state_dict()) == len(GenerativeModel(g, model.d, 32, 1).state_dict())
 
 
 # ----------------------------------------------------------------------------- dropout and errors

@@ -16,8 +16,8 @@ from torch import nn
 from gantrain import amp
 from gantrain.losses import GradientPenalty
 from gantrain.optim import Schedule
-from gantrain.train import build
 from gantrain.phase import Phase
+from gantrain.train import build
 from gantrain.trainer import Trainer, TrainerSettings
 from tests.conftest import make_cfg
 from tests.test_trainer import ListStream, one_weight_trainer

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from gantrain.errors import ConfigError
-from gantrain.train import build
 from gantrain.phase import Phase
+from gantrain.train import build
 from gantrain.trainer import Trainer, TrainerSettings, resolve_device
 from tests.conftest import make_cfg
 

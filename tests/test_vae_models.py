@@ -1,5 +1,5 @@
 """VAE networks: encoder/decoder shapes and sizes, reparameterisation statistics and gradients, output maps,
-config errors, and the VAE standing in as the generator of a :class:`~gantrain.models.GAN`."""
+config errors, and the VAE standing in as the generator of a :class:`~gantrain.models.GenerativeModel`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from gantrain.errors import ConfigError
-from gantrain.models import GAN
+from gantrain.models import GenerativeModel
 from gantrain.models.dcgan import Discriminator
 from gantrain.models.vae import VAE, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
 
@@ -319,7 +319,7 @@ def test_vae_as_gan_generator(likelihood):
     enc = ConvEncoder(channels=3, resolution=32, ndf=4, latent_dim=6, norm="batch")
     dec = ConvDecoder(channels=3, resolution=32, ngf=4, latent_dim=6, norm="batch")
     vae = VAE(enc, dec, latent_dim=6, likelihood=likelihood)
-    gan = GAN(g=vae, d=Discriminator(ndf=4, channels=3, resolution=32), resolution=32, channels=3)
+    gan = GenerativeModel(g=vae, d=Discriminator(ndf=4, channels=3, resolution=32), resolution=32, channels=3)
     z = gan.noise(5, "cpu")
     assert z.shape == (5, 6)
     assert gan.g.training
@@ -334,5 +334,5 @@ def test_vae_as_gan_generator(likelihood):
 
 def test_gan_rejects_vae_built_for_another_image_shape():
     vae = _mlp_vae()  # 1 x 8 x 8
-    with pytest.raises(ConfigError, match=r"model\.g is built for 1x8x8"):
-        GAN(g=vae, d=Discriminator(ndf=4, channels=1, resolution=32), resolution=32, channels=1)
+    with pytest.raises(ConfigError, match=r"^g is built for 1x8x8"):
+        GenerativeModel(g=vae, d=Discriminator(ndf=4, channels=1, resolution=32), resolution=32, channels=1)

@@ -39,8 +39,9 @@ class GenerativeModel(nn.Module):
         super().__init__()
         if latent_dim is not None and tuple(getattr(g, "latent_shape", (latent_dim,))) != (latent_dim,):
             raise ConfigError(
-                f"model.g draws latents of shape {tuple(g.latent_shape)} but model.latent_dim={latent_dim}; "
-                "keep them equal (they interpolate by default)"
+                f"g draws latents of shape {tuple(g.latent_shape)} but latent_dim={latent_dim}; "
+                "keep them equal (they interpolate by default)",
+                key="g",
             )
         for name, net in (("g", g), ("d", d)):
             if net is None:  # a VAE alone: the generator is the whole model
@@ -50,13 +51,15 @@ class GenerativeModel(nn.Module):
                 got = (getattr(net, "resolution", resolution), getattr(net, "channels", channels))
                 if any(w is not None and have != w for have, w in zip(got, want)):
                     raise ConfigError(
-                        f"model.{name} is built for {got[1]}x{got[0]}x{got[0]} images but model.resolution="
-                        f"{resolution}, model.channels={channels}; keep them equal (they interpolate by default)"
+                        f"{name} is built for {got[1]}x{got[0]}x{got[0]} images but resolution="
+                        f"{resolution}, channels={channels}; keep them equal (they interpolate by default)",
+                        key=name,
                     )
             if dim is not None and getattr(net, "dim", dim) != dim:
                 raise ConfigError(
-                    f"model.{name} is built for {net.dim}-dimensional samples but model.dim={dim}; "
-                    "keep them equal (they interpolate by default)"
+                    f"{name} is built for {net.dim}-dimensional samples but dim={dim}; "
+                    "keep them equal (they interpolate by default)",
+                    key=name,
                 )
         self.g, self.d = initialize(g, init), (None if d is None else initialize(d, init))
         self.resolution, self.channels, self.dim = resolution, channels, dim

@@ -5,7 +5,7 @@ posterior mean and log-variance ``(mu, logvar)`` of a diagonal Gaussian q(z | x)
 ``(B, latent_dim)`` to raw per-pixel parameters ``(B, C, R, R)`` of p(x | z) over ``x01 = (x + 1) / 2``
 in [0, 1]: Bernoulli logits or Gaussian means (``VAE.likelihood``). ``VAE.forward(z)`` turns them into
 images in [-1, 1], so a VAE can stand in for a generator ``g`` wherever samples are drawn from
-``g(z)`` with ``z ~ N(0, I)`` of shape ``(n, *g.latent_shape)`` (e.g. :meth:`gantrain.models.GAN.sample`).
+``g(z)`` with ``z ~ N(0, I)`` of shape ``(n, *g.latent_shape)`` (e.g. :meth:`gantrain.models.GenerativeModel.sample`).
 
 Families: :class:`ConvEncoder` / :class:`ConvDecoder` mirror the DCGAN discriminator / generator shapes
 (32 or 64 px); :class:`MLPEncoder` / :class:`MLPDecoder` are fully connected (e.g. the classic
@@ -209,7 +209,7 @@ class VAE(nn.Module):
     ``likelihood``, ``encoder``, ``decoder``.
 
     ``forward(z)`` returns images in [-1, 1] (the likelihood's mean), so ``VAE`` works as the ``g`` of a
-    :class:`~gantrain.models.GAN`; the ELBO needs :meth:`encode`, :meth:`reparameterize` and :meth:`decode`.
+    :class:`~gantrain.models.GenerativeModel`; the ELBO needs :meth:`encode`, :meth:`reparameterize` and :meth:`decode`.
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, latent_dim: int, likelihood: str = "bernoulli"):
