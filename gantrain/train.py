@@ -145,10 +145,15 @@ def _hydra_main(cfg: DictConfig) -> float:
             raise  # a bug: keep the traceback
         log.error("%s", err)  # one line on the console and in the run's log, no traceback
         raise SystemExit(1) from None
+    return monitored(cfg, metrics)  # the value a sweeper optimizes
+
+
+def monitored(cfg: DictConfig, metrics: dict[str, float]) -> float:
+    """``trainer.monitor``'s value in a run's final ``metrics`` (NaN, with a warning, if it was never logged)."""
     monitor = cfg.trainer.monitor
     if monitor not in metrics:
         log.warning("trainer.monitor=%s was never logged (logged: %s); a sweeper gets NaN", monitor, sorted(metrics))
-    return metrics.get(monitor, float("nan"))  # the value a sweeper optimizes
+    return metrics.get(monitor, float("nan"))
 
 
 def main() -> None:

@@ -1,0 +1,288 @@
+"""Where things live: one default per key (the target's signature), user code from outside the
+repository, the configs inside an installed wheel, errors that name the full key, the sweep value."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra.utils import get_object
+from omegaconf import OmegaConf
+
+from gantrain.config import SCHEMAS
+from gantrain.train import CONFIG_DIR, compose_config, monitored, train
+from tests.conftest import TINY, TINY_WIDTH, make_cfg
+from tests.test_cli import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+OPTION_FILES = sorted(p for g in SCHEMAS for p in (CONFIG_DIR / g).glob("*.yaml"))
+
+
+def signature_defaults(target) -> dict:
+    """Parameter -> default of ``target``, with the base class's for a class that forwards ``**kwargs``."""
+    params = inspect.signature(target).parameters.values()
+    out = {}
+    if isinstance(target, type) and any(p.kind is p.VAR_KEYWORD for p in params):
+        base = target.__mro__[1]
+        if base.__module__.startswith("gantrain"):
+            out.update(signature_defaults(base))
+    out.update({p.name: p.default for p in params if p.default is not p.empty})
+    return out
+
+
+def normal(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def walk(node, path=()):
+    """Every (path, node) below a composed config node that builds a ``_target_``."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield path, node
+        for key, value in node.items():
+            yield from walk(value, (*path, key))
+
+
+def in_yaml(raw: dict, path: tuple) -> bool:
+    for key in path:
+        if not isinstance(raw, dict) or key not in raw:
+            return False
+        raw = raw[key]
+    return True
+
+
+@pytest.mark.parametrize("option", OPTION_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_option_defaults_are_the_signature_defaults(option):
+    """For every option file, each value the composed config gives a target's argument equals that
+    argument's default in the target's signature, unless the option's YAML sets it on purpose."""
+    group = option.parent.name
+    overrides = [f"{group}={option.stem}"] + (["data.path=/tmp"] if option.stem == "folder" else [])
+    node = OmegaConf.to_container(compose_config(*overrides)[group], resolve=False)
+    raw = yaml.safe_load(option.read_text()) or {}
+    checked = 0
+    for path, sub in walk(node):
+        defaults = signature_defaults(get_object(sub["_target_"]))
+        for key, value in sub.items():
+            if key.startswith("_") or key not in defaults or isinstance(value, dict):
+                continue
+            checked += 1
+            if normal(value) != normal(defaults[key]):
+                assert in_yaml(raw, (*path, key)), (
+                    f"{group}/{option.stem}: {'.'.join((*path, key))}={value!r} differs from the signature "
+                    f"default {defaults[key]!r} of {sub['_target_']} but the option's YAML does not set it"
+                )
+    assert checked > 0
+
+
+def test_a_differing_default_is_caught(tmp_path):
+    """The check above can fail: a schema default that is not the signature's is reported."""
+    node = {"_target_": "gantrain.losses.GradientPenalty", "weight": 10.0, "center": 1.0, "every": 1}
+    defaults = signature_defaults(get_object(node["_target_"]))
+    assert defaults == {"weight": 0.0, "center": 1.0, "every": 1}
+    assert [k for k in ("weight", "center", "every") if node[k] != defaults[k]] == ["weight"]
+
+
+def test_every_registered_schema_has_an_option_file():
+    for group, options in SCHEMAS.items():
+        used = {
+            re.search(r"/schema/\w+/(\w+)@_here_", p.read_text()).group(1)
+            for p in (CONFIG_DIR / group).glob("*")
+            if p.suffix == ".yaml"
+        }
+        assert used == set(options), group
+
+
+# ----------------------------------------------------------------------------- user code outside the repo
+USER_LOSS = '''
+import torch.nn.functional as F
+
+from gantrain.losses import AdversarialLoss
+
+
+class RelativisticLoss(AdversarialLoss):
+    """Relativistic average GAN (Jolicoeur-Martineau 2019), from logits."""
+
+    def d_loss(self, real, fake):
+        return F.softplus(-(real - fake.mean())).mean() + F.softplus(fake - real.mean()).mean()
+
+    def g_loss(self, fake):
+        return F.softplus(-fake).mean()
+'''
+USER_MODEL = """
+import torch
+from torch import nn
+
+
+class TinyGenerator(nn.Module):
+    def __init__(self, nz: int = 16, channels: int = 1, resolution: int = 32):
+        super().__init__()
+        self.latent_shape, self.channels, self.resolution = (nz,), channels, resolution
+        self.net = nn.Sequential(nn.Linear(nz, channels * resolution * resolution), nn.Tanh())
+
+    def forward(self, z):
+        return self.net(z).view(-1, self.channels, self.resolution, self.resolution)
+
+
+class TinyCritic(nn.Module):
+    def __init__(self, channels: int = 1, resolution: int = 32):
+        super().__init__()
+        self.channels, self.resolution = channels, resolution
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(channels * resolution * resolution, 1))
+
+    def forward(self, x):
+        return self.net(x).squeeze(1)
+"""
+
+
+def user_project(tmp_path: Path) -> Path:
+    """A user's own package (one module per class) and config directory, outside the repository."""
+    pkg = tmp_path / "mygan"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "losses.py").write_text(USER_LOSS)
+    (pkg / "nets.py").write_text(USER_MODEL)
+    (tmp_path / "myconf" / "loss").mkdir(parents=True)
+    (tmp_path / "myconf" / "model").mkdir(parents=True)
+    (tmp_path / "myconf" / "loss" / "rgan.yaml").write_text(
+        "_target_: gantrain.objectives.GANObjective\nadversarial:\n  _target_: mygan.losses.RelativisticLoss\n"
+    )
+    (tmp_path / "myconf" / "model" / "tiny.yaml").write_text(
+        textwrap.dedent(
+            """\
+            _target_: gantrain.models.GenerativeModel
+            resolution: 32
+            channels: ${data.channels}
+            g:
+              _target_: mygan.nets.TinyGenerator
+              nz: 16
+              channels: ${..channels}
+            d:
+              _target_: mygan.nets.TinyCritic
+              channels: ${..channels}
+            """
+        )
+    )
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("group", "args"),
+    [("loss", ["loss=rgan", *TINY_WIDTH["ngf"]]), ("model", ["model=tiny"])],
+)
+def test_user_loss_and_model_from_outside_the_repository(tmp_path, group, args):
+    project = user_project(tmp_path)
+    run = tmp_path / "run"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gantrain",
+            f"hydra.searchpath=[file://{project / 'myconf'}]",
+            *args,
+            *TINY,
+            f"hydra.run.dir={run}",
+        ],
+        cwd=project,  # the user's own project: `mygan` imports from here
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": str(project)},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    if group == "loss":
+        assert resolved["loss"]["adversarial"]["_target_"] == "mygan.losses.RelativisticLoss"
+    else:
+        assert resolved["model"]["g"]["_target_"] == "mygan.nets.TinyGenerator"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "samples" / "step_0000002.png").is_file()
+    assert "finished:" in r.stdout + r.stderr and "step=2" in r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------- an installed wheel
+def test_installed_wheel_finds_the_recipes(tmp_path):
+    """Build a wheel, install it (no deps: the test venv has them) and train from another directory."""
+    wheels, site, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = wheels.glob("gantrain-*.whl")
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(site), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert install.returncode == 0, install.stderr[-3000:]
+    assert (site / "gantrain" / "configs" / "experiment" / "dcgan.yaml").is_file()
+    elsewhere.mkdir()
+    env = {**__import__("os").environ, "PYTHONPATH": str(site)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import gantrain; print(gantrain.__file__)"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert where.stdout.startswith(str(site)), where  # the wheel's copy, not the clone
+    r = subprocess.run(
+        [sys.executable, "-m", "gantrain", "+experiment=dcgan", "trainer.max_steps=2", *TINY, *TINY_WIDTH["ngf"]],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = (elsewhere / "outputs" / "dcgan").iterdir()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+# ----------------------------------------------------------------------------- errors and the sweep value
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("loss.gp.weight=-1", "loss.gp.weight=-1.0: must be >= 0"),
+        ("optim.d.lr=-1", "optim.d.lr=-1.0: must be > 0"),
+        ("optim.g.schedule.kind=cosinus", "optim.g.schedule.kind='cosinus': must be one of constant"),
+        ("trainer.max_steps=0", "trainer.max_steps=0: must be an integer >= 1"),
+        ("model.d.norm=bn", "model.d.norm='bn': must be one of batch, layer, instance, none"),
+        ("data.batch_size=0", "data.batch_size=0: must be an integer >= 1"),
+    ],
+)
+def test_an_objects_error_names_the_full_config_key(tmp_path, override, line):
+    r = run_cli([*TINY, *TINY_WIDTH["ngf"], override, f"hydra.run.dir={tmp_path}/run"], cwd=tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and line in out and "Traceback" not in out, out[-2000:]
+
+
+def test_sweep_value_is_the_monitored_metric(tmp_path):
+    gan = make_cfg("+experiment=dcgan")
+    metrics = train(gan, tmp_path / "gan")
+    assert monitored(gan, metrics) == metrics["loss/G"]
+    vae = make_cfg("+experiment=vae")
+    assert vae.trainer.monitor == "elbo"
+    metrics = train(vae, tmp_path / "vae")
+    assert monitored(vae, metrics) == metrics["elbo"] < 0
+    gan.trainer.monitor = "metrics/fid"  # not logged (yet): NaN, so a sweeper cannot mistake it for a score
+    assert monitored(gan, metrics) != monitored(gan, metrics)
+
+
+def test_old_checkpoints_name_of_the_model_still_builds():
+    from hydra.utils import instantiate
+
+    from gantrain.models import GAN, GenerativeModel
+
+    cfg = compose_config("model.g.ngf=4", "model.d.ndf=4")
+    node = OmegaConf.to_container(cfg.model, resolve=True)
+    node["_target_"] = "gantrain.models.GAN"  # what checkpoints written before the rename hold
+    assert GAN is GenerativeModel and type(instantiate(node)) is GenerativeModel
