@@ -8,6 +8,7 @@ in place, so a shared read-only data folder is never written to.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 from pathlib import Path
@@ -46,10 +47,7 @@ def read_idx(path: str | os.PathLike, magic: int) -> torch.Tensor:
     if got != magic or len(data) < header:
         raise DataError(f"'{path}' is not an IDX file of {ndim}-d unsigned bytes (magic {got}, expected {magic})")
     dims = struct.unpack(f">{ndim}I", data[4:header])
-    count = 1
-    for d in dims:
-        count *= d
-    if len(data) - header != count:
+    if len(data) - header != math.prod(dims):
         raise DataError(
             f"'{path}' holds {len(data) - header} bytes of data but its header says {'x'.join(map(str, dims))}; "
             f"the file is truncated or corrupt"
@@ -75,7 +73,7 @@ def idx_files(root: str | os.PathLike, folder: str, split: str) -> tuple[Path, P
 
 
 class _PilImages(Dataset):
-    """(N, H, W) uint8 grey images, each through a PIL transform (as torchvision's MNIST does)."""
+    """(N, H, W) grey or (N, H, W, 3) RGB uint8 images, each made a PIL image for `transform` (as torchvision does)."""
 
     def __init__(self, images: torch.Tensor, transform):
         self.images, self.transform = images, transform
@@ -86,20 +84,7 @@ class _PilImages(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         from PIL import Image
 
-        return self.transform(Image.fromarray(self.images[index].numpy()))  # uint8 (H, W) -> mode "L"
-
-
-class _WithoutLabels(Dataset):
-    """Wraps a torchvision (image, label) dataset and returns the image only."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.dataset[index][0]
+        return self.transform(Image.fromarray(self.images[index].numpy()))  # mode "L" or "RGB"
 
 
 class TorchvisionImages(ImageData):
@@ -155,11 +140,9 @@ class TorchvisionImages(ImageData):
 
     def dataset(self) -> Dataset:
         try:
-            if self.name == "cifar10":
-                cifar = datasets.CIFAR10(
-                    self.root, train=self.split == "train", transform=self.transform(), download=self.download
-                )
-                return _WithoutLabels(cifar)
+            if self.name == "cifar10":  # torchvision's public (N, 32, 32, 3) uint8 array; labels unused
+                cifar = datasets.CIFAR10(self.root, train=self.split == "train", download=self.download)
+                return _PilImages(torch.from_numpy(cifar.data), self.transform())
             return _PilImages(self._idx_images(), self.transform())
         except DataError:  # files found but unreadable (read_idx): its message names the file
             raise
