@@ -23,7 +23,7 @@ from hydra.core.config_store import ConfigStore
 from hydra_zen import builds, make_config
 from omegaconf import MISSING
 
-from gantrain import data, losses, optim, toy
+from gantrain import data, losses, optim
 from gantrain.models import GenerativeModel, dcgan, mlp, resnet, vae
 from gantrain.objectives import GANObjective
 from gantrain.perceptual import PerceptualMatching
@@ -95,8 +95,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "digits": schema(data.Digits),
         "torchvision": schema(data.TorchvisionImages),
         "folder": schema(data.ImageFolder),
-        "ring8": schema(toy.Ring),
-        "grid25": schema(toy.Grid),
+        "ring8": schema(data.Ring),
+        "grid25": schema(data.Grid),
     },
     "model": {
         "dcgan": schema(GenerativeModel, g=schema(dcgan.Generator), d=schema(dcgan.Discriminator)),

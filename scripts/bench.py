@@ -127,7 +127,7 @@ def main() -> None:
         trainer = build(cfg, run_dir)
         model = trainer.model
         g0, d0 = copy.deepcopy(model.g), copy.deepcopy(model.d)
-        data = trainer.data._data  # (N, C, R, R) on the device: the stream's in-memory tensor
+        data = trainer.data.images  # (N, C, R, R) on the device: the stream's in-memory tensor
         assert isinstance(data, torch.Tensor), "the benchmark needs an in-memory dataset (data.in_memory=true)"
         opt = cfg.optim.g
 

@@ -1,4 +1,4 @@
-"""Tests for gantrain.data: real images (sklearn digits, MNIST t10k files/PNGs), the user-facing
+"""Tests for gantrain.data (images, folder, mnist, binarization, stream): real images (sklearn digits, MNIST t10k files/PNGs), the user-facing
 errors, and BatchStream's order, coverage, resume and RNG hygiene."""
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from gantrain.data import (
     TensorImages,
     TorchvisionImages,
     binarize,
-    epoch_seed,
+    derive_seed,
     image_files,
     read_idx,
 )
+from gantrain.errors import ConfigError
 
 
 @pytest.fixture
@@ -56,19 +57,23 @@ COMMON = dict(batch_size=4, channels=1, resolution=32)
 @pytest.mark.parametrize(
     "override, match",
     [
-        (dict(batch_size=0), r"data\.batch_size must be an integer >= 1, got 0"),
-        (dict(channels=2), r"data\.channels must be 1 \(grey\) or 3 \(RGB\), got 2"),
-        (dict(resolution=3), r"data\.resolution must be an integer >= 4, got 3"),
-        (dict(num_workers=-1), r"data\.num_workers must be an integer >= 0, got -1"),
-        (dict(binarize="yes"), r"data\.binarize must be one of 'none', 'static', 'dynamic', got 'yes'"),
-        (dict(binarize=True), r"data\.binarize must be one of 'none', 'static', 'dynamic', got True"),
-        (dict(holdout=-1), r"data\.holdout must be an integer >= 0, got -1"),
-        (dict(holdout=2.5), r"data\.holdout must be an integer >= 0, got 2\.5"),
+        (dict(batch_size=0), r"^batch_size=0: must be an integer >= 1$"),
+        (dict(channels=2), r"^channels=2: must be one of 1, 3 \(1: grey, 3: RGB\)$"),
+        (dict(channels=True), r"^channels=True: must be an integer$"),
+        (dict(resolution=3), r"^resolution=3: must be an integer >= 4$"),
+        (dict(num_workers=-1), r"^num_workers=-1: must be an integer >= 0$"),
+        (dict(binarize="yes"), r"^binarize='yes': must be one of none, static, dynamic$"),
+        (dict(binarize=True), r"^binarize=True: must be one of none, static, dynamic$"),
+        (dict(holdout=-1), r"^holdout=-1: must be an integer >= 0$"),
+        (dict(holdout=2.5), r"^holdout=2\.5: must be an integer >= 0$"),
     ],
 )
 def test_common_arguments_are_validated(override, match):
-    with pytest.raises(DataError, match=match):
+    with pytest.raises(ConfigError, match=match) as err:
         Digits(**{**COMMON, **override})
+    # The object names its own argument; the entry point puts the config path in front.
+    key = next(iter(override))
+    assert err.value.key == key and str(err.value.within("data")).startswith(f"data.{key}=")
 
 
 def test_base_class_is_abstract():
@@ -122,12 +127,12 @@ def test_digits_native_resolution_is_exact():
 
 
 def test_unknown_torchvision_name_lists_allowed():
-    with pytest.raises(DataError, match=r"data\.name 'svhn' .*allowed: 'cifar10', 'fashion_mnist', 'mnist'"):
+    with pytest.raises(ConfigError, match=r"^name='svhn': must be one of cifar10, fashion_mnist, mnist \(or data=folder"):
         TorchvisionImages(name="svhn", **COMMON)
 
 
 def test_bad_split_is_rejected():
-    with pytest.raises(DataError, match=r"data\.split must be 'train' or 'test', got 'val'"):
+    with pytest.raises(ConfigError, match=r"^split='val': must be one of train, test$"):
         TorchvisionImages(name="mnist", split="val", **COMMON)
 
 
@@ -359,7 +364,7 @@ def test_stream_order_is_the_seeded_permutation(in_memory):
     assert s.batches_per_epoch == 3  # 10 // 3, the last item of each epoch is dropped
     got = take(s, 6)
     for epoch in range(2):
-        perm = torch.randperm(10, generator=torch.Generator().manual_seed(epoch_seed(5, epoch))).tolist()
+        perm = torch.randperm(10, generator=torch.Generator().manual_seed(derive_seed("order", 5, epoch))).tolist()
         assert got[3 * epoch : 3 * epoch + 3] == [perm[0:3], perm[3:6], perm[6:9]]
     assert s.state_dict() == {"epoch": 2, "batch": 0}
 
@@ -406,7 +411,7 @@ def test_ranks_get_disjoint_shares(world_size):
     streams = [BatchStream(Numbered(50), 4, seed=9, rank=r, world_size=world_size) for r in range(world_size)]
     per_epoch = 50 // (4 * world_size)
     assert all(s.batches_per_epoch == per_epoch for s in streams)
-    perm = torch.randperm(50, generator=torch.Generator().manual_seed(epoch_seed(9, 0))).tolist()
+    perm = torch.randperm(50, generator=torch.Generator().manual_seed(derive_seed("order", 9, 0))).tolist()
     seen = []
     for b in range(per_epoch):
         group = perm[b * 4 * world_size : (b + 1) * 4 * world_size]
@@ -499,14 +504,14 @@ def test_in_memory_load_goes_through_a_dataloader_without_global_rng():
     before = torch.get_rng_state()
     s = BatchStream(Numbered(600), 50, seed=0, in_memory=True, num_workers=2)
     assert torch.equal(torch.get_rng_state(), before)
-    assert s._data.shape == (600, 1, 2, 2)
-    assert torch.equal(s._data[:, 0, 0, 0], torch.arange(600, dtype=torch.float32))
+    assert s.images.shape == (600, 1, 2, 2)
+    assert torch.equal(s.images[:, 0, 0, 0], torch.arange(600, dtype=torch.float32))
 
 
 def test_dataset_smaller_than_batch_is_an_error():
-    with pytest.raises(DataError, match=r"data\.batch_size=16 is larger than the dataset \(10 images\)"):
+    with pytest.raises(ConfigError, match=r"^batch_size=16: must be at most 10 \(the dataset has 10 images\)$"):
         BatchStream(Numbered(10), 16, seed=0)
-    with pytest.raises(DataError, match=r"data\.batch_size=4 x world_size 3 = 12 is larger than the dataset \(10"):
+    with pytest.raises(ConfigError, match=r"^batch_size=4: must be at most 3 \(the dataset has 10 images; 4 x world_size 3"):
         BatchStream(Numbered(10), 4, seed=0, rank=0, world_size=3)
 
 
@@ -514,7 +519,7 @@ def test_tensor_images_dataset_is_used_directly():
     images = torch.arange(12, dtype=torch.float32).reshape(6, 1, 1, 2)
     s = BatchStream(TensorImages(images), 2, seed=0)
     batch = next(s)
-    perm = torch.randperm(6, generator=torch.Generator().manual_seed(0))
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(derive_seed("order", 0, 0)))
     assert torch.equal(batch, images[perm[:2]])
 
 
@@ -730,14 +735,14 @@ def test_holdout_errors():
     assert make(26).training_size == 4  # exactly one batch left is fine
     for holdout, left in ((27, 3), (40, 0)):
         msg = (
-            rf"data\.holdout={holdout} leaves {left} of the dataset's 30 images for training, less than one "
-            rf"batch \(data\.batch_size=4\); data\.holdout must be at most 26"
+            rf"^holdout={holdout}: must be at most 26 \(leaves {left} of the dataset's 30 images for training, "
+            rf"less than one batch of 4\)$"
         )
-        with pytest.raises(DataError, match=msg):
+        with pytest.raises(ConfigError, match=msg):
             make(holdout).stream(seed=0)
-        with pytest.raises(DataError, match=msg):
+        with pytest.raises(ConfigError, match=msg):
             make(holdout).heldout()
-    with pytest.raises(DataError, match=r"^data\.holdout=0: no held-out images; train with data\.holdout=N$"):
+    with pytest.raises(ConfigError, match=r"^holdout=0: must be >= 1 for held-out images \(train with data\.holdout=N\)$"):
         make(0).heldout()
 
 
@@ -858,7 +863,7 @@ def test_shared_mnist_root_raw_layout_protocol(mnist_dir, no_network):
     for i in (0, 1, 1999):
         assert torch.equal(held[i], ds[8000 + i])
     s = plain.stream(seed=0)
-    assert s.num_items == 8000 and torch.equal(s._data[-1], ds[7999]) and torch.equal(s._data[0], ds[0])
+    assert s.num_items == 8000 and torch.equal(s.images[-1], ds[7999]) and torch.equal(s.images[0], ds[0])
 
     cfg = make_cfg(
         "data=mnist",

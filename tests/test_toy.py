@@ -1,4 +1,4 @@
-"""Tests for gantrain.toy: the ring8/grid25 centres, the sampled distribution, the mode metrics on
+"""Tests for gantrain.data.mixtures: the ring8/grid25 centres, the sampled distribution, the mode metrics on
 hand-made samples, the resumable stream and its RNG hygiene, the scatter plot and the configs."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
-from gantrain.data import DataError
-from gantrain.toy import Grid, Mixture, MixtureStream, Ring, mode_metrics
+from gantrain.data import DataError, Grid, Mixture, MixtureStream, Ring, mode_metrics
+from gantrain.errors import ConfigError
 from gantrain.train import compose_config
 
 # ----------------------------------------------------------------------------------------------
@@ -65,25 +65,28 @@ def test_mixture_is_abstract():
 @pytest.mark.parametrize(
     "cls, kwargs, match",
     [
-        (Ring, dict(batch_size=0), r"data\.batch_size must be an integer >= 1, got 0"),
-        (Grid, dict(batch_size=2.5), r"data\.batch_size must be an integer >= 1, got 2\.5"),
-        (Ring, dict(batch_size=True), r"data\.batch_size must be an integer >= 1, got True"),
-        (Ring, dict(std=0), r"data\.std must be a finite number > 0, got 0"),
-        (Grid, dict(std=-0.05), r"data\.std must be a finite number > 0, got -0\.05"),
-        (Ring, dict(std=float("nan")), r"data\.std must be a finite number > 0, got nan"),
-        (Ring, dict(std="0.01"), r"data\.std must be a finite number > 0, got '0\.01'"),
-        (Ring, dict(std=True), r"data\.std must be a finite number > 0, got True"),
-        (Ring, dict(radius=0.0), r"data\.radius must be a finite number > 0, got 0\.0"),
-        (Ring, dict(radius=float("inf")), r"data\.radius must be a finite number > 0, got inf"),
-        (Ring, dict(num_modes=0), r"data\.num_modes must be an integer >= 1, got 0"),
-        (Grid, dict(size=0), r"data\.size must be an integer >= 1, got 0"),
-        (Grid, dict(spacing=-2.0), r"data\.spacing must be a finite number > 0, got -2\.0"),
-        (Grid, dict(num_eval_samples=0), r"data\.num_eval_samples must be an integer >= 1, got 0"),
+        (Ring, dict(batch_size=0), r"^batch_size=0: must be an integer >= 1$"),
+        (Grid, dict(batch_size=2.5), r"^batch_size=2\.5: must be an integer >= 1$"),
+        (Ring, dict(batch_size=True), r"^batch_size=True: must be an integer >= 1$"),
+        (Ring, dict(std=0), r"^std=0: must be > 0$"),
+        (Grid, dict(std=-0.05), r"^std=-0\.05: must be > 0$"),
+        (Ring, dict(std=float("nan")), r"^std=nan: must be > 0$"),
+        (Ring, dict(std="0.01"), r"^std='0\.01': must be > 0$"),
+        (Ring, dict(std=True), r"^std=True: must be > 0$"),
+        (Ring, dict(radius=0.0), r"^radius=0\.0: must be > 0$"),
+        (Ring, dict(radius=float("inf")), r"^radius=inf: must be > 0$"),
+        (Ring, dict(num_modes=0), r"^num_modes=0: must be an integer >= 1$"),
+        (Grid, dict(size=0), r"^size=0: must be an integer >= 1$"),
+        (Grid, dict(spacing=-2.0), r"^spacing=-2\.0: must be > 0$"),
+        (Grid, dict(num_eval_samples=0), r"^num_eval_samples=0: must be an integer >= 1$"),
     ],
 )
 def test_bad_arguments_name_the_key(cls, kwargs, match):
-    with pytest.raises(DataError, match=match):
+    with pytest.raises(ConfigError, match=match) as err:
         cls(**kwargs)
+    # The object names its own argument; the entry point puts the config path in front.
+    key = next(iter(kwargs))
+    assert err.value.key == key and str(err.value.within("data")).startswith(f"data.{key}=")
 
 
 def test_integer_std_and_radius_are_accepted():
@@ -185,7 +188,7 @@ def test_bad_stream_state_is_a_data_error(state):
 
 
 def test_stream_checks_batch_size():
-    with pytest.raises(DataError, match=r"data\.batch_size"):
+    with pytest.raises(ConfigError, match=r"^batch_size=0: must be an integer >= 1$"):
         MixtureStream(Ring().centers, 0.01, 0, seed=0)
 
 
@@ -235,11 +238,11 @@ def test_no_samples():
 
 
 def test_metrics_chunking_matches(monkeypatch):
-    import gantrain.toy as toy
+    import gantrain.data.mixtures as mixtures
 
     x = next(Grid(batch_size=1000, std=0.2).stream(seed=0))
     full = mode_metrics(x, Grid().centers, 0.05)
-    monkeypatch.setattr(toy, "_METRIC_CHUNK", 7)
+    monkeypatch.setattr(mixtures, "_METRIC_CHUNK", 7)
     assert mode_metrics(x, Grid().centers, 0.05) == full
     assert 0 < full[1] < 100
 
@@ -349,7 +352,7 @@ def test_config_overrides_and_typos():
         compose_config("data=grid25", "data.bogus=1")
     with pytest.raises(ConfigCompositionException, match=r"data\.channels"):
         compose_config("data=ring8", "data.channels=3")  # points, not images
-    with pytest.raises(Exception, match=r"data\.std must be a finite number > 0"):
+    with pytest.raises(Exception, match=r"std=0\.0: must be > 0(.|\n)*full_key: data"):  # Hydra names the node
         instantiate(compose_config("data=grid25", "data.std=0").data)
 
 

@@ -20,7 +20,8 @@ import math
 import numpy as np
 import torch
 
-from gantrain.data import DataError, _check_int
+from gantrain import checks
+from gantrain.data.common import DataError, derive_seed
 
 __all__ = ["Grid", "Mixture", "MixtureStream", "Ring", "mode_metrics"]
 
@@ -33,14 +34,6 @@ _AXIS_GREY = (210, 210, 210)
 _MODE_FILL = (255, 215, 215)
 _MODE_EDGE = (220, 0, 0)
 _SAMPLE_BLUE = (0, 60, 255)
-
-
-def _check_positive(key: str, value: float) -> float:
-    # bool is an int subclass; `std: true` in YAML is a typo, not a 1.
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value <= 0:
-        raise DataError(f"{key} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def mode_metrics(samples: torch.Tensor, centers: torch.Tensor, std: float) -> tuple[int, float]:
@@ -75,9 +68,9 @@ def mode_metrics(samples: torch.Tensor, centers: torch.Tensor, std: float) -> tu
 class MixtureStream:
     """Endless, resumable stream of (batch_size, 2) float32 batches drawn from a Gaussian mixture.
 
-    Samples come from the stream's own CPU `torch.Generator` seeded with `seed`, never from the
-    global torch/numpy/python RNGs, so drawing data cannot shift the training loop's random
-    stream. Each batch is drawn on the CPU (mode indices first, then the noise) and then moved to
+    Samples come from the stream's own CPU `torch.Generator`, seeded with `derive_seed("mixture",
+    seed)`, never from the global torch/numpy/python RNGs, so drawing data cannot shift the
+    training loop's random stream. Each batch is drawn on the CPU (mode indices first, then the noise) and then moved to
     `device`, so the values do not depend on the device.
     """
 
@@ -90,13 +83,12 @@ class MixtureStream:
         seed: int,
         device: torch.device | str = "cpu",
     ):
-        _check_int("data.batch_size", batch_size, minimum=1)
+        self.batch_size = checks.integer("batch_size", batch_size, at_least=1)
         self.centers = centers.detach().to("cpu", torch.float32)  # (K, 2)
         self.std = float(std)
-        self.batch_size = batch_size
         self.seed = int(seed)
         self.device = torch.device(device)
-        self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        self.generator = torch.Generator(device="cpu").manual_seed(derive_seed("mixture", self.seed))
         self.batches = 0  # batches drawn so far
 
     def __iter__(self):
@@ -152,12 +144,9 @@ class Mixture(abc.ABC):
     """
 
     def __init__(self, *, batch_size: int, std: float, num_eval_samples: int = 2500, normalize: bool = True):
-        _check_int("data.batch_size", batch_size, minimum=1)
-        std = _check_positive("data.std", std)
-        _check_int("data.num_eval_samples", num_eval_samples, minimum=1)
-        self.batch_size = batch_size
-        self.std = std
-        self.num_eval_samples = num_eval_samples
+        self.batch_size = checks.integer("batch_size", batch_size, at_least=1)
+        self.std = float(checks.positive("std", std))
+        self.num_eval_samples = checks.integer("num_eval_samples", num_eval_samples, at_least=1)
         self.normalize = bool(normalize)
 
     @property
@@ -276,9 +265,8 @@ class Ring(Mixture):
         normalize: bool = True,
     ):
         super().__init__(batch_size=batch_size, std=std, num_eval_samples=num_eval_samples, normalize=normalize)
-        _check_int("data.num_modes", num_modes, minimum=1)
-        self.num_modes = num_modes
-        self.radius = _check_positive("data.radius", radius)
+        self.num_modes = checks.integer("num_modes", num_modes, at_least=1)
+        self.radius = float(checks.positive("radius", radius))
 
     def _make_centers(self) -> torch.Tensor:
         k = torch.arange(self.num_modes, dtype=torch.float64)
@@ -309,9 +297,8 @@ class Grid(Mixture):
         normalize: bool = True,
     ):
         super().__init__(batch_size=batch_size, std=std, num_eval_samples=num_eval_samples, normalize=normalize)
-        _check_int("data.size", size, minimum=1)
-        self.size = size
-        self.spacing = _check_positive("data.spacing", spacing)
+        self.size = checks.integer("size", size, at_least=1)
+        self.spacing = float(checks.positive("spacing", spacing))
 
     @property
     def num_modes(self) -> int:

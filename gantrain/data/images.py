@@ -1,0 +1,167 @@
+"""Image `data=` options: the `ImageData` base (checks, holdout, binarization, the stream) and `Digits`.
+
+Every dataset here yields float32 image tensors of shape (C, R, R) scaled to [-1, 1] and no
+labels. `ImageData` subclasses only describe *what* to load; `BatchStream` alone decides the order.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from gantrain import checks
+from gantrain.data.binarization import MODES, static_binarized
+from gantrain.data.stream import BatchStream, TensorImages, stack
+
+
+class _StaticallyBinarized(Dataset):
+    """Item i of `dataset`, binarized with the fixed per-item seed of `static_binarized`."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return static_binarized(self.dataset[index][None], index)[0]
+
+
+def _images_between(dataset: Dataset, start: int, stop: int, *, binarized: bool) -> Dataset:
+    """Items start..stop-1 of `dataset`, statically binarized if asked; tensors stay `TensorImages`."""
+    if isinstance(dataset, TensorImages):
+        images = dataset.images[start:stop]
+        return TensorImages(static_binarized(images, start) if binarized else images)
+    if binarized:
+        dataset = _StaticallyBinarized(dataset)
+    if (start, stop) != (0, len(dataset)):
+        dataset = Subset(dataset, range(start, stop))
+    return dataset
+
+
+class ImageData(abc.ABC):
+    """Base for every image `data=` option: how to build the dataset, plus loader settings.
+
+    Args:
+        batch_size: images per batch (per process under DDP), >= 1.
+        channels: 1 (grey) or 3 (RGB); images are converted to this.
+        resolution: output side length R (images are R x R), >= 4.
+        num_workers: DataLoader worker processes, >= 0.
+        in_memory: stack the whole dataset into one tensor on the training device (fast for
+            small datasets) instead of decoding batches on the fly.
+        binarize: "none", "static" or "dynamic": stochastic binarization (see `binarize`), pixels
+            become -1 or +1. "static": once, with a fixed seed (`STATIC_SEED`; the same binarized
+            dataset in every run). "dynamic": every batch the stream yields is binarized afresh
+            from (stream seed, epoch, batch), reproducibly and resumably (see `BatchStream`).
+        holdout: hold out the last `holdout` images of the dataset (in file order) for evaluation:
+            the training stream never sees them and `heldout()` returns them.
+    """
+
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        channels: int,
+        resolution: int,
+        num_workers: int = 0,
+        in_memory: bool = True,
+        binarize: str = "none",
+        holdout: int = 0,
+    ):
+        self.batch_size = checks.integer("batch_size", batch_size, at_least=1)
+        self.channels = checks.choice("channels", checks.integer("channels", channels), (1, 3), "1: grey, 3: RGB")
+        self.resolution = checks.integer("resolution", resolution, at_least=4)
+        self.num_workers = checks.integer("num_workers", num_workers, at_least=0)
+        self.in_memory = bool(in_memory)
+        self.binarize = checks.choice("binarize", binarize, MODES)
+        self.holdout = checks.integer("holdout", holdout, at_least=0)
+        self._built: tuple[Dataset, int] | None = None  # (dataset(), training size), built once
+
+    @abc.abstractmethod
+    def dataset(self) -> Dataset:
+        """Build the whole dataset (held-out images included, not binarized); items are (C, R, R)
+        float32 tensors in [-1, 1], no labels."""
+
+    def _split(self) -> tuple[Dataset, int]:
+        """(the whole dataset, number of training images), built and checked on first use."""
+        if self._built is None:
+            full = self.dataset()
+            n = len(full)
+            if self.holdout and n - self.holdout < self.batch_size:
+                left = f"leaves {max(n - self.holdout, 0)} of the dataset's {n} images for training"
+                must = f"at most {max(n - self.batch_size, 0)}"
+                checks.fail("holdout", self.holdout, must, f"{left}, less than one batch of {self.batch_size}")
+            self._built = (full, n - self.holdout)
+        return self._built
+
+    @property
+    def training_size(self) -> int:
+        """How many images the training stream draws from: the dataset's size minus `holdout`."""
+        return self._split()[1]
+
+    def training_dataset(self) -> Dataset:
+        """The first `training_size` images of `dataset()`, statically binarized if binarize="static"
+        (binarize="dynamic" is applied per batch by the stream)."""
+        full, n_train = self._split()
+        return _images_between(full, 0, n_train, binarized=self.binarize == "static")
+
+    def heldout(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The last `holdout` images of the dataset, in order, as one (N, C, R, R) float32 tensor.
+
+        With binarize "static" or "dynamic" they are binarized with the fixed static seed (the
+        same images, bit for bit, in every run and whatever the training seed).
+        """
+        if self.holdout == 0:
+            checks.fail("holdout", 0, ">= 1 for held-out images", "train with data.holdout=N")
+        full, n_train = self._split()
+        held = _images_between(full, n_train, len(full), binarized=self.binarize != "none")
+        return stack(held, torch.device(device), self.num_workers, seed=0)
+
+    def stream(self, seed: int, device: torch.device | str = "cpu") -> BatchStream:
+        """The endless, resumable batch stream the Trainer draws from (training images only)."""
+        return BatchStream(
+            self.training_dataset(),
+            self.batch_size,
+            seed=seed,
+            device=device,
+            num_workers=self.num_workers,
+            in_memory=self.in_memory,
+            binarize=self.binarize == "dynamic",
+        )
+
+    def render(self, samples: torch.Tensor) -> torch.Tensor:
+        """Generated images ``(N, C, R, R)`` in [-1, 1] -> the sample grid ``(3, H, W)`` in [0, 1]."""
+        from gantrain.sampling import sample_grid
+
+        return sample_grid(samples.float().cpu())
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+class Digits(ImageData):
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no network), upsampled to `resolution`.
+
+    Pixel values 0..16 are scaled to [0, 1], resized (bilinear, antialiased) to R x R, then
+    mapped to [-1, 1]; `channels=3` repeats the grey channel.
+    """
+
+    def dataset(self) -> TensorImages:
+        from sklearn.datasets import load_digits
+
+        images = torch.from_numpy(load_digits().images).float().div_(16.0)  # (N, 8, 8) in [0, 1]
+        images = torch.nn.functional.interpolate(
+            images[:, None],  # (N, 1, 8, 8)
+            size=(self.resolution, self.resolution),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )  # (N, 1, R, R)
+        # Bilinear weights are a convex combination; the clamp only absorbs float rounding.
+        images = images.clamp_(0.0, 1.0).mul_(2.0).sub_(1.0)
+        if self.channels == 3:
+            images = images.repeat(1, 3, 1, 1)  # (N, 3, R, R)
+        return TensorImages(images.contiguous())
