@@ -101,11 +101,14 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
         model=model,
         phases=phases,
         data=stream,
-        run_dir=run_dir,
-        sampler=sampler,
-        evaluator=evaluator,
-        config=resolved,
-        compat={"model": resolved["model"], "loss": resolved["loss"]},
+        callbacks=Trainer.standard_callbacks(
+            settings,
+            run_dir,
+            sampler=sampler,
+            evaluator=evaluator,
+            config=resolved,
+            compat={"model": resolved["model"], "loss": resolved["loss"]},
+        ),
     )
 
 
