@@ -1,9 +1,6 @@
-"""Checkpoints: the trainer's state, resume, periodic saves, atomic writes and clear errors on mismatches.
-
-:class:`Checkpointing` is the callback a run attaches: it resumes in ``on_fit_start`` and writes
-``checkpoints/last.ckpt`` every ``checkpoint_every_n_steps`` and at the end (rank 0 only). A resumed
-run continues bit-identically: the state holds every optimizer, scheduler, scaler, the EMA, the data
-stream's position and every RNG.
+"""Checkpoints: the trainer's state, resume and periodic saves (:class:`Checkpointing`), atomic writes,
+clear errors on mismatches. A resumed run continues bit-identically: the state holds every optimizer,
+scheduler, scaler, the EMA, the data stream's position and every RNG.
 """
 
 from __future__ import annotations
@@ -160,16 +157,12 @@ def load_trainer_state(trainer, state: dict[str, Any], compat: dict, source: str
 
 
 class Checkpointing(Callback):
-    """Resume (``trainer.resume``) and ``run_dir/checkpoints/last.ckpt``, saved every
-    ``checkpoint_every_n_steps`` and at the end of ``fit()``.
+    """Resumes in ``on_fit_start``; writes ``run_dir/checkpoints/last.ckpt`` every ``checkpoint_every_n_steps``
+    and at the end (rank 0 only; every rank resumes).
 
-    Args:
-        run_dir: the run's folder; one that already holds a checkpoint is refused here, before
-            anything is written, unless ``resume`` is set (a fresh start would overwrite it).
-        resume: None, ``auto`` (this run dir's checkpoint, if any) or a checkpoint path.
-        config: the resolved config, saved in each checkpoint (``sample.py`` rebuilds the model from it).
-        compat: the part of the config a checkpoint must match to be resumed (model, loss).
-        is_main: rank 0 writes; every rank resumes.
+    A ``run_dir`` that already holds a checkpoint is refused here, before anything is written, unless
+    ``resume`` (None, ``auto``: this run dir's checkpoint if any, or a path) is set. ``config``: the
+    resolved config saved in each checkpoint; ``compat``: the part a resumed checkpoint must match.
     """
 
     def __init__(self, run_dir, resume=None, config=None, compat=None, is_main=True):

@@ -10,6 +10,7 @@ read the trainer's public state:
   name), ``ema`` (None when off) and ``averaged_weights()`` (a context: the EMA weights in the network);
 * ``collector`` (the stats ``report``-ed since the last drain) and ``metrics``/``eval_metrics`` (the last
   logged stats and evaluator results), which the logging callbacks write and ``fit()`` returns.
+
 Callbacks must not change the trained state (weights, optimizers, RNGs) except to resume in
 ``on_fit_start``, or a resumed run would no longer equal an uninterrupted one.
 """

@@ -86,7 +86,8 @@ class RunLog(Callback):
                 stats[f"amp/skipped_steps/{name}"] = float(trainer.skipped_steps[name])
         self._t0, self._images0 = now, trainer.images_seen
         trainer.metrics = stats
-        self.add_scalars(stats, trainer.step)
+        for name, value in stats.items() if self.writer is not None else ():
+            self.writer.add_scalar(name, value, trainer.step)
         shown = {k: f"{v:.3g}" for k, v in stats.items() if k.count("/") == 1 and k.startswith("loss/")}
         shown["img/s"] = f"{stats['perf/images_per_s']:.0f}"
         self.bar.set_postfix(shown, refresh=False)
@@ -98,7 +99,8 @@ class RunLog(Callback):
         if self.evaluator is not None:
             with trainer.averaged_weights():
                 trainer.eval_metrics = {k: float(v) for k, v in self.evaluator().items()}
-            self.add_scalars(trainer.eval_metrics, trainer.step)
+            for name, value in trainer.eval_metrics.items():  # rank 0 has a writer
+                self.writer.add_scalar(name, value, trainer.step)
             log.info("step %d: %s", trainer.step, ", ".join(f"{k}={v:.4g}" for k, v in trainer.eval_metrics.items()))
         if self.sampler is None:
             return
@@ -111,12 +113,7 @@ class RunLog(Callback):
             prefix = "" if name == "samples" else f"{name}_"
             path = self.run_dir / "samples" / f"{prefix}step_{trainer.step:07d}.png"
             atomic_write(path, partial(save_image, grid, format="png"), fsync=False)
-            self.writer.add_image(name, grid, trainer.step)  # rank 0 has a writer
-
-    def add_scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is not None:
-            for name, value in values.items():
-                self.writer.add_scalar(name, value, step)
+            self.writer.add_image(name, grid, trainer.step)
 
     def log_config(self, step: int) -> None:
         """The config as indented text (a code block) and as hparams."""

@@ -27,8 +27,7 @@ import logging
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -91,11 +90,8 @@ class TrainerSettings:
 def resolve_device(spec: str, key: str = "trainer.device") -> torch.device:
     """``auto`` -> cuda, else mps, else cpu; anything else must name an available torch device."""
     if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     try:
         device = torch.device(spec)
     except (RuntimeError, ValueError):
@@ -180,9 +176,7 @@ class Trainer:
             getattr(callback, event)(self, *args)
 
     def run_phase(self, phase: Phase) -> None:
-        """One optimizer step of ``phase`` (what ``fit()`` runs when the phase is due), with its hygiene:
-        only ``phase.module`` trainable, ``accumulate_grad_batches`` fresh micro-batches, unscale, clip,
-        step, LR-scheduler step, ``after_step`` and (counting phase) the EMA update."""
+        """One optimizer step of ``phase`` with the hygiene above (what ``fit()`` runs when it is due)."""
         flags = [p.requires_grad for p in self.params]
         active = {id(p) for p in phase.module.parameters()}
         for p in self.params:
@@ -243,12 +237,8 @@ class Trainer:
     @staticmethod
     def standard_callbacks(settings, run_dir, *, sampler=None, evaluator=None, config=None, compat=None, is_main=True):
         """Resume and checkpoints (:class:`~gantrain.checkpoint.Checkpointing`) and run logging
-        (:class:`~gantrain.runlog.RunLog`, where ``sampler``/``evaluator`` are documented) in ``run_dir``.
-
-        Checkpointing comes first so that it resumes before anything is logged; logging and sampling
-        change no trained state, so its saves equal those written after them.
-        """
-        return [
+        (:class:`~gantrain.runlog.RunLog`, where ``sampler``/``evaluator`` are documented) in ``run_dir``."""
+        return [  # checkpoints first: resume before anything is logged (logging changes no trained state)
             ckpt_io.Checkpointing(run_dir, settings.resume, config=config, compat=compat, is_main=is_main),
             RunLog(run_dir, sampler=sampler, evaluator=evaluator, config=config, is_main=is_main),
         ]
