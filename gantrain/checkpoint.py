@@ -1,16 +1,25 @@
-"""Checkpoint files: atomic writes, RNG capture/restore, and clear errors on mismatches."""
+"""Checkpoints: the trainer's state, resume and periodic saves (:class:`Checkpointing`), atomic writes,
+clear errors on mismatches. A resumed run continues bit-identically: the state holds every optimizer,
+scheduler, scaler, the EMA, the data stream's position and every RNG.
+"""
 
 from __future__ import annotations
 
+import logging
 import random
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from gantrain.ema import EMA
 from gantrain.errors import GantrainError
+from gantrain.events import Callback
 from gantrain.files import atomic_write
+
+log = logging.getLogger(__name__)
 
 FORMAT = "gantrain-checkpoint/1"
 
@@ -79,3 +88,111 @@ def config_differences(saved: dict, current: dict) -> list[str]:
         for k in sorted(a.keys() | b.keys())
         if a.get(k) != b.get(k)
     ]
+
+
+def trainer_state(trainer) -> dict[str, Any]:
+    """Everything a bit-exact resume of ``trainer`` needs (:class:`Checkpointing` adds the config)."""
+    return {
+        "format": FORMAT,
+        "step": trainer.step,
+        "iteration": trainer.iteration,
+        "images_seen": trainer.images_seen,
+        "model": trainer.model.state_dict(),
+        "optimizers": {p.name: p.optimizer.state_dict() for p in trainer.phases},
+        "schedulers": {name: s.state_dict() for name, s in trainer.schedulers.items()},
+        "scalers": {name: s.state_dict() for name, s in trainer.scalers.items()},
+        "skipped_steps": {name: int(n) for name, n in trainer.skipped_steps.items()},
+        "ema": None if trainer.ema is None else {"module": trainer.ema_module_name, **trainer.ema.state_dict()},
+        "rng": rng_state(),
+        "data": trainer.data.state_dict(),
+    }
+
+
+def load_trainer_state(trainer, state: dict[str, Any], compat: dict, source: str = "checkpoint") -> None:
+    """Restore :func:`trainer_state` into ``trainer``; refuse a checkpoint whose ``compat`` part
+    (model, loss) differs from ``compat`` or whose weights/optimizers do not fit."""
+    diffs = config_differences(state.get("compat", {}), compat)
+    if diffs:
+        raise CheckpointError(
+            f"trainer.resume: {source} was written by a different model/loss configuration:\n  "
+            + "\n  ".join(diffs[:20])
+            + "\nResume with the same model and loss settings, or start a new run in another hydra.run.dir."
+        )
+    try:
+        trainer.model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"trainer.resume: {source} does not fit this model: {e}") from None
+    missing = {p.name for p in trainer.phases} - set(state["optimizers"])
+    if missing:
+        raise CheckpointError(f"trainer.resume: {source} has no optimizer state for phases {sorted(missing)}")
+    for p in trainer.phases:
+        try:
+            p.optimizer.load_state_dict(state["optimizers"][p.name])
+        except (ValueError, KeyError) as e:  # another optimizer type, Lookahead on/off, other groups
+            raise CheckpointError(
+                f"trainer.resume: {source} holds optimizer state for phase {p.name} that does not fit "
+                f"{type(p.optimizer).__name__} ({e}); resume with the optimizer it was trained with"
+            ) from None
+    for name, sched in trainer.schedulers.items():
+        if name in state.get("schedulers", {}):
+            sched.load_state_dict(state["schedulers"][name])
+    for name, scaler in trainer.scalers.items():
+        saved = state.get("scalers", {}).get(name)
+        if scaler.is_enabled() and saved:  # empty when it was written at another precision
+            scaler.load_state_dict(saved)
+    trainer.skipped_steps.update(state.get("skipped_steps", {}))
+    if trainer.ema is not None:
+        if state.get("ema"):
+            trainer.ema.load_state_dict(state["ema"])
+        else:
+            log.warning("trainer.resume: %s has no EMA weights; the EMA starts from the current weights", source)
+            trainer.ema = EMA(trainer.ema.module, trainer.ema.half_life_images)
+    trainer.data.load_state_dict(state["data"])
+    set_rng_state(state["rng"])
+    trainer.step, trainer.iteration, trainer.images_seen = state["step"], state["iteration"], state["images_seen"]
+    saved, now = state.get("settings", {}).get("max_steps", trainer.settings.max_steps), trainer.settings.max_steps
+    if saved != now and any(p.schedule is not None for p in trainer.phases):
+        msg = "trainer.resume: trainer.max_steps changed from %d to %d; the LR schedules keep the checkpoint's horizon"
+        log.warning(msg + " (%d steps)", saved, now, saved)
+
+
+class Checkpointing(Callback):
+    """Resumes in ``on_fit_start``; writes ``run_dir/checkpoints/last.ckpt`` every ``checkpoint_every_n_steps``
+    and at the end (rank 0 only; every rank resumes).
+
+    A ``run_dir`` that already holds a checkpoint is refused here, before anything is written, unless
+    ``resume`` (None, ``auto``: this run dir's checkpoint if any, or a path) is set. ``config``: the
+    resolved config saved in each checkpoint; ``compat``: the part a resumed checkpoint must match.
+    """
+
+    def __init__(self, run_dir, resume=None, config=None, compat=None, is_main=True):
+        self.path = Path(run_dir) / "checkpoints" / "last.ckpt"
+        if resume is None and self.path.exists():
+            raise CheckpointError(
+                f"run directory '{run_dir}' already holds a checkpoint ({self.path}); continue it with "
+                "trainer.resume=auto, or start a new run in another hydra.run.dir"
+            )
+        self.resume, self.config, self.compat, self.is_main = resume, config or {}, compat or {}, is_main
+
+    def on_fit_start(self, trainer) -> None:
+        if self.resume == "auto" and not self.path.is_file():
+            log.info("trainer.resume=auto: no checkpoint at %s, starting from scratch", self.path)
+        elif self.resume is not None:
+            path = self.path if self.resume == "auto" else Path(self.resume)
+            load_trainer_state(trainer, load(path), self.compat, source=f"checkpoint '{path}'")
+            log.info("resumed from %s at step %d", path, trainer.step)
+        if trainer.step >= (max_steps := trainer.settings.max_steps):
+            log.info("checkpoint is already at step %d >= trainer.max_steps=%d; nothing to do", trainer.step, max_steps)
+
+    def on_step_end(self, trainer) -> None:
+        if trainer.step % trainer.settings.checkpoint_every_n_steps == 0 and trainer.step < trainer.settings.max_steps:
+            self.save(trainer)  # the final one is written by on_fit_end
+
+    def on_fit_end(self, trainer) -> None:
+        self.save(trainer)
+
+    def save(self, trainer) -> None:
+        """Write ``trainer``'s state with the config (rank 0 only)."""
+        if self.is_main:
+            state = {**trainer_state(trainer), "config": self.config, "compat": self.compat}
+            save_atomic({**state, "settings": asdict(trainer.settings)}, self.path)

@@ -15,19 +15,15 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from gantrain import checks
-
 
 class EMA:
-    """A frozen, eval-mode copy of ``module`` that tracks its weights.
+    """A frozen, eval-mode copy of ``module`` that tracks its weights (``half_life_images`` > 0).
 
     ``swapped()`` temporarily loads the averaged weights into ``module`` itself, so samplers and
     evaluators that hold a reference to the live network use the average without knowing of it.
     """
 
     def __init__(self, module: nn.Module, half_life_images: float):
-        if half_life_images <= 0:
-            checks.fail("half_life_images", half_life_images, "> 0", "0 = EMA off")
         self.module = module
         self.half_life_images = float(half_life_images)
         self.average = copy.deepcopy(module).eval().requires_grad_(False)

@@ -85,11 +85,14 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
         model=model,
         phases=phases,
         data=stream,
-        run_dir=run_dir,
-        sampler=objective.sampler(model, data.render, fixed_noise, stream),
-        evaluator=evaluator,
-        config=resolved,
-        compat={"model": resolved["model"], "loss": resolved["loss"]},
+        callbacks=Trainer.standard_callbacks(
+            settings,
+            run_dir,
+            sampler=objective.sampler(model, data.render, fixed_noise, stream),
+            evaluator=evaluator,
+            config=resolved,
+            compat={"model": resolved["model"], "loss": resolved["loss"]},
+        ),
     )
 
 

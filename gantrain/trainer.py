@@ -16,36 +16,30 @@ phase whose interval divides it; the phase marked ``counts_as_step`` defines a t
 * an optional EMA of the counting phase's network (the generator) replaces its weights while
   sample grids and evaluation run.
 
-It also owns logging (one stats sink -> TensorBoard + tqdm), sample grids and checkpoints, and does
-them on rank 0 only. Losses and models never see a writer, a config or a device string.
+Logging, sample grids and checkpoints are callbacks (:mod:`gantrain.events`): :mod:`gantrain.runlog`
+and :mod:`gantrain.checkpoint`, built by :meth:`Trainer.standard_callbacks`. Losses and models never see a
+writer, a config or a device string.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
-from functools import partial
-from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
-from torchvision.utils import save_image
-from tqdm.auto import tqdm
 
-from gantrain import amp
+from gantrain import amp, checks
 from gantrain import checkpoint as ckpt_io
-from gantrain.checkpoint import CheckpointError
 from gantrain.ema import EMA
 from gantrain.errors import ConfigError
-from gantrain.files import atomic_write
+from gantrain.events import Callback
 from gantrain.optim import Schedule
 from gantrain.phase import Phase
+from gantrain.runlog import RunLog
 from gantrain.stats import Collector, collecting, report
 
 log = logging.getLogger(__name__)
@@ -84,37 +78,21 @@ class TrainerSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.ema, EMASettings):  # a mapping from the config
             self.ema = EMASettings(**self.ema)
-        if self.ema.half_life_images < 0:
-            raise ConfigError(f"trainer.ema.half_life_images={self.ema.half_life_images}: must be >= 0 (0 = off)")
-        for key in (
-            "max_steps",
-            "n_critic",
-            "accumulate_grad_batches",
-            "log_every_n_steps",
-            "sample_every_n_steps",
-            "num_samples",
-            "checkpoint_every_n_steps",
-        ):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"trainer.{key}={getattr(self, key)}: must be >= 1")
-        if str(self.precision) not in PRECISIONS:
-            raise ConfigError(f"trainer.precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
-        self.precision = str(self.precision)
-        if self.gradient_clip_algorithm not in CLIP_ALGORITHMS:
-            allowed = ", ".join(CLIP_ALGORITHMS)
-            raise ConfigError(f"trainer.gradient_clip_algorithm={self.gradient_clip_algorithm!r}; allowed: {allowed}")
-        if self.gradient_clip_val is not None and self.gradient_clip_val <= 0:
-            raise ConfigError(f"trainer.gradient_clip_val={self.gradient_clip_val}: must be > 0 or null")
+        checks.number("ema.half_life_images", self.ema.half_life_images, ge=0, hint="0 = off")
+        periods = ("log_every_n_steps", "sample_every_n_steps", "checkpoint_every_n_steps")
+        for key in ("max_steps", "n_critic", "accumulate_grad_batches", "num_samples", *periods):
+            checks.integer(key, getattr(self, key), at_least=1)
+        self.precision = checks.choice("precision", str(self.precision), PRECISIONS)
+        checks.choice("gradient_clip_algorithm", self.gradient_clip_algorithm, CLIP_ALGORITHMS)
+        if self.gradient_clip_val is not None:
+            checks.positive("gradient_clip_val", self.gradient_clip_val, hint="or null: no clipping")
 
 
 def resolve_device(spec: str, key: str = "trainer.device") -> torch.device:
     """``auto`` -> cuda, else mps, else cpu; anything else must name an available torch device."""
     if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     try:
         device = torch.device(spec)
     except (RuntimeError, ValueError):
@@ -125,7 +103,7 @@ def resolve_device(spec: str, key: str = "trainer.device") -> torch.device:
 
 
 class Trainer:
-    """Runs the phase loop.
+    """Runs the phase loop; logging, samples and checkpoints attach as :mod:`gantrain.events` callbacks.
 
     Args:
         settings: the ``trainer.*`` values.
@@ -134,48 +112,16 @@ class Trainer:
         phases: from the objective, in the order they run within an iteration.
         data: an endless batch iterator with ``state_dict``/``load_state_dict`` (``BatchStream``),
             already yielding tensors on the training device.
-        run_dir: where TensorBoard events, ``samples/`` and ``checkpoints/last.ckpt`` go.
-        sampler: returns the picture to log as ``samples`` (``(3, H, W)`` in [0, 1]: an image grid, a
-            scatter plot, ...), from fixed noise and without changing any state; or a dict of named
-            pictures (``samples``, ``reconstructions``, ...), each logged under its name.
-        evaluator: returns metrics (name -> float) of the current model, computed and logged with
-            each sample grid and at the end (e.g. the 2-D mixture's modes covered); must not use
-            the global RNG (a resumed run must continue bit-identically).
-        config: the resolved config, saved in checkpoints and logged as text/hparams.
-        compat: the part of the config a checkpoint must match to be resumed (model, loss).
-        is_main: rank 0 logs and writes checkpoints; other ranks only train.
+        callbacks: called in list order at each event (:meth:`Trainer.standard_callbacks`: resume and
+            checkpoints, TensorBoard/tqdm/sample logging); ``trainer.callbacks`` may be extended later.
     """
 
-    def __init__(
-        self,
-        settings: TrainerSettings,
-        *,
-        model: nn.Module,
-        phases: Sequence[Phase],
-        data: Any,
-        run_dir: str | Path,
-        sampler: Callable[[], torch.Tensor] | None = None,
-        evaluator: Callable[[], dict[str, float]] | None = None,
-        config: dict | None = None,
-        compat: dict | None = None,
-        is_main: bool = True,
-    ):
+    def __init__(self, settings: TrainerSettings, *, model: nn.Module, phases: Sequence[Phase], data, callbacks=()):
         counting = [p.name for p in phases if p.counts_as_step]
         assert len(counting) == 1, f"exactly one phase must count as the training step, got {counting}"
         assert len({p.name for p in phases}) == len(phases), "phase names must be unique (checkpoint keys)"
-        self.s = settings
-        self.model, self.phases, self.data = model, list(phases), data
-        self.run_dir = Path(run_dir)
-        self.ckpt_path = self.run_dir / "checkpoints" / "last.ckpt"
-        if settings.resume is None and self.ckpt_path.exists():
-            # Starting from scratch here would overwrite that checkpoint at the first save.
-            raise CheckpointError(
-                f"run directory '{self.run_dir}' already holds a checkpoint ({self.ckpt_path}); continue it with "
-                "trainer.resume=auto, or start a new run in another hydra.run.dir"
-            )
-        self.sampler, self.evaluator = sampler, evaluator
-        self.config, self.compat = config or {}, compat or {}
-        self.is_main = is_main
+        self.settings, self.model, self.phases, self.data = settings, model, list(phases), data
+        self.callbacks: list[Callback] = list(callbacks)
         self.params = list(model.parameters())
         self.device = self.params[0].device if self.params else torch.device("cpu")
         self.amp_dtype = PRECISIONS[settings.precision]
@@ -202,54 +148,36 @@ class Trainer:
         self.iteration = 0  # loop iterations (each runs the phases due)
         self.images_seen = 0  # real images drawn from the data
         self.collector = Collector()
-        self._t0, self._images0 = time.perf_counter(), 0  # images/s since the last log
-        self.writer: SummaryWriter | None = None
         self.metrics: dict[str, float] = {}  # the last logged training stats
         self.eval_metrics: dict[str, float] = {}  # the evaluator's last results
 
-    # ---------------------------------------------------------------- the loop
     def fit(self) -> dict[str, float]:
-        """Train until ``max_steps``; returns the last logged stats plus ``step``."""
-        self._maybe_resume()
-        if self.step >= self.s.max_steps:
-            log.info(
-                "checkpoint is already at step %d >= trainer.max_steps=%d; nothing to do", self.step, self.s.max_steps
-            )
-        if self.is_main:
-            self.writer = SummaryWriter(log_dir=str(self.run_dir))
-            self._log_config()
-        bar = tqdm(
-            total=self.s.max_steps,
-            initial=self.step,
-            unit="step",
-            dynamic_ncols=True,
-            disable=None if (self.is_main and self.s.progress_bar) else True,
-        )
-        self._t0, self._images0 = time.perf_counter(), self.images_seen
+        """Train until ``max_steps``; returns the last logged stats and evaluator metrics plus ``step``."""
         try:
+            self._emit("on_fit_start")
             with collecting(self.collector):
-                while self.step < self.s.max_steps:
+                while self.step < self.settings.max_steps:
                     stepped = False
                     for phase in self.phases:
                         if (self.iteration + 1) % phase.interval == 0:
-                            self._run_phase(phase)
+                            self.run_phase(phase)
+                            self._emit("on_phase_end", phase)
                             stepped |= phase.counts_as_step
                     self.iteration += 1
                     if stepped:
                         self.step += 1
-                        bar.update(1)
-                        self._after_step(bar)
-            self._log_stats(bar)
-            if self.step % self.s.sample_every_n_steps:  # else _after_step just wrote this step's grid
-                self._write_samples()
-            self._save_checkpoint()
+                        self._emit("on_step_end")
+            self._emit("on_fit_end")
         finally:
-            bar.close()
-            if self.writer is not None:
-                self.writer.close()
+            self._emit("teardown")
         return {**self.metrics, **self.eval_metrics, "step": float(self.step)}
 
-    def _run_phase(self, phase: Phase) -> None:
+    def _emit(self, event: str, *args) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(self, *args)
+
+    def run_phase(self, phase: Phase) -> None:
+        """One optimizer step of ``phase`` with the hygiene above (what ``fit()`` runs when it is due)."""
         flags = [p.requires_grad for p in self.params]
         active = {id(p) for p in phase.module.parameters()}
         for p in self.params:
@@ -257,14 +185,15 @@ class Trainer:
         scaler = self.scalers[phase.name]
         lr = phase.optimizer.param_groups[0]["lr"]  # the LR this step uses
         try:
-            k = self.s.accumulate_grad_batches
+            k = self.settings.accumulate_grad_batches
             step = self.iteration // phase.interval  # this phase's optimizer steps so far
             images = 0
+            dtype, enabled = self.amp_dtype or torch.float32, self.amp_dtype is not None  # autocast off at 32
             phase.optimizer.zero_grad(set_to_none=True)
             with amp.scaling(scaler):  # input-gradient penalties scale/unscale with this phase's scaler
                 for _ in range(k):
                     real = next(self.data)  # fresh real batch per micro-batch (the loss draws fresh noise)
-                    with self._autocast():
+                    with torch.autocast(self.device.type, dtype=dtype, enabled=enabled):
                         loss = phase.loss(real, step)
                     scaler.scale(loss / k).backward()
                     images += real.shape[0]
@@ -289,17 +218,12 @@ class Trainer:
         report(f"grad_norm/{phase.name}", grad_norm)  # before clipping
         report(f"lr/{phase.name}", lr)
 
-    def _autocast(self) -> torch.autocast:
-        """Autocast to the precision's dtype around forward passes; disabled (a no-op) at 32."""
-        dtype = self.amp_dtype or torch.float32
-        return torch.autocast(self.device.type, dtype=dtype, enabled=self.amp_dtype is not None)
-
     def _clip(self, phase: Phase, params: list[torch.Tensor]) -> torch.Tensor:
         """Clip in place per the phase's (else the trainer's) settings; return the pre-clip total L2 norm."""
         if not params:
             return torch.zeros((), device=self.device)
-        val = self.s.gradient_clip_val if phase.gradient_clip_val is None else phase.gradient_clip_val
-        algorithm = phase.gradient_clip_algorithm or self.s.gradient_clip_algorithm
+        val = self.settings.gradient_clip_val if phase.gradient_clip_val is None else phase.gradient_clip_val
+        algorithm = phase.gradient_clip_algorithm or self.settings.gradient_clip_algorithm
         if val and algorithm == "norm":
             return torch.nn.utils.clip_grad_norm_(params, val)
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
@@ -311,168 +235,19 @@ class Trainer:
         """Context: the EMA weights in the generator while sampling/evaluating (nothing without EMA)."""
         return self.ema.swapped() if self.ema is not None else nullcontext()
 
-    def _after_step(self, bar: tqdm) -> None:
-        if self.step % self.s.log_every_n_steps == 0:
-            self._log_stats(bar)
-        if self.step % self.s.sample_every_n_steps == 0:
-            self._write_samples()
-        if self.step % self.s.checkpoint_every_n_steps == 0 and self.step < self.s.max_steps:
-            self._save_checkpoint()  # the final one is written after the loop
-
-    # ---------------------------------------------------------------- logging
-    def _log_stats(self, bar: tqdm) -> None:
-        stats = self.collector.drain()
-        if not stats:  # nothing ran since the last log (e.g. the final call right after a logged step)
-            return
-        now = time.perf_counter()
-        stats["perf/images_per_s"] = (self.images_seen - self._images0) / max(now - self._t0, 1e-9)
-        for name, scaler in self.scalers.items():
-            if scaler.is_enabled():
-                stats[f"amp/scale/{name}"] = scaler.get_scale()
-                stats[f"amp/skipped_steps/{name}"] = float(self.skipped_steps[name])
-        self._t0, self._images0 = now, self.images_seen
-        self.metrics = stats
-        if self.writer is not None:
-            for name, value in stats.items():
-                self.writer.add_scalar(name, value, self.step)
-        shown = {k: f"{v:.3g}" for k, v in stats.items() if k.count("/") == 1 and k.startswith("loss/")}
-        shown["img/s"] = f"{stats['perf/images_per_s']:.0f}"
-        bar.set_postfix(shown, refresh=False)
-
-    def _write_samples(self) -> None:
-        if not self.is_main:
-            return
-        if self.evaluator is not None:
-            with self.averaged_weights():
-                self.eval_metrics = {k: float(v) for k, v in self.evaluator().items()}
-            if self.writer is not None:
-                for name, value in self.eval_metrics.items():
-                    self.writer.add_scalar(name, value, self.step)
-            log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4g}" for k, v in self.eval_metrics.items()))
-        if self.sampler is None:
-            return
-        with self.averaged_weights():
-            pictures = self.sampler()
-        if isinstance(pictures, torch.Tensor):
-            pictures = {"samples": pictures}
-        for name, picture in pictures.items():
-            grid = picture.float().cpu()  # (3, H', W') in [0, 1]
-            prefix = "" if name == "samples" else f"{name}_"
-            path = self.run_dir / "samples" / f"{prefix}step_{self.step:07d}.png"
-            atomic_write(path, partial(_save_png, grid), fsync=False)
-            if self.writer is not None:
-                self.writer.add_image(name, grid, self.step)
-
-    def _log_config(self) -> None:
-        import yaml  # PyYAML comes with hydra/omegaconf
-
-        text = yaml.safe_dump(self.config, sort_keys=False)
-        self.writer.add_text("config", "    " + text.replace("\n", "\n    "), self.step)  # indented = code block
-        flat = {
-            k: v if isinstance(v, (int, float, str, bool)) else str(v)
-            for k, v in ckpt_io.flatten_dict(self.config).items()
-        }
-        for summary in hparams(flat, {"loss/D": 0.0, "loss/G": 0.0}):
-            self.writer._get_file_writer().add_summary(summary)
-
-    # ---------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "format": ckpt_io.FORMAT,
-            "step": self.step,
-            "iteration": self.iteration,
-            "images_seen": self.images_seen,
-            "model": self.model.state_dict(),
-            "optimizers": {p.name: p.optimizer.state_dict() for p in self.phases},
-            "schedulers": {name: s.state_dict() for name, s in self.schedulers.items()},
-            "scalers": {name: s.state_dict() for name, s in self.scalers.items()},
-            "skipped_steps": {name: int(n) for name, n in self.skipped_steps.items()},
-            "ema": None if self.ema is None else {"module": self.ema_module_name, **self.ema.state_dict()},
-            "rng": ckpt_io.rng_state(),
-            "data": self.data.state_dict(),
-            "config": self.config,
-            "compat": self.compat,
-            "settings": asdict(self.s),
-        }
-
-    def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
-        diffs = ckpt_io.config_differences(state.get("compat", {}), self.compat)
-        if diffs:
-            raise CheckpointError(
-                f"trainer.resume: {source} was written by a different model/loss configuration:\n  "
-                + "\n  ".join(diffs[:20])
-                + "\nResume with the same model and loss settings, or start a new run in another hydra.run.dir."
-            )
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"trainer.resume: {source} does not fit this model: {e}") from None
-        missing = {p.name for p in self.phases} - set(state["optimizers"])
-        if missing:
-            raise CheckpointError(f"trainer.resume: {source} has no optimizer state for phases {sorted(missing)}")
-        for p in self.phases:
-            try:
-                p.optimizer.load_state_dict(state["optimizers"][p.name])
-            except (ValueError, KeyError) as e:  # another optimizer type, Lookahead on/off, other groups
-                raise CheckpointError(
-                    f"trainer.resume: {source} holds optimizer state for phase {p.name} that does not fit "
-                    f"{type(p.optimizer).__name__} ({e}); resume with the optimizer it was trained with"
-                ) from None
-        for name, sched in self.schedulers.items():
-            if name in state.get("schedulers", {}):
-                sched.load_state_dict(state["schedulers"][name])
-        for name, scaler in self.scalers.items():
-            saved = state.get("scalers", {}).get(name)
-            if scaler.is_enabled() and saved:  # empty when it was written at another precision
-                scaler.load_state_dict(saved)
-        self.skipped_steps.update(state.get("skipped_steps", {}))
-        if self.ema is not None:
-            if state.get("ema"):
-                self.ema.load_state_dict(state["ema"])
-            else:
-                log.warning("trainer.resume: %s has no EMA weights; the EMA starts from the current weights", source)
-                self.ema = EMA(self.ema.module, self.ema.half_life_images)
-        self.data.load_state_dict(state["data"])
-        ckpt_io.set_rng_state(state["rng"])
-        self.step, self.iteration, self.images_seen = state["step"], state["iteration"], state["images_seen"]
-        saved_max = state.get("settings", {}).get("max_steps", self.s.max_steps)
-        if saved_max != self.s.max_steps and any(p.schedule is not None for p in self.phases):
-            log.warning(
-                "trainer.resume: trainer.max_steps changed from %d to %d; the LR schedules keep the checkpoint's "
-                "horizon (%d steps)",
-                saved_max,
-                self.s.max_steps,
-                saved_max,
-            )
-
-    def _maybe_resume(self) -> None:
-        resume = self.s.resume
-        if resume is None:
-            return
-        path = self.ckpt_path if resume == "auto" else Path(resume)
-        if resume == "auto" and not path.is_file():
-            log.info("trainer.resume=auto: no checkpoint at %s, starting from scratch", path)
-            return
-        self.load_state_dict(ckpt_io.load(path), source=f"checkpoint '{path}'")
-        log.info("resumed from %s at step %d", path, self.step)
-
-    def _save_checkpoint(self) -> None:
-        if self.is_main:
-            ckpt_io.save_atomic(self.state_dict(), self.ckpt_path)
+    @staticmethod
+    def standard_callbacks(settings, run_dir, *, sampler=None, evaluator=None, config=None, compat=None, is_main=True):
+        """Resume and checkpoints (:class:`~gantrain.checkpoint.Checkpointing`) and run logging
+        (:class:`~gantrain.runlog.RunLog`, where ``sampler``/``evaluator`` are documented) in ``run_dir``."""
+        return [  # checkpoints first: resume before anything is logged (logging changes no trained state)
+            ckpt_io.Checkpointing(run_dir, settings.resume, config=config, compat=compat, is_main=is_main),
+            RunLog(run_dir, sampler=sampler, evaluator=evaluator, config=config, is_main=is_main),
+        ]
 
 
 def _check_phase_clip(phase: Phase) -> None:
-    if phase.gradient_clip_val is not None and phase.gradient_clip_val < 0:
-        raise ConfigError(
-            f"gradient_clip_val={phase.gradient_clip_val} for phase {phase.name}: must be >= 0 "
-            "(0 = no clipping for this network) or null (the trainer's setting)"
-        )
-    if phase.gradient_clip_algorithm not in (None, *CLIP_ALGORITHMS):
-        raise ConfigError(
-            f"gradient_clip_algorithm={phase.gradient_clip_algorithm!r} for phase {phase.name}; "
-            f"allowed: null (the trainer's), {', '.join(CLIP_ALGORITHMS)}"
-        )
-
-
-def _save_png(picture: torch.Tensor, f) -> None:
-    save_image(picture, f, format="png")
+    """A phase's own clipping (``optim.<net>.gradient_clip_*``; None = the trainer's setting)."""
+    hint = f"phase {phase.name}; null = the trainer's setting"
+    if phase.gradient_clip_val is not None:
+        checks.number("gradient_clip_val", phase.gradient_clip_val, ge=0, hint=hint + ", 0 = no clipping")
+    checks.choice("gradient_clip_algorithm", phase.gradient_clip_algorithm, (None, *CLIP_ALGORITHMS), hint)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gantrain.events import Callback
 from gantrain.files import replace_marked_section
 from gantrain.train import build, compose_config
 
@@ -92,17 +93,16 @@ def framework_block(trainer, n: int) -> list[float]:
     """Seconds of each of ``n`` Trainer steps, taken between consecutive step ends inside one
     ``fit()`` (so the periodic logging counts; fit's setup and its final save do not)."""
     stamps: list[float] = []
-    after = trainer._after_step
 
-    def stamp(bar):
-        after(bar)
-        sync(trainer.device)
-        stamps.append(time.perf_counter())
+    class Stamp(Callback):  # after the other callbacks, so the periodic logging and saves count
+        def on_step_end(self, trainer):
+            sync(trainer.device)
+            stamps.append(time.perf_counter())
 
-    trainer._after_step = stamp
-    trainer.s.max_steps = trainer.step + n + 1
+    trainer.callbacks.append(stamp := Stamp())
+    trainer.settings.max_steps = trainer.step + n + 1
     trainer.fit()
-    trainer._after_step = after
+    trainer.callbacks.remove(stamp)
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 

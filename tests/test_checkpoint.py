@@ -111,19 +111,19 @@ def test_resume_after_a_crash_is_bit_identical_with_every_optimization_option(tm
     Same ``max_steps`` in both, so the LR schedules have the same horizon; the crash is real (an
     exception out of the loop right after the periodic checkpoint is written).
     """
-    from gantrain.trainer import Trainer
+    from gantrain.checkpoint import Checkpointing
 
     common = [f"+experiment={experiment}", "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=3", *extra]
     train(make_cfg(*common), tmp_path / "straight")
 
-    after_step = Trainer._after_step
+    on_step_end = Checkpointing.on_step_end
 
-    def crash_after_checkpoint(self, bar):
-        after_step(self, bar)
-        if self.step == 3:
+    def crash_after_checkpoint(self, trainer):
+        on_step_end(self, trainer)
+        if trainer.step == 3:
             raise Crash
 
-    monkeypatch.setattr(Trainer, "_after_step", crash_after_checkpoint)
+    monkeypatch.setattr(Checkpointing, "on_step_end", crash_after_checkpoint)
     with pytest.raises(Crash):
         train(make_cfg(*common), tmp_path / "crashed")
     monkeypatch.undo()

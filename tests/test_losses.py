@@ -239,11 +239,11 @@ def test_weight_clip_clamps_d_after_its_step_only(tmp_path):
     model = trainer.model
     assert max(p.abs().max().item() for p in model.d.parameters()) > 0.01  # N(0, 0.02) init exceeds the clip
     d_phase = trainer.phases[0]
-    trainer._run_phase(d_phase)
+    trainer.run_phase(d_phase)
     d_max = max(p.abs().max().item() for p in model.d.parameters())
     assert d_max == pytest.approx(0.01)  # lr 0.5 pushes weights past the bound; clamped back
     g_before = [p.detach().clone() for p in model.g.parameters()]
-    trainer._run_phase(trainer.phases[1])
+    trainer.run_phase(trainer.phases[1])
     assert any(not torch.equal(a, p) for a, p in zip(g_before, model.g.parameters()))
     assert max(p.abs().max().item() for p in model.g.parameters()) > 0.01  # G is never clipped
 

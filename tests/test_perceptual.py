@@ -85,7 +85,7 @@ def test_perceptual_term_in_training_reaches_g_only(tmp_path):
     d_before = [p.detach().clone() for p in trainer.model.d.parameters()]
     g_before = [p.detach().clone() for p in trainer.model.g.parameters()]
     with collecting(Collector()) as c:
-        trainer._run_phase(trainer.phases[1])  # one G step
+        trainer.run_phase(trainer.phases[1])  # one G step
     stats = c.drain()
     assert stats["loss/G/perceptual"] > 0
     assert stats["loss/G"] == pytest.approx(stats["loss/G/adv"] + stats["loss/G/perceptual"], rel=1e-5)

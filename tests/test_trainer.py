@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from gantrain.errors import ConfigError
+from gantrain.events import Callback
 from gantrain.phase import Phase
 from gantrain.train import build
 from gantrain.trainer import Trainer, TrainerSettings, resolve_device
@@ -53,7 +54,8 @@ def one_weight_trainer(
         **(phase_kw or {}),
     )
     s = TrainerSettings(device="cpu", progress_bar=False, **settings)
-    trainer = Trainer(s, model=lin, phases=[phase], data=data or ListStream(), run_dir=tmp_path, sampler=sampler)
+    callbacks = Trainer.standard_callbacks(s, tmp_path, sampler=sampler)
+    trainer = Trainer(s, model=lin, phases=[phase], data=data or ListStream(), callbacks=callbacks)
     return trainer, lin
 
 
@@ -86,14 +88,19 @@ def test_gradient_clipping_norm_and_value(tmp_path):
 
 
 def test_settings_errors_are_clear():
-    with pytest.raises(ConfigError, match=r"trainer.precision='fp16'; allowed: 32, bf16-mixed, 16-mixed"):
+    # Each names its own key (the entry point puts ``trainer.`` in front, via ConfigError.within).
+    with pytest.raises(ConfigError, match=r"^precision='fp16': must be one of 32, bf16-mixed, 16-mixed$"):
         TrainerSettings(precision="fp16")
-    with pytest.raises(ConfigError, match=r"trainer.ema.half_life_images=-1: must be >= 0"):
+    with pytest.raises(ConfigError, match=r"^ema.half_life_images=-1: must be >= 0"):
         TrainerSettings(ema={"half_life_images": -1})
-    with pytest.raises(ConfigError, match=r"trainer.n_critic=0: must be >= 1"):
+    with pytest.raises(ConfigError, match=r"^n_critic=0: must be an integer >= 1$"):
         TrainerSettings(n_critic=0)
-    with pytest.raises(ConfigError, match=r"trainer.gradient_clip_algorithm='l2'; allowed: norm, value"):
+    with pytest.raises(ConfigError, match=r"^max_steps=0: must be an integer >= 1$"):
+        TrainerSettings(max_steps=0)
+    with pytest.raises(ConfigError, match=r"^gradient_clip_algorithm='l2': must be one of norm, value$"):
         TrainerSettings(gradient_clip_algorithm="l2")
+    with pytest.raises(ConfigError, match=r"^gradient_clip_val=0: must be > 0 \(or null: no clipping\)$"):
+        TrainerSettings(gradient_clip_val=0)
     with pytest.raises(ConfigError, match=r"trainer.device='gpu0' is not a device; use auto, cpu"):
         resolve_device("gpu0")
     assert resolve_device("cpu") == torch.device("cpu")
@@ -107,7 +114,77 @@ def test_exactly_one_phase_counts(tmp_path):
     lin = nn.Linear(1, 1)
     ph = Phase("a", lin, torch.optim.SGD(lin.parameters(), lr=0.1), lambda x, step: lin(x).sum())
     with pytest.raises(AssertionError, match="exactly one phase"):
-        Trainer(TrainerSettings(), model=lin, phases=[ph], data=ListStream(), run_dir=tmp_path)
+        Trainer(TrainerSettings(), model=lin, phases=[ph], data=ListStream())
+
+
+# ----------------------------------------------------------------------------- events
+class Recorder(Callback):
+    """Every event with the trainer's counters at that moment."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def on_fit_start(self, trainer):
+        self.events.append(("fit_start", trainer.step))
+
+    def on_phase_end(self, trainer, phase):
+        self.events.append(("phase_end", phase.name, trainer.iteration, trainer.step))
+
+    def on_step_end(self, trainer):
+        self.events.append(("step_end", trainer.step, trainer.iteration, trainer.images_seen))
+
+    def on_fit_end(self, trainer):
+        self.events.append(("fit_end", trainer.step))
+
+    def teardown(self, trainer):
+        self.events.append(("teardown", trainer.step))
+
+
+def test_events_fire_once_per_step_in_order(tmp_path):
+    trainer, _ = one_weight_trainer(tmp_path, max_steps=4, accumulate_grad_batches=2)
+    trainer.callbacks.append(rec := Recorder())
+    trainer.fit()
+    steps = [e[1:] for e in rec.events if e[0] == "step_end"]
+    assert steps == [(s, s, 2 * s) for s in (1, 2, 3, 4)]  # step, iteration, images_seen after each step
+    assert rec.events[0] == ("fit_start", 0) and rec.events[-2:] == [("fit_end", 4), ("teardown", 4)]
+    # the phase ends before its step is counted: iteration and step still hold the values it ran at
+    assert [e for e in rec.events if e[0] == "phase_end"] == [("phase_end", "main", i, i) for i in range(4)]
+
+
+@pytest.mark.parametrize("n_critic", [1, 3])
+def test_phase_end_order_is_d_then_g_with_n_critic(tmp_path, n_critic):
+    d, g = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)
+    model = nn.ModuleDict({"d": d, "g": g})
+    phases = [
+        Phase("D", d, torch.optim.SGD(d.parameters(), lr=0.1), lambda x, step: d(x).sum()),
+        Phase("G", g, torch.optim.SGD(g.parameters(), lr=0.1), lambda x, step: g(x).sum(), n_critic, True),
+    ]
+    rec = Recorder()
+    s = TrainerSettings(device="cpu", progress_bar=False, max_steps=2, n_critic=n_critic)
+    Trainer(s, model=model, phases=phases, data=ListStream(), callbacks=[rec]).fit()
+    ends = [e[1] if e[0] == "phase_end" else e[0] for e in rec.events]
+    window = ["D"] * n_critic + ["G", "step_end"]
+    assert ends == ["fit_start", *window, *window, "fit_end", "teardown"]
+    assert [e[1] for e in rec.events if e[0] == "step_end"] == [1, 2]
+
+
+def test_a_crash_skips_fit_end_but_tears_down(tmp_path):
+    class Crash(Callback):
+        def on_step_end(self, trainer):
+            if trainer.step == 2:
+                raise RuntimeError("boom")
+
+    trainer, _ = one_weight_trainer(tmp_path, max_steps=5)
+    trainer.callbacks += [rec := Recorder(), Crash()]
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit()
+    assert [e[0] for e in rec.events][-2:] == ["step_end", "teardown"] and trainer.step == 2
+
+
+def test_run_phase_is_one_optimizer_step(tmp_path):
+    trainer, lin = one_weight_trainer(tmp_path, max_steps=3)
+    trainer.run_phase(trainer.phases[0])  # x = 1: w = 1 - 0.1 * 1
+    assert lin.weight.item() == pytest.approx(0.9) and trainer.images_seen == 1 and trainer.step == 0
 
 
 # ----------------------------------------------------------------------------- GAN hygiene
@@ -146,22 +223,25 @@ def test_gradient_hygiene_invariants(tmp_path, experiment, n_critic):
 
         phase.loss, phase.optimizer.zero_grad = loss, zero_grad
 
-    run_phase = trainer._run_phase
+    class Checked(Callback):
+        """Snapshots both networks after every event; at each phase end the other network must be unchanged."""
 
-    def checked_run(phase):
-        other = model.d if phase.name == "G" else model.g
-        before = _snapshot(other)
-        run_phase(phase)
-        after = _snapshot(other)
-        for name, (p, g) in before.items():  # the other network: parameters AND grads bit-identical
-            assert torch.equal(p, after[name][0]), f"{phase.name} step changed {name}"
-            assert (g is None and after[name][1] is None) or torch.equal(g, after[name][1]), (
-                f"{phase.name} step touched {name}.grad"
-            )
-        assert [p.requires_grad for p in model.parameters()] == flags0, "requires_grad flags not restored"
-        order.append(phase.name)
+        def on_fit_start(self, trainer):  # keyed by the phase that must not touch that network
+            self.before = {"D": _snapshot(model.g), "G": _snapshot(model.d)}
 
-    trainer._run_phase = checked_run
+        def on_phase_end(self, trainer, phase):
+            other = model.d if phase.name == "G" else model.g
+            after = _snapshot(other)
+            for name, (p, g) in self.before[phase.name].items():  # the other network: parameters AND grads identical
+                assert torch.equal(p, after[name][0]), f"{phase.name} step changed {name}"
+                assert (g is None and after[name][1] is None) or torch.equal(g, after[name][1]), (
+                    f"{phase.name} step touched {name}.grad"
+                )
+            assert [p.requires_grad for p in model.parameters()] == flags0, "requires_grad flags not restored"
+            order.append(phase.name)
+            self.before = {"D": _snapshot(model.g), "G": _snapshot(model.d)}
+
+    trainer.callbacks.append(Checked())
     trainer.fit()
 
     assert order == (["D"] * n_critic + ["G"]) * 3

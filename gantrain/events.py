@@ -1,0 +1,43 @@
+"""The events the Trainer calls: what logging, checkpoints, samples and tests attach to.
+
+Subclass :class:`Callback`, override the events you need and pass it in ``Trainer(callbacks=[...])``
+(or append it to ``trainer.callbacks``); callbacks run in list order at each event. A callback may
+read the trainer's public state:
+
+* ``step`` (completed optimizer steps of the counting phase), ``iteration`` (loop iterations),
+  ``images_seen`` (real images drawn from ``data``), ``settings`` (:class:`~gantrain.trainer.TrainerSettings`);
+* ``model``, ``phases``, ``data``, ``device``, ``schedulers``/``scalers``/``skipped_steps`` (per phase
+  name), ``ema`` (None when off) and ``averaged_weights()`` (a context: the EMA weights in the network);
+* ``collector`` (the stats ``report``-ed since the last drain) and ``metrics``/``eval_metrics`` (the last
+  logged stats and evaluator results), which the logging callbacks write and ``fit()`` returns.
+
+Callbacks must not change the trained state (weights, optimizers, RNGs) except to resume in
+``on_fit_start``, or a resumed run would no longer equal an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gantrain.phase import Phase
+    from gantrain.trainer import Trainer
+
+
+class Callback:
+    """No-op base: override any of the events (pytorch-ignite's events, Lightning's hooks, only four)."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """``fit()`` begins (resume restores the state here, before anything is logged)."""
+
+    def on_phase_end(self, trainer: Trainer, phase: Phase) -> None:
+        """A phase took its optimizer step (and LR-scheduler/EMA update); in run order: D, ..., D, G."""
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        """The counting phase completed step ``trainer.step`` (1, 2, ..., ``max_steps``)."""
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        """The loop reached ``max_steps`` (not called when it raised)."""
+
+    def teardown(self, trainer: Trainer) -> None:
+        """Last, also after an exception: close files and progress bars."""

@@ -1,0 +1,128 @@
+"""Run logging in one callback, :class:`RunLog`: TensorBoard, tqdm, console lines, sample PNGs, evaluation.
+
+Every ``log_every_n_steps`` it drains the
+stats that losses ``report``-ed (plus images/s and the fp16 scales) into TensorBoard scalars, the bar's
+postfix and ``trainer.metrics``; every ``sample_every_n_steps`` it evaluates and writes sample grids,
+with the EMA weights swapped in; it does both once more at the end (unless that step's grid was
+just written). Only rank 0 writes anything; other ranks and ``progress_bar=false`` stay quiet.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+from gantrain.checkpoint import flatten_dict
+from gantrain.events import Callback
+from gantrain.files import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+class RunLog(Callback):
+    """Logs a run into ``run_dir`` (TensorBoard events, ``samples/step_0000200.png``, ...).
+
+    Args:
+        sampler: returns the picture to log as ``samples`` (``(3, H, W)`` in [0, 1]: an image grid, a
+            scatter plot, ...), from fixed noise and without changing any state; or a dict of named
+            pictures (``samples``, ``reconstructions``, ...), each logged under its name.
+        evaluator: returns metrics (name -> float) of the current model, computed and logged with
+            each sample grid and at the end (e.g. the 2-D mixture's modes covered); must not use
+            the global RNG (a resumed run must continue bit-identically).
+        config: the resolved config, logged as text and hparams.
+        is_main: rank 0 logs; other ranks only keep ``trainer.metrics``.
+    """
+
+    def __init__(self, run_dir: str | Path, sampler=None, evaluator=None, config: dict | None = None, is_main=True):
+        self.run_dir, self.sampler, self.evaluator = Path(run_dir), sampler, evaluator
+        self.config, self.is_main = config or {}, is_main
+        self.writer = self.bar = None  # opened by on_fit_start, closed by teardown
+
+    def on_fit_start(self, trainer) -> None:
+        if self.is_main:
+            self.writer = SummaryWriter(log_dir=str(self.run_dir))
+            self.log_config(trainer.step)
+        s = trainer.settings
+        quiet = None if (self.is_main and s.progress_bar) else True  # None: tqdm is quiet off-terminal too
+        self.bar = tqdm(total=s.max_steps, initial=trainer.step, unit="step", dynamic_ncols=True, disable=quiet)
+        self._t0, self._images0 = time.perf_counter(), trainer.images_seen  # images/s since the last log
+
+    def on_step_end(self, trainer) -> None:
+        self.bar.update(1)
+        if trainer.step % trainer.settings.log_every_n_steps == 0:
+            self.log_stats(trainer)
+        if trainer.step % trainer.settings.sample_every_n_steps == 0:
+            self.write_samples(trainer)
+
+    def on_fit_end(self, trainer) -> None:
+        self.log_stats(trainer)
+        if trainer.step % trainer.settings.sample_every_n_steps:  # else on_step_end just wrote this step's grid
+            self.write_samples(trainer)
+
+    def teardown(self, trainer) -> None:
+        for opened in (self.bar, self.writer):
+            if opened is not None:
+                opened.close()
+        self.bar = self.writer = None
+
+    def log_stats(self, trainer) -> None:
+        """Drain the collected stats into ``trainer.metrics``, TensorBoard and the bar's postfix."""
+        stats = trainer.collector.drain()
+        if not stats:  # nothing ran since the last log (e.g. the final call right after a logged step)
+            return
+        now = time.perf_counter()
+        stats["perf/images_per_s"] = (trainer.images_seen - self._images0) / max(now - self._t0, 1e-9)
+        for name, scaler in trainer.scalers.items():
+            if scaler.is_enabled():
+                stats[f"amp/scale/{name}"] = scaler.get_scale()
+                stats[f"amp/skipped_steps/{name}"] = float(trainer.skipped_steps[name])
+        self._t0, self._images0 = now, trainer.images_seen
+        trainer.metrics = stats
+        for name, value in stats.items() if self.writer is not None else ():
+            self.writer.add_scalar(name, value, trainer.step)
+        shown = {k: f"{v:.3g}" for k, v in stats.items() if k.count("/") == 1 and k.startswith("loss/")}
+        shown["img/s"] = f"{stats['perf/images_per_s']:.0f}"
+        self.bar.set_postfix(shown, refresh=False)
+
+    def write_samples(self, trainer) -> None:
+        """Evaluate (into ``trainer.eval_metrics`` and a console line) and write the sample pictures."""
+        if not self.is_main:
+            return
+        if self.evaluator is not None:
+            with trainer.averaged_weights():
+                trainer.eval_metrics = {k: float(v) for k, v in self.evaluator().items()}
+            for name, value in trainer.eval_metrics.items():  # rank 0 has a writer
+                self.writer.add_scalar(name, value, trainer.step)
+            log.info("step %d: %s", trainer.step, ", ".join(f"{k}={v:.4g}" for k, v in trainer.eval_metrics.items()))
+        if self.sampler is None:
+            return
+        with trainer.averaged_weights():
+            pictures = self.sampler()
+        if isinstance(pictures, torch.Tensor):
+            pictures = {"samples": pictures}
+        for name, picture in pictures.items():
+            grid = picture.float().cpu()  # (3, H', W') in [0, 1]
+            prefix = "" if name == "samples" else f"{name}_"
+            path = self.run_dir / "samples" / f"{prefix}step_{trainer.step:07d}.png"
+            atomic_write(path, partial(save_image, grid, format="png"), fsync=False)
+            self.writer.add_image(name, grid, trainer.step)
+
+    def log_config(self, step: int) -> None:
+        """The config as indented text (a code block) and as hparams."""
+        import yaml  # PyYAML comes with hydra/omegaconf
+
+        text = yaml.safe_dump(self.config, sort_keys=False)
+        self.writer.add_text("config", "    " + text.replace("\n", "\n    "), step)
+        flat = flatten_dict(self.config)
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+        for summary in hparams(flat, {"loss/D": 0.0, "loss/G": 0.0}):
+            self.writer._get_file_writer().add_summary(summary)
+
