@@ -360,9 +360,6 @@ class NetworkOptim:
         implementation: str = "auto",
     ):
         checks.positive("lr", lr)
-        if gradient_clip_val is not None:
-            checks.number("gradient_clip_val", gradient_clip_val, ge=0, hint="0: no clipping; null: the trainer's")
-        checks.choice("gradient_clip_algorithm", gradient_clip_algorithm, (None, "norm", "value"))
         checks.choice("implementation", implementation, IMPLEMENTATIONS)
         self.optimizer, self.lr, self.schedule, self.lookahead = optimizer, lr, schedule, lookahead
         self.gradient_clip_val, self.gradient_clip_algorithm = gradient_clip_val, gradient_clip_algorithm

@@ -14,8 +14,20 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from gantrain import checks
+
 if TYPE_CHECKING:
     from gantrain.optim import Schedule
+
+
+CLIP_ALGORITHMS = ("norm", "value")
+
+
+def check_clipping(gradient_clip_val: Optional[float], gradient_clip_algorithm: Optional[str]) -> None:
+    """A network's own clipping: None = the trainer's setting; a value of 0 = no clipping for it."""
+    if gradient_clip_val is not None:
+        checks.number("gradient_clip_val", gradient_clip_val, ge=0, hint="0 = no clipping; null = the trainer's")
+    checks.choice("gradient_clip_algorithm", gradient_clip_algorithm, (None, *CLIP_ALGORITHMS))
 
 
 @dataclass
@@ -30,6 +42,9 @@ class Update:
     schedule: Optional[Schedule] = None
     gradient_clip_val: Optional[float] = None
     gradient_clip_algorithm: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check_clipping(self.gradient_clip_val, self.gradient_clip_algorithm)
 
 
 @dataclass
@@ -56,6 +71,9 @@ class Phase:
     schedule: Optional[Schedule] = None
     gradient_clip_val: Optional[float] = None
     gradient_clip_algorithm: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check_clipping(self.gradient_clip_val, self.gradient_clip_algorithm)
 
     @classmethod
     def of(cls, name: str, module: nn.Module, update: Update, loss: Callable, **kwargs) -> "Phase":

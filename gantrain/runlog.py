@@ -20,7 +20,7 @@ from torch.utils.tensorboard.summary import hparams
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
-from gantrain.checkpoint import flatten_dict
+from gantrain.checkpoint import Checkpointing, flatten_dict
 from gantrain.events import Callback
 from gantrain.files import atomic_write
 
@@ -126,3 +126,12 @@ class RunLog(Callback):
         for summary in hparams(flat, {"loss/D": 0.0, "loss/G": 0.0}):
             self.writer._get_file_writer().add_summary(summary)
 
+
+def standard_callbacks(settings, run_dir, *, sampler=None, evaluator=None, config=None, compat=None, is_main=True):
+    """What every ``python -m gantrain`` run attaches, in ``run_dir``: resume and checkpoints
+    (:class:`~gantrain.checkpoint.Checkpointing`) and run logging (:class:`RunLog`, which documents
+    ``sampler``/``evaluator``)."""
+    return [  # checkpoints first: resume before anything is logged (logging changes no trained state)
+        Checkpointing(run_dir, settings.resume, config=config, compat=compat, is_main=is_main),
+        RunLog(run_dir, sampler=sampler, evaluator=evaluator, config=config, is_main=is_main),
+    ]

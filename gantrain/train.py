@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gantrain.config import register
 from gantrain.errors import ConfigError, GantrainError
+from gantrain.runlog import standard_callbacks
 from gantrain.trainer import Trainer, resolve_device
 
 # configs/ ships inside the package as `gantrain.configs` (pyproject's package-dir), so an installed
@@ -85,7 +86,7 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
         model=model,
         phases=phases,
         data=stream,
-        callbacks=Trainer.standard_callbacks(
+        callbacks=standard_callbacks(
             settings,
             run_dir,
             sampler=objective.sampler(model, data.render, fixed_noise, stream),

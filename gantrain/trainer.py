@@ -17,7 +17,7 @@ phase whose interval divides it; the phase marked ``counts_as_step`` defines a t
   sample grids and evaluation run.
 
 Logging, sample grids and checkpoints are callbacks (:mod:`gantrain.events`): :mod:`gantrain.runlog`
-and :mod:`gantrain.checkpoint`, built by :meth:`Trainer.standard_callbacks`. Losses and models never see a
+and :mod:`gantrain.checkpoint`, built by :func:`gantrain.runlog.standard_callbacks`. Losses and models never see a
 writer, a config or a device string.
 """
 
@@ -33,19 +33,16 @@ import torch
 from torch import nn
 
 from gantrain import amp, checks
-from gantrain import checkpoint as ckpt_io
 from gantrain.ema import EMA
 from gantrain.errors import ConfigError
 from gantrain.events import Callback
 from gantrain.optim import Schedule
-from gantrain.phase import Phase
-from gantrain.runlog import RunLog
+from gantrain.phase import CLIP_ALGORITHMS, Phase
 from gantrain.stats import Collector, collecting, report
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-CLIP_ALGORITHMS = ("norm", "value")
 
 
 @dataclass
@@ -112,7 +109,7 @@ class Trainer:
         phases: from the objective, in the order they run within an iteration.
         data: an endless batch iterator with ``state_dict``/``load_state_dict`` (``BatchStream``),
             already yielding tensors on the training device.
-        callbacks: called in list order at each event (:meth:`Trainer.standard_callbacks`: resume and
+        callbacks: called in list order at each event (:func:`gantrain.runlog.standard_callbacks`: resume and
             checkpoints, TensorBoard/tqdm/sample logging); ``trainer.callbacks`` may be extended later.
     """
 
@@ -125,8 +122,6 @@ class Trainer:
         self.params = list(model.parameters())
         self.device = self.params[0].device if self.params else torch.device("cpu")
         self.amp_dtype = PRECISIONS[settings.precision]
-        for phase in self.phases:
-            _check_phase_clip(phase)
         counting_phase = next(p for p in self.phases if p.counts_as_step)
         iterations = settings.max_steps * counting_phase.interval  # of the whole run
         # One LR scheduler per phase, its horizon the optimizer steps that phase takes in the run.
@@ -234,20 +229,3 @@ class Trainer:
     def averaged_weights(self):
         """Context: the EMA weights in the generator while sampling/evaluating (nothing without EMA)."""
         return self.ema.swapped() if self.ema is not None else nullcontext()
-
-    @staticmethod
-    def standard_callbacks(settings, run_dir, *, sampler=None, evaluator=None, config=None, compat=None, is_main=True):
-        """Resume and checkpoints (:class:`~gantrain.checkpoint.Checkpointing`) and run logging
-        (:class:`~gantrain.runlog.RunLog`, where ``sampler``/``evaluator`` are documented) in ``run_dir``."""
-        return [  # checkpoints first: resume before anything is logged (logging changes no trained state)
-            ckpt_io.Checkpointing(run_dir, settings.resume, config=config, compat=compat, is_main=is_main),
-            RunLog(run_dir, sampler=sampler, evaluator=evaluator, config=config, is_main=is_main),
-        ]
-
-
-def _check_phase_clip(phase: Phase) -> None:
-    """A phase's own clipping (``optim.<net>.gradient_clip_*``; None = the trainer's setting)."""
-    hint = f"phase {phase.name}; null = the trainer's setting"
-    if phase.gradient_clip_val is not None:
-        checks.number("gradient_clip_val", phase.gradient_clip_val, ge=0, hint=hint + ", 0 = no clipping")
-    checks.choice("gradient_clip_algorithm", phase.gradient_clip_algorithm, (None, *CLIP_ALGORITHMS), hint)

@@ -64,7 +64,7 @@ def test_multirun_sweeps_optimizers_one_tensorboard_run_each(tmp_path):
     for run in runs:
         assert len(list(run.glob("events.out.tfevents.*"))) == 1
         ckpt = ckpt_io.load(run / "checkpoints" / "last.ckpt")
-        targets.append(ckpt["config"]["optim"]["d"]["_target_"])
+        targets.append(ckpt["config"]["optim"]["d"]["optimizer"]["_target_"])
         assert ckpt["config"]["optim"]["g"]["lr"] == 1e-4
     assert targets == ["torch.optim.adam.Adam", "torch.optim.rmsprop.RMSprop", "torch.optim.sgd.SGD"]
 

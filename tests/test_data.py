@@ -1,4 +1,5 @@
-"""Tests for gantrain.data (images, folder, mnist, binarization, stream): real images (sklearn digits, MNIST t10k files/PNGs), the user-facing
+"""Tests for gantrain.data (images, folder, mnist, binarization, stream): real images
+(sklearn digits, MNIST t10k files/PNGs), the user-facing
 errors, and BatchStream's order, coverage, resume and RNG hygiene."""
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def test_digits_native_resolution_is_exact():
 
 
 def test_unknown_torchvision_name_lists_allowed():
-    with pytest.raises(ConfigError, match=r"^name='svhn': must be one of cifar10, fashion_mnist, mnist \(or data=folder"):
+    match = r"^name='svhn': must be one of cifar10, fashion_mnist, mnist \(or data=folder"
+    with pytest.raises(ConfigError, match=match):
         TorchvisionImages(name="svhn", **COMMON)
 
 
@@ -511,7 +513,8 @@ def test_in_memory_load_goes_through_a_dataloader_without_global_rng():
 def test_dataset_smaller_than_batch_is_an_error():
     with pytest.raises(ConfigError, match=r"^batch_size=16: must be at most 10 \(the dataset has 10 images\)$"):
         BatchStream(Numbered(10), 16, seed=0)
-    with pytest.raises(ConfigError, match=r"^batch_size=4: must be at most 3 \(the dataset has 10 images; 4 x world_size 3"):
+    match = r"^batch_size=4: must be at most 3 \(the dataset has 10 images; 4 x world_size 3"
+    with pytest.raises(ConfigError, match=match):
         BatchStream(Numbered(10), 4, seed=0, rank=0, world_size=3)
 
 
@@ -742,7 +745,8 @@ def test_holdout_errors():
             make(holdout).stream(seed=0)
         with pytest.raises(ConfigError, match=msg):
             make(holdout).heldout()
-    with pytest.raises(ConfigError, match=r"^holdout=0: must be >= 1 for held-out images \(train with data\.holdout=N\)$"):
+    match = r"^holdout=0: must be >= 1 for held-out images \(train with data\.holdout=N\)$"
+    with pytest.raises(ConfigError, match=match):
         make(0).heldout()
 
 

@@ -187,17 +187,19 @@ def test_bce_instance_noise_has_the_configured_std():
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: BCELoss(label_smoothing=1.0), "label_smoothing"),
-        (lambda: BCELoss(instance_noise=-1), "instance_noise"),
-        (lambda: GradientPenalty(every=0), r"loss.gp.every=0"),
-        (lambda: R1Penalty(gamma=-1), r"loss.r1.gamma=-1"),
-        (lambda: WeightClip(clip=-0.1), r"loss.weight_clip.clip"),
-        (lambda: FeatureMatching(weight=-1), r"loss.fm.weight"),
+        (lambda: BCELoss(label_smoothing=1.0), r"^label_smoothing=1.0: must be >= 0 and < 1$"),
+        (lambda: BCELoss(instance_noise=-1), r"^instance_noise=-1: must be >= 0 \(a std\)$"),
+        (lambda: GradientPenalty(every=0), r"^every=0: must be an integer >= 1 \(1 = every D step"),
+        (lambda: R1Penalty(gamma=-1), r"^gamma=-1: must be >= 0 \(0 = off"),
+        (lambda: WeightClip(clip=-0.1), r"^clip=-0.1: must be >= 0 \(0 = off"),
+        (lambda: FeatureMatching(weight=-1), r"^weight=-1: must be >= 0 \(0 = off\)$"),
     ],
 )
 def test_bad_term_arguments_name_the_key(make, match):
-    with pytest.raises(ConfigError, match=match):
+    """Each term names its own argument; the entry point puts ``loss.<term>.`` in front (tests/test_structure.py)."""
+    with pytest.raises(ConfigError, match=match) as err:
         make()
+    assert str(err.value.within("loss.x")).startswith("loss.x." + match.lstrip("^").split("=")[0])
 
 
 def test_r1_of_linear_critic_is_closed_form():

@@ -18,7 +18,7 @@ from gantrain.checkpoint import trainer_state
 from gantrain.losses import GradientPenalty
 from gantrain.optim import Schedule
 from gantrain.phase import Phase
-from gantrain.runlog import RunLog
+from gantrain.runlog import RunLog, standard_callbacks
 from gantrain.train import build
 from gantrain.trainer import Trainer, TrainerSettings
 from tests.conftest import make_cfg
@@ -162,7 +162,7 @@ def _two_phase_trainer(tmp_path, schedule: Schedule, n_critic: int, max_steps: i
         ),
     ]
     s = TrainerSettings(device="cpu", progress_bar=False, max_steps=max_steps)
-    callbacks = Trainer.standard_callbacks(s, tmp_path)
+    callbacks = standard_callbacks(s, tmp_path)
     return Trainer(s, model=nets, phases=phases, data=ListStream(), callbacks=callbacks)
 
 
@@ -230,7 +230,7 @@ def test_clipping_happens_after_unscaling_under_fp16(tmp_path):
         counts_as_step=True,
     )
     s = TrainerSettings(device="cpu", progress_bar=False, max_steps=1, precision="16-mixed", gradient_clip_val=2e-4)
-    callbacks = Trainer.standard_callbacks(s, tmp_path)
+    callbacks = standard_callbacks(s, tmp_path)
     trainer = Trainer(s, model=net, phases=[phase], data=ListStream(), callbacks=callbacks)
     trainer.scalers["main"] = torch.amp.GradScaler("cpu", init_scale=2.0**20)
     seen = []

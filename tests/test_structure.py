@@ -257,6 +257,11 @@ def test_installed_wheel_finds_the_recipes(tmp_path):
         ("trainer.max_steps=0", "trainer.max_steps=0: must be an integer >= 1"),
         ("model.d.norm=bn", "model.d.norm='bn': must be one of batch, layer, instance, none"),
         ("data.batch_size=0", "data.batch_size=0: must be an integer >= 1"),
+        ("optim.g.gradient_clip_val=-1", "optim.g.gradient_clip_val=-1.0: must be >= 0"),
+        (
+            "optim.d.gradient_clip_algorithm=l2",
+            "optim.d.gradient_clip_algorithm='l2': must be one of None, norm, value",
+        ),
     ],
 )
 def test_an_objects_error_names_the_full_config_key(tmp_path, override, line):
@@ -286,3 +291,20 @@ def test_old_checkpoints_name_of_the_model_still_builds():
     node = OmegaConf.to_container(cfg.model, resolve=True)
     node["_target_"] = "gantrain.models.GAN"  # what checkpoints written before the rename hold
     assert GAN is GenerativeModel and type(instantiate(node)) is GenerativeModel
+
+
+def test_a_phases_clipping_is_checked_once_for_config_and_python_api():
+    """The same check guards optim.<net> (via its Update) and a Phase built by hand."""
+    import torch
+
+    from gantrain.errors import ConfigError
+    from gantrain.phase import Phase, Update
+
+    w = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([w], lr=0.1)
+    with pytest.raises(ConfigError, match=r"^gradient_clip_val=-1: must be >= 0"):
+        Update(opt, gradient_clip_val=-1)
+    with pytest.raises(ConfigError, match=r"^gradient_clip_algorithm='l2': must be one of None, norm, value$"):
+        Phase("D", torch.nn.Linear(1, 1), opt, lambda x, step: x.sum(), gradient_clip_algorithm="l2")
+    phase = Phase.of("D", torch.nn.Linear(1, 1), Update(opt, None, 0.0, "value"), lambda x, step: x.sum())
+    assert (phase.optimizer, phase.gradient_clip_val, phase.gradient_clip_algorithm) == (opt, 0.0, "value")

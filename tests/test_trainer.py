@@ -13,6 +13,7 @@ from torch import nn
 from gantrain.errors import ConfigError
 from gantrain.events import Callback
 from gantrain.phase import Phase
+from gantrain.runlog import standard_callbacks
 from gantrain.train import build
 from gantrain.trainer import Trainer, TrainerSettings, resolve_device
 from tests.conftest import make_cfg
@@ -54,7 +55,7 @@ def one_weight_trainer(
         **(phase_kw or {}),
     )
     s = TrainerSettings(device="cpu", progress_bar=False, **settings)
-    callbacks = Trainer.standard_callbacks(s, tmp_path, sampler=sampler)
+    callbacks = standard_callbacks(s, tmp_path, sampler=sampler)
     trainer = Trainer(s, model=lin, phases=[phase], data=data or ListStream(), callbacks=callbacks)
     return trainer, lin
 

@@ -89,7 +89,7 @@ def test_likelihood_and_weight_errors_are_clear(tmp_path):
         VAEObjective(bce=BernoulliRecon(0.0))
     with pytest.raises(ConfigError, match=r"^beta=-1: must be >= 0$"):  # the loss node's own argument
         VAEObjective(beta=-1, bce=BernoulliRecon(1.0))
-    with pytest.raises(ConfigError, match=r"loss.gaussian.sigma=0: must be > 0"):
+    with pytest.raises(ConfigError, match=r"^sigma=0: must be > 0"):
         GaussianRecon(1.0, sigma=0)
 
 

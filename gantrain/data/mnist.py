@@ -134,7 +134,8 @@ class TorchvisionImages(ImageData):
         images, labels = read_idx(files[0], 2051), read_idx(files[1], 2049)  # (N, 28, 28), (N,)
         if len(images) != len(labels):
             raise DataError(
-                f"{len(images)} images but {len(labels)} labels in '{files[0].parent}': the files do not belong together"
+                f"{len(images)} images but {len(labels)} labels in '{files[0].parent}': "
+                "the files do not belong together"
             )
         return images
 

@@ -153,7 +153,8 @@ class BatchStream:
         assert world_size >= 1 and 0 <= rank < world_size, f"bad rank {rank} of world_size {world_size}"
         n = len(dataset)
         if n < batch_size * world_size:
-            across = f"; {batch_size} x world_size {world_size} = {batch_size * world_size} is more" if world_size > 1 else ""
+            total = batch_size * world_size
+            across = f"; {batch_size} x world_size {world_size} = {total} is more" if world_size > 1 else ""
             checks.fail("batch_size", batch_size, f"at most {n // world_size}", f"the dataset has {n} images{across}")
         self.dataset = dataset
         self.batch_size = batch_size
