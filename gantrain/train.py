@@ -7,6 +7,7 @@ on the device, and hands typed objects to the :class:`~gantrain.trainer.Trainer`
 from __future__ import annotations
 
 import importlib.resources
+import inspect
 import logging
 import random
 import re
@@ -19,7 +20,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gantrain.config import register
@@ -131,12 +132,25 @@ def user_error(e: BaseException, node: str = "") -> GantrainError | None:
         if isinstance(e, InstantiationException):
             found = re.search(r"full_key: (\S+)\s*$", str(e))
             node = found.group(1) if found else node
-            e = e.__cause__
+            e = e.__cause__ if not isinstance(e.__cause__, TypeError) else unknown_argument(e, e.__cause__)
         else:
             e = None
     if isinstance(e, ConfigError) and node and not str(e).startswith(f"{node}."):
         return e.within(node)
     return e
+
+
+def unknown_argument(e: InstantiationException, cause: TypeError) -> ConfigError | None:
+    """A key in a YAML node without a schema (a user's own class) that its target does not take."""
+    key = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
+    target = re.search(r"Error in call to target '([\w.]+)'", str(e))
+    if key is None or target is None:
+        return None  # a TypeError inside the target: a bug, keep the traceback
+    try:
+        allowed = ", ".join(p for p in inspect.signature(get_object(target.group(1))).parameters if p != "self")
+    except (ValueError, TypeError, ImportError):
+        allowed = "see its signature"
+    return ConfigError(f"{key.group(1)}: not an argument of {target.group(1)}; it takes: {allowed}", key=key.group(1))
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name="train")

@@ -308,3 +308,30 @@ def test_a_phases_clipping_is_checked_once_for_config_and_python_api():
         Phase("D", torch.nn.Linear(1, 1), opt, lambda x, step: x.sum(), gradient_clip_algorithm="l2")
     phase = Phase.of("D", torch.nn.Linear(1, 1), Update(opt, None, 0.0, "value"), lambda x, step: x.sum())
     assert (phase.optimizer, phase.gradient_clip_val, phase.gradient_clip_algorithm) == (opt, 0.0, "value")
+
+
+def test_a_misspelled_key_in_a_users_own_yaml_is_one_line(tmp_path):
+    """A user's YAML has no schema; a key its class does not take still stops with one line naming it."""
+    project = user_project(tmp_path)
+    (project / "myconf" / "model" / "tiny.yaml").write_text(
+        (project / "myconf" / "model" / "tiny.yaml").read_text().replace("nz: 16", "nzz: 16")
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gantrain",
+            f"hydra.searchpath=[file://{project / 'myconf'}]",
+            "model=tiny",
+            *TINY,
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": str(project)},
+    )
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "Traceback" not in out, out[-2000:]
+    assert "model.g.nzz: not an argument of mygan.nets.TinyGenerator; it takes: nz, channels, resolution" in out
