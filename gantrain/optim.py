@@ -139,10 +139,8 @@ class Lookahead(Optimizer):
             raise TypeError(f"Lookahead wraps a torch.optim.Optimizer, got {type(base).__name__}")
         if isinstance(base, Lookahead):
             raise ConfigError("lookahead: the optimizer is already wrapped in Lookahead")
-        if not _is_int(k) or k < 1:
-            raise ConfigError(f"lookahead.k={k!r}: must be an integer >= 1 (steps between slow-weight updates)")
-        if not 0.0 < alpha <= 1.0:
-            raise ConfigError(f"lookahead.alpha={alpha!r}: must lie in (0, 1] (the slow weights' step size)")
+        checks.integer("lookahead.k", k, at_least=1, hint="steps between slow-weight updates")
+        checks.number("lookahead.alpha", alpha, gt=0, le=1, hint="the slow weights' step size")
         self.base = base
         self.k = int(k)
         self.alpha = float(alpha)
@@ -279,8 +277,7 @@ def implementation_kwargs(
     ``key`` is the config key named in error messages.
     """
     device = torch.device(device)
-    if implementation not in IMPLEMENTATIONS:
-        raise ConfigError(f"{key}={implementation!r}: unknown implementation; allowed: {', '.join(IMPLEMENTATIONS)}")
+    checks.choice(key, implementation, IMPLEMENTATIONS)
     has = {flag: _accepts(optimizer_cls, flag) for flag in ("foreach", "fused")}
     if implementation == "default":
         return {}
@@ -360,7 +357,6 @@ class NetworkOptim:
         implementation: str = "auto",
     ):
         checks.positive("lr", lr)
-        checks.choice("implementation", implementation, IMPLEMENTATIONS)
         self.optimizer, self.lr, self.schedule, self.lookahead = optimizer, lr, schedule, lookahead
         self.gradient_clip_val, self.gradient_clip_algorithm = gradient_clip_val, gradient_clip_algorithm
         self.implementation = implementation

@@ -29,6 +29,7 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from gantrain import checkpoint as ckpt_io
+from gantrain import checks
 from gantrain.checkpoint import CheckpointError
 from gantrain.errors import GantrainError
 from gantrain.files import atomic_write
@@ -105,10 +106,8 @@ def generate(
     a different algorithm per batch size), and are identical for identical arguments.
     ``progress``: a tqdm bar over batches when there is more than one (quiet off-terminal).
     """
-    if num < 1:
-        raise GantrainError(f"num={num}: must be >= 1")
-    if batch_size < 1:
-        raise GantrainError(f"batch_size={batch_size}: must be >= 1")
+    checks.integer("num", num, at_least=1)
+    checks.integer("batch_size", batch_size, at_least=1)
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)

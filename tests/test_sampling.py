@@ -143,9 +143,9 @@ def test_library_errors(tmp_path, model):
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=r"--checkpoint: '.*bad.ckpt' is not a readable checkpoint"):
         load_model(bad, what="--checkpoint")
-    with pytest.raises(GantrainError, match=r"num=0: must be >= 1"):
+    with pytest.raises(GantrainError, match=r"^num=0: must be an integer >= 1$"):
         generate(model, 0)
-    with pytest.raises(GantrainError, match=r"batch_size=0: must be >= 1"):
+    with pytest.raises(GantrainError, match=r"^batch_size=0: must be an integer >= 1$"):
         generate(model, 3, batch_size=0)
     (tmp_path / "taken.png").mkdir()
     with pytest.raises(GantrainError, match=r"is an existing folder, but a .png path names a file"):

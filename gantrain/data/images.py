@@ -62,7 +62,7 @@ class ImageData(abc.ABC):
     def __init__(
         self,
         *,
-        batch_size: int,
+        batch_size: int = 64,
         channels: int,
         resolution: int,
         num_workers: int = 0,
