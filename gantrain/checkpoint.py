@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from hydra.utils import get_object
 
 from gantrain.ema import EMA
 from gantrain.errors import GantrainError
@@ -81,13 +82,25 @@ def flatten_dict(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts, as ``key: saved -> current``."""
+    """Dotted keys whose values differ between two nested config dicts, as ``key: saved -> current``.
+
+    A key absent on one side equals null (a newer version's new optional argument), and two
+    ``_target_`` paths naming the same object are equal (``gantrain.models.GAN`` is
+    ``gantrain.models.generative.GenerativeModel``), so checkpoints of older versions still resume.
+    """
     a, b = flatten_dict(saved), flatten_dict(current)
     return [
         f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
         for k in sorted(a.keys() | b.keys())
-        if a.get(k) != b.get(k)
+        if a.get(k) != b.get(k) and not (k.endswith("_target_") and _same_object(a.get(k), b.get(k)))
     ]
+
+
+def _same_object(a: Any, b: Any) -> bool:
+    try:
+        return get_object(a) is get_object(b)
+    except Exception:  # not importable here: compare the paths only
+        return False
 
 
 def trainer_state(trainer) -> dict[str, Any]:

@@ -335,3 +335,22 @@ def test_a_misspelled_key_in_a_users_own_yaml_is_one_line(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 1 and "Traceback" not in out, out[-2000:]
     assert "model.g.nzz: not an argument of mygan.nets.TinyGenerator; it takes: nz, channels, resolution" in out
+
+
+def test_a_checkpoint_from_before_the_rename_still_resumes(tmp_path):
+    """Its config names gantrain.models.GAN and lacks the container's new optional keys."""
+    import torch
+
+    from gantrain import checkpoint as ckpt_io
+
+    cfg = make_cfg("+experiment=dcgan", "trainer.checkpoint_every_n_steps=1")
+    train(cfg, tmp_path)
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    state = torch.load(path, weights_only=False)
+    for node in (state["compat"]["model"], state["config"]["model"]):
+        node["_target_"] = "gantrain.models.GAN"
+        node.pop("dim", None), node.pop("latent_dim", None)
+    torch.save(state, path)
+    metrics = train(make_cfg("+experiment=dcgan", "trainer.max_steps=3", "trainer.resume=auto"), tmp_path)
+    assert metrics["step"] == 3
+    assert ckpt_io.config_differences({"g": {"_target_": "gantrain.models.GAN"}}, {"g": {"_target_": "x.Y"}})
