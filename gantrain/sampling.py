@@ -64,8 +64,10 @@ def load_model(
     The model is rebuilt from the checkpoint's own resolved ``config["model"]``, so no config
     files are needed. ``ema``: when the run kept an EMA of the generator (``trainer.ema``), the
     generator gets the averaged weights (what the run's grids and evaluation showed); ``False``
-    keeps the raw trained weights. Raises :class:`CheckpointError` (naming ``what`` and the path)
-    when the file is missing, corrupt, not a gantrain checkpoint, or holds a model that cannot draw samples.
+    keeps the raw trained weights. The run's data option is rebuilt too (cheaply: no data is
+    loaded), so :func:`generate` hands out samples in the data's own units (the 2-D mixtures' coordinates).
+    Raises :class:`CheckpointError` (naming ``what`` and the path) when the file is missing,
+    corrupt, not a gantrain checkpoint, or holds a model that cannot draw samples.
     """
     ckpt = ckpt_io.load(checkpoint_path, what=what)
     try:
@@ -86,6 +88,10 @@ def load_model(
         raise CheckpointError(
             f"{what}: the weights in '{checkpoint_path}' do not fit its own model config ({e})"
         ) from None
+    try:
+        model.to_data_units = instantiate(ckpt["config"]["data"]).to_data_units
+    except Exception as e:  # e.g. a data option of an older version, or a user's class not importable here
+        log.warning("%s: cannot rebuild the run's data option (%s); samples stay in the model's units", what, e)
     return model.to(device).eval()
 
 
@@ -97,7 +103,8 @@ def generate(
     batch_size: int = 256,
     progress: bool = True,
 ) -> torch.Tensor:
-    """``num`` samples ``(num, C, H, W)``, float32 on CPU, in the model's data range [-1, 1].
+    """``num`` samples, float32 on CPU, in the data's own units (``model.to_data_units``): images
+    ``(num, C, H, W)`` in [-1, 1], 2-D mixture points ``(num, 2)`` in the mixture's coordinates.
 
     All ``num`` latents are drawn at once from a ``torch.Generator`` seeded with ``seed`` on
     ``device`` (default: where the model's parameters are), then decoded ``batch_size`` at a time.
@@ -121,7 +128,7 @@ def generate(
         dynamic_ncols=True,
         disable=None if progress and len(starts) > 1 else True,
     ):
-        x = model.sample(z[start : start + batch_size]).float().cpu()  # (b, C, H, W)
+        x = model.to_data_units(model.sample(z[start : start + batch_size])).float().cpu()  # (b, C, H, W)
         if out is None:  # allocate once the image shape is known; no second copy from torch.cat
             out = torch.empty((num, *x.shape[1:]), dtype=torch.float32)
         out[start : start + x.shape[0]] = x

@@ -72,6 +72,7 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
     updates = {name: within(f"optim.{name}", build_update, name) for name in networks}
     phases = within("loss", objective.phases, model, updates, n_critic=settings.n_critic)
     data = within("data", instantiate, cfg.data)
+    model.to_data_units = data.to_data_units  # what generate() hands out: the data's own units
     stream = data.stream(seed=cfg.seed, device=device)
     # Fixed noise from its own generators: sample grids and evaluation never consume the training RNG.
     fixed_noise = model.noise(settings.num_samples, device, generator=torch.Generator(device).manual_seed(cfg.seed))

@@ -34,7 +34,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--out",
         required=True,
         metavar="OUT",
-        help="*.pt: a float32 tensor (N, C, H, W) in [-1, 1]; *.png: one grid image; any other "
+        help="*.pt: a float32 tensor in the data's own units, images (N, C, H, W) in [-1, 1] or 2-D "
+        "mixture points (N, 2) in the mixture's coordinates; *.png: one grid image; any other "
         "path (including other suffixes such as .jpg) is a folder, created if needed, with "
         "000000.png, 000001.png, ... one per sample",
     )

@@ -244,3 +244,43 @@ def test_ema_weights_are_sampled_by_default(tmp_path):
     z = torch.Generator().manual_seed(0)
     assert torch.equal(torch.load(tmp_path / "ema.pt"), averaged.sample(averaged.noise(3, "cpu", generator=z)))
     assert not torch.equal(torch.load(tmp_path / "ema.pt"), torch.load(tmp_path / "raw.pt"))
+
+
+# ----------------------------------------------------------------------------- units of what leaves gantrain
+@pytest.mark.parametrize(
+    ("data", "overrides", "scale"),
+    [("grid25", [], 4.0), ("ring8", ["data.radius=2"], 2.0)],  # grid25: centres at {-4..4}^2; ring8: radius 2
+)
+def test_sample_script_writes_points_in_the_datas_units(tmp_path, data, overrides, scale):
+    """A generator whose output is a known model-unit point: sample.py writes that point times the data's scale."""
+    run = tmp_path / "run"
+    train(make_cfg("+experiment=toy_gan", f"data={data}", *overrides, "trainer.max_steps=2"), run)
+    path = run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=False)
+    point = torch.tensor([0.75, -0.5])  # model units
+    last = max(int(k.split(".")[2]) for k in ckpt["model"] if k.startswith("g.net."))  # the output Linear
+    for state, prefix in ((ckpt["model"], "g."), (ckpt["ema"]["average"], "")):  # raw weights and their EMA
+        state[f"{prefix}net.{last}.weight"].zero_()
+        state[f"{prefix}net.{last}.bias"].copy_(point)
+    torch.save(ckpt, path)
+    out = tmp_path / "points.pt"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--checkpoint", str(path), "--num", "50", "--out", str(out), "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    points = torch.load(out)
+    assert points.shape == (50, 2)
+    torch.testing.assert_close(points, (point * scale).expand(50, 2), rtol=0, atol=1e-6)
+    model = load_model(path)  # the Python API: the same units
+    torch.testing.assert_close(generate(model, 5, progress=False), (point * scale).expand(5, 2), rtol=0, atol=1e-6)
+    data_option = instantiate(ckpt["config"]["data"])  # the one conversion, used by the run's own metric too
+    torch.testing.assert_close(data_option.to_data_units(point[None]), (point * scale)[None])
+
+
+def test_images_keep_their_range_when_sampled(model):
+    """Image data converts nothing: samples equal the model's own [-1, 1] output."""
+    z = model.noise(4, "cpu", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(generate(model, 4, seed=0, progress=False), model.sample(z))

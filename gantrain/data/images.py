@@ -79,6 +79,10 @@ class ImageData(abc.ABC):
         self.holdout = checks.integer("holdout", holdout, at_least=0)
         self._built: tuple[Dataset, int] | None = None  # (dataset(), training size), built once
 
+    def to_data_units(self, samples: torch.Tensor) -> torch.Tensor:
+        """Model output -> what leaves gantrain: images keep their documented range [-1, 1]."""
+        return samples
+
     @abc.abstractmethod
     def dataset(self) -> Dataset:
         """Build the whole dataset (held-out images included, not binarized); items are (C, R, R)

@@ -175,12 +175,16 @@ class Mixture(abc.ABC):
         scale = self.scale
         return MixtureStream(self.centers / scale, self.std / scale, self.batch_size, seed=seed, device=device)
 
+    def to_data_units(self, samples: torch.Tensor) -> torch.Tensor:
+        """Model units -> the mixture's own coordinates (``samples * scale``): what leaves gantrain."""
+        return samples * self.scale
+
     def evaluate(self, samples: torch.Tensor) -> dict[str, float]:
         """Mode-collapse metrics of generated `samples` (N, 2), see `mode_metrics`.
 
         Returns `{"toy/modes": modes covered (0..K), "toy/hq": percent of high-quality samples (0..100)}`.
         """
-        modes, hq = mode_metrics(samples * self.scale, self.centers, self.std)
+        modes, hq = mode_metrics(self.to_data_units(samples), self.centers, self.std)
         return {"toy/modes": float(modes), "toy/hq": hq}
 
     def plot_box(self) -> tuple[float, float, float, float]:
@@ -206,7 +210,7 @@ class Mixture(abc.ABC):
 
         assert samples.dim() == 2 and samples.shape[1] == 2, f"expected (N, 2) samples, got {tuple(samples.shape)}"
         assert isinstance(size, int) and size >= 16, f"render size must be an int >= 16, got {size!r}"
-        samples = samples * self.scale  # model units -> mixture units
+        samples = self.to_data_units(samples)
         x0, x1, y0, y1 = self.plot_box()
         scale = (size - 1) / (x1 - x0)  # px per data unit, same on both axes
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
 from gantrain.errors import ConfigError
 from gantrain.models.init import initialize
+
+
+def _same(samples: torch.Tensor) -> torch.Tensor:
+    return samples
 
 
 class GenerativeModel(nn.Module):
@@ -63,6 +69,9 @@ class GenerativeModel(nn.Module):
                 )
         self.g, self.d = initialize(g, init), (None if d is None else initialize(d, init))
         self.resolution, self.channels, self.dim = resolution, channels, dim
+        # What generate() applies to samples that leave gantrain: the data option's to_data_units,
+        # set by whoever pairs the model with its data (train.build, sampling.load_model).
+        self.to_data_units: Callable[[torch.Tensor], torch.Tensor] = _same
 
     def noise(
         self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
