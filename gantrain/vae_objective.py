@@ -69,8 +69,6 @@ class GaussianRecon(ReconTerm):
 
     def __init__(self, weight: float = 0.0, sigma: float | None = None):
         super().__init__(weight)
-        if sigma is not None:
-            checks.positive("sigma", sigma, hint="or null for the per-image maximum-likelihood sigma (sigma-VAE)")
         self.sigma = sigma
         self.log_likelihood = elbo.likelihood_fn("gaussian", sigma)
 
@@ -230,7 +228,7 @@ class VAEGANObjective(GANObjective):
 
     def phases(self, model: nn.Module, updates: Mapping[str, Update], n_critic: int = 1) -> list[Phase]:
         if not (hasattr(model.d, "features") and hasattr(model.d, "head")):
-            raise ConfigError(f"loss: VAE-GAN needs a discriminator with features(x) and head(h); {type(model.d)}")
+            raise ConfigError(f"VAE-GAN needs a discriminator (model.d) with features(x) and head(h); {type(model.d)}")
         d_phase, g_phase = super().phases(model, updates, n_critic)
         g_phase.loss = partial(self.vae_loss, model)
         return [d_phase, g_phase]

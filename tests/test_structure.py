@@ -354,3 +354,22 @@ def test_a_checkpoint_from_before_the_rename_still_resumes(tmp_path):
     metrics = train(make_cfg("+experiment=dcgan", "trainer.max_steps=3", "trainer.resume=auto"), tmp_path)
     assert metrics["step"] == 3
     assert ckpt_io.config_differences({"g": {"_target_": "gantrain.models.GAN"}}, {"g": {"_target_": "x.Y"}})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (["+experiment=vae", "loss.bce.weight=0"], "loss: every reconstruction term has weight 0; set loss.bce.weight"),
+        (["+experiment=vae", "model.g.likelihood=gaussian"], "loss.bce: needs a decoder that outputs bernoulli"),
+        (["+experiment=vae", "loss.gaussian.sigma=-1"], "loss.gaussian.sigma=-1: must be > 0 (or null"),
+        (["+experiment=vae", "model.g.encoder.norm=bn"], "model.g.encoder.norm='bn': must be one of"),
+    ],
+)
+def test_a_message_that_names_its_node_is_not_prefixed_twice(tmp_path, overrides, line):
+    from gantrain.errors import ConfigError
+    from gantrain.train import build, user_error
+
+    with pytest.raises(Exception) as e:
+        build(make_cfg(*overrides), tmp_path)
+    err = user_error(e.value)
+    assert isinstance(err, ConfigError) and str(err).startswith(line), err
