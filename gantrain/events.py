@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 
 class Callback:
-    """No-op base: override any of the events (pytorch-ignite's events, Lightning's hooks, only four)."""
+    """No-op base: override any of the events (pytorch-ignite's events, Lightning's hooks, only five)."""
 
     def on_fit_start(self, trainer: Trainer) -> None:
         """``fit()`` begins (resume restores the state here, before anything is logged)."""
