@@ -7,8 +7,6 @@ The entry point prints these as one line instead of a traceback; invariants stay
 
 from __future__ import annotations
 
-import re
-
 
 class GantrainError(ValueError):
     """Base of every error caused by user input (config values, data, checkpoints)."""
@@ -23,11 +21,11 @@ class ConfigError(GantrainError):
 
     def __init__(self, message: str, key: str | None = None):
         super().__init__(message)
-        found = re.match(r"[A-Za-z_][\w.]*(?=[=:])", message) if key is None else None
-        self.key = found.group(0) if found else key  # a message that starts with `key=` or `key:` names it
+        self.key = key
 
     def within(self, node: str) -> "ConfigError":
-        """The same error with ``node.`` in front of its key (``weight=...`` -> ``loss.gp.weight=...``)."""
-        if not node or self.key is None:
+        """The same error with ``node.`` in front of its key (``weight=...`` -> ``loss.gp.weight=...``);
+        unchanged when it has no relative key or already names ``node``."""
+        if not node or self.key is None or self.key.startswith(f"{node}."):
             return self
         return type(self)(f"{node}.{self}", key=f"{node}.{self.key}")

@@ -26,7 +26,7 @@ from gantrain.models import GenerativeModel
 from gantrain.phase import Phase, Update
 from gantrain.stats import report
 
-Pictures = dict  # name -> (3, H, W) picture in [0, 1]; logged under its name
+Pictures = dict[str, torch.Tensor]  # name -> (3, H, W) picture in [0, 1]; logged under its name
 
 
 class GANObjective(nn.Module):

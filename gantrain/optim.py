@@ -138,7 +138,7 @@ class Lookahead(Optimizer):
         if not isinstance(base, Optimizer):
             raise TypeError(f"Lookahead wraps a torch.optim.Optimizer, got {type(base).__name__}")
         if isinstance(base, Lookahead):
-            raise ConfigError("lookahead: the optimizer is already wrapped in Lookahead")
+            raise ConfigError("lookahead: the optimizer is already wrapped in Lookahead", key="lookahead")
         checks.integer("lookahead.k", k, at_least=1, hint="steps between slow-weight updates")
         checks.number("lookahead.alpha", alpha, gt=0, le=1, hint="the slow weights' step size")
         self.base = base
@@ -291,12 +291,14 @@ def implementation_kwargs(
         allowed = ["auto", "default"] + [flag for flag in ("foreach", "fused") if has[flag]]
         raise ConfigError(
             f"{key}={implementation}: {_name(optimizer_cls)} has no {implementation} implementation; "
-            f"allowed here: {', '.join(allowed)}"
+            f"allowed here: {', '.join(allowed)}",
+            key=key,
         )
     if implementation == "fused" and device.type not in _fused_device_types():
         raise ConfigError(
             f"{key}=fused: this torch has no fused optimizer kernels for device {device.type!r} "
-            f"(it has them for {', '.join(_fused_device_types())}); use auto, default or foreach"
+            f"(it has them for {', '.join(_fused_device_types())}); use auto, default or foreach",
+            key=key,
         )
     return {implementation: True}
 
@@ -307,22 +309,19 @@ def make_optimizer(
     *,
     device: torch.device | str,
     implementation: str = "auto",
-    lookahead_k: int = 0,
-    lookahead_alpha: float = 0.5,
     **kwargs: Any,
 ) -> Optimizer:
-    """``factory(params, **kwargs, **implementation_kwargs(...))``, in :class:`Lookahead` if ``lookahead_k > 0``.
+    """``factory(params, **kwargs, **implementation_kwargs(...))`` (Lookahead is :func:`lookahead`'s job).
 
     ``factory``: a ``functools.partial`` of a ``torch.optim`` class (what Hydra's ``_partial_: true``
-    instantiates to) or the class itself. ``lookahead_k = 0`` means no Lookahead.
+    instantiates to) or the class itself; ``kwargs``: e.g. ``lr``.
     """
-    optimizer_cls = factory
-    while isinstance(optimizer_cls, functools.partial):  # Hydra's partials may wrap one another
-        optimizer_cls = optimizer_cls.func
+    optimizer_cls = factory.func if isinstance(factory, functools.partial) else factory
     if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Optimizer)):
-        raise ConfigError(f"_target_: {optimizer_cls!r} is not a torch.optim.Optimizer class")
-    optimizer = factory(params, **kwargs, **implementation_kwargs(optimizer_cls, device, implementation))
-    return lookahead(optimizer, lookahead_k, lookahead_alpha)
+        raise ConfigError(
+            f"optimizer._target_: {optimizer_cls!r} is not a torch.optim.Optimizer class", key="optimizer._target_"
+        )
+    return factory(params, **kwargs, **implementation_kwargs(optimizer_cls, device, implementation))
 
 
 def lookahead(base: Optimizer, k: int = 0, alpha: float = 0.5) -> Optimizer:

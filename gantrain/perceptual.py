@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from gantrain import checks
-from gantrain.errors import ConfigError
 from gantrain.losses import GeneratorTerm, mean_feature_distance
 
 # Index of the ReLU after which features are taken, in torchvision's vgg16().features.
@@ -73,17 +72,12 @@ class VGG16Features(nn.Module):
 
     Grey images are repeated to 3 channels. ``weights='random'`` keeps torchvision's random init
     (for tests; meaningless as a perceptual metric). Errors name the argument (``weights_path=...``);
-    ``key``, for callers that still pass their config path, goes in front (:meth:`ConfigError.within`).
+    the entry point puts the config path in front.
     """
 
-    def __init__(
-        self, layer: str = "relu3_3", weights: str = "imagenet", weights_path: str | None = None, key: str = ""
-    ):
+    def __init__(self, layer: str = "relu3_3", weights: str = "imagenet", weights_path: str | None = None):
         super().__init__()
-        try:
-            features = _vgg16_features(layer, weights, weights_path)
-        except ConfigError as e:
-            raise e.within(key) from None
+        features = _vgg16_features(layer, weights, weights_path)
         for m in features.modules():
             if isinstance(m, nn.ReLU):
                 m.inplace = False  # keep the graph to the input simple and safe

@@ -136,9 +136,7 @@ def user_error(e: BaseException, node: str = "") -> GantrainError | None:
             e = e.__cause__ if not isinstance(e.__cause__, TypeError) else unknown_argument(e, e.__cause__)
         else:
             e = None
-    if isinstance(e, ConfigError) and node and not re.match(rf"{re.escape(node)}[.:=]", str(e)):
-        return e.within(node)  # unless the message already names the node (`loss: ...`, `loss.bce: ...`)
-    return e
+    return e.within(node) if isinstance(e, ConfigError) else e
 
 
 def unknown_argument(e: InstantiationException, cause: TypeError) -> ConfigError | None:

@@ -106,7 +106,9 @@ def test_bad_arguments_name_only_their_own_argument(tmp_path):
     torch.save({"0.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ConfigError, match=r"^weights_path='.*other.pth': must be VGG16 weights \(missing \["):
         VGG16Features("relu1_2", weights_path=str(tmp_path / "other.pth"))
-    # A caller that still passes its config path as key gets it in front, as ConfigError.within puts it.
-    with pytest.raises(ConfigError, match=r"^loss\.perceptual\.layer='x': must be one of relu1_2") as e:
-        VGG16Features("x", key="loss.perceptual")
-    assert e.value.key == "loss.perceptual.layer"
+    # The entry point puts the config path in front, as ConfigError.within does.
+    with pytest.raises(ConfigError, match=r"^layer='x': must be one of relu1_2") as e:
+        VGG16Features("x")
+    full = e.value.within("loss.perceptual")
+    assert str(full).startswith("loss.perceptual.layer='x': must be one of relu1_2")
+    assert full.key == "loss.perceptual.layer"
