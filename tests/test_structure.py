@@ -380,3 +380,13 @@ def test_a_message_that_names_its_node_is_not_prefixed_twice(tmp_path, overrides
         build(make_cfg(*overrides), tmp_path)
     err = user_error(e.value)
     assert isinstance(err, ConfigError) and str(err).startswith(line), err
+
+
+def test_the_readme_key_change_old_optimizer_spelling_fails_new_one_works():
+    """README (Optimization): optim.<net>.lr stays; the torch optimizer's other arguments moved under .optimizer."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match=r"Could not override 'optim.d.betas'"):
+        compose_config("optim.d.betas=[0,0.9]")
+    cfg = compose_config("optim.d.lr=4e-4", "optim.d.optimizer.betas=[0,0.9]")
+    assert cfg.optim.d.lr == 4e-4 and list(cfg.optim.d.optimizer.betas) == [0, 0.9]
