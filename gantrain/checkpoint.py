@@ -6,8 +6,12 @@ scheduler, scaler, the EMA, the data stream's position and every RNG.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import re
+import uuid
 from dataclasses import asdict
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,7 @@ from hydra.utils import get_object
 from gantrain.ema import EMA
 from gantrain.errors import GantrainError
 from gantrain.events import Callback
-from gantrain.files import atomic_write
+from gantrain.files import atomic_write, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -81,18 +85,21 @@ def flatten_dict(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): d}
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
+def config_differences(saved: dict, current: dict, ignore: tuple[str, ...] = ()) -> list[str]:
     """Dotted keys whose values differ between two nested config dicts, as ``key: saved -> current``.
 
-    A key absent on one side equals null (a newer version's new optional argument), and two
-    ``_target_`` paths naming the same object are equal (``gantrain.models.GAN`` is
-    ``gantrain.models.generative.GenerativeModel``), so checkpoints of older versions still resume.
+    A key only one side has is a setting of another gantrain version (a new optional argument, a
+    removed one) and is not a difference; two ``_target_`` paths naming the same object are equal
+    (``gantrain.models.GAN`` is ``gantrain.models.generative.GenerativeModel``), so checkpoints of
+    older versions still resume. Keys matching an ``ignore`` pattern (fnmatch) are skipped.
     """
     a, b = flatten_dict(saved), flatten_dict(current)
     return [
-        f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-        for k in sorted(a.keys() | b.keys())
-        if a.get(k) != b.get(k) and not (k.endswith("_target_") and _same_object(a.get(k), b.get(k)))
+        f"{k}: {a[k]!r} -> {b[k]!r}"
+        for k in sorted(a.keys() & b.keys())
+        if a[k] != b[k]
+        and not (k.endswith("_target_") and _same_object(a[k], b[k]))
+        and not any(fnmatch(k, pattern) for pattern in ignore)
     ]
 
 
@@ -118,19 +125,51 @@ def trainer_state(trainer) -> dict[str, Any]:
         "ema": None if trainer.ema is None else {"module": trainer.ema_module_name, **trainer.ema.state_dict()},
         "rng": rng_state(),
         "data": trainer.data.state_dict(),
+        # the last logged values (what a finished run returns when resumed), without wall-clock figures, so
+        # that the same seed writes byte-identical checkpoints
+        "metrics": {k: v for k, v in {**trainer.metrics, **trainer.eval_metrics}.items() if not k.startswith("perf/")},
     }
 
 
-def load_trainer_state(trainer, state: dict[str, Any], compat: dict, source: str = "checkpoint") -> None:
-    """Restore :func:`trainer_state` into ``trainer``; refuse a checkpoint whose ``compat`` part
-    (model, loss) differs from ``compat`` or whose weights/optimizers do not fit."""
-    diffs = config_differences(state.get("compat", {}), compat)
+# What a resumed run may change: how long it runs, where, and how it is watched and saved, not what it
+# computes. Everything else (model, loss, optim, data, batch size, n_critic, precision, seed, ...) is
+# another run: resuming with it changed is refused, so the config a run records is the one that ran.
+MAY_CHANGE_ON_RESUME = (
+    "experiment_name",
+    "trainer.max_steps",
+    "trainer.device",
+    "trainer.resume",
+    "trainer.progress_bar",
+    "trainer.log_*",
+    "trainer.sample_every_n_steps",
+    "trainer.num_samples",
+    "trainer.checkpoint_every_n_steps",
+    "trainer.keep_checkpoints",
+    "trainer.monitor",
+    "trainer.on_nonfinite",
+    "trainer.max_consecutive_skips",
+    "trainer.detect_anomaly",
+    "data.root",  # where a downloadable dataset is cached, not which one
+    "data.download",
+)
+
+
+def check_same_run(state: dict[str, Any], config: dict, source: str) -> None:
+    """Refuse to resume ``state`` under a ``config`` that makes it another run (see ``MAY_CHANGE_ON_RESUME``)."""
+    saved = state.get("config") or state.get("compat", {})  # tests' hand-made states hold only compat
+    diffs = config_differences(saved, config, ignore=MAY_CHANGE_ON_RESUME)
     if diffs:
+        shown = diffs[:20] + ([f"... and {len(diffs) - 20} more"] if len(diffs) > 20 else [])
         raise CheckpointError(
-            f"trainer.resume: {source} was written by a different model/loss configuration:\n  "
-            + "\n  ".join(diffs[:20])
-            + "\nResume with the same model and loss settings, or start a new run in another hydra.run.dir."
+            f"trainer.resume: {source} was written by another run; these settings differ (checkpoint -> now):\n  "
+            + "\n  ".join(shown)
+            + "\nA resumed run keeps its settings (it may change only trainer.max_steps, trainer.device, logging "
+            "and checkpointing); resume without these overrides, or start a new run in another hydra.run.dir."
         )
+
+
+def load_trainer_state(trainer, state: dict[str, Any], source: str = "checkpoint") -> None:
+    """Restore :func:`trainer_state` into ``trainer``; refuse a checkpoint whose weights/optimizers do not fit."""
     try:
         trainer.model.load_state_dict(state["model"])
     except RuntimeError as e:
@@ -163,6 +202,7 @@ def load_trainer_state(trainer, state: dict[str, Any], compat: dict, source: str
     trainer.data.load_state_dict(state["data"])
     set_rng_state(state["rng"])
     trainer.step, trainer.iteration, trainer.images_seen = state["step"], state["iteration"], state["images_seen"]
+    trainer.metrics = dict(state.get("metrics", {}))  # what a finished run returns if nothing is left to do
     saved, now = state.get("settings", {}).get("max_steps", trainer.settings.max_steps), trainer.settings.max_steps
     if saved != now and any(p.schedule is not None for p in trainer.phases):
         msg = "trainer.resume: trainer.max_steps changed from %d to %d; the LR schedules keep the checkpoint's horizon"
@@ -170,42 +210,80 @@ def load_trainer_state(trainer, state: dict[str, Any], compat: dict, source: str
 
 
 class Checkpointing(Callback):
-    """Resumes in ``on_fit_start``; writes ``run_dir/checkpoints/last.ckpt`` every ``checkpoint_every_n_steps``
-    and at the end (rank 0 only; every rank resumes).
+    """Resumes in ``on_fit_start``; writes ``run_dir/checkpoints/last.ckpt`` every ``checkpoint_every_n_steps``,
+    at the end and when the run is stopped early (rank 0 only; every rank resumes), and keeps the ``keep``
+    newest of those as ``step_0005000.ckpt`` snapshots beside it.
 
-    A ``run_dir`` that already holds a checkpoint is refused here, before anything is written, unless
-    ``resume`` (None, ``auto``: this run dir's checkpoint if any, or a path) is set. ``config``: the
-    resolved config saved in each checkpoint; ``compat``: the part a resumed checkpoint must match.
+    Every refusal happens here, when it is built, before anything is written: a ``run_dir`` that already
+    holds a checkpoint unless ``resume`` (None, ``auto``: this run dir's checkpoint if any, or a path) is
+    set; a checkpoint that is missing, corrupt or from another run (:func:`check_same_run` against
+    ``config``, the resolved config that is also saved in each checkpoint).
     """
 
-    def __init__(self, run_dir, resume=None, config=None, compat=None, is_main=True):
-        self.path = Path(run_dir) / "checkpoints" / "last.ckpt"
+    def __init__(self, run_dir, resume=None, config=None, is_main=True, keep: int = 0):
+        self.folder = Path(run_dir) / "checkpoints"
+        self.path = self.folder / "last.ckpt"
         if resume is None and self.path.exists():
             raise CheckpointError(
                 f"run directory '{run_dir}' already holds a checkpoint ({self.path}); continue it with "
                 "trainer.resume=auto, or start a new run in another hydra.run.dir"
             )
-        self.resume, self.config, self.compat, self.is_main = resume, config or {}, compat or {}, is_main
+        self.config, self.is_main, self.keep = config or {}, is_main, keep
+        self.source: Path | None = None  # the checkpoint to resume from, loaded now to check it
+        self.state: dict[str, Any] | None = None
+        if resume == "auto" and not self.path.is_file():
+            log.info("trainer.resume=auto: no checkpoint at %s, starting from scratch", self.path)
+        elif resume is not None:
+            self.source = self.path if resume == "auto" else Path(resume)
+            self.state = load(self.source)
+            check_same_run(self.state, self.config, source=f"checkpoint '{self.source}'")
+        self.start_step = 0 if self.state is None else self.state["step"]
+        self.saved_metrics = {} if self.state is None else dict(self.state.get("metrics", {}))
 
     def on_fit_start(self, trainer) -> None:
-        if self.resume == "auto" and not self.path.is_file():
-            log.info("trainer.resume=auto: no checkpoint at %s, starting from scratch", self.path)
-        elif self.resume is not None:
-            path = self.path if self.resume == "auto" else Path(self.resume)
-            load_trainer_state(trainer, load(path), self.compat, source=f"checkpoint '{path}'")
-            log.info("resumed from %s at step %d", path, trainer.step)
+        if self.is_main:
+            remove_stale_temporaries(self.folder)  # of a save that was killed (the run dir is locked by now)
+        if self.state is not None:
+            load_trainer_state(trainer, self.state, source=f"checkpoint '{self.source}'")
+            self.state = None  # the tensors now live in the trainer
+            log.info("resumed from %s at step %d", self.source, trainer.step)
         if trainer.step >= (max_steps := trainer.settings.max_steps):
             log.info("checkpoint is already at step %d >= trainer.max_steps=%d; nothing to do", trainer.step, max_steps)
 
     def on_step_end(self, trainer) -> None:
         if trainer.step % trainer.settings.checkpoint_every_n_steps == 0 and trainer.step < trainer.settings.max_steps:
-            self.save(trainer)  # the final one is written by on_fit_end
+            if trainer.stop_reason is None:  # else on_fit_end writes it right away
+                self.save(trainer)  # the final one is written by on_fit_end
 
     def on_fit_end(self, trainer) -> None:
-        self.save(trainer)
+        if trainer.step != self.start_step:  # nothing to add to the checkpoint it resumed from
+            self.save(trainer)
 
     def save(self, trainer) -> None:
-        """Write ``trainer``'s state with the config (rank 0 only)."""
-        if self.is_main:
-            state = {**trainer_state(trainer), "config": self.config, "compat": self.compat}
-            save_atomic({**state, "settings": asdict(trainer.settings)}, self.path)
+        """Write ``trainer``'s state with the config (rank 0 only), then the step snapshot if ``keep``."""
+        if not self.is_main:
+            return
+        state = {**trainer_state(trainer), "config": self.config, "settings": asdict(trainer.settings)}
+        save_atomic(state, self.path)
+        if self.keep:
+            snapshot = self.folder / f"step_{trainer.step:07d}.ckpt"
+            _link_or_copy(self.path, snapshot)
+            for old in self.snapshots()[: -self.keep]:
+                old.unlink(missing_ok=True)
+
+    def snapshots(self) -> list[Path]:
+        """The ``step_*.ckpt`` files, oldest step first."""
+        found = [p for p in self.folder.glob("step_*.ckpt") if re.fullmatch(r"step_\d+\.ckpt", p.name)]
+        return sorted(found, key=lambda p: int(p.stem[5:]))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` with ``src``'s bytes: a hard link (no second write; the next atomic save of ``src`` replaces
+    its name, not the linked file), else an atomic copy (file systems without hard links)."""
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:12]}.tmp")  # removed at the next start if we die here
+    try:
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        atomic_write(dst, lambda f: f.write(src.read_bytes()))

@@ -8,6 +8,8 @@ read the trainer's public state:
   ``images_seen`` (real images drawn from ``data``), ``settings`` (:class:`~gantrain.trainer.TrainerSettings`);
 * ``model``, ``phases``, ``data``, ``device``, ``schedulers``/``scalers``/``skipped_steps`` (per phase
   name), ``ema`` (None when off) and ``averaged_weights()`` (a context: the EMA weights in the network);
+* ``stop_reason`` (None, or why ``fit()`` ends early, e.g. ``SIGTERM``: the step of ``on_fit_end`` is then
+  not ``max_steps``) and ``request_stop(reason)``;
 * ``collector`` (the stats ``report``-ed since the last drain) and ``metrics``/``eval_metrics`` (the last
   logged stats and evaluator results), which the logging callbacks write and ``fit()`` returns.
 
@@ -37,7 +39,7 @@ class Callback:
         """The counting phase completed step ``trainer.step`` (1, 2, ..., ``max_steps``)."""
 
     def on_fit_end(self, trainer: Trainer) -> None:
-        """The loop reached ``max_steps`` (not called when it raised)."""
+        """The loop reached ``max_steps`` or stopped on request (``trainer.stop_reason``); not called when it raised."""
 
     def teardown(self, trainer: Trainer) -> None:
         """Last, also after an exception: close files and progress bars."""

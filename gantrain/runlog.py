@@ -127,11 +127,11 @@ class RunLog(Callback):
             self.writer._get_file_writer().add_summary(summary)
 
 
-def standard_callbacks(settings, run_dir, *, sampler=None, evaluator=None, config=None, compat=None, is_main=True):
+def standard_callbacks(settings, run_dir, *, sampler=None, evaluator=None, config=None, is_main=True):
     """What every ``python -m gantrain`` run attaches, in ``run_dir``: resume and checkpoints
     (:class:`~gantrain.checkpoint.Checkpointing`) and run logging (:class:`RunLog`, which documents
     ``sampler``/``evaluator``)."""
     return [  # checkpoints first: resume before anything is logged (logging changes no trained state)
-        Checkpointing(run_dir, settings.resume, config=config, compat=compat, is_main=is_main),
+        Checkpointing(run_dir, settings.resume, config=config, is_main=is_main, keep=settings.keep_checkpoints),
         RunLog(run_dir, sampler=sampler, evaluator=evaluator, config=config, is_main=is_main),
     ]

@@ -11,6 +11,9 @@ import inspect
 import logging
 import random
 import re
+import shlex
+from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +26,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gantrain.checkpoint import Checkpointing
 from gantrain.config import register
 from gantrain.errors import ConfigError, GantrainError
+from gantrain.files import FULL, NOT_WRITABLE, write_error
+from gantrain.preemption import stop_on_signals
+from gantrain.rundir import RunDirectoryLock, unique_suffix
 from gantrain.runlog import standard_callbacks
 from gantrain.trainer import Trainer, resolve_device
 
@@ -35,6 +42,18 @@ CONFIG_DIR = Path(str(importlib.resources.files(CONFIG_MODULE)))
 log = logging.getLogger("gantrain")
 
 register()
+# `${unique:}` in the default hydra.run.dir: two launches in the same second get two directories.
+OmegaConf.register_new_resolver("unique", lru_cache(maxsize=1)(unique_suffix), replace=True)
+LOG_FILE = "train.log"
+
+
+class Interrupted(Exception):
+    """``fit()`` stopped early on a signal; the checkpoint at that step is written. ``exit_code`` is 128 + the
+    signal number (what a shell reports for a process killed by it)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def seed_everything(seed: int) -> None:
@@ -94,7 +113,6 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
             sampler=objective.sampler(model, data.render, fixed_noise, stream),
             evaluator=evaluator,
             config=resolved,
-            compat={"model": resolved["model"], "loss": resolved["loss"]},
         ),
     )
 
@@ -111,16 +129,80 @@ def within(node: str, fn, *args, **kwargs):
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
-    """Build and fit; returns the final metrics. Testable without Hydra's runtime (Compose API)."""
+    """Build and fit in ``run_dir``; returns the final metrics. Testable without Hydra's runtime (Compose API).
+
+    The run holds ``run_dir``'s lock from the start, and everything that can refuse it (bad input, a
+    checkpoint in the way, a resume from another run) happens before the first byte is written there.
+    A signal ends it after the step in flight with a checkpoint, raising :class:`Interrupted`.
+    """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log.info("run directory: %s", run_dir.resolve())
-    trainer = build(cfg, run_dir)  # fails on bad input before anything in run_dir is written
-    # Hydra's .hydra/config.yaml keeps the ${...} interpolations; this is what actually ran.
+    with RunDirectoryLock(run_dir) as lock:
+        trainer = build(cfg, run_dir)
+        lock.claim()
+        with log_file(run_dir / LOG_FILE):
+            log.info("run directory: %s", run_dir.resolve())
+            save_configs(cfg, run_dir)
+            checkpointing = next((c for c in trainer.callbacks if isinstance(c, Checkpointing)), None)
+            if checkpointing is not None and checkpointing.start_step >= trainer.settings.max_steps:
+                log.info(
+                    "%s is already at step %d >= trainer.max_steps=%d: nothing to do",
+                    checkpointing.source,
+                    checkpointing.start_step,
+                    trainer.settings.max_steps,
+                )
+                return {**checkpointing.saved_metrics, "step": float(checkpointing.start_step)}
+            with stop_on_signals(trainer) as received:
+                metrics = trainer.fit()
+            if received.signum is not None:
+                ckpt = run_dir / "checkpoints" / "last.ckpt"
+                message = (
+                    f"stopped by {received.name} after step {trainer.step}/{trainer.settings.max_steps}; "
+                    f"checkpoint: {ckpt}; resume with: {resume_command(run_dir)}"
+                )
+                log.warning("%s", message)
+                raise Interrupted(message, received.exit_code)
+            log.info("finished: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+            return metrics
+
+
+def save_configs(cfg: DictConfig, run_dir: Path) -> None:
+    """``config.yaml`` (resolved: what actually ran; Hydra's copy keeps the ``${...}``) and, under Hydra,
+    the ``.hydra/`` files Hydra itself would have written before the run was checked (``hydra.output_subdir``
+    is null in train.yaml so that a refused run changes nothing in an existing directory)."""
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    metrics = trainer.fit()
-    log.info("finished: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-    return metrics
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        (run_dir / ".hydra").mkdir(exist_ok=True)
+        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), run_dir / ".hydra" / "hydra.yaml")
+        OmegaConf.save(hydra_cfg.overrides.task, run_dir / ".hydra" / "overrides.yaml")
+
+
+@contextmanager
+def log_file(path: Path):
+    """Copy every log line to ``path`` (the run's ``train.log``, appended across resumes) inside the block,
+    in the console handler's format. Opened only after the run passed its checks."""
+    root = logging.getLogger()
+    handler = logging.FileHandler(path)
+    console = next((h for h in root.handlers if isinstance(h, logging.StreamHandler) and h.formatter), None)
+    fmt = console.formatter if console else logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s")
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues this run: the same overrides, this directory, ``trainer.resume=auto``."""
+    overrides = ["<the same overrides>"]
+    if HydraConfig.initialized():
+        task = HydraConfig.get().overrides.task
+        overrides = [o for o in task if not re.match(r"(trainer\.resume|hydra\.run\.dir)=", o)]
+    words = ["python", "-m", "gantrain", *overrides, f"hydra.run.dir={run_dir.resolve()}", "trainer.resume=auto"]
+    return " ".join(w if w.startswith("<") else shlex.quote(w) for w in words)
 
 
 def user_error(e: BaseException, node: str = "") -> GantrainError | None:
@@ -130,7 +212,9 @@ def user_error(e: BaseException, node: str = "") -> GantrainError | None:
     ``node`` is the fallback for errors raised outside ``instantiate``.
     """
     while e is not None and not isinstance(e, GantrainError):
-        if isinstance(e, InstantiationException):
+        if isinstance(e, OSError) and e.errno in FULL | NOT_WRITABLE and e.filename:
+            e = write_error(e, e.filename)  # a full disk, a read-only run directory
+        elif isinstance(e, InstantiationException):
             found = re.search(r"full_key: (\S+)\s*$", str(e))
             node = found.group(1) if found else node
             e = e.__cause__ if not isinstance(e.__cause__, TypeError) else unknown_argument(e, e.__cause__)
@@ -156,6 +240,11 @@ def unknown_argument(e: InstantiationException, cause: TypeError) -> ConfigError
 def _hydra_main(cfg: DictConfig) -> float:
     try:
         metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+    except Interrupted as e:
+        raise SystemExit(e.exit_code) from None  # train() logged where the checkpoint is and how to resume
+    except KeyboardInterrupt:  # Ctrl-C before training started (while loading data): nothing to save
+        log.error("interrupted before training started; nothing was written")
+        raise SystemExit(130) from None
     except Exception as e:
         err = user_error(e)
         if err is None:

@@ -66,7 +66,8 @@ class TrainerSettings:
     log_every_n_steps: int = 10
     sample_every_n_steps: int = 200
     num_samples: int = 64  # images in each sample grid (fixed noise)
-    checkpoint_every_n_steps: int = 500
+    checkpoint_every_n_steps: int = 500  # last.ckpt; also written at the end and when a signal stops the run
+    keep_checkpoints: int = 0  # also keep the N newest saves as checkpoints/step_0005000.ckpt (0: only last.ckpt)
     resume: Optional[str] = None  # null | auto (this run dir's last.ckpt) | a checkpoint path
     progress_bar: bool = True  # tqdm bar; it also stays quiet when stdout is not a terminal
     ema: EMASettings = field(default_factory=EMASettings)
@@ -79,6 +80,7 @@ class TrainerSettings:
         periods = ("log_every_n_steps", "sample_every_n_steps", "checkpoint_every_n_steps")
         for key in ("max_steps", "n_critic", "accumulate_grad_batches", "num_samples", *periods):
             checks.integer(key, getattr(self, key), at_least=1)
+        checks.integer("keep_checkpoints", self.keep_checkpoints, at_least=0, hint="0 = only last.ckpt")
         self.precision = checks.choice("precision", str(self.precision), PRECISIONS)
         checks.choice("gradient_clip_algorithm", self.gradient_clip_algorithm, CLIP_ALGORITHMS)
         if self.gradient_clip_val is not None:
@@ -145,9 +147,17 @@ class Trainer:
         self.collector = Collector()
         self.metrics: dict[str, float] = {}  # the last logged training stats
         self.eval_metrics: dict[str, float] = {}  # the evaluator's last results
+        self.stop_reason: str | None = None  # set by request_stop(): fit() ends after the step in flight
+
+    def request_stop(self, reason: str) -> None:
+        """End ``fit()`` after the step in flight as if it were the last (callbacks see ``on_fit_end``, so a
+        checkpoint is written at that step); the first reason is kept. Safe to call from a signal handler."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
 
     def fit(self) -> dict[str, float]:
-        """Train until ``max_steps``; returns the last logged stats and evaluator metrics plus ``step``."""
+        """Train until ``max_steps`` (or a :meth:`request_stop`); returns the last logged stats and evaluator
+        metrics plus ``step``."""
         try:
             self._emit("on_fit_start")
             with collecting(self.collector):
@@ -162,6 +172,8 @@ class Trainer:
                     if stepped:
                         self.step += 1
                         self._emit("on_step_end")
+                        if self.stop_reason is not None:
+                            break
             self._emit("on_fit_end")
         finally:
             self._emit("teardown")
