@@ -85,15 +85,25 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], fsync: boo
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if e.errno in FULL | NOT_WRITABLE:
-            raise write_error(e, path, size=_size_of(write)) from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        cause = _os_error(e)
+        if cause is not None and cause.errno in FULL | NOT_WRITABLE:
+            raise write_error(cause, path, size=_size_of(write)) from None
         raise
     return path
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind ``e``: torch.save's zip writer replaces a failed write's OSError by a RuntimeError
+    raised while closing the archive, with the OSError as its context."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 class _Counter:

@@ -141,7 +141,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
         lock.claim()
         with log_file(run_dir / LOG_FILE):
             log.info("run directory: %s", run_dir.resolve())
-            save_configs(cfg, run_dir)
             checkpointing = next((c for c in trainer.callbacks if isinstance(c, Checkpointing)), None)
             if checkpointing is not None and checkpointing.start_step >= trainer.settings.max_steps:
                 log.info(
@@ -151,6 +150,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
                     trainer.settings.max_steps,
                 )
                 return {**checkpointing.saved_metrics, "step": float(checkpointing.start_step)}
+            save_configs(cfg, run_dir)
             with stop_on_signals(trainer) as received:
                 metrics = trainer.fit()
             if received.signum is not None:
