@@ -119,7 +119,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     # Hydra's .hydra/config.yaml keeps the ${...} interpolations; this is what actually ran.
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     metrics = trainer.fit()
-    log.info("finished: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
     return metrics
 
 
