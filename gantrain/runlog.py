@@ -4,15 +4,24 @@ Every ``log_every_n_steps`` it drains the
 stats that losses ``report``-ed (plus images/s and the fp16 scales) into TensorBoard scalars, the bar's
 postfix and ``trainer.metrics``; every ``sample_every_n_steps`` it evaluates and writes sample grids,
 with the EMA weights swapped in; it does both once more at the end (unless that step's grid was
-just written). Only rank 0 writes anything; other ranks and ``progress_bar=false`` stay quiet.
+just written). Only rank 0 writes anything.
+
+The console shows a tqdm bar when it is a terminal and ``progress_bar`` is on. Otherwise (a cluster
+log, ``> out.txt 2>&1``, ``progress_bar=false``) a plain progress line is logged instead, at most one
+per ``log_every_n_seconds``, so it lands in ``train.log`` too and redirected output holds no carriage returns.
+The last line of a finished run names where everything is.
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
+import sys
 import time
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -25,6 +34,19 @@ from gantrain.events import Callback
 from gantrain.files import atomic_write
 
 log = logging.getLogger(__name__)
+
+# n/total, the bar, time left and the short postfix: fits an 80-column terminal (tests/test_logs.py).
+BAR_FORMAT = "{n_fmt}/{total_fmt} |{bar}| ETA {remaining}{postfix}"
+
+
+def console_is_terminal() -> bool:
+    """Whether a bar can be drawn: the console log (stdout) and the bar (stderr) both go to a terminal."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def main_losses(stats: dict[str, float]) -> dict[str, float]:
+    """The top-level loss terms (``loss/D``, ``loss/G``, ``loss/recon``, ...), not their parts (``loss/D/gp``)."""
+    return {k: v for k, v in stats.items() if k.count("/") == 1 and k.startswith("loss/")}
 
 
 class RunLog(Callback):
@@ -39,33 +61,57 @@ class RunLog(Callback):
             the global RNG (a resumed run must continue bit-identically).
         config: the resolved config, logged as text and hparams.
         is_main: rank 0 logs; other ranks only keep ``trainer.metrics``.
+        terminal: whether the console is a terminal (a bar, else plain lines); None asks
+            :func:`console_is_terminal` when the run starts.
+        clock: seconds, for images/s, ETA and the plain lines' rate limit.
     """
 
-    def __init__(self, run_dir: str | Path, sampler=None, evaluator=None, config: dict | None = None, is_main=True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        sampler=None,
+        evaluator=None,
+        config: dict | None = None,
+        is_main=True,
+        terminal: bool | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         self.run_dir, self.sampler, self.evaluator = Path(run_dir), sampler, evaluator
-        self.config, self.is_main = config or {}, is_main
+        self.config, self.is_main, self.terminal, self.clock = config or {}, is_main, terminal, clock
         self.writer = self.bar = None  # opened by on_fit_start, closed by teardown
+        self.grids: list[Path] = []  # the pictures write_samples wrote last
 
     def on_fit_start(self, trainer) -> None:
         if self.is_main:
             self.writer = SummaryWriter(log_dir=str(self.run_dir))
             self.log_config(trainer.step)
         s = trainer.settings
-        quiet = None if (self.is_main and s.progress_bar) else True  # None: tqdm is quiet off-terminal too
-        self.bar = tqdm(total=s.max_steps, initial=trainer.step, unit="step", dynamic_ncols=True, disable=quiet)
-        self._t0, self._images0 = time.perf_counter(), trainer.images_seen  # images/s since the last log
+        terminal = console_is_terminal() if self.terminal is None else self.terminal
+        show_bar = self.is_main and s.progress_bar and terminal
+        self.plain_lines = self.is_main and not show_bar
+        self.bar = tqdm(
+            total=s.max_steps, initial=trainer.step, dynamic_ncols=True, bar_format=BAR_FORMAT, disable=not show_bar
+        )
+        self._t0, self._images0 = self.clock(), trainer.images_seen  # images/s since the last log
+        self._start = (self._t0, trainer.step)  # ETA: this process's steps per second
+        self._line = (None, trainer.step)  # time and step of the last plain line
 
     def on_step_end(self, trainer) -> None:
         self.bar.update(1)
         if trainer.step % trainer.settings.log_every_n_steps == 0:
             self.log_stats(trainer)
+            self.log_progress(trainer)
         if trainer.step % trainer.settings.sample_every_n_steps == 0:
             self.write_samples(trainer)
 
     def on_fit_end(self, trainer) -> None:
         self.log_stats(trainer)
+        self.bar.close()  # its final state stays on screen; the lines below start on their own line
+        self.log_progress(trainer, final=True)
         if trainer.step % trainer.settings.sample_every_n_steps:  # else on_step_end just wrote this step's grid
             self.write_samples(trainer)
+        if self.is_main:
+            self.log_finished(trainer)
 
     def teardown(self, trainer) -> None:
         for opened in (self.bar, self.writer):
@@ -78,7 +124,7 @@ class RunLog(Callback):
         stats = trainer.collector.drain()
         if not stats:  # nothing ran since the last log (e.g. the final call right after a logged step)
             return
-        now = time.perf_counter()
+        now = self.clock()
         stats["perf/images_per_s"] = (trainer.images_seen - self._images0) / max(now - self._t0, 1e-9)
         for name, scaler in trainer.scalers.items():
             if scaler.is_enabled():
@@ -88,9 +134,40 @@ class RunLog(Callback):
         trainer.metrics = stats
         for name, value in stats.items() if self.writer is not None else ():
             self.writer.add_scalar(name, value, trainer.step)
-        shown = {k: f"{v:.3g}" for k, v in stats.items() if k.count("/") == 1 and k.startswith("loss/")}
-        shown["img/s"] = f"{stats['perf/images_per_s']:.0f}"
-        self.bar.set_postfix(shown, refresh=False)
+        losses = " ".join(f"{k.removeprefix('loss/')}={v:.3g}" for k, v in main_losses(stats).items())
+        self.bar.set_postfix_str(f"{losses} {stats['perf/images_per_s']:.0f} img/s", refresh=False)
+
+    def log_progress(self, trainer, final: bool = False) -> None:
+        """A plain progress line (no bar shown): the first, then at most one per ``log_every_n_seconds``,
+        and the final step's (unless nothing trained in this process)."""
+        now, (last_time, last_step) = self.clock(), self._line
+        due = final or last_time is None or now - last_time >= trainer.settings.log_every_n_seconds
+        if not self.plain_lines or not due or trainer.step == last_step:  # last_step starts at the first step
+            return
+        self._line = (now, trainer.step)
+        t0, step0 = self._start
+        seconds_per_step = (now - t0) / (trainer.step - step0)
+        eta = timedelta(seconds=round(seconds_per_step * (trainer.settings.max_steps - trainer.step)))
+        shown = [f"{k}={v:.3g}" for k, v in main_losses(trainer.metrics).items()]
+        shown += [f"{trainer.metrics['perf/images_per_s']:.0f} img/s", f"ETA {eta}"]
+        log.info("step %d/%d: %s", trainer.step, trainer.settings.max_steps, ", ".join(shown))
+
+    def log_finished(self, trainer) -> None:
+        """The run's last line: where its directory, final checkpoint, last sample grid and TensorBoard are."""
+        run_dir = self.run_dir.resolve()
+        parts = [f"run directory {run_dir}"]
+        for callback in trainer.callbacks:
+            if isinstance(callback, Checkpointing) and callback.path.is_file():
+                parts.append(f"checkpoint {callback.path.resolve()}")
+        if self.grids:
+            parts.append("samples " + ", ".join(str(p.resolve()) for p in self.grids))
+        log.info(
+            "%s at step %d: %s; view with: tensorboard --logdir %s",
+            "finished" if trainer.stop_reason is None else f"stopped ({trainer.stop_reason})",
+            trainer.step,
+            ", ".join(parts),
+            shlex.quote(str(run_dir)),
+        )
 
     def write_samples(self, trainer) -> None:
         """Evaluate (into ``trainer.eval_metrics`` and a console line) and write the sample pictures."""
@@ -108,11 +185,13 @@ class RunLog(Callback):
             pictures = self.sampler()
         if isinstance(pictures, torch.Tensor):
             pictures = {"samples": pictures}
+        self.grids = []
         for name, picture in pictures.items():
             grid = picture.float().cpu()  # (3, H', W') in [0, 1]
             prefix = "" if name == "samples" else f"{name}_"
             path = self.run_dir / "samples" / f"{prefix}step_{trainer.step:07d}.png"
             atomic_write(path, partial(save_image, grid, format="png"), fsync=False)
+            self.grids.append(path)
             self.writer.add_image(name, grid, trainer.step)
 
     def log_config(self, step: int) -> None:

@@ -161,8 +161,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
                 )
                 log.warning("%s", message)
                 raise Interrupted(message, received.exit_code)
-            log.info("finished: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-            return metrics
+            return metrics  # RunLog's last line named the run directory, checkpoint, samples and TensorBoard
 
 
 def save_configs(cfg: DictConfig, run_dir: Path) -> None:

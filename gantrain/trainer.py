@@ -64,12 +64,13 @@ class TrainerSettings:
     gradient_clip_val: Optional[float] = None
     gradient_clip_algorithm: str = "norm"  # norm | value
     log_every_n_steps: int = 10
+    log_every_n_seconds: float = 30.0  # plain progress lines (no bar): at most one per this many seconds; 0 = every log
     sample_every_n_steps: int = 200
     num_samples: int = 64  # images in each sample grid (fixed noise)
     checkpoint_every_n_steps: int = 500  # last.ckpt; also written at the end and when a signal stops the run
     keep_checkpoints: int = 0  # also keep the N newest saves as checkpoints/step_0005000.ckpt (0: only last.ckpt)
     resume: Optional[str] = None  # null | auto (this run dir's last.ckpt) | a checkpoint path
-    progress_bar: bool = True  # tqdm bar; it also stays quiet when stdout is not a terminal
+    progress_bar: bool = True  # tqdm bar on a terminal; off a terminal (or false) plain progress lines are logged
     ema: EMASettings = field(default_factory=EMASettings)
     monitor: str = "loss/G"  # the logged value a run returns to a sweeper (VAE recipes: elbo)
 
@@ -77,6 +78,7 @@ class TrainerSettings:
         if not isinstance(self.ema, EMASettings):  # a mapping from the config
             self.ema = EMASettings(**self.ema)
         checks.number("ema.half_life_images", self.ema.half_life_images, ge=0, hint="0 = off")
+        checks.number("log_every_n_seconds", self.log_every_n_seconds, ge=0, hint="0 = a line every log step")
         periods = ("log_every_n_steps", "sample_every_n_steps", "checkpoint_every_n_steps")
         for key in ("max_steps", "n_critic", "accumulate_grad_batches", "num_samples", *periods):
             checks.integer(key, getattr(self, key), at_least=1)

@@ -206,7 +206,7 @@ def test_user_loss_and_model_from_outside_the_repository(tmp_path, group, args):
     else:
         assert resolved["model"]["g"]["_target_"] == "mygan.nets.TinyGenerator"
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "samples" / "step_0000002.png").is_file()
-    assert "finished:" in r.stdout + r.stderr and "step=2" in r.stdout + r.stderr
+    assert f"finished at step 2: run directory {run.resolve()}," in r.stdout + r.stderr
 
 
 # ----------------------------------------------------------------------------- an installed wheel

@@ -51,7 +51,8 @@ def stack(dataset: Dataset, device: torch.device, num_workers: int, seed: int) -
     loader = DataLoader(dataset, batch_sampler=sequential, num_workers=num_workers, generator=_loader_generator(seed))
     data = None
     start = 0
-    with tqdm(total=n, desc="loading images", unit="img", disable=n <= _PROGRESS_MIN_ITEMS) as bar:
+    quiet = True if n <= _PROGRESS_MIN_ITEMS else None  # None: also quiet when stderr (the bar's stream) is no tty
+    with tqdm(total=n, desc="loading images", unit="img", disable=quiet) as bar:
         for x in loader:  # (b, C, R, R)
             if data is None:
                 # Preallocated so peak memory is one copy of the dataset, not two.
