@@ -9,10 +9,14 @@ new one beside it).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
 from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback as HydraCallback
 
 from gantrain.errors import GantrainError
 from gantrain.files import NOT_WRITABLE, write_error
@@ -79,3 +83,28 @@ def unique_suffix() -> str:
     """A short id that makes a default run directory unique among launches in the same second
     (the ``${unique:}`` resolver in ``hydra.run.dir``; cached, so one value per process)."""
     return uuid.uuid4().hex[:6]
+
+
+class CreateRunDirectory(HydraCallback):
+    """Hydra callback (``hydra.callbacks`` in train.yaml): create the run (or sweep) directory before Hydra
+    does, so that a directory that cannot be created (no permission, a read-only or missing mount) is one
+    line and exit 1 instead of Hydra's traceback."""
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        self._create(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        self._create(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _create(folder: str, key: str) -> None:
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            logging.getLogger("gantrain").error(
+                "%s=%s: cannot create this directory (%s); choose a directory you can write to",
+                key,
+                folder,
+                e.strerror or e,
+            )
+            raise SystemExit(1) from None
