@@ -189,6 +189,12 @@ def log_file(path: Path):
     root.addHandler(handler)
     try:
         yield
+    except Exception as e:
+        err = user_error(e)
+        if err is not None:  # a user error's one line goes into train.log too; the entry point won't repeat it
+            log.error("%s", err)
+            e.gantrain_logged = True  # type: ignore[attr-defined]
+        raise
     finally:
         root.removeHandler(handler)
         handler.close()
@@ -248,7 +254,8 @@ def _hydra_main(cfg: DictConfig) -> float:
         err = user_error(e)
         if err is None:
             raise  # a bug: keep the traceback
-        log.error("%s", err)  # one line on the console and in the run's log, no traceback
+        if not getattr(e, "gantrain_logged", False):
+            log.error("%s", err)  # one line on the console (and in train.log once the run passed its checks)
         raise SystemExit(1) from None
     return monitored(cfg, metrics)  # the value a sweeper optimizes
 
