@@ -16,9 +16,10 @@ import torch
 from hydra.utils import get_object
 
 from gantrain.ema import EMA
-from gantrain.errors import GantrainError
+from gantrain.errors import GantrainError, NonFiniteError
 from gantrain.events import Callback
 from gantrain.files import atomic_write
+from gantrain.stats import first_nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ def trainer_state(trainer) -> dict[str, Any]:
         "schedulers": {name: s.state_dict() for name, s in trainer.schedulers.items()},
         "scalers": {name: s.state_dict() for name, s in trainer.scalers.items()},
         "skipped_steps": {name: int(n) for name, n in trainer.skipped_steps.items()},
+        "nonfinite_skips": dict(trainer.nonfinite_skips),
+        "skips_in_a_row": dict(trainer.skips_in_a_row),
         "ema": None if trainer.ema is None else {"module": trainer.ema_module_name, **trainer.ema.state_dict()},
         "rng": rng_state(),
         "data": trainer.data.state_dict(),
@@ -154,6 +157,8 @@ def load_trainer_state(trainer, state: dict[str, Any], compat: dict, source: str
         if scaler.is_enabled() and saved:  # empty when it was written at another precision
             scaler.load_state_dict(saved)
     trainer.skipped_steps.update(state.get("skipped_steps", {}))
+    trainer.nonfinite_skips.update(state.get("nonfinite_skips", {}))
+    trainer.skips_in_a_row.update(state.get("skips_in_a_row", {}))
     if trainer.ema is not None:
         if state.get("ema"):
             trainer.ema.load_state_dict(state["ema"])
@@ -205,7 +210,16 @@ class Checkpointing(Callback):
         self.save(trainer)
 
     def save(self, trainer) -> None:
-        """Write ``trainer``'s state with the config (rank 0 only)."""
+        """Write ``trainer``'s state with the config (rank 0 only); never weights or buffers with a NaN/inf."""
         if self.is_main:
             state = {**trainer_state(trainer), "config": self.config, "compat": self.compat}
+            tensors = {f"model {k}": v for k, v in state["model"].items()}
+            tensors.update({f"EMA {k}": v for k, v in (state["ema"] or {}).get("average", {}).items()})
+            bad = first_nonfinite(tensors)
+            if bad is not None:  # a checkpoint that resumes into NaNs is worse than the previous one
+                raise NonFiniteError(
+                    f"step {trainer.step}: {bad} holds NaN/inf, so {self.path} was not written (the one there, if "
+                    "any, is unchanged); lower the learning rate (optim.<net>.lr) or clip gradients "
+                    "(trainer.gradient_clip_val)"
+                )
             save_atomic({**state, "settings": asdict(trainer.settings)}, self.path)

@@ -6,8 +6,9 @@ read the trainer's public state:
 
 * ``step`` (completed optimizer steps of the counting phase), ``iteration`` (loop iterations),
   ``images_seen`` (real images drawn from ``data``), ``settings`` (:class:`~gantrain.trainer.TrainerSettings`);
-* ``model``, ``phases``, ``data``, ``device``, ``schedulers``/``scalers``/``skipped_steps`` (per phase
-  name), ``ema`` (None when off) and ``averaged_weights()`` (a context: the EMA weights in the network);
+* ``model``, ``phases``, ``data``, ``device``, ``schedulers``/``scalers``/``skipped_steps`` (the fp16
+  scaler's)/``nonfinite_skips`` (``on_nonfinite=skip``'s) (per phase name), ``ema`` (None when off) and
+  ``averaged_weights()`` (a context: the EMA weights in the network);
 * ``collector`` (the stats ``report``-ed since the last drain) and ``metrics``/``eval_metrics`` (the last
   logged stats and evaluator results), which the logging callbacks write and ``fit()`` returns.
 
