@@ -6,6 +6,11 @@ forward pass (gradient penalty, R1) can follow PyTorch's AMP recipe without know
 precision: scale the output before ``torch.autograd.grad``, unscale the gradients, and compute
 the penalty from them under the surrounding autocast. With no scaler, or a disabled one
 (``precision=32`` / ``bf16-mixed``), the scale is 1 and the same code path runs.
+
+A scaled input gradient can overflow in fp16 (the scaler grows its scale until something does):
+the penalty, and so the loss, is then inf/NaN although nothing diverged. :func:`input_gradient`
+records such overflows in the list :func:`scaling` yields, so the Trainer leaves those steps to the
+scaler (skipped, the scale backed off) instead of treating them as a non-finite loss.
 """
 
 from __future__ import annotations
@@ -16,17 +21,20 @@ from typing import Iterator
 import torch
 
 _active: "torch.amp.GradScaler | None" = None
+_overflows: list[torch.Tensor] = []  # of the innermost scaling() block
 
 
 @contextmanager
-def scaling(scaler: "torch.amp.GradScaler") -> Iterator["torch.amp.GradScaler"]:
-    """Make ``scaler`` the one :func:`input_gradient` uses inside the block."""
-    global _active
-    previous, _active = _active, scaler
+def scaling(scaler: "torch.amp.GradScaler") -> Iterator[list[torch.Tensor]]:
+    """Make ``scaler`` the one :func:`input_gradient` uses inside the block; yields the list of its
+    overflow flags (0-d bool tensors, one per input gradient taken under an enabled scaler)."""
+    global _active, _overflows
+    previous, _active = (_active, _overflows), scaler
+    _overflows = []
     try:
-        yield scaler
+        yield _overflows
     finally:
-        _active = previous
+        _active, _overflows = previous
 
 
 def loss_scale(like: torch.Tensor) -> torch.Tensor:
@@ -46,4 +54,6 @@ def input_gradient(output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """
     scale = loss_scale(output)
     (grad,) = torch.autograd.grad(output.sum() * scale, x, create_graph=True)
+    if _active is not None and _active.is_enabled():  # overflowed: a finite output, a non-finite scaled gradient
+        _overflows.append(torch.isfinite(output).all() & ~torch.isfinite(grad).all())
     return grad / scale

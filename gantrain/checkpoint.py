@@ -20,9 +20,10 @@ import torch
 from hydra.utils import get_object
 
 from gantrain.ema import EMA
-from gantrain.errors import GantrainError
+from gantrain.errors import GantrainError, NonFiniteError
 from gantrain.events import Callback
 from gantrain.files import atomic_write, remove_stale_temporaries
+from gantrain.stats import first_nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,8 @@ def trainer_state(trainer) -> dict[str, Any]:
         "schedulers": {name: s.state_dict() for name, s in trainer.schedulers.items()},
         "scalers": {name: s.state_dict() for name, s in trainer.scalers.items()},
         "skipped_steps": {name: int(n) for name, n in trainer.skipped_steps.items()},
+        "nonfinite_skips": dict(trainer.nonfinite_skips),
+        "skips_in_a_row": dict(trainer.skips_in_a_row),
         "ema": None if trainer.ema is None else {"module": trainer.ema_module_name, **trainer.ema.state_dict()},
         "rng": rng_state(),
         "data": trainer.data.state_dict(),
@@ -193,6 +196,8 @@ def load_trainer_state(trainer, state: dict[str, Any], source: str = "checkpoint
         if scaler.is_enabled() and saved:  # empty when it was written at another precision
             scaler.load_state_dict(saved)
     trainer.skipped_steps.update(state.get("skipped_steps", {}))
+    trainer.nonfinite_skips.update(state.get("nonfinite_skips", {}))
+    trainer.skips_in_a_row.update(state.get("skips_in_a_row", {}))
     if trainer.ema is not None:
         if state.get("ema"):
             trainer.ema.load_state_dict(state["ema"])
@@ -260,10 +265,20 @@ class Checkpointing(Callback):
             self.save(trainer)
 
     def save(self, trainer) -> None:
-        """Write ``trainer``'s state with the config (rank 0 only), then the step snapshot if ``keep``."""
+        """Write ``trainer``'s state with the config (rank 0 only), then the step snapshot if ``keep``; never
+        weights or buffers with a NaN/inf."""
         if not self.is_main:
             return
         state = {**trainer_state(trainer), "config": self.config, "settings": asdict(trainer.settings)}
+        tensors = {f"model {k}": v for k, v in state["model"].items()}
+        tensors.update({f"EMA {k}": v for k, v in (state["ema"] or {}).get("average", {}).items()})
+        bad = first_nonfinite(tensors)
+        if bad is not None:  # a checkpoint that resumes into NaNs is worse than the previous one
+            raise NonFiniteError(
+                f"step {trainer.step}: {bad} holds NaN/inf, so {self.path} was not written (the one there, if "
+                "any, is unchanged); lower the learning rate (optim.<net>.lr) or clip gradients "
+                "(trainer.gradient_clip_val)"
+            )
         save_atomic(state, self.path)
         if self.keep:
             snapshot = self.folder / f"step_{trainer.step:07d}.ckpt"

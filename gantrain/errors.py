@@ -29,3 +29,8 @@ class ConfigError(GantrainError):
         if not node or self.key is None or self.key.startswith(f"{node}."):
             return self
         return type(self)(f"{node}.{self}", key=f"{node}.{self.key}")
+
+
+class NonFiniteError(GantrainError):
+    """Training produced a NaN or an infinity (a loss term, a gradient norm, a weight or a buffer that
+    would be checkpointed): one line naming the step, the phase and the value, and what to change."""

@@ -6,8 +6,9 @@ read the trainer's public state:
 
 * ``step`` (completed optimizer steps of the counting phase), ``iteration`` (loop iterations),
   ``images_seen`` (real images drawn from ``data``), ``settings`` (:class:`~gantrain.trainer.TrainerSettings`);
-* ``model``, ``phases``, ``data``, ``device``, ``schedulers``/``scalers``/``skipped_steps`` (per phase
-  name), ``ema`` (None when off) and ``averaged_weights()`` (a context: the EMA weights in the network);
+* ``model``, ``phases``, ``data``, ``device``, ``schedulers``/``scalers``/``skipped_steps`` (the fp16
+  scaler's)/``nonfinite_skips`` (``on_nonfinite=skip``'s) (per phase name), ``ema`` (None when off) and
+  ``averaged_weights()`` (a context: the EMA weights in the network);
 * ``stop_reason`` (None, or why ``fit()`` ends early, e.g. ``SIGTERM``: the step of ``on_fit_end`` is then
   not ``max_steps``) and ``request_stop(reason)``;
 * ``collector`` (the stats ``report``-ed since the last drain) and ``metrics``/``eval_metrics`` (the last

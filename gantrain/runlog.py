@@ -130,6 +130,8 @@ class RunLog(Callback):
             if scaler.is_enabled():
                 stats[f"amp/scale/{name}"] = scaler.get_scale()
                 stats[f"amp/skipped_steps/{name}"] = float(trainer.skipped_steps[name])
+        if trainer.settings.on_nonfinite == "skip":
+            stats.update({f"nonfinite/skipped_steps/{n}": float(c) for n, c in trainer.nonfinite_skips.items()})
         self._t0, self._images0 = now, trainer.images_seen
         trainer.metrics = stats
         for name, value in stats.items() if self.writer is not None else ():

@@ -14,7 +14,14 @@ phase whose interval divides it; the phase marked ``counts_as_step`` defines a t
   that overflows backs off D's scale only (D and G losses differ by orders of magnitude, e.g. a
   critic with a gradient penalty), and steps skipped for inf/NaN are counted per phase;
 * an optional EMA of the counting phase's network (the generator) replaces its weights while
-  sample grids and evaluation run.
+  sample grids and evaluation run;
+* every optimizer step is checked before it is applied, with one host sync: a NaN or an infinity
+  in a loss term the loss reported (``loss/...``), in the loss it returned or in the gradient norm
+  stops the run with one line (``on_nonfinite=stop``) or discards the step (``skip``: no optimizer,
+  EMA or ``after_step`` update, the values it reported not logged; the LR scheduler still steps,
+  as it does for the fp16 scaler's skips, so the schedule follows the step count).
+  ``max_consecutive_skips`` skipped steps in a row of one phase, ours or the fp16 scaler's, stop
+  the run the same way.
 
 Logging, sample grids and checkpoints are callbacks (:mod:`gantrain.events`): :mod:`gantrain.runlog`
 and :mod:`gantrain.checkpoint`, built by :func:`gantrain.runlog.standard_callbacks`. Losses and models never see a
@@ -34,15 +41,18 @@ from torch import nn
 
 from gantrain import amp, checks
 from gantrain.ema import EMA
-from gantrain.errors import ConfigError
+from gantrain.errors import ConfigError, NonFiniteError
 from gantrain.events import Callback
 from gantrain.optim import Schedule
 from gantrain.phase import CLIP_ALGORITHMS, Phase
-from gantrain.stats import Collector, collecting, report
+from gantrain.stats import Collector, collecting, first_nonfinite, report
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+NONFINITE_POLICIES = ("stop", "skip")
+GRAD_NORM_LOGS = ("total", "layer")
+SKIP_WARNINGS = 10  # skips of a phase that each get a warning line; after that every 100th
 
 
 @dataclass
@@ -63,6 +73,11 @@ class TrainerSettings:
     accumulate_grad_batches: int = 1  # micro-batches summed into each optimizer step
     gradient_clip_val: Optional[float] = None
     gradient_clip_algorithm: str = "norm"  # norm | value
+    log_grad_norms: str = "total"  # total: grad_norm/<phase>; layer: also grad_norm/<phase>/<parameter> (pre-clip)
+    on_nonfinite: str = "stop"  # stop | skip: a NaN/inf loss term or gradient norm ends the run, or its step is dropped
+    max_consecutive_skips: int = 20  # dropped steps in a row of one phase (skip, fp16 scaler) that end the run;
+    # 20 fp16 skips halve the initial 2^16 loss scale below 1: the gradients overflow even unscaled
+    detect_anomaly: bool = False  # autograd's anomaly mode: names the backward op that made the first NaN (slow)
     log_every_n_steps: int = 10
     log_every_n_seconds: float = 30.0  # plain progress lines (no bar): at most one per this many seconds; 0 = every log
     sample_every_n_steps: int = 200
@@ -85,6 +100,11 @@ class TrainerSettings:
         checks.integer("keep_checkpoints", self.keep_checkpoints, at_least=0, hint="0 = only last.ckpt")
         self.precision = checks.choice("precision", str(self.precision), PRECISIONS)
         checks.choice("gradient_clip_algorithm", self.gradient_clip_algorithm, CLIP_ALGORITHMS)
+        checks.choice("log_grad_norms", self.log_grad_norms, GRAD_NORM_LOGS)
+        checks.choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        checks.integer(
+            "max_consecutive_skips", self.max_consecutive_skips, at_least=1, hint="skipped steps in a row that stop"
+        )
         if self.gradient_clip_val is not None:
             checks.positive("gradient_clip_val", self.gradient_clip_val, hint="or null: no clipping")
 
@@ -138,6 +158,10 @@ class Trainer:
             log.warning("trainer.precision=16-mixed on CPU is slow and for testing; CPUs train with bf16-mixed")
         self.scalers = {p.name: torch.amp.GradScaler(self.device.type, enabled=fp16) for p in self.phases}
         self.skipped_steps = {p.name: 0 for p in self.phases}  # optimizer steps the scaler skipped (inf/NaN)
+        self.nonfinite_skips = {p.name: 0 for p in self.phases}  # steps on_nonfinite=skip dropped
+        self.skips_in_a_row = {p.name: 0 for p in self.phases}  # of either kind, up to the phase's last step
+        if settings.detect_anomaly:
+            log.warning("trainer.detect_anomaly=true: autograd's anomaly mode makes every step several times slower")
         self.ema: EMA | None = None
         self.ema_module_name = ""  # the EMA network's name in the model ("g")
         if settings.ema.half_life_images > 0:
@@ -193,53 +217,173 @@ class Trainer:
             p.requires_grad_(id(p) in active)
         scaler = self.scalers[phase.name]
         lr = phase.optimizer.param_groups[0]["lr"]  # the LR this step uses
+        reported = self.collector.hold()  # this step's stats are logged only if the step is applied
+        applied = False
         try:
             k = self.settings.accumulate_grad_batches
             step = self.iteration // phase.interval  # this phase's optimizer steps so far
-            images = 0
+            images, losses = 0, []
             dtype, enabled = self.amp_dtype or torch.float32, self.amp_dtype is not None  # autocast off at 32
             phase.optimizer.zero_grad(set_to_none=True)
-            with amp.scaling(scaler):  # input-gradient penalties scale/unscale with this phase's scaler
+            # input-gradient penalties scale/unscale with this phase's scaler
+            with amp.scaling(scaler) as overflows, self._anomaly_mode(phase):
                 for _ in range(k):
                     real = next(self.data)  # fresh real batch per micro-batch (the loss draws fresh noise)
                     with torch.autocast(self.device.type, dtype=dtype, enabled=enabled):
                         loss = phase.loss(real, step)
                     scaler.scale(loss / k).backward()
+                    losses.append(loss.detach())
                     images += real.shape[0]
             self.images_seen += images
             scaler.unscale_(phase.optimizer)  # clip and measure true gradients, not scaled ones
-            grad_norm = self._clip(phase, [p for p in phase.module.parameters() if p.grad is not None])
-            scaler.step(phase.optimizer)  # skipped when the unscaled gradients hold inf/NaN (fp16)
+            named = [(n, p) for n, p in phase.module.named_parameters() if p.grad is not None]
+            grad_norm = self._grad_norm(phase, named)
+            problem, finite_grads = self._check(phase, reported, losses, overflows, grad_norm, named)
+            if problem is not None and self.settings.on_nonfinite == "stop":
+                raise NonFiniteError(
+                    f"step {self.step + 1}, phase {phase.name}: {problem}; this update was not applied and no "
+                    "checkpoint is written; lower the learning rate (optim.<net>.lr), clip gradients "
+                    "(trainer.gradient_clip_val), find the op with trainer.detect_anomaly=true, or drop such steps "
+                    "with trainer.on_nonfinite=skip"
+                )
+            applied = problem is None
+            if applied:
+                self._clip(phase, [p for _, p in named], grad_norm)
+                scaler.step(phase.optimizer)  # skipped when the unscaled gradients hold inf/NaN (fp16)
+            else:
+                phase.optimizer.zero_grad(set_to_none=True)
             scaler.update()
             with warnings.catch_warnings():  # fp16: the scaler may skip the very first optimizer step, by design
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
                 self.schedulers[phase.name].step()
-            if phase.after_step is not None:
+            if applied and phase.after_step is not None:
                 with torch.no_grad():
                     phase.after_step()
-            if phase.counts_as_step and self.ema is not None:
+            if applied and phase.counts_as_step and self.ema is not None:
                 self.ema.update(images)
         finally:
             for p, flag in zip(self.params, flags):
                 p.requires_grad_(flag)
-        if scaler.is_enabled():  # same test as the scaler's: any non-finite gradient
-            self.skipped_steps[phase.name] += ~torch.isfinite(grad_norm)
-        report(f"grad_norm/{phase.name}", grad_norm)  # before clipping
+            self.collector.release(keep=applied)
+        if applied:
+            report(f"grad_norm/{phase.name}", grad_norm)  # before clipping
         report(f"lr/{phase.name}", lr)
+        if not applied:
+            self._skipped(phase, problem)
+        elif scaler.is_enabled() and not finite_grads:  # the scaler's test: it did not step
+            self.skipped_steps[phase.name] += 1
+            self._count_skip(phase, f"the fp16 loss scale kept overflowing (now {scaler.get_scale():g})")
+        else:
+            self.skips_in_a_row[phase.name] = 0
 
-    def _clip(self, phase: Phase, params: list[torch.Tensor]) -> torch.Tensor:
-        """Clip in place per the phase's (else the trainer's) settings; return the pre-clip total L2 norm."""
-        if not params:
+    def _anomaly_mode(self, phase: Phase):
+        """Context: autograd's anomaly mode when ``detect_anomaly`` (else nothing); its error becomes one line."""
+        if not self.settings.detect_anomaly:
+            return nullcontext()
+        return _AnomalyMode(f"step {self.step + 1}, phase {phase.name}")
+
+    def _check(
+        self,
+        phase: Phase,
+        reported: list[tuple[str, torch.Tensor]],
+        losses: list[torch.Tensor],
+        overflows: list[torch.Tensor],
+        grad_norm: torch.Tensor,
+        named: list[tuple[str, torch.Tensor]],
+    ) -> tuple[str | None, bool]:
+        """(what is non-finite, for ``on_nonfinite``, or None; whether the gradients are finite), with one sync.
+
+        Under fp16 the scaler owns non-finite gradients, and a loss made non-finite by an overflow of
+        a scaled input gradient (:mod:`gantrain.amp`); a loss that is non-finite by itself is ours.
+        """
+        terms = [(name, v) for name, v in reported if name.startswith("loss/")]
+        terms += [(f"loss/{phase.name}", loss) for loss in losses]  # what the loss returned, after its terms
+        values = torch.stack([v.float().to(grad_norm.device) for _, v in terms] + [grad_norm.float()])
+        finite = torch.isfinite(values)
+        if overflows:
+            finite = torch.cat([finite, ~torch.stack(overflows)])
+        ok = finite.tolist()  # the one host sync of the step
+        n, fp16 = len(terms), self.scalers[phase.name].is_enabled()
+        if all(ok):
+            return None, True
+        bad = next((i for i in range(n) if not ok[i]), None)
+        if bad is not None and not (fp16 and not all(ok[n + 1 :])):
+            name, value = terms[bad]
+            return f"{name} is {value.item()}", ok[n]
+        if ok[n] or fp16:
+            return None, ok[n]
+        first = next((name for name, p in named if not torch.isfinite(p.grad).all()), None)
+        where = f"first non-finite gradient: {first}" if first else "finite gradients whose norm overflows"
+        return f"grad_norm/{phase.name} is {grad_norm.item()} ({where})", False
+
+    def _skipped(self, phase: Phase, problem: str) -> None:
+        """``on_nonfinite=skip`` dropped this step: count it, with a warning line (the first few, then every 100th)."""
+        where = f"step {self.step + 1}, phase {phase.name}"
+        buffer = first_nonfinite(dict(self.model.named_buffers()))
+        if buffer is not None:  # written by the forward pass; dropping the step cannot undo that
+            raise NonFiniteError(
+                f"{where}: {problem} and the forward pass left NaN/inf in the buffer {buffer}, which skipping the "
+                "step cannot undo; lower the learning rate (optim.<net>.lr) or clip gradients "
+                "(trainer.gradient_clip_val)"
+            )
+        self.nonfinite_skips[phase.name] += 1
+        n = self.nonfinite_skips[phase.name]
+        if n <= SKIP_WARNINGS or n % 100 == 0:
+            log.warning("%s: %s; step skipped (%d so far: nonfinite/skipped_steps/%s)", where, problem, n, phase.name)
+        self._count_skip(phase, problem)
+
+    def _count_skip(self, phase: Phase, problem: str) -> None:
+        """One more dropped step in a row of ``phase``; ``max_consecutive_skips`` of them stop the run."""
+        self.skips_in_a_row[phase.name] += 1
+        n, limit = self.skips_in_a_row[phase.name], self.settings.max_consecutive_skips
+        if n >= limit:
+            raise NonFiniteError(
+                f"step {self.step + 1}, phase {phase.name}: {n} optimizer steps in a row skipped "
+                f"(trainer.max_consecutive_skips={limit}), the last because {problem}; the weights are those before "
+                "them; lower the learning rate (optim.<net>.lr), clip gradients (trainer.gradient_clip_val), or "
+                "train with another trainer.precision"
+            )
+
+    def _grad_norm(self, phase: Phase, named: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        """The pre-clip total L2 norm of the gradients; ``log_grad_norms=layer`` also reports each parameter's."""
+        if not named:
             return torch.zeros((), device=self.device)
+        grads = [p.grad for _, p in named]
+        if self.settings.log_grad_norms == "total":
+            return torch.nn.utils.get_total_norm(grads)
+        norms = torch._foreach_norm(grads)  # what get_total_norm computes first, kept per parameter
+        for (name, _), norm in zip(named, norms):
+            report(f"grad_norm/{phase.name}/{name}", norm)
+        return torch.linalg.vector_norm(torch.stack(norms))
+
+    def _clip(self, phase: Phase, params: list[torch.Tensor], norm: torch.Tensor) -> None:
+        """Clip in place per the phase's (else the trainer's) settings; ``norm``: their pre-clip total norm."""
         val = self.settings.gradient_clip_val if phase.gradient_clip_val is None else phase.gradient_clip_val
         algorithm = phase.gradient_clip_algorithm or self.settings.gradient_clip_algorithm
-        if val and algorithm == "norm":
-            return torch.nn.utils.clip_grad_norm_(params, val)
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if val:
+        if val and params and algorithm == "norm":
+            torch.nn.utils.clip_grads_with_norm_(params, val, norm)  # = clip_grad_norm_, the norm computed once
+        elif val and params:
             torch.nn.utils.clip_grad_value_(params, val)
-        return norm
 
     def averaged_weights(self):
         """Context: the EMA weights in the generator while sampling/evaluating (nothing without EMA)."""
         return self.ema.swapped() if self.ema is not None else nullcontext()
+
+
+class _AnomalyMode:
+    """``torch.autograd.detect_anomaly()`` whose NaN error becomes a :class:`NonFiniteError` naming ``where``
+    (autograd prints the forward call that made the op above it, as a warning)."""
+
+    def __init__(self, where: str):
+        self.where = where
+        with warnings.catch_warnings():  # the Trainer warned once that this mode is slow
+            warnings.filterwarnings("ignore", message="Anomaly Detection has been enabled")
+            self.mode = torch.autograd.detect_anomaly()
+
+    def __enter__(self) -> None:
+        self.mode.__enter__()
+
+    def __exit__(self, kind, error, tb) -> None:
+        self.mode.__exit__(kind, error, tb)
+        if isinstance(error, RuntimeError) and "returned nan values" in str(error):
+            raise NonFiniteError(f"{self.where}: trainer.detect_anomaly: {error}") from None

@@ -269,15 +269,17 @@ class Values:
 
 def test_fp16_steps_with_inf_gradients_are_skipped_and_counted(tmp_path):
     trainer, lin = one_weight_trainer(
-        tmp_path, data=Values([1.0, math.inf, 1.0]), max_steps=3, precision="16-mixed", log_every_n_steps=100
+        tmp_path, data=Values([1.0, 200.0, 1.0]), max_steps=3, precision="16-mixed", log_every_n_steps=100
     )
     after = _record_after_steps(trainer.phases[0].optimizer, lin.weight)
-    # 2^8, so that only the inf batch overflows (at the default 2^16 the first fp16 gradient, 1 * 2^16,
-    # overflows fp16's 65504 too: the scaler backs off, which is its job, but it blurs this test).
+    # 2^8, so that only the x = 200 batch overflows: its loss, 0.9^2 * 200^2 / 2, is finite (a non-finite
+    # loss is on_nonfinite's, not the scaler's) but its scaled gradient 2^8 * 0.9 * 200^2 is not, in fp16
+    # (at the default 2^16 the first fp16 gradient, 1 * 2^16, overflows fp16's 65504 too: the scaler
+    # backs off, which is its job, but it blurs this test).
     trainer.scalers["main"] = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     scale0 = 2.0**8
     metrics = trainer.fit()
-    assert len(after) == 2  # step 2 (x = inf) never reached the optimizer
+    assert len(after) == 2  # step 2 (x = 200) never reached the optimizer
     assert after == pytest.approx([0.9, 0.81], rel=1e-3)  # fp16 forward, so ~1e-3
     assert metrics["amp/skipped_steps/main"] == 1
     assert metrics["amp/scale/main"] == scale0 / 2  # backed off once, not grown yet
