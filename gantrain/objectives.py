@@ -6,8 +6,10 @@ iterations, the phase that counts as a training step).
 
 from __future__ import annotations
 
+from collections import deque
+from contextlib import contextmanager
 from functools import partial
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -29,6 +31,50 @@ from gantrain.stats import report
 Pictures = dict[str, torch.Tensor]  # name -> (3, H, W) picture in [0, 1]; logged under its name
 
 
+class SharedFakes:
+    """The D phase's generator outputs of one iteration, their graph kept, for the G phase right after it.
+
+    pytorch/examples' DCGAN generates once per iteration: D trains on ``fake.detach()``, then G's loss
+    backpropagates through the same ``fake`` (into G, after D's update). Under accumulation the D
+    phase's k micro-batches leave k fakes and G's k micro-batches take them in order, so G trains on
+    exactly what D saw (their k graphs live through D's step: turn reuse off when memory is tight). A
+    fake is taken only in the iteration that made it (``step``: both phases' step count, equal at
+    n_critic 1) and only for a batch of its size; otherwise G generates afresh.
+    """
+
+    def __init__(self) -> None:
+        self.step = -1
+        self.fakes: deque[torch.Tensor] = deque()
+
+    def put(self, step: int, fake: torch.Tensor) -> None:
+        if step != self.step:  # a new iteration: whatever was left is stale
+            self.fakes.clear()
+            self.step = step
+        self.fakes.append(fake)
+
+    def take(self, step: int, n: int) -> torch.Tensor | None:
+        if step == self.step and self.fakes and self.fakes[0].shape[0] == n:
+            return self.fakes.popleft()
+        self.fakes.clear()
+        return None
+
+
+@contextmanager
+def trainable(module: nn.Module) -> Iterator[None]:
+    """Inside the block every parameter of ``module`` requires grad (the Trainer froze it for another phase's
+    step); the flags come back afterwards. A graph built inside keeps reaching them, so a later backward
+    through it fills their ``.grad`` once they require grad again (in their own phase)."""
+    params = list(module.parameters())
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
 class GANObjective(nn.Module):
     """An adversarial loss plus named terms, each a :class:`Penalty` on D or a :class:`GeneratorTerm` on G.
 
@@ -38,6 +84,11 @@ class GANObjective(nn.Module):
 
     Reports ``loss/D`` (total), ``loss/D/adv``, ``loss/D/<penalty>``, ``loss/G`` (total),
     ``loss/G/adv``, ``loss/G/<term>``, ``D(x)`` and ``D(G(z))``.
+
+    ``reuse_fakes``: when G steps right after every D step (n_critic 1) and has no generator terms
+    (which are defined on a fresh batch), the G step reuses the D step's generated batch, as
+    pytorch/examples' DCGAN does (:class:`SharedFakes`): one generator forward per iteration instead of
+    two. False: G always draws fresh noise.
     """
 
     networks = ("g", "d")  # the model's networks this objective trains (each gets optim.<name>)
@@ -50,10 +101,12 @@ class GANObjective(nn.Module):
         weight_clip: WeightClip | None = None,
         fm: FeatureMatching | None = None,
         perceptual: GeneratorTerm | None = None,
+        reuse_fakes: bool = True,
         **terms: Penalty | GeneratorTerm | None,
     ):
         super().__init__()
         self.adversarial = adversarial
+        self.reuse_fakes = reuse_fakes
         self.penalties: dict[str, Penalty] = {}
         g_terms: dict[str, GeneratorTerm] = {}
         terms = dict(gp=gp, r1=r1, weight_clip=weight_clip, fm=fm, perceptual=perceptual, **terms)
@@ -72,6 +125,7 @@ class GANObjective(nn.Module):
         """D phase then G phase; G runs every ``n_critic``-th iteration (after the critic's updates).
 
         ``updates``: each trained network's optimizer, schedule and clipping (from ``optim.<net>``).
+        At n_critic 1 the two phases share the generated batch unless ``reuse_fakes`` is off.
         """
         mixing = [type(m).__name__ for m in model.d.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for name, penalty in self.penalties.items():
@@ -88,11 +142,11 @@ class GANObjective(nn.Module):
                 f"head(h); {type(model.d).__name__} has not",
                 key=name,
             )
+        shared = SharedFakes() if self.reuse_fakes and n_critic == 1 and not self.g_terms else None
+        d_loss, g_loss = partial(self.d_loss, model, shared=shared), partial(self.g_loss, model, shared=shared)
         return [
-            Phase.of(
-                "D", model.d, updates["d"], partial(self.d_loss, model), after_step=partial(self.after_d_step, model)
-            ),
-            Phase.of("G", model.g, updates["g"], partial(self.g_loss, model), interval=n_critic, counts_as_step=True),
+            Phase.of("D", model.d, updates["d"], d_loss, after_step=partial(self.after_d_step, model)),
+            Phase.of("G", model.g, updates["g"], g_loss, interval=n_critic, counts_as_step=True),
         ]
 
     def sampler(self, model: GenerativeModel, render: Callable, noise: torch.Tensor, data) -> Callable[[], Pictures]:
@@ -100,10 +154,20 @@ class GANObjective(nn.Module):
         (an image grid, a scatter plot). ``data``: the batch stream, for objectives that show real data."""
         return lambda: {"samples": render(model.sample(noise))}
 
-    def d_loss(self, model: GenerativeModel, real: torch.Tensor, step: int = 0) -> torch.Tensor:
-        """D's loss on a real batch; ``step`` (D steps so far) schedules lazy penalties."""
+    def d_loss(
+        self, model: GenerativeModel, real: torch.Tensor, step: int = 0, shared: SharedFakes | None = None
+    ) -> torch.Tensor:
+        """D's loss on a real batch; ``step`` (D steps so far) schedules lazy penalties. With ``shared`` the
+        generated batch keeps its graph there for the G step; D sees it detached either way."""
         d, x = model.d, self.adversarial.d_input
-        fake = model.g(model.noise(real.shape[0], real.device)).detach()  # no gradient may reach G
+        z = model.noise(real.shape[0], real.device)
+        if shared is None:
+            fake = model.g(z).detach()  # no gradient may reach G
+        else:
+            with trainable(model.g):
+                fake = model.g(z)
+            shared.put(step, fake)
+            fake = fake.detach()  # D's backward stops here: G's .grad stays untouched
         real_in, fake_in = x(real), x(fake)
         real_out, fake_out = d(real_in), d(fake_in)
         loss = self.adversarial.d_loss(real_out, fake_out)
@@ -125,9 +189,14 @@ class GANObjective(nn.Module):
         for penalty in self.penalties.values():
             penalty.after_step(model.d)
 
-    def g_loss(self, model: GenerativeModel, real: torch.Tensor, step: int = 0) -> torch.Tensor:
+    def g_loss(
+        self, model: GenerativeModel, real: torch.Tensor, step: int = 0, shared: SharedFakes | None = None
+    ) -> torch.Tensor:
+        """G's loss; the batch the D step generated in this iteration if ``shared`` holds it, else a fresh one."""
         d = model.d
-        fake = model.g(model.noise(real.shape[0], real.device))
+        fake = None if shared is None else shared.take(step, real.shape[0])
+        if fake is None:
+            fake = model.g(model.noise(real.shape[0], real.device))
         if self.g_terms:  # one D body pass serves the adversarial term and feature matching
             fake_features = d.features(self.adversarial.d_input(fake))
             fake_out = d.head(fake_features)

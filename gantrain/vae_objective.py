@@ -214,7 +214,10 @@ class VAEGANObjective(GANObjective):
         fm: FeatureMatching | None = None,
         perceptual: GeneratorTerm | None = None,
     ):
-        super().__init__(adversarial, gp=gp, r1=r1, weight_clip=weight_clip, fm=fm, perceptual=perceptual)
+        # its G step draws its own prior samples (vae_loss): the D step keeps no generated batch for it
+        super().__init__(
+            adversarial, gp=gp, r1=r1, weight_clip=weight_clip, fm=fm, perceptual=perceptual, reuse_fakes=False
+        )
         if self.g_terms:
             name = next(iter(self.g_terms))
             raise ConfigError(

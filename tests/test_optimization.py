@@ -79,31 +79,39 @@ class FixedBatches:
         self.i = s["i"]
 
 
-@pytest.mark.parametrize("experiment", ["dcgan", "wgan_gp", "vae"])
-def test_k_micro_batches_equal_one_large_batch(tmp_path, monkeypatch, experiment):
+@pytest.mark.parametrize(
+    "experiment, reuse",
+    [("dcgan", True), ("dcgan", False), ("wgan_gp", True), ("vae", False)],
+    ids=["dcgan", "dcgan-fresh-fakes", "wgan_gp", "vae"],
+)
+def test_k_micro_batches_equal_one_large_batch(tmp_path, monkeypatch, experiment, reuse):
     """k=4 micro-batches of b and one batch of 4b: same gradients and weights (float64, BatchNorm-free).
 
     Every random draw (real batch, G's noise, the GP's mixing weights, the VAE's reparameterisation
-    noise) is fed from fixed tensors, the micro-batch runs getting them in slices.
+    noise) is fed from fixed tensors, the micro-batch runs getting them in slices. With ``reuse``
+    (``loss.reuse_fakes``, n_critic 1) G's micro-batches take the D window's k generated batches in
+    order, so only D draws noise.
     """
     k, b = 4, 3
     vae = experiment == "vae"
     windows = 1 if vae else 2  # a VAE has one phase; a GAN's D and G each draw a window of k batches
+    latents = 1 if vae or reuse else 2  # windows that draw noise: G's draws its own only without reuse
     gen = torch.Generator().manual_seed(0)
     latent = (32,) if vae else (100, 1, 1)
     reals = [torch.rand(b, 1, 32, 32, generator=gen, dtype=torch.float64) * 2 - 1 for _ in range(windows * k)]
-    noises = [torch.randn(b, *latent, generator=gen, dtype=torch.float64) for _ in range(windows * k)]
+    noises = [torch.randn(b, *latent, generator=gen, dtype=torch.float64) for _ in range(latents * k)]
     alphas = [torch.rand(b, 1, 1, 1, generator=gen, dtype=torch.float64) for _ in range(k)]
     gp_call = GradientPenalty.__call__
 
     def run(name: str, micro: int) -> tuple[dict, dict]:
         chunks = [torch.cat(reals[i : i + micro]) for i in range(0, windows * k, micro)]  # D's window, then G's
-        z = [torch.cat(noises[i : i + micro]) for i in range(0, windows * k, micro)]
+        z = [torch.cat(noises[i : i + micro]) for i in range(0, latents * k, micro)]
         a = [torch.cat(alphas[i : i + micro]) for i in range(0, k, micro)]
-        no_norms = [] if vae else ["model.g.norm=none", "model.d.norm=none"]  # the VAE has none by default
+        # the VAE has no norms by default
+        gan = [] if vae else ["model.g.norm=none", "model.d.norm=none", f"loss.reuse_fakes={reuse}"]
         cfg = make_cfg(
             f"+experiment={experiment}",
-            *no_norms,
+            *gan,
             f"data.batch_size={b * micro}",
             f"trainer.accumulate_grad_batches={k // micro}",
             "trainer.n_critic=1",

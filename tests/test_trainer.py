@@ -193,16 +193,24 @@ def _snapshot(module: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor |
     return {n: (p.detach().clone(), None if p.grad is None else p.grad.clone()) for n, p in module.named_parameters()}
 
 
-@pytest.mark.parametrize("experiment,n_critic", [("dcgan", 1), ("wgan_gp", 5), ("vaegan", 1)])
-def test_gradient_hygiene_invariants(tmp_path, experiment, n_critic):
+@pytest.mark.parametrize(
+    "experiment,n_critic,reuse",
+    [("dcgan", 1, True), ("dcgan", 1, False), ("wgan_gp", 5, True), ("vaegan", 1, False)],
+    ids=["dcgan", "dcgan-fresh-fakes", "wgan_gp", "vaegan"],
+)
+def test_gradient_hygiene_invariants(tmp_path, experiment, n_critic, reuse):
+    """With fakes reused (dcgan: the G step backpropagates through the D step's generated batch) and without."""
     cfg = make_cfg(
         f"+experiment={experiment}",
         f"trainer.n_critic={n_critic}",
         "trainer.max_steps=3",
         "trainer.accumulate_grad_batches=2",
+        *([] if experiment == "vaegan" else [f"loss.reuse_fakes={reuse}"]),  # VAE-GAN's G step draws its own
     )
     trainer = build(cfg, tmp_path)
     model = trainer.model
+    noise, draws = model.noise, []
+    model.noise = lambda *a, **kw: draws.append(1) or noise(*a, **kw)
     next(model.g.parameters()).requires_grad_(False)  # a user-frozen parameter: its flag must come back
     flags0 = [p.requires_grad for p in model.parameters()]
     order, zero_calls, loss_calls = [], [], []
@@ -246,6 +254,8 @@ def test_gradient_hygiene_invariants(tmp_path, experiment, n_critic):
     trainer.fit()
 
     assert order == (["D"] * n_critic + ["G"]) * 3
+    reused = reuse and n_critic == 1
+    assert len(draws) == 3 * 2 * (n_critic + (0 if reused else 1))  # 3 steps x 2 micro-batches per phase run
     # zero_grad once per window (2 micro-batches), before that window's first loss call
     assert [n for n, _ in zero_calls] == order
     assert [c for _, c in zero_calls] == [2 * i for i in range(len(order))]

@@ -1,0 +1,96 @@
+"""Step cost: one generator forward per iteration where the maths allows it (``loss.reuse_fakes``), and
+per-step bookkeeping without host reads between logging steps."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gantrain.runlog import RunLog
+from gantrain.train import build
+from tests.conftest import make_cfg
+
+
+class SameBatch:
+    """The one real batch, for every draw (the G phase draws one too, for its size); resumable like BatchStream."""
+
+    def __init__(self, real: torch.Tensor):
+        self.real, self.draws = real, 0
+
+    def __next__(self) -> torch.Tensor:
+        self.draws += 1
+        return self.real
+
+    def state_dict(self) -> dict:
+        return {"draws": self.draws}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.draws = state["draws"]
+
+
+def test_one_dcgan_iteration_equals_the_pytorch_examples_iteration(tmp_path):
+    """Acceptance 1: float64, BatchNorm-free DCGAN; one Trainer iteration and pytorch/examples' iteration
+    (D on real and ``fake.detach()``, D's step, then G's loss through the same ``fake``, D frozen) fed the
+    same real batch and noise: the same D and G gradients and weights (1e-9 relative)."""
+    cfg = make_cfg("+experiment=dcgan", "model.g.norm=none", "model.d.norm=none", "trainer.max_steps=1")
+    trainer = build(cfg, tmp_path)
+    model = trainer.model.double()
+    g, d = copy.deepcopy(model.g), copy.deepcopy(model.d)  # the hand loop's networks, same initial weights
+    gen = torch.Generator().manual_seed(0)
+    real = torch.rand(8, 1, 32, 32, generator=gen, dtype=torch.float64) * 2 - 1
+    z = torch.randn(8, *model.g.latent_shape, generator=gen, dtype=torch.float64)
+    latents = [z, torch.randn_like(z)]  # a G step that drew fresh noise would get the second one
+    model.noise = lambda n, device, generator=None: latents.pop(0)
+    trainer.data = SameBatch(real)
+    for callback in trainer.callbacks:
+        if isinstance(callback, RunLog):  # no sample grid: the model is float64 now, its fixed noise float32
+            callback.sampler = None
+    trainer.fit()
+    assert len(latents) == 1  # one generator forward in the iteration
+
+    # pytorch/examples/dcgan/main.py, one iteration (its criterion is BCE on sigmoid outputs; D gives logits)
+    adam = {"lr": cfg.optim.d.lr, "betas": tuple(cfg.optim.d.optimizer.betas)}
+    assert cfg.optim.g.lr == adam["lr"] and tuple(cfg.optim.g.optimizer.betas) == adam["betas"]
+    opt_d, opt_g = torch.optim.Adam(d.parameters(), **adam), torch.optim.Adam(g.parameters(), **adam)
+    d.zero_grad()
+    output = d(real)
+    F.binary_cross_entropy_with_logits(output, torch.ones_like(output)).backward()
+    fake = g(z)
+    output = d(fake.detach())
+    F.binary_cross_entropy_with_logits(output, torch.zeros_like(output)).backward()
+    opt_d.step()
+    g.zero_grad()
+    d.requires_grad_(False)  # (pytorch/examples lets D's .grad collect G's loss too; the Trainer freezes D)
+    output = d(fake)
+    F.binary_cross_entropy_with_logits(output, torch.ones_like(output)).backward()
+    opt_g.step()
+
+    for name, hand, ours in (("D", d, model.d), ("G", g, model.g)):
+        for (n, p), q in zip(hand.named_parameters(), ours.parameters()):
+            assert p.grad.abs().sum() > 0, f"{name} {n}: no gradient (the comparison could not fail)"
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-15, msg=f"{name} {n}.grad")
+            torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-9, atol=1e-15, msg=f"{name} {n}")
+
+
+@pytest.mark.parametrize(
+    "overrides, reused",
+    [
+        ([], True),
+        (["loss.reuse_fakes=false"], False),
+        (["trainer.n_critic=2"], False),  # G steps after two D steps: D's last batch is not G's to take
+        (["loss.fm.weight=1"], False),  # a generator term is defined on a fresh batch
+        (["+experiment=wgan_gp", "trainer.n_critic=1"], True),
+    ],
+    ids=["dcgan", "switched-off", "n_critic-2", "feature-matching", "wgan_gp-n_critic-1"],
+)
+def test_the_objective_decides_when_g_reuses_the_d_steps_batch(tmp_path, overrides, reused):
+    trainer = build(make_cfg(*overrides, "trainer.max_steps=2"), tmp_path)
+    forwards = []
+    trainer.model.g.register_forward_hook(lambda *_: forwards.append(trainer.iteration))
+    trainer.fit()
+    n_critic = trainer.phases[1].interval
+    per_step = n_critic + (0 if reused else 1)
+    assert len(forwards) == 2 * per_step + 1  # + the final sample grid
