@@ -17,8 +17,40 @@ import torch
 _active: "Collector | None" = None
 
 
+FOLD = 256  # values of one name kept as references before they are summed into one tensor (no host sync)
+
+
+class _Series:
+    """One name's values since the last drain: Python numbers summed as numbers, tensors kept as references."""
+
+    __slots__ = ("count", "numbers", "tensors", "partial")
+
+    def __init__(self) -> None:
+        self.count, self.numbers = 0, 0.0
+        self.tensors: list[torch.Tensor] = []
+        self.partial: torch.Tensor | None = None  # the sum of earlier tensors, folded every FOLD values
+
+    def add(self, v: torch.Tensor | float) -> None:
+        self.count += 1
+        if not isinstance(v, torch.Tensor):
+            self.numbers += v
+            return
+        self.tensors.append(v)
+        if len(self.tensors) == FOLD:  # a long logging interval holds FOLD references at most
+            self.partial, self.tensors = self.tensor_sum(), []
+
+    def tensor_sum(self) -> torch.Tensor | None:
+        parts = [t.float() for t in self.tensors] + ([] if self.partial is None else [self.partial])
+        return torch.stack(parts).sum() if parts else None
+
+
 class Collector:
-    """Accumulates reported values between two ``drain()`` calls (means per name).
+    """Collects reported values between two ``drain()`` calls (means per name).
+
+    A report costs no device work, so a step between logging steps never waits for the device: a
+    scalar tensor is kept as a detached reference (no copy, no kernel), a number as a number.
+    ``drain()``, on a logging step, reduces them and reads them with one host sync. A tensor of more
+    than one element counts as its mean.
 
     Between ``hold()`` and ``release(keep)`` the values wait, in report order, in the list ``hold()``
     returns: the Trainer checks one optimizer step's loss terms there and logs them only if that step
@@ -26,24 +58,29 @@ class Collector:
     """
 
     def __init__(self) -> None:
-        self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, int] = defaultdict(int)
-        self._held: list[tuple[str, torch.Tensor]] = []  # one list, reused by every hold()
+        self._series: dict[str, _Series] = {}
+        self._held: list[tuple[str, torch.Tensor | float]] = []  # one list, reused by every hold()
         self._holding = False
 
     def add(self, name: str, value: torch.Tensor | float) -> None:
-        # Keep tensors on their device and detached: no host sync per step, only at drain().
-        v = value.detach().float().mean() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+        if isinstance(value, torch.Tensor):
+            v = value.detach()  # a view: the graph is released, nothing is computed
+            if v.dim():
+                v = v.float().mean()
+        else:
+            v = float(value)
         if self._holding:
             self._held.append((name, v))
         else:
             self._accumulate(name, v)
 
-    def _accumulate(self, name: str, v: torch.Tensor) -> None:
-        self._sums[name] = self._sums[name] + v if name in self._sums else v
-        self._counts[name] += 1
+    def _accumulate(self, name: str, v: torch.Tensor | float) -> None:
+        series = self._series.get(name)
+        if series is None:
+            series = self._series[name] = _Series()
+        series.add(v)
 
-    def hold(self) -> list[tuple[str, torch.Tensor]]:
+    def hold(self) -> list[tuple[str, torch.Tensor | float]]:
         """Hold back what is reported from now on; returns the (name, value) list it goes to."""
         self._held.clear()
         self._holding = True
@@ -58,10 +95,18 @@ class Collector:
         self._holding = False
 
     def drain(self) -> dict[str, float]:
-        """Means of everything reported since the last drain, as Python floats; then reset."""
-        out = {k: (s / self._counts[k]).item() for k, s in self._sums.items()}
-        self._sums.clear()
-        self._counts.clear()
+        """Means of everything reported since the last drain, as Python floats (one host sync per device); then
+        reset."""
+        sums = {name: s.tensor_sum() for name, s in self._series.items()}
+        by_device: dict[torch.device, list[str]] = defaultdict(list)
+        for name, total in sums.items():
+            if total is not None:
+                by_device[total.device].append(name)
+        read: dict[str, float] = {}
+        for names in by_device.values():
+            read.update(zip(names, torch.stack([sums[n] for n in names]).tolist()))
+        out = {name: (s.numbers + read.get(name, 0.0)) / s.count for name, s in self._series.items()}
+        self._series.clear()
         return out
 
 

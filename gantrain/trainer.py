@@ -15,13 +15,21 @@ phase whose interval divides it; the phase marked ``counts_as_step`` defines a t
   critic with a gradient penalty), and steps skipped for inf/NaN are counted per phase;
 * an optional EMA of the counting phase's network (the generator) replaces its weights while
   sample grids and evaluation run;
-* every optimizer step is checked before it is applied, with one host sync: a NaN or an infinity
-  in a loss term the loss reported (``loss/...``), in the loss it returned or in the gradient norm
-  stops the run with one line (``on_nonfinite=stop``) or discards the step (``skip``: no optimizer,
-  EMA or ``after_step`` update, the values it reported not logged; the LR scheduler still steps,
-  as it does for the fp16 scaler's skips, so the schedule follows the step count).
-  ``max_consecutive_skips`` skipped steps in a row of one phase, ours or the fp16 scaler's, stop
-  the run the same way.
+* every optimizer step is checked for a NaN or an infinity in a loss term the loss reported
+  (``loss/...``), in the loss it returned or in the gradient norm. On the CPU, and wherever the
+  answer is needed before the update (``on_nonfinite=skip``, the fp16 scaler's streaks), the check
+  reads the values before the step is applied: one read per optimizer step, which on the CPU waits
+  for nothing. Such a value stops the run with one line (``on_nonfinite=stop``) or discards the step
+  (``skip``: no optimizer, EMA or ``after_step`` update, the values it reported not logged; the LR
+  scheduler still steps, as it does for the fp16 scaler's skips, so the schedule follows the step
+  count). ``max_consecutive_skips`` skipped steps in a row of one phase, ours or the fp16 scaler's,
+  stop the run the same way.
+* on an accelerator under ``stop`` (fp32, bf16) a read would make the host wait for the device at every
+  step, so the values wait on the device (``check_every_step`` False) and are read with one sync
+  at the next logging, sample or checkpoint step (at least every ``DEFERRED_CHECKS`` phase steps)
+  and before the run ends: the run stops there, naming the first bad step, phase and term, with the
+  updates since applied and no checkpoint written, so the guard of :mod:`gantrain.checkpoint` and
+  ``last.ckpt`` of before stay as under the CPU's exact stop.
 
 Logging, sample grids and checkpoints are callbacks (:mod:`gantrain.events`): :mod:`gantrain.runlog`
 and :mod:`gantrain.checkpoint`, built by :func:`gantrain.runlog.standard_callbacks`. Losses and models never see a
@@ -53,6 +61,7 @@ PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float1
 NONFINITE_POLICIES = ("stop", "skip")
 GRAD_NORM_LOGS = ("total", "layer")
 SKIP_WARNINGS = 10  # skips of a phase that each get a warning line; after that every 100th
+DEFERRED_CHECKS = 1024  # phase steps whose deferred non-finite checks may wait for a logging step
 
 
 @dataclass
@@ -160,6 +169,9 @@ class Trainer:
         self.skipped_steps = {p.name: 0 for p in self.phases}  # optimizer steps the scaler skipped (inf/NaN)
         self.nonfinite_skips = {p.name: 0 for p in self.phases}  # steps on_nonfinite=skip dropped
         self.skips_in_a_row = {p.name: 0 for p in self.phases}  # of either kind, up to the phase's last step
+        # read each step's check before applying it (see the module docstring), else defer the reads
+        self.check_every_step = self.device.type == "cpu" or settings.on_nonfinite == "skip" or fp16
+        self.deferred_checks: list[tuple[int, str, list[str], torch.Tensor]] = []  # (step, phase, names, values)
         if settings.detect_anomaly:
             log.warning("trainer.detect_anomaly=true: autograd's anomaly mode makes every step several times slower")
         self.ema: EMA | None = None
@@ -197,9 +209,12 @@ class Trainer:
                     self.iteration += 1
                     if stepped:
                         self.step += 1
+                        if self._reads_due():
+                            self.read_deferred_checks()
                         self._emit("on_step_end")
                         if self.stop_reason is not None:
                             break
+                self.read_deferred_checks()
             self._emit("on_fit_end")
         finally:
             self._emit("teardown")
@@ -298,7 +313,15 @@ class Trainer:
         """
         terms = [(name, v) for name, v in reported if name.startswith("loss/")]
         terms += [(f"loss/{phase.name}", loss) for loss in losses]  # what the loss returned, after its terms
-        values = torch.stack([v.float().to(grad_norm.device) for _, v in terms] + [grad_norm.float()])
+        device = grad_norm.device
+        values = [
+            v.float().to(device) if isinstance(v, torch.Tensor) else torch.tensor(v, device=device) for _, v in terms
+        ]
+        values = torch.stack(values + [grad_norm.float()])
+        if not self.check_every_step:
+            names = [name for name, _ in terms] + [f"grad_norm/{phase.name}"]
+            self.deferred_checks.append((self.step + 1, phase.name, names, values))
+            return None, True
         finite = torch.isfinite(values)
         if overflows:
             finite = torch.cat([finite, ~torch.stack(overflows)])
@@ -315,6 +338,32 @@ class Trainer:
         first = next((name for name, p in named if not torch.isfinite(p.grad).all()), None)
         where = f"first non-finite gradient: {first}" if first else "finite gradients whose norm overflows"
         return f"grad_norm/{phase.name} is {grad_norm.item()} ({where})", False
+
+    def _reads_due(self) -> bool:
+        """Whether the deferred checks are read before this step's callbacks: a logging, sample or checkpoint
+        step (a checkpoint is never written from weights a bad step has reached), or enough of them waiting."""
+        s = self.settings
+        periods = (s.log_every_n_steps, s.sample_every_n_steps, s.checkpoint_every_n_steps)
+        return len(self.deferred_checks) >= DEFERRED_CHECKS or any(self.step % n == 0 for n in periods)
+
+    def read_deferred_checks(self) -> None:
+        """Read the checks deferred since the last read (one host sync); a NaN/inf stops the run, naming the first."""
+        deferred, self.deferred_checks = self.deferred_checks, []
+        if not deferred:
+            return
+        values = torch.cat([v for *_, v in deferred])
+        ok = torch.isfinite(values).tolist()
+        if all(ok):
+            return
+        first = ok.index(False)
+        step, phase, name = [(step, phase, name) for step, phase, names, _ in deferred for name in names][first]
+        raise NonFiniteError(
+            f"step {step}, phase {phase}: {name} is {values[first].item()}; found when the checks "
+            f"were read at step {self.step} (on {self.device.type} they wait on the device until a logging, sample "
+            "or checkpoint step), so the updates since were applied, and no checkpoint is written; lower the "
+            "learning rate (optim.<net>.lr), clip gradients (trainer.gradient_clip_val), find the op with "
+            "trainer.detect_anomaly=true, or drop such steps with trainer.on_nonfinite=skip (checked at every step)"
+        )
 
     def _skipped(self, phase: Phase, problem: str) -> None:
         """``on_nonfinite=skip`` dropped this step: count it, with a warning line (the first few, then every 100th)."""

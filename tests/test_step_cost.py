@@ -4,14 +4,18 @@ per-step bookkeeping without host reads between logging steps."""
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from gantrain.errors import NonFiniteError
 from gantrain.runlog import RunLog
+from gantrain.stats import FOLD, Collector
 from gantrain.train import build
 from tests.conftest import make_cfg
+from tests.test_nonfinite import AtStep, checkpoint_files, nan_in_adversarial_term
 
 
 class SameBatch:
@@ -94,3 +98,79 @@ def test_the_objective_decides_when_g_reuses_the_d_steps_batch(tmp_path, overrid
     n_critic = trainer.phases[1].interval
     per_step = n_critic + (0 if reused else 1)
     assert len(forwards) == 2 * per_step + 1  # + the final sample grid
+
+
+# ----------------------------------------------------------------------------- bookkeeping between logging steps
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+
+def record_gantrain_reads(monkeypatch, where) -> list:
+    """Every tensor value gantrain's own code reads on the host (``.item()``, ``.tolist()``, ``bool(t)``, ...),
+    each as ``where()`` at the read; on a GPU each would make the host wait for the device."""
+    reads = []
+    for method in HOST_READS:
+        original = getattr(torch.Tensor, method)
+
+        def read(self, *args, _original=original):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("gantrain"):
+                reads.append(where())
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, method, read)
+    return reads
+
+
+@pytest.mark.parametrize("every_step", [False, True], ids=["deferred", "cpu"])
+def test_no_host_reads_between_logging_steps(tmp_path, monkeypatch, every_step):
+    """Deferred checks (an accelerator under ``stop``): gantrain reads no tensor inside a phase step, and outside
+    them only at logging steps (3, 6). On the CPU the check reads its values once per phase step."""
+    trainer = build(make_cfg("trainer.max_steps=6", "trainer.log_every_n_steps=3"), tmp_path)
+    trainer.check_every_step = every_step
+    in_phase = [False]
+    run_phase = trainer.run_phase
+
+    def phase_step(phase):
+        in_phase[0] = True
+        try:
+            run_phase(phase)
+        finally:
+            in_phase[0] = False
+
+    trainer.run_phase = phase_step
+    reads = record_gantrain_reads(monkeypatch, lambda: (trainer.step, in_phase[0]))
+    trainer.fit()
+    monkeypatch.undo()
+    outside = {step for step, inside in reads if not inside}
+    inside = [step for step, inside in reads if inside]
+    assert outside == {3, 6}
+    assert inside == ([s for s in range(6) for _phase in "DG"] if every_step else [])
+
+
+def test_deferred_checks_stop_at_the_next_read_naming_the_first_bad_step(tmp_path, monkeypatch):
+    """NaN in D's term at step 3, read at step 4 (a checkpoint step): the error names step 3, and the
+    checkpoint of step 2 is the one on disk, byte for byte."""
+    cfg = make_cfg("trainer.max_steps=8", "trainer.log_every_n_steps=4", "trainer.checkpoint_every_n_steps=2")
+    trainer = build(cfg, tmp_path)
+    trainer.check_every_step = False
+    nan_in_adversarial_term(monkeypatch, trainer, "D", steps=(3,))
+    trainer.callbacks.append(before := AtStep(2, tmp_path))
+    with pytest.raises(
+        NonFiniteError, match=r"^step 3, phase D: loss/D/adv is nan; found when the checks were read at step 4 "
+    ):
+        trainer.fit()
+    assert trainer.step == 4 and before.files and checkpoint_files(tmp_path) == before.files
+
+
+def test_collector_means_and_one_read_per_drain(monkeypatch):
+    collector = Collector()
+    values = [torch.tensor(float(i)) for i in range(FOLD + 3)]  # folds once
+    for v in values:
+        collector.add("a", v)
+    collector.add("b", 2.0)
+    collector.add("b", torch.tensor(4.0))
+    collector.add("c", torch.tensor([1.0, 2.0, 6.0]))  # a tensor counts as its mean
+    reads = record_gantrain_reads(monkeypatch, lambda: None)
+    stats = collector.drain()
+    assert len(reads) == 1
+    assert stats == {"a": pytest.approx((FOLD + 2) / 2), "b": 3.0, "c": 3.0}
+    assert collector.drain() == {}
