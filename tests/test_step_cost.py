@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from gantrain.errors import NonFiniteError
+from gantrain.events import Callback
 from gantrain.runlog import RunLog
 from gantrain.stats import FOLD, Collector
 from gantrain.train import build
@@ -174,3 +175,29 @@ def test_collector_means_and_one_read_per_drain(monkeypatch):
     assert len(reads) == 1
     assert stats == {"a": pytest.approx((FOLD + 2) / 2), "b": 3.0, "c": 3.0}
     assert collector.drain() == {}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_device_sync_between_logging_steps_on_cuda(tmp_path):
+    """CUDA, fp32, ``stop``: from the end of step 1 (the epoch's order is copied to the device there) every
+    phase step and every callback of a non-logging step runs without one synchronising CUDA call."""
+    trainer = build(make_cfg("trainer.device=cuda", "trainer.max_steps=6", "trainer.log_every_n_steps=3"), tmp_path)
+    assert not trainer.check_every_step
+    read = trainer.read_deferred_checks
+
+    def read_checks():  # a logging step's reads are allowed
+        torch.cuda.set_sync_debug_mode("default")
+        read()
+
+    class Watch(Callback):  # last in the list: after this step's logging, until the next read
+        def on_step_end(self, trainer):
+            torch.cuda.set_sync_debug_mode("error")
+
+    trainer.read_deferred_checks = read_checks
+    trainer.callbacks.append(Watch())
+    try:
+        trainer.fit()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert trainer.step == 6

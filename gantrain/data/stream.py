@@ -73,14 +73,21 @@ class _Order:
         self.group = batch_size * world_size  # indices consumed per step by all ranks together
         self.batches_per_epoch = num_items // self.group
         self._perm_epoch, self._perm = -1, None  # cache: permutation of the latest epoch asked
+        self._perm_on_device: torch.Tensor | None = None  # ... and its copy on the device last asked for
 
-    def indices(self, epoch: int, batch: int) -> torch.Tensor:
-        """(batch_size,) int64 dataset indices, on the CPU."""
+    def indices(self, epoch: int, batch: int, device: torch.device | None = None) -> torch.Tensor:
+        """(batch_size,) int64 dataset indices, on the CPU or on ``device``, where the epoch's permutation is
+        copied once: a batch then costs no host-to-device copy, which on a GPU would wait for the device."""
         if epoch != self._perm_epoch:
             gen = torch.Generator().manual_seed(derive_seed("order", self.seed, epoch))
             self._perm = torch.randperm(self.num_items, generator=gen)  # (N,)
-            self._perm_epoch = epoch
-        group = self._perm[batch * self.group : (batch + 1) * self.group]
+            self._perm_epoch, self._perm_on_device = epoch, None
+        perm = self._perm
+        if device is not None and device != perm.device:
+            if self._perm_on_device is None or self._perm_on_device.device != device:
+                self._perm_on_device = perm.to(device)
+            perm = self._perm_on_device
+        group = perm[batch * self.group : (batch + 1) * self.group]
         return group[self.rank :: self.world_size]
 
 
@@ -183,7 +190,7 @@ class BatchStream:
     def __next__(self) -> torch.Tensor:
         """The next (batch_size, C, R, R) batch on `device`."""
         if self.in_memory:
-            batch = self.images[self._order.indices(self._epoch, self._batch).to(self.images.device)]
+            batch = self.images[self._order.indices(self._epoch, self._batch, self.images.device)]
         else:
             if self._loader_iter is None:
                 workers = self.num_workers
