@@ -2,9 +2,10 @@
 
 Every ``log_every_n_steps`` it drains the
 stats that losses ``report``-ed (plus images/s and the fp16 scales) into TensorBoard scalars, the bar's
-postfix and ``trainer.metrics``; every ``sample_every_n_steps`` it evaluates and writes sample grids,
-with the EMA weights swapped in; it does both once more at the end (unless that step's grid was
-just written). Only rank 0 writes anything.
+postfix and ``trainer.metrics``; every ``sample_every_n_steps`` it evaluates and draws sample grids,
+with the EMA weights swapped in, and a background thread encodes them (PNG files, TensorBoard images)
+while training goes on; it does both once more at the end (unless that step's grid was just written).
+Only rank 0 writes anything.
 
 The console shows a tqdm bar when it is a terminal and ``progress_bar`` is on. Otherwise (a cluster
 log, ``> out.txt 2>&1``, ``progress_bar=false``) a plain progress line is logged instead, at most one
@@ -18,6 +19,7 @@ import logging
 import shlex
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -80,11 +82,14 @@ class RunLog(Callback):
         self.config, self.is_main, self.terminal, self.clock = config or {}, is_main, terminal, clock
         self.writer = self.bar = None  # opened by on_fit_start, closed by teardown
         self.grids: list[Path] = []  # the pictures write_samples wrote last
+        self._encoder: ThreadPoolExecutor | None = None  # writes sample grids off the training loop
+        self._writing: Future | None = None  # the grids being written
 
     def on_fit_start(self, trainer) -> None:
         if self.is_main:
             self.writer = SummaryWriter(log_dir=str(self.run_dir))
             self.log_config(trainer.step)
+            self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gantrain-samples")
         s = trainer.settings
         terminal = console_is_terminal() if self.terminal is None else self.terminal
         show_bar = self.is_main and s.progress_bar and terminal
@@ -110,14 +115,17 @@ class RunLog(Callback):
         self.log_progress(trainer, final=True)
         if trainer.step % trainer.settings.sample_every_n_steps:  # else on_step_end just wrote this step's grid
             self.write_samples(trainer)
+        self.wait_for_samples()  # the last line names them
         if self.is_main:
             self.log_finished(trainer)
 
     def teardown(self, trainer) -> None:
+        if self._encoder is not None:  # after an error elsewhere the grid in flight is finished, its own error dropped
+            self._encoder.shutdown(wait=True)
         for opened in (self.bar, self.writer):
             if opened is not None:
                 opened.close()
-        self.bar = self.writer = None
+        self.bar = self.writer = self._encoder = self._writing = None
 
     def log_stats(self, trainer) -> None:
         """Drain the collected stats into ``trainer.metrics``, TensorBoard and the bar's postfix."""
@@ -172,7 +180,8 @@ class RunLog(Callback):
         )
 
     def write_samples(self, trainer) -> None:
-        """Evaluate (into ``trainer.eval_metrics`` and a console line) and write the sample pictures."""
+        """Evaluate (into ``trainer.eval_metrics`` and a console line) and draw the sample pictures, which the
+        background thread writes (after the previous ones: an error there is raised here, or at the end)."""
         if not self.is_main:
             return
         if self.evaluator is not None:
@@ -187,14 +196,24 @@ class RunLog(Callback):
             pictures = self.sampler()
         if isinstance(pictures, torch.Tensor):
             pictures = {"samples": pictures}
-        self.grids = []
-        for name, picture in pictures.items():
-            grid = picture.float().cpu()  # (3, H', W') in [0, 1]
-            prefix = "" if name == "samples" else f"{name}_"
-            path = self.run_dir / "samples" / f"{prefix}step_{trainer.step:07d}.png"
-            atomic_write(path, partial(save_image, grid, format="png"), fsync=False)
-            self.grids.append(path)
-            self.writer.add_image(name, grid, trainer.step)
+        grids = {name: picture.float().cpu() for name, picture in pictures.items()}  # (3, H', W') in [0, 1]
+        prefix = {name: "" if name == "samples" else f"{name}_" for name in grids}
+        paths = {name: self.run_dir / "samples" / f"{prefix[name]}step_{trainer.step:07d}.png" for name in grids}
+        self.wait_for_samples()
+        self.grids = list(paths.values())
+        self._writing = self._encoder.submit(self._write_pictures, grids, paths, trainer.step)
+
+    def _write_pictures(self, grids: dict[str, torch.Tensor], paths: dict[str, Path], step: int) -> None:
+        """PNG files and TensorBoard images of ``grids`` (in the background thread; the writer is thread-safe)."""
+        for name, grid in grids.items():
+            atomic_write(paths[name], partial(save_image, grid, format="png"), fsync=False)
+            self.writer.add_image(name, grid, step)
+
+    def wait_for_samples(self) -> None:
+        """Until the grids being written are on disk; raises the error that stopped them, if any."""
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.result()
 
     def log_config(self, step: int) -> None:
         """The config as indented text (a code block) and as hparams."""

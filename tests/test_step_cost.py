@@ -4,18 +4,23 @@ per-step bookkeeping without host reads between logging steps."""
 from __future__ import annotations
 
 import copy
+import errno
+import importlib
 import sys
+import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from gantrain import runlog
 from gantrain.errors import NonFiniteError
 from gantrain.events import Callback
+from gantrain.files import WriteError
 from gantrain.runlog import RunLog
 from gantrain.stats import FOLD, Collector
 from gantrain.train import build
-from tests.conftest import make_cfg
+from tests.conftest import REPO, make_cfg
 from tests.test_nonfinite import AtStep, checkpoint_files, nan_in_adversarial_term
 
 
@@ -201,3 +206,37 @@ def test_no_device_sync_between_logging_steps_on_cuda(tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert trainer.step == 6
+
+
+def test_sample_grids_are_written_in_the_background_and_their_errors_stop_the_run(tmp_path, monkeypatch):
+    """The PNG of step 2 fails on a full disk in the background thread: the run stops at the next grid (step 3)
+    with that error's one line; step 1's grid is on disk."""
+    trainer = build(make_cfg("trainer.max_steps=5", "trainer.sample_every_n_steps=1"), tmp_path)
+    threads, save = [], runlog.save_image
+
+    def save_image(grid, fp, format=None):
+        threads.append(threading.current_thread().name)
+        if len(threads) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "samples"))
+        save(grid, fp, format=format)
+
+    monkeypatch.setattr(runlog, "save_image", save_image)
+    with pytest.raises(WriteError, match=r"^cannot write '.*step_0000002.png': No space left on device"):
+        trainer.fit()
+    assert trainer.step == 3 and all(name.startswith("gantrain-samples") for name in threads)
+    assert [p.name for p in (tmp_path / "samples").iterdir()] == ["step_0000001.png"]
+
+
+@pytest.mark.parametrize("recipe", ["dcgan", "wgan_gp", "vae"])
+def test_the_benchmarks_hand_loops_train_the_recipes_networks(monkeypatch, recipe):
+    """scripts/hand_loops.py, bench.py's baselines: each has the recipe's parameter shapes and takes a step."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    bench, hand_loops = importlib.import_module("bench"), importlib.import_module("hand_loops")
+    bench.same_networks(recipe)
+    lines: list[str] = []
+    loop = hand_loops.LOOPS[recipe](hand_loops.digits(), log=lines.append)
+    before = {name: [p.detach().clone() for p in net.parameters()] for name, net in loop.networks().items()}
+    loop.step(0)
+    assert len(lines) == 1
+    for name, net in loop.networks().items():  # every network trained (a critic's last bias gets no gradient)
+        assert any(not torch.equal(a, b) for a, b in zip(before[name], net.parameters())), name
