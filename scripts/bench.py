@@ -1,17 +1,22 @@
-"""Framework overhead: steady-state ms/step of the DCGAN recipe through gantrain's Trainer versus a
-hand-written PyTorch loop doing the same work, in the same process, on the same data.
+"""Step cost as a user feels it: ``python -m gantrain`` against hand-written pytorch/examples-style loops.
 
-    python scripts/bench.py                       # CPU, the dcgan recipe at batch 64
-    python scripts/bench.py --device cuda --steps 50
+    python scripts/bench.py                        # dcgan, wgan_gp and vae, 3 rounds each, then the detail
+    python scripts/bench.py --recipes dcgan --rounds 5
     python scripts/bench.py --write docs/benchmarks.md
 
-Both loops start from the same weights, use the same Adam settings, the same in-memory digits
-tensor and per step do: one D update on a real batch and detached fakes from fresh noise, then
-one G update on fresh noise with D frozen. Every step is timed; blocks of steps alternate
-between the loops (so drift in machine load hits all of them; the order rotates every round),
-and the overhead is the ratio of mean step times. A third, informational row
-is the common "reuse the D step's fakes for the G step" loop, which skips one G forward; the
-Trainer cannot do that without letting G's graph live through the D phase.
+Headline, per recipe: the whole ``python -m gantrain +experiment=NAME data=digits trainer.max_steps=N``
+process at its default settings (logging every 10 steps into TensorBoard and plain progress lines, the
+final sample grid and checkpoint) against the whole ``python scripts/hand_loops.py NAME --steps N``
+process (:mod:`hand_loops`: the same networks, optimizer settings, batch and data, the losses printed
+every 10 steps). The time per step is the difference between a long and a short run's wall time over
+the difference in steps, so start-up, data loading and the final save cancel: 20 and 120 steps for
+dcgan, 20 and 70 for wgan_gp and 20 and 520 for vae (each difference about 20 s of training on a
+2-core CPU, far above the start-up's jitter). One round runs the four processes of a recipe, in an
+order that rotates every round so that drift in the machine's load hits both sides; each side's time
+per step is the median over the rounds and the ratio is gantrain's over the hand loop's.
+
+Detail (dcgan, one process): the Trainer, the hand loop and the Trainer with ``loss.reuse_fakes=false``
+timed step by step in alternating blocks on the same weights and the same in-memory data.
 """
 
 from __future__ import annotations
@@ -20,18 +25,23 @@ import argparse
 import copy
 import os
 import platform
-import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import fmean, median
 
+import hand_loops
 import torch
-import torch.nn.functional as F
+from hydra.utils import instantiate
 
 from gantrain.events import Callback
 from gantrain.files import replace_marked_section
 from gantrain.train import build, compose_config
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = {"dcgan": (20, 120), "wgan_gp": (20, 70), "vae": (20, 520)}  # (short, long) run of each recipe
 
 
 def sync(device: torch.device) -> None:
@@ -39,56 +49,57 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-class Handwritten:
-    """The plain loop: no phases, no stats sink, no progress bar, no checkpoints."""
-
-    def __init__(self, g, d, data: torch.Tensor, batch: int, lr: float, betas, reuse_fakes: bool):
-        self.g, self.d, self.data, self.batch, self.reuse = g, d, data, batch, reuse_fakes
-        self.opt_g = torch.optim.Adam(g.parameters(), lr=lr, betas=betas)
-        self.opt_d = torch.optim.Adam(d.parameters(), lr=lr, betas=betas)
-        self.gen = torch.Generator().manual_seed(0)
-        self.nz = g.latent_shape
-
-    def step(self) -> None:
-        g, d, dev = self.g, self.d, self.data.device
-        idx = torch.randint(0, self.data.shape[0], (self.batch,), generator=self.gen).to(dev)
-        real = self.data[idx]
-        z = torch.randn((self.batch, *self.nz), device=dev)
-        # D step
-        if self.reuse:
-            fake = g(z)
-            fake_d = fake.detach()
-        else:
-            with torch.no_grad():
-                fake_d = g(z)
-        self.opt_d.zero_grad(set_to_none=True)
-        real_out, fake_out = d(real), d(fake_d)
-        loss_d = F.binary_cross_entropy_with_logits(
-            real_out, torch.ones_like(real_out)
-        ) + F.binary_cross_entropy_with_logits(fake_out, torch.zeros_like(fake_out))
-        loss_d.backward()
-        self.opt_d.step()
-        # G step, D frozen so no D weight gradients are computed
-        d.requires_grad_(False)
-        if not self.reuse:
-            fake = g(torch.randn((self.batch, *self.nz), device=dev))
-        self.opt_g.zero_grad(set_to_none=True)
-        out = d(fake)
-        F.binary_cross_entropy_with_logits(out, torch.ones_like(out)).backward()
-        self.opt_g.step()
-        d.requires_grad_(True)
-
-    def block(self, n: int) -> list[float]:
-        """Seconds of each of ``n`` steps."""
-        out = []
-        for _ in range(n):
-            t = time.perf_counter()
-            self.step()
-            sync(self.data.device)
-            out.append(time.perf_counter() - t)
-        return out
+# ----------------------------------------------------------------------------- whole processes
+def commands(recipe: str, steps: int, run_dir: Path, device: str | None) -> dict[str, list[str]]:
+    """The two processes of one measurement: gantrain at its defaults and the hand loop."""
+    gantrain = [sys.executable, "-m", "gantrain", f"+experiment={recipe}", "data=digits", f"trainer.max_steps={steps}"]
+    gantrain += [f"hydra.run.dir={run_dir}"] + ([f"trainer.device={device}"] if device else [])
+    hand = [sys.executable, str(Path(hand_loops.__file__)), recipe, "--steps", str(steps)]
+    return {"gantrain": gantrain, "hand": hand + (["--device", device] if device else [])}
 
 
+def wall_time(command: list[str], log: Path) -> float:
+    """Seconds the whole process takes, its output (not a terminal, as on a cluster) in ``log``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    with open(log, "w") as out:
+        start = time.perf_counter()
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent, env=env)
+        seconds = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(f"bench.py: {' '.join(command)} exited with {done.returncode}; its output: {log}")
+    return seconds
+
+
+def same_networks(recipe: str) -> None:
+    """The hand loop's networks have the recipe's parameter shapes (what a step computes is the same)."""
+    cfg = compose_config(f"+experiment={recipe}", "data=digits")
+    model = instantiate(cfg.model)
+    hand = hand_loops.LOOPS[recipe](hand_loops.digits()[:1])
+    for name, net in hand.networks().items():
+        want = [tuple(p.shape) for p in getattr(model, name).parameters()]
+        assert [tuple(p.shape) for p in net.parameters()] == want, f"{recipe}: the hand loop's {name} differs"
+
+
+def whole_processes(
+    recipe: str, steps: tuple[int, int], rounds: int, device: str | None, work: Path
+) -> dict[str, list[float]]:
+    """ms per step of each side in each round (long run minus short run, per step)."""
+    short, long = steps
+    runs = [(side, n) for n in (short, long) for side in ("gantrain", "hand")]
+    per_step: dict[str, list[float]] = {"gantrain": [], "hand": []}
+    for r in range(rounds):
+        seconds = {}
+        for side, n in runs[r % len(runs) :] + runs[: r % len(runs)]:  # rotate who goes first
+            run_dir = work / f"{recipe}_{side}_{n}_{r}"
+            run_dir.mkdir()
+            seconds[side, n] = wall_time(commands(recipe, n, run_dir, device)[side], run_dir / "out.log")
+        for side in per_step:
+            per_step[side].append(1000 * (seconds[side, long] - seconds[side, short]) / (long - short))
+        print(f"{recipe} round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f} ms/step" for k, v in per_step.items()))
+    return per_step
+
+
+# ----------------------------------------------------------------------------- in one process (detail)
 def framework_block(trainer, n: int) -> list[float]:
     """Seconds of each of ``n`` Trainer steps, taken between consecutive step ends inside one
     ``fit()`` (so the periodic logging counts; fit's setup and its final save do not)."""
@@ -106,73 +117,109 @@ def framework_block(trainer, n: int) -> list[float]:
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
+def hand_block(loop, device: torch.device):
+    def block(n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            t = time.perf_counter()
+            loop.step(loop.i)
+            loop.i += 1
+            sync(device)
+            out.append(time.perf_counter() - t)
+        return out
+
+    return block
+
+
+def in_process(rounds: int, steps: int, warmup: int, device: str | None, work: Path) -> dict[str, list[float]]:
+    """ms of every timed dcgan step of the Trainer, the hand loop and the Trainer without reuse."""
+    overrides = ["+experiment=dcgan", "data=digits", "trainer.progress_bar=false"]
+    overrides += [f"trainer.device={device}"] if device else []
+    trainer = build(compose_config(*overrides), work / "trainer")
+    fresh = build(compose_config(*overrides, "loss.reuse_fakes=false"), work / "fresh")
+    fresh.model.load_state_dict(trainer.model.state_dict())
+    loop = hand_loops.DCGAN(trainer.data.images, log=lambda line: None)  # the stream's in-memory tensor
+    loop.g.load_state_dict(copy.deepcopy(trainer.model.g.state_dict()))
+    loop.d.load_state_dict(copy.deepcopy(trainer.model.d.state_dict()))
+    loop.i = 0
+    loops = {
+        "gantrain Trainer": lambda n: framework_block(trainer, n),
+        "hand loop": hand_block(loop, trainer.device),
+        "Trainer, loss.reuse_fakes=false (info)": lambda n: framework_block(fresh, n),
+    }
+    for fn in loops.values():
+        fn(warmup)
+    times: dict[str, list[float]] = {k: [] for k in loops}
+    names = list(loops)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name] += [t * 1000 for t in loops[name](steps)]
+        print(f"in-process round {r + 1}/{rounds} done", file=sys.stderr)
+    return times
+
+
 def _pct(values: list[float], q: int) -> float:
     return sorted(values)[len(values) * q // 100]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--steps", type=int, default=25, help="steps per loop per round")
-    ap.add_argument("--repeats", type=int, default=6, help="rounds; the loops alternate within each")
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--recipes", nargs="+", default=list(STEPS), choices=list(STEPS))
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the four whole processes of each recipe")
+    ap.add_argument("--steps", type=int, nargs=2, metavar=("SHORT", "LONG"), help="the runs' steps, every recipe")
+    ap.add_argument("--device", help="trainer.device / the hand loop's device (default: each one's own choice)")
+    ap.add_argument("--detail-rounds", type=int, default=4, help="in-process rounds (0: skip the detail)")
+    ap.add_argument("--detail-steps", type=int, default=20, help="steps per loop per in-process round")
     ap.add_argument("--write", type=Path, help="replace the bench section of this markdown file")
-    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for the recipe, e.g. data.batch_size=128")
     args = ap.parse_args()
 
-    cfg = compose_config(
-        "+experiment=dcgan", f"trainer.device={args.device}", "trainer.progress_bar=false", *args.overrides
-    )
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = build(cfg, run_dir)
-        model = trainer.model
-        g0, d0 = copy.deepcopy(model.g), copy.deepcopy(model.d)
-        data = trainer.data.images  # (N, C, R, R) on the device: the stream's in-memory tensor
-        assert isinstance(data, torch.Tensor), "the benchmark needs an in-memory dataset (data.in_memory=true)"
-        opt = cfg.optim.g
+    load_before = os.getloadavg()[0]
+    for recipe in args.recipes:
+        same_networks(recipe)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        steps = {recipe: tuple(args.steps or STEPS[recipe]) for recipe in args.recipes}
+        per_step = {r: whole_processes(r, steps[r], args.rounds, args.device, work) for r in args.recipes}
+        times = in_process(args.detail_rounds, args.detail_steps, 3, args.device, work) if args.detail_rounds else {}
+    load_after = os.getloadavg()[0]
 
-        def handwritten(reuse_fakes: bool) -> Handwritten:
-            g, d = copy.deepcopy(g0), copy.deepcopy(d0)
-            betas = tuple(opt.optimizer.betas)
-            return Handwritten(g, d, data, cfg.data.batch_size, opt.lr, betas, reuse_fakes=reuse_fakes)
-
-        loops = {
-            "gantrain Trainer": lambda n: framework_block(trainer, n),
-            "hand-written loop": handwritten(reuse_fakes=False).block,
-            "hand-written, fakes reused (info)": handwritten(reuse_fakes=True).block,
-        }
-        for fn in loops.values():
-            fn(args.warmup)
-        times: dict[str, list[float]] = {k: [] for k in loops}  # ms of every timed step
-        names = list(loops)
-        for r in range(args.repeats):
-            for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
-                times[name] += [t * 1000 for t in loops[name](args.steps)]
-            print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr)
-
-    mean = {k: statistics.fmean(v) for k, v in times.items()}
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = mean["gantrain Trainer"] / mean["hand-written loop"]
     threads = torch.get_num_threads()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     machine = (
         f"{platform.machine()}, {os.cpu_count()} logical CPUs ({threads} torch threads), "
-        f"Python {platform.python_version()}, torch {torch.__version__}, device {args.device}"
+        f"Python {platform.python_version()}, torch {torch.__version__}, device {device}"
     )
-    if args.device.startswith("cuda"):
+    if device.startswith("cuda"):
         machine += f" ({torch.cuda.get_device_name()})"
+    command = "python scripts/bench.py " + " ".join(sys.argv[1:])
     lines = [
-        f"DCGAN recipe (`+experiment=dcgan {' '.join(args.overrides)}`), batch {cfg.data.batch_size}, "
-        f"{cfg.model.resolution} px; {args.repeats} rounds, each timing {args.steps} steps of every loop "
-        f"({args.repeats * args.steps} steps per loop):",
+        f"`{command.strip()}`: {args.rounds} rounds; ms per step of the whole process = (wall time of the long run "
+        "- wall time of the short run) / (step difference), median over the rounds; ratio = gantrain / hand loop.",
         "",
-        "| loop | mean ms/step | median | p10 | p90 |",
-        "| --- | ---: | ---: | ---: | ---: |",
-        *[f"| {k} | {mean[k]:.1f} | {med[k]:.1f} | {_pct(v, 10):.1f} | {_pct(v, 90):.1f} |" for k, v in times.items()],
-        "",
-        f"**Framework overhead: {100 * (ratio - 1):+.1f}%** (mean Trainer / mean hand-written = {ratio:.3f}).",
-        "",
-        f"Machine: {machine}.",
+        "| recipe | steps (short, long) | `python -m gantrain` ms/step | hand loop ms/step | ratio | ratio per round |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
     ]
+    for recipe, sides in per_step.items():
+        g, h = median(sides["gantrain"]), median(sides["hand"])
+        rounds = ", ".join(f"{a / b:.3f}" for a, b in zip(sides["gantrain"], sides["hand"]))
+        lines.append(f"| {recipe} | {steps[recipe]} | {g:.1f} | {h:.1f} | **{g / h:.3f}** | {rounds} |")
+    if times:
+        ratio = fmean(times["gantrain Trainer"]) / fmean(times["hand loop"])
+        lines += [
+            "",
+            f"Detail, dcgan in one process ({args.detail_rounds} rounds of {args.detail_steps} steps of each loop, "
+            "alternating):",
+            "",
+            "| loop | mean ms/step | median | p10 | p90 |",
+            "| --- | ---: | ---: | ---: | ---: |",
+            *[
+                f"| {k} | {fmean(v):.1f} | {median(v):.1f} | {_pct(v, 10):.1f} | {_pct(v, 90):.1f} |"
+                for k, v in times.items()
+            ],
+            "",
+            f"Mean Trainer / mean hand loop in one process: {ratio:.3f}.",
+        ]
+    lines += ["", f"Machine: {machine}; load average (1 min) {load_before:.2f} before, {load_after:.2f} after."]
     report = "\n".join(lines)
     print(report)
     if args.write:

@@ -118,13 +118,14 @@ def run_script(name: str, args: list[str], cwd) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+@pytest.mark.slow  # whole processes at the recipes' sizes (~1 min on 2 busy cores)
 def test_bench_script_runs_and_writes_its_section(tmp_path):
     doc = tmp_path / "bench.md"
     doc.write_text("# x\n<!-- bench.py:begin -->\nold\n<!-- bench.py:end -->\ntail\n")
-    args = ["--steps", "2", "--repeats", "1", "--warmup", "1", "--write", str(doc), *TINY_WIDTH["ngf"], TINY[0]]
-    run_script("bench.py", args, tmp_path)
+    args = ["--recipes", "vae", "--rounds", "1", "--steps", "1", "2", "--detail-rounds", "1", "--detail-steps", "1"]
+    run_script("bench.py", [*args, "--write", str(doc)], tmp_path)
     text = doc.read_text()
-    assert "Framework overhead" in text and "old" not in text and text.endswith("tail\n")
+    assert "| vae | (1, 2) |" in text and "| hand loop |" in text and "old" not in text and text.endswith("tail\n")
 
 
 def test_toy_benchmark_script_writes_its_table(tmp_path):

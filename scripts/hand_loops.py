@@ -1,0 +1,194 @@
+"""Hand-written training loops in the pytorch/examples style: the baselines ``scripts/bench.py`` times
+``python -m gantrain`` against, as whole processes and in-process.
+
+    python scripts/hand_loops.py dcgan --steps 120      # what bench.py runs, one process per measurement
+
+Each is the plain script a user would write for the recipe of that name at its default settings
+(``+experiment=NAME data=digits``): the same networks (gantrain's model classes, so the architecture is
+the same by construction; bench.py also compares the parameter shapes with the recipe's), the same
+optimizer settings and batch, the digits loaded and upsampled once into memory and shuffled every
+epoch; the losses are read and printed every 10 steps (gantrain's default logging interval). No sample
+grids, checkpoints, gradient norms or TensorBoard: what the Trainer adds costs it.
+
+* ``dcgan``: pytorch/examples/dcgan's iteration. One generated batch per iteration: D steps on the real
+  batch and ``fake.detach()``, then G's loss goes through D (frozen, updated) and the same ``fake``.
+* ``wgan_gp``: Gulrajani et al.'s loop: 5 critic steps, each on a fresh real batch and a fake generated
+  without a graph, with the gradient penalty (lambda 10) on per-sample interpolates; then one G step on
+  fresh noise with the critic frozen.
+* ``vae``: pytorch/examples/vae's loop: the negative ELBO (Bernoulli likelihood of the pixels in [0, 1],
+  analytic KL) of one reparameterised sample per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gantrain.models import dcgan, vae
+
+BATCH = 64
+RESOLUTION = 32
+LOG_EVERY = 10
+
+
+def digits(resolution: int = RESOLUTION) -> torch.Tensor:
+    """scikit-learn's 8x8 digits in [-1, 1], upsampled to ``(N, 1, R, R)``."""
+    from sklearn.datasets import load_digits
+
+    images = torch.from_numpy(load_digits().images).float().div_(16.0)[:, None]
+    images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+    return images.clamp_(0, 1).mul_(2).sub_(1).contiguous()
+
+
+class Batches:
+    """Shuffled batches of an in-memory tensor, a new permutation every epoch, the last partial batch dropped."""
+
+    def __init__(self, data: torch.Tensor, batch: int = BATCH):
+        self.data, self.batch, self.i, self.perm = data, batch, 0, torch.randperm(data.shape[0])
+
+    def __next__(self) -> torch.Tensor:
+        if (self.i + 1) * self.batch > self.perm.numel():
+            self.i, self.perm = 0, torch.randperm(self.data.shape[0])
+        idx = self.perm[self.i * self.batch : (self.i + 1) * self.batch].to(self.data.device)
+        self.i += 1
+        return self.data[idx]
+
+
+def weights_init(m: nn.Module) -> None:
+    """pytorch/examples/dcgan's init: conv weights N(0, 0.02), BatchNorm gains N(1, 0.02), biases 0."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+class DCGAN:
+    def __init__(self, data: torch.Tensor, log: Callable[[str], None] = print):
+        dev = data.device
+        self.g = dcgan.Generator(nz=100, ngf=64, channels=1, resolution=RESOLUTION).to(dev)
+        self.d = dcgan.Discriminator(ndf=64, channels=1, resolution=RESOLUTION).to(dev)
+        self.g.apply(weights_init)
+        self.d.apply(weights_init)
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        self.batches, self.log = Batches(data), log
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"g": self.g, "d": self.d}
+
+    def step(self, i: int) -> None:
+        g, d = self.g, self.d
+        real = next(self.batches)
+        # (1) D: maximize log D(x) + log(1 - D(G(z)))
+        d.zero_grad()
+        output = d(real)
+        err_d_real = F.binary_cross_entropy_with_logits(output, torch.ones_like(output))
+        err_d_real.backward()
+        noise = torch.randn(real.shape[0], 100, 1, 1, device=real.device)
+        fake = g(noise)
+        output = d(fake.detach())
+        err_d_fake = F.binary_cross_entropy_with_logits(output, torch.zeros_like(output))
+        err_d_fake.backward()
+        self.opt_d.step()
+        # (2) G: maximize log D(G(z)), through the same fake, D frozen
+        g.zero_grad()
+        d.requires_grad_(False)
+        output = d(fake)
+        err_g = F.binary_cross_entropy_with_logits(output, torch.ones_like(output))
+        err_g.backward()
+        self.opt_g.step()
+        d.requires_grad_(True)
+        if i % LOG_EVERY == 0:
+            self.log(f"[{i}] Loss_D: {(err_d_real + err_d_fake).item():.4f} Loss_G: {err_g.item():.4f}")
+
+
+class WGANGP:
+    def __init__(self, data: torch.Tensor, log: Callable[[str], None] = print):
+        dev = data.device
+        self.g = dcgan.Generator(nz=100, ngf=32, channels=1, resolution=RESOLUTION).to(dev)
+        self.d = dcgan.Discriminator(ndf=32, channels=1, resolution=RESOLUTION, norm="none").to(dev)
+        self.g.apply(weights_init)
+        self.d.apply(weights_init)
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=1e-4, betas=(0.5, 0.9))
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=1e-4, betas=(0.5, 0.9))
+        self.batches, self.log = Batches(data), log
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"g": self.g, "d": self.d}
+
+    def step(self, i: int) -> None:
+        g, d = self.g, self.d
+        for _ in range(5):  # critic iterations
+            real = next(self.batches)
+            d.zero_grad()
+            with torch.no_grad():
+                fake = g(torch.randn(real.shape[0], 100, 1, 1, device=real.device))
+            wasserstein = d(fake).mean() - d(real).mean()
+            alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
+            interpolates = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+            (grads,) = torch.autograd.grad(d(interpolates).sum(), interpolates, create_graph=True)
+            penalty = 10.0 * ((grads.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+            (wasserstein + penalty).backward()
+            self.opt_d.step()
+        g.zero_grad()
+        d.requires_grad_(False)
+        err_g = -d(g(torch.randn(BATCH, 100, 1, 1, device=real.device))).mean()
+        err_g.backward()
+        self.opt_g.step()
+        d.requires_grad_(True)
+        if i % LOG_EVERY == 0:
+            self.log(f"[{i}] Loss_D: {(wasserstein + penalty).item():.4f} Loss_G: {err_g.item():.4f}")
+
+
+class VAE:
+    def __init__(self, data: torch.Tensor, log: Callable[[str], None] = print):
+        encoder = vae.ConvEncoder(channels=1, resolution=RESOLUTION, ndf=32, latent_dim=32)
+        decoder = vae.ConvDecoder(channels=1, resolution=RESOLUTION, ngf=32, latent_dim=32)
+        self.model = vae.VAE(encoder, decoder, latent_dim=32).to(data.device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        self.batches, self.log = Batches(data), log
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"g": self.model}
+
+    def step(self, i: int) -> None:
+        x = next(self.batches)
+        self.opt.zero_grad()
+        mu, logvar = self.model.encode(x)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        logits = self.model.decode(z)
+        recon = F.binary_cross_entropy_with_logits(logits, (x + 1) / 2, reduction="sum") / x.shape[0]
+        kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / x.shape[0]
+        loss = recon + kl
+        loss.backward()
+        self.opt.step()
+        if i % LOG_EVERY == 0:
+            self.log(f"[{i}] loss: {loss.item():.4f}")
+
+
+LOOPS = {"dcgan": DCGAN, "wgan_gp": WGANGP, "vae": VAE}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipe", choices=sorted(LOOPS))
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    loop = LOOPS[args.recipe](digits().to(args.device))
+    for i in range(args.steps):
+        loop.step(i)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
