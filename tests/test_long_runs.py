@@ -147,8 +147,8 @@ def test_a_second_process_on_a_run_directory_stops_at_once_naming_the_holder(tmp
     """Acceptance 3: the second process exits non-zero within seconds with the lock message; the first
     finishes, and its checkpoint holds the config its config.yaml records."""
     run_dir = tmp_path / "run"
-    first = _popen(
-        tiny("trainer.max_steps=100", *WATCH, f"hydra.run.dir={run_dir}"),
+    first = _popen(  # long enough to outlast the second's start-up (a few seconds) after its first grid
+        tiny("trainer.max_steps=250", *WATCH, f"hydra.run.dir={run_dir}"),
         tmp_path,
     )
     _wait_for(run_dir / "samples" / "step_0000001.png", first)
@@ -171,7 +171,7 @@ def test_a_second_process_on_a_run_directory_stops_at_once_naming_the_holder(tmp
 
     recorded = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
     ckpt = _ckpt(run_dir)
-    assert ckpt["step"] == 100 and ckpt["config"] == recorded and recorded["model"]["g"]["ngf"] == 8
+    assert ckpt["step"] == 250 and ckpt["config"] == recorded and recorded["model"]["g"]["ngf"] == 8
 
 
 def test_the_lock_is_exclusive_and_released(tmp_path):
