@@ -50,7 +50,7 @@ class Collector:
     A report costs no device work, so a step between logging steps never waits for the device: a
     scalar tensor is kept as a detached reference (no copy, no kernel), a number as a number.
     ``drain()``, on a logging step, reduces them and reads them with one host sync. A tensor of more
-    than one element counts as its mean.
+    than one element counts as its mean. A reported tensor must not be changed in place afterwards.
 
     Between ``hold()`` and ``release(keep)`` the values wait, in report order, in the list ``hold()``
     returns: the Trainer checks one optimizer step's loss terms there and logs them only if that step
