@@ -26,6 +26,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gantrain.allocator import keep_freed_memory
 from gantrain.checkpoint import Checkpointing
 from gantrain.config import register
 from gantrain.errors import ConfigError, GantrainError
@@ -269,6 +270,7 @@ def monitored(cfg: DictConfig, metrics: dict[str, float]) -> float:
 
 
 def main() -> None:
+    keep_freed_memory()  # a step reuses the previous step's pages instead of faulting fresh ones in (glibc)
     _hydra_main()
 
 

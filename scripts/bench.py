@@ -10,13 +10,18 @@ final sample grid and checkpoint) against the whole ``python scripts/hand_loops.
 process (:mod:`hand_loops`: the same networks, optimizer settings, batch and data, the losses printed
 every 10 steps). The time per step is the difference between a long and a short run's wall time over
 the difference in steps, so start-up, data loading and the final save cancel: 20 and 120 steps for
-dcgan, 20 and 70 for wgan_gp and 20 and 520 for vae (each difference about 20 s of training on a
-2-core CPU, far above the start-up's jitter). One round runs the four processes of a recipe, in an
-order that rotates every round so that drift in the machine's load hits both sides; each side's time
-per step is the median over the rounds and the ratio is gantrain's over the hand loop's.
+dcgan, 20 and 60 for wgan_gp and 20 and 420 for vae (each difference 15-20 s of training on a 2-core
+CPU, well above the start-up's jitter). One round runs every process of a recipe, in an order that
+rotates every round so that drift in the machine's load hits all sides; each side's time per step is
+the median over the rounds and the ratio is gantrain's over the hand loop's.
 
-Detail (dcgan, one process): the Trainer, the hand loop and the Trainer with ``loss.reuse_fakes=false``
-timed step by step in alternating blocks on the same weights and the same in-memory data.
+``python -m gantrain`` keeps freed memory for the next step (:mod:`gantrain.allocator`); a third,
+informational side runs the hand loop with the same glibc settings (through glibc's environment
+variables), so what the framework costs apart from that is in the table too.
+
+Detail (dcgan, one process with gantrain's allocator settings): the Trainer, the hand loop and the
+Trainer with ``loss.reuse_fakes=false`` timed step by step in alternating blocks on the same weights
+and the same in-memory data.
 """
 
 from __future__ import annotations
@@ -36,12 +41,19 @@ import hand_loops
 import torch
 from hydra.utils import instantiate
 
+from gantrain import allocator
 from gantrain.events import Callback
 from gantrain.files import replace_marked_section
 from gantrain.train import build, compose_config
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = {"dcgan": (20, 120), "wgan_gp": (20, 70), "vae": (20, 520)}  # (short, long) run of each recipe
+STEPS = {"dcgan": (20, 120), "wgan_gp": (20, 60), "vae": (20, 420)}  # (short, long) run of each recipe
+SIDES = ("gantrain", "hand", "hand, gantrain's allocator")
+# what allocator.keep_freed_memory() sets, in the form glibc reads at start-up
+ALLOCATOR_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(allocator.MMAP_THRESHOLD),
+    "MALLOC_TRIM_THRESHOLD_": str(allocator.TRIM_THRESHOLD),
+}
 
 
 def sync(device: torch.device) -> None:
@@ -50,17 +62,19 @@ def sync(device: torch.device) -> None:
 
 
 # ----------------------------------------------------------------------------- whole processes
-def commands(recipe: str, steps: int, run_dir: Path, device: str | None) -> dict[str, list[str]]:
-    """The two processes of one measurement: gantrain at its defaults and the hand loop."""
-    gantrain = [sys.executable, "-m", "gantrain", f"+experiment={recipe}", "data=digits", f"trainer.max_steps={steps}"]
-    gantrain += [f"hydra.run.dir={run_dir}"] + ([f"trainer.device={device}"] if device else [])
+def command(side: str, recipe: str, steps: int, run_dir: Path, device: str | None) -> list[str]:
+    """One process of a measurement: gantrain at its defaults, or the hand loop."""
+    if side == "gantrain":
+        gantrain = [sys.executable, "-m", "gantrain", f"+experiment={recipe}", "data=digits"]
+        gantrain += [f"trainer.max_steps={steps}", f"hydra.run.dir={run_dir}"]
+        return gantrain + ([f"trainer.device={device}"] if device else [])
     hand = [sys.executable, str(Path(hand_loops.__file__)), recipe, "--steps", str(steps)]
-    return {"gantrain": gantrain, "hand": hand + (["--device", device] if device else [])}
+    return hand + (["--device", device] if device else [])
 
 
-def wall_time(command: list[str], log: Path) -> float:
+def wall_time(command: list[str], log: Path, env: dict[str, str]) -> float:
     """Seconds the whole process takes, its output (not a terminal, as on a cluster) in ``log``."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     with open(log, "w") as out:
         start = time.perf_counter()
         done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent, env=env)
@@ -85,14 +99,15 @@ def whole_processes(
 ) -> dict[str, list[float]]:
     """ms per step of each side in each round (long run minus short run, per step)."""
     short, long = steps
-    runs = [(side, n) for n in (short, long) for side in ("gantrain", "hand")]
-    per_step: dict[str, list[float]] = {"gantrain": [], "hand": []}
+    runs = [(side, n) for n in (short, long) for side in SIDES]
+    per_step: dict[str, list[float]] = {side: [] for side in SIDES}
     for r in range(rounds):
         seconds = {}
         for side, n in runs[r % len(runs) :] + runs[: r % len(runs)]:  # rotate who goes first
-            run_dir = work / f"{recipe}_{side}_{n}_{r}"
+            run_dir = work / f"{recipe}_{SIDES.index(side)}_{n}_{r}"
             run_dir.mkdir()
-            seconds[side, n] = wall_time(commands(recipe, n, run_dir, device)[side], run_dir / "out.log")
+            env = ALLOCATOR_ENV if side == SIDES[2] else {}
+            seconds[side, n] = wall_time(command(side, recipe, n, run_dir, device), run_dir / "out.log", env)
         for side in per_step:
             per_step[side].append(1000 * (seconds[side, long] - seconds[side, short]) / (long - short))
         print(f"{recipe} round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f} ms/step" for k, v in per_step.items()))
@@ -174,6 +189,7 @@ def main() -> None:
     args = ap.parse_args()
 
     load_before = os.getloadavg()[0]
+    allocator.keep_freed_memory()  # the detail runs in this process: the allocator python -m gantrain has
     for recipe in args.recipes:
         same_networks(recipe)
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,19 +212,22 @@ def main() -> None:
         f"`{command.strip()}`: {args.rounds} rounds; ms per step of the whole process = (wall time of the long run "
         "- wall time of the short run) / (step difference), median over the rounds; ratio = gantrain / hand loop.",
         "",
-        "| recipe | steps (short, long) | `python -m gantrain` ms/step | hand loop ms/step | ratio | ratio per round |",
-        "| --- | --- | ---: | ---: | ---: | --- |",
+        "| recipe | steps (short, long) | `python -m gantrain` ms/step | hand loop ms/step | ratio | ratio per round "
+        "| info: hand loop with gantrain's allocator settings, ms/step | gantrain / it |",
+        "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for recipe, sides in per_step.items():
-        g, h = median(sides["gantrain"]), median(sides["hand"])
-        rounds = ", ".join(f"{a / b:.3f}" for a, b in zip(sides["gantrain"], sides["hand"]))
-        lines.append(f"| {recipe} | {steps[recipe]} | {g:.1f} | {h:.1f} | **{g / h:.3f}** | {rounds} |")
+        g, h, a = (median(sides[side]) for side in SIDES)
+        rounds = ", ".join(f"{x / y:.3f}" for x, y in zip(sides["gantrain"], sides["hand"]))
+        lines.append(
+            f"| {recipe} | {steps[recipe]} | {g:.1f} | {h:.1f} | **{g / h:.3f}** | {rounds} | {a:.1f} | {g / a:.3f} |"
+        )
     if times:
         ratio = fmean(times["gantrain Trainer"]) / fmean(times["hand loop"])
         lines += [
             "",
-            f"Detail, dcgan in one process ({args.detail_rounds} rounds of {args.detail_steps} steps of each loop, "
-            "alternating):",
+            f"Detail, dcgan in one process with gantrain's allocator settings ({args.detail_rounds} rounds of "
+            f"{args.detail_steps} steps of each loop, alternating):",
             "",
             "| loop | mean ms/step | median | p10 | p90 |",
             "| --- | ---: | ---: | ---: | ---: |",

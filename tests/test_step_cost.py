@@ -6,6 +6,9 @@ from __future__ import annotations
 import copy
 import errno
 import importlib
+import os
+import platform
+import subprocess
 import sys
 import threading
 
@@ -13,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gantrain import runlog
+from gantrain import allocator, runlog
 from gantrain.errors import NonFiniteError
 from gantrain.events import Callback
 from gantrain.files import WriteError
@@ -240,3 +243,43 @@ def test_the_benchmarks_hand_loops_train_the_recipes_networks(monkeypatch, recip
     assert len(lines) == 1
     for name, net in loop.networks().items():  # every network trained (a critic's last bias gets no gradient)
         assert any(not torch.equal(a, b) for a, b in zip(before[name], net.parameters())), name
+
+
+STEP_FAULTS = """
+import resource, sys, tempfile, torch
+from gantrain.allocator import keep_freed_memory
+from gantrain.stats import collecting
+from gantrain.train import build, compose_config
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+torch.set_num_threads(1)
+with tempfile.TemporaryDirectory() as tmp:
+    trainer = build(compose_config("+experiment=dcgan", "data.batch_size=16", "trainer.device=cpu"), tmp)
+    faults = []
+    with collecting(trainer.collector):
+        for _ in range(8):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for phase in trainer.phases:
+                trainer.run_phase(phase)
+            trainer.iteration += 1
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[4:]))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc")
+def test_the_entry_points_allocator_settings_reuse_a_steps_pages(monkeypatch):
+    """DCGAN steps (64-wide, batch 16): under glibc's defaults every step faults thousands of fresh pages in
+    (memory freed by the previous step went back to the kernel); with ``keep_freed_memory()``, which
+    ``python -m gantrain`` calls, steps 5-8 reuse the pages of the earlier ones."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["PYTHONPATH"] = str(REPO)
+    faults = {}
+    for mode in ("default", "keep"):
+        done = subprocess.run(
+            [sys.executable, "-c", STEP_FAULTS, mode], env=env, capture_output=True, text=True, check=True
+        )
+        faults[mode] = int(done.stdout)
+    assert faults["default"] > 4000 and faults["keep"] < 1000, faults  # page faults in steps 5-8
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")  # a user's own setting is kept
+    assert not allocator.keep_freed_memory()

@@ -1,0 +1,31 @@
+"""Keep the memory a training step frees for the next step (glibc's malloc, Linux).
+
+By default glibc hands freed blocks above a moving threshold back to the kernel, so the activations
+and gradients of every step come back as fresh pages that the kernel faults in and zeroes: a DCGAN
+step on the CPU faults in about 70 MB that way (``ru_minflt``), some 10% of its time on a 2-core VM.
+With blocks up to 32 MiB taken from the heap and the heap not trimmed below 1 GiB of free space, a
+step reuses the pages of the previous one (no faults after the first steps). The price is that the
+process keeps up to that much freed memory instead of returning it. The entry point sets this once;
+setting glibc's own ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` (or ``MALLOC_TOP_PAD_``) in
+the environment keeps their values instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+MMAP_THRESHOLD = 32 << 20  # glibc's largest (64-bit): bigger blocks are still mapped and unmapped
+TRIM_THRESHOLD = 1 << 30
+OWN_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def keep_freed_memory() -> bool:
+    """Set the thresholds above with ``mallopt`` if this is glibc and the environment does not set them; returns
+    whether they were set."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or any(k in os.environ for k in OWN_SETTINGS):
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
