@@ -282,6 +282,7 @@ def test_resume_may_extend_a_run_and_change_how_it_is_watched(tmp_path):
         "trainer.sample_every_n_steps=3",
         "trainer.checkpoint_every_n_steps=7",
         "trainer.keep_checkpoints=1",
+        "data.in_memory=false",
         "trainer.resume=auto",
     ]
     assert train(make_cfg(*allowed), tmp_path)["step"] == 4
