@@ -38,7 +38,7 @@ MODEL_DATA_HINT = (
     "the model and data options do not fit together: 2-D point data (data=ring8, grid25) trains model=mlp, "
     "image data an image model (dcgan, resnet, vae, vae_mlp, vaegan)"
 )
-TYPE_NAMES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
+TYPE_NAMES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "bool": "true or false"}
 
 
 def config_error(e: BaseException, node: str = "") -> ConfigError | None:
@@ -78,8 +78,8 @@ def omegaconf_error(e: OmegaConfBaseException, composing: bool, node: str = "") 
         groups = {key.split(".")[0], (linked or "").split(".")[0]}
         return ConfigError(f"{key}: {first}" + (f" ({MODEL_DATA_HINT})" if groups == {"model", "data"} else ""))
     if isinstance(e, ValidationError):
-        kind = re.search(r"could not be converted to (\w+)", first)
-        must = TYPE_NAMES.get(kind.group(1)) if kind else None
+        kind = re.search(r"could not be converted to (\w+)|is not a valid (\w+)", first)
+        must = TYPE_NAMES.get(kind.group(1) or kind.group(2)) if kind else None
         return ConfigError(f"{key}={e.value!r}: must be {must}" if must else f"{key}: {first}")
     if composing and isinstance(e, (ConfigAttributeError, ConfigKeyError)) and isinstance(e.parent_node, DictConfig):
         return unknown_key(e.parent_node, str(e.key), key)
