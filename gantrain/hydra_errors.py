@@ -52,8 +52,11 @@ def config_error(e: BaseException, node: str = "") -> ConfigError | None:
         return ConfigError(f"{e.override}: not a valid override ({first}; the grammar: {grammar and grammar.group()})")
     if isinstance(e, MissingConfigException):
         group, _, name = (e.missing_cfg_file or "").rpartition("/")
+        asked = re.match(r"In '([^']+)'", str(e))  # the config whose defaults list names it
+        where = f", asked for by {asked.group(1)}" if asked and asked.group(1) != "train" else ""
         if group and e.options:
-            return ConfigError(f"{group}={name}: must be one of {', '.join(e.options)} (the options in {group}/)")
+            options = ", ".join(e.options)
+            return ConfigError(f"{group}={name}: must be one of {options} (the options in {group}/{where})")
         return ConfigError(one_line(str(e)))
     if isinstance(e, ConfigCompositionException) and isinstance(e.__cause__, OmegaConfBaseException):
         return omegaconf_error(e.__cause__, composing=True) or ConfigError(one_line(f"{e}: {e.__cause__}"))

@@ -80,10 +80,12 @@ class ReadAhead(Callback):
         self._draw(trainer, saved=False)
 
     def on_step_end(self, trainer) -> None:
-        if isinstance(trainer.data, _DrawnAhead) and trainer.step < trainer.settings.max_steps:
+        if isinstance(trainer.data, _DrawnAhead):
             self._draw(trainer, saved=True)
 
     def _draw(self, trainer, saved: bool) -> None:
+        if trainer.step >= trainer.settings.max_steps:  # no step left to read for
+            return
         try:
             trainer.data.draw(batches_of_next_step(trainer))
         except DataError as e:
