@@ -194,12 +194,14 @@ def paths(tmp_path_factory) -> dict[str, str]:
 
 
 def run(command: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``command`` as a user types it (see :func:`case`), with this checkout's gantrain."""
+    """``command`` as a user types it (see :func:`case`), with this checkout's gantrain, in a run
+    directory of its own unless the row sets ``hydra.run.dir``."""
     words = shlex.split(command)
     if words[0].endswith(".py"):
         argv = [sys.executable, str(REPO / "scripts" / words[0]), *words[1:]]
     else:
-        argv = [sys.executable, "-m", "gantrain", *TINY, *words, f"hydra.run.dir={cwd / 'run'}"]
+        own_dir = any(w.startswith("hydra.run.dir=") for w in words)  # else a fresh one per row
+        argv = [sys.executable, "-m", "gantrain", *TINY, *words, *([] if own_dir else [f"hydra.run.dir={cwd / 'run'}"])]
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
