@@ -156,6 +156,7 @@ MAY_CHANGE_ON_RESUME = (
     "data.download",
     "data.num_workers",  # how batches are loaded, not which (the stream's order does not depend on them)
     "data.in_memory",
+    "data.skip_corrupt",  # the documented way to continue past a corrupt image
 )
 
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from gantrain.checkpoint import Checkpointing, flatten_dict
 from gantrain.events import Callback
 from gantrain.files import atomic_write
+from gantrain.readahead import ReadAhead
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +211,13 @@ class RunLog(Callback):
 
 def standard_callbacks(settings, run_dir, *, sampler=None, evaluator=None, config=None, is_main=True):
     """What every ``python -m gantrain`` run attaches, in ``run_dir``: resume and checkpoints
-    (:class:`~gantrain.checkpoint.Checkpointing`) and run logging (:class:`RunLog`, which documents
-    ``sampler``/``evaluator``)."""
+    (:class:`~gantrain.checkpoint.Checkpointing`), run logging (:class:`RunLog`, which documents
+    ``sampler``/``evaluator``) and, last, reading each step's batches ahead (:class:`~gantrain.readahead.ReadAhead`)."""
+    checkpointing = Checkpointing(
+        run_dir, settings.resume, config=config, is_main=is_main, keep=settings.keep_checkpoints
+    )
     return [  # checkpoints first: resume before anything is logged (logging changes no trained state)
-        Checkpointing(run_dir, settings.resume, config=config, is_main=is_main, keep=settings.keep_checkpoints),
+        checkpointing,
         RunLog(run_dir, sampler=sampler, evaluator=evaluator, config=config, is_main=is_main),
+        ReadAhead(checkpointing.save, checkpointing.path),
     ]
