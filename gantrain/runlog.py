@@ -26,7 +26,6 @@ from typing import Callable
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
-from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from gantrain.checkpoint import Checkpointing, flatten_dict
@@ -193,7 +192,7 @@ class RunLog(Callback):
             grid = picture.float().cpu()  # (3, H', W') in [0, 1]
             prefix = "" if name == "samples" else f"{name}_"
             path = self.run_dir / "samples" / f"{prefix}step_{trainer.step:07d}.png"
-            atomic_write(path, partial(save_image, grid, format="png"), fsync=False)
+            atomic_write(path, partial(_save_image, grid, format="png"), fsync=False)
             self.grids.append(path)
             self.writer.add_image(name, grid, trainer.step)
 
@@ -221,3 +220,9 @@ def standard_callbacks(settings, run_dir, *, sampler=None, evaluator=None, confi
         RunLog(run_dir, sampler=sampler, evaluator=evaluator, config=config, is_main=is_main),
         ReadAhead(checkpointing.save, checkpointing.path),
     ]
+
+
+def _save_image(*args, **kwargs) -> None:
+    from torchvision.utils import save_image  # imported at the first grid: torchvision takes ~1.5 s to import
+
+    save_image(*args, **kwargs)

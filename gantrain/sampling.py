@@ -29,7 +29,6 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from PIL import Image
 from torch import nn
-from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from gantrain import checkpoint as ckpt_io
@@ -217,6 +216,8 @@ def sample_grid(images: torch.Tensor) -> torch.Tensor:
 
     The one layout for every sample grid: the Trainer's periodic grids and ``sample.py --out x.png``.
     """
+    from torchvision.utils import make_grid  # imported when used: torchvision takes ~1.5 s to import
+
     return make_grid(images, nrow=math.ceil(math.sqrt(images.shape[0])), normalize=True, value_range=(-1, 1))
 
 
@@ -227,6 +228,8 @@ def reconstruction_grid(vae: nn.Module, x: torch.Tensor, per_row: int = 4) -> to
     ``x`` ``(N, C, H, W)`` in [-1, 1]; each row holds ``per_row`` (input, reconstruction) pairs.
     """
     pairs = torch.stack([x, vae.reconstruct(x).to(x.dtype)], dim=1).flatten(0, 1)  # (2N, C, H, W): x0, r0, x1, ...
+    from torchvision.utils import make_grid
+
     return make_grid(pairs.float().cpu(), nrow=2 * per_row, normalize=True, value_range=(-1, 1))
 
 
@@ -241,6 +244,8 @@ def interpolation_strip(vae: nn.Module, x: torch.Tensor, steps: int = 10) -> tor
     start, end = mu[0::2], mu[1::2]  # (P, D)
     t = torch.linspace(0, 1, steps, device=mu.device, dtype=mu.dtype).view(1, steps, 1)
     z = (start[:, None] + t * (end - start)[:, None]).flatten(0, 1)  # (P * steps, D)
+    from torchvision.utils import make_grid
+
     return make_grid(vae(z).float().cpu(), nrow=steps, normalize=True, value_range=(-1, 1))
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from torchvision import transforms
 
 from gantrain.data.common import DataError
 from gantrain.data.images import ImageData
@@ -36,6 +35,8 @@ def absolute(path: str | os.PathLike) -> Path:
 
 def pil_to_tensor(resolution: int, channels: int):
     """PIL image -> (C, R, R) float in [-1, 1]; the PIL image must already have `channels` bands."""
+    from torchvision import transforms  # here, not at import: torchvision takes ~1.5 s to import
+
     return transforms.Compose(
         [
             # Resize the short side, then crop: keeps aspect ratio for non-square images.
