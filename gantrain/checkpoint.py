@@ -154,6 +154,9 @@ MAY_CHANGE_ON_RESUME = (
     "trainer.detect_anomaly",
     "data.root",  # where a downloadable dataset is cached, not which one
     "data.download",
+    "data.num_workers",  # how batches are loaded, not which (the stream's order does not depend on them)
+    "data.in_memory",
+    "data.skip_corrupt",  # the documented way to continue past a corrupt image
 )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
-from hydra_zen import builds, make_config
+from hydra_zen import ZenField, builds, make_config
 from omegaconf import MISSING
 
 from gantrain import data, losses, optim
@@ -120,9 +120,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 # The root: the groups are filled by the defaults list of configs/train.yaml.
+# Typed, so ``seed=abc`` fails when the config is composed, as any other key of the wrong type.
 Config = make_config(
-    seed=0,
-    experiment_name="default",  # names the run directory: outputs/<experiment_name>/<timestamp>
+    seed=ZenField(int, 0),
+    experiment_name=ZenField(str, "default"),  # names the run directory: outputs/<experiment_name>/<timestamp>
     model=MISSING,
     loss=MISSING,
     optim=MISSING,

@@ -321,7 +321,24 @@ def make_optimizer(
         raise ConfigError(
             f"optimizer._target_: {optimizer_cls!r} is not a torch.optim.Optimizer class", key="optimizer._target_"
         )
-    return factory(params, **kwargs, **implementation_kwargs(optimizer_cls, device, implementation))
+    betas = getattr(factory, "keywords", {}).get("betas")
+    if betas is not None and not _two_numbers(betas):  # torch would index betas[1] and fail with an IndexError
+        checks.fail("optimizer.betas", _plain(betas), "two numbers [beta1, beta2], each in [0, 1)", "e.g. [0.5, 0.999]")
+    flags = implementation_kwargs(optimizer_cls, device, implementation)
+    try:
+        return factory(params, **kwargs, **flags)
+    except ValueError as e:  # torch checks its own arguments: "Invalid beta parameter at index 1: 2.0"
+        raise ConfigError(f"optimizer: {_name(optimizer_cls)} refuses its arguments: {e}", key="optimizer") from None
+
+
+def _plain(value: Any) -> Any:
+    """A config list as a Python list, for messages."""
+    return list(value) if isinstance(value, Iterable) and not isinstance(value, str) else value
+
+
+def _two_numbers(value: Any) -> bool:
+    items = _plain(value)
+    return isinstance(items, list) and len(items) == 2 and all(isinstance(b, (int, float)) for b in items)
 
 
 def lookahead(base: Optimizer, k: int = 0, alpha: float = 0.5) -> Optimizer:

@@ -28,12 +28,12 @@ from typing import Callable
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
-from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from gantrain.checkpoint import Checkpointing, flatten_dict
 from gantrain.events import Callback
 from gantrain.files import atomic_write
+from gantrain.readahead import ReadAhead
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ class RunLog(Callback):
     def _write_pictures(self, grids: dict[str, torch.Tensor], paths: dict[str, Path], step: int) -> None:
         """PNG files and TensorBoard images of ``grids`` (in the background thread; the writer is thread-safe)."""
         for name, grid in grids.items():
-            atomic_write(paths[name], partial(save_image, grid, format="png"), fsync=False)
+            atomic_write(paths[name], partial(_save_image, grid, format="png"), fsync=False)
             self.writer.add_image(name, grid, step)
 
     def wait_for_samples(self) -> None:
@@ -229,9 +229,19 @@ class RunLog(Callback):
 
 def standard_callbacks(settings, run_dir, *, sampler=None, evaluator=None, config=None, is_main=True):
     """What every ``python -m gantrain`` run attaches, in ``run_dir``: resume and checkpoints
-    (:class:`~gantrain.checkpoint.Checkpointing`) and run logging (:class:`RunLog`, which documents
-    ``sampler``/``evaluator``)."""
+    (:class:`~gantrain.checkpoint.Checkpointing`), run logging (:class:`RunLog`, which documents
+    ``sampler``/``evaluator``) and, last, reading each step's batches ahead (:class:`~gantrain.readahead.ReadAhead`)."""
+    checkpointing = Checkpointing(
+        run_dir, settings.resume, config=config, is_main=is_main, keep=settings.keep_checkpoints
+    )
     return [  # checkpoints first: resume before anything is logged (logging changes no trained state)
-        Checkpointing(run_dir, settings.resume, config=config, is_main=is_main, keep=settings.keep_checkpoints),
+        checkpointing,
         RunLog(run_dir, sampler=sampler, evaluator=evaluator, config=config, is_main=is_main),
+        ReadAhead(checkpointing.save, checkpointing.path),
     ]
+
+
+def _save_image(*args, **kwargs) -> None:
+    from torchvision.utils import save_image  # imported at the first grid: torchvision takes ~1.5 s to import
+
+    save_image(*args, **kwargs)

@@ -5,6 +5,7 @@
     model = load_model("outputs/run/checkpoints/last.ckpt", "cpu")
     images = generate(model, 64, seed=0)          # (64, C, H, W) float32 on CPU, in [-1, 1]
     write_samples(images, "samples.png")          # .pt tensor | .png grid | anything else: a folder of PNGs
+    sample_to(model, "samples/", 10**6)           # any number, in batches (a folder is written as it goes)
 
 Checkpoints are unpickled with ``weights_only=False`` and their config names the classes to build,
 so only sample from checkpoints you trust.
@@ -15,7 +16,10 @@ from __future__ import annotations
 import logging
 import math
 import re
+import shutil
+from collections.abc import Iterable, Iterator
 from functools import partial
+from itertools import chain
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -25,7 +29,6 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from PIL import Image
 from torch import nn
-from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from gantrain import checkpoint as ckpt_io
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 
 OutputKind = Literal["pt", "png", "dir"]
 PROGRESS_MIN_FILES = 256  # a folder of fewer PNGs is written too fast for a bar to help
+NOISE_BLOCK = 4096  # latents drawn at once by generate_batches (a few MB), whatever the number of samples
 
 
 def output_kind(out: str | Path) -> OutputKind:
@@ -106,11 +110,36 @@ def generate(
     """``num`` samples, float32 on CPU, in the data's own units (``model.to_data_units``): images
     ``(num, C, H, W)`` in [-1, 1], 2-D mixture points ``(num, 2)`` in the mixture's coordinates.
 
-    All ``num`` latents are drawn at once from a ``torch.Generator`` seeded with ``seed`` on
-    ``device`` (default: where the model's parameters are), then decoded ``batch_size`` at a time.
-    So the latents depend on ``seed`` and ``device`` only, never on ``batch_size`` or the global RNG;
-    the images agree across batch sizes up to float rounding (~1e-9 on CPU: conv kernels may pick
-    a different algorithm per batch size), and are identical for identical arguments.
+    All of :func:`generate_batches` in one tensor (so ``num`` is bounded by memory; a folder of PNGs
+    is written batch by batch by :func:`sample_to`).
+    """
+    out: torch.Tensor | None = None
+    start = 0
+    for x in generate_batches(model, num, seed=seed, device=device, batch_size=batch_size, progress=progress):
+        if out is None:  # allocate once the image shape is known; no second copy from torch.cat
+            out = torch.empty((num, *x.shape[1:]), dtype=torch.float32)
+        out[start : start + x.shape[0]] = x
+        start += x.shape[0]
+    assert out is not None and start == num
+    return out
+
+
+def generate_batches(
+    model: nn.Module,
+    num: int,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> Iterator[torch.Tensor]:
+    """:func:`generate`'s samples, ``batch_size`` at a time (the last batch may be smaller), whatever ``num`` is.
+
+    The latents come from one ``torch.Generator`` seeded with ``seed`` on ``device`` (default: where
+    the model's parameters are), drawn in blocks of ``NOISE_BLOCK`` samples as decoding needs them:
+    they depend on ``seed`` and ``device`` only, never on ``batch_size`` or the global RNG, and for
+    ``num <= NOISE_BLOCK`` they are ``model.noise(num, generator=...)`` drawn at once. So the
+    samples agree across batch sizes up to float rounding (~1e-9 on CPU: conv kernels may pick a
+    different algorithm per batch size), and are identical for identical arguments.
     ``progress``: a tqdm bar over batches when there is more than one (quiet off-terminal).
     """
     checks.integer("num", num, at_least=1)
@@ -118,9 +147,12 @@ def generate(
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
-    z = model.noise(num, device, generator=torch.Generator(device).manual_seed(seed))  # (num, *latent_shape)
+    generator = torch.Generator(device).manual_seed(seed)
+    blocks = (
+        model.noise(min(NOISE_BLOCK, num - start), device, generator=generator) for start in range(0, num, NOISE_BLOCK)
+    )
+    z = next(blocks)  # (n, *latent_shape): drawn, not yet decoded
     starts = range(0, num, batch_size)
-    out: torch.Tensor | None = None
     for start in tqdm(
         starts,
         desc="sampling",
@@ -128,12 +160,55 @@ def generate(
         dynamic_ncols=True,
         disable=None if progress and len(starts) > 1 else True,
     ):
-        x = model.to_data_units(model.sample(z[start : start + batch_size])).float().cpu()  # (b, C, H, W)
-        if out is None:  # allocate once the image shape is known; no second copy from torch.cat
-            out = torch.empty((num, *x.shape[1:]), dtype=torch.float32)
-        out[start : start + x.shape[0]] = x
-    assert out is not None
-    return out
+        b = min(batch_size, num - start)
+        while z.shape[0] < b:
+            z = torch.cat([z, next(blocks)])
+        yield model.to_data_units(model.sample(z[:b])).float().cpu()  # (b, C, H, W)
+        z = z[b:]
+
+
+def sample_to(
+    model: nn.Module,
+    out: str | Path,
+    num: int,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> list[Path]:
+    """:func:`generate` into :func:`write_samples`'s ``out`` for any ``num``; returns the files written.
+
+    A folder of PNGs is written batch by batch, so ``num`` is bounded by the disk only. A ``.pt``
+    (one tensor) and a ``.png`` (one grid) are checked against what they can hold (memory, free
+    disk, a grid an image viewer opens) after the first batch, before the rest is sampled:
+    :class:`GantrainError` if they cannot.
+    """
+    out = Path(out)
+    kind = output_kind(out)
+    # A folder shows the writing bar (one per image); a tensor or grid the sampling bar.
+    bar = progress and kind != "dir"
+    batches = generate_batches(model, num, seed=seed, device=device, batch_size=batch_size, progress=bar)
+    first = next(batches)
+    _check_output(out, kind, num, tuple(first.shape[1:]), allocating=True)
+    if kind == "dir":
+        return write_numbered(chain([first], batches), out, num)
+    images = torch.empty((num, *first.shape[1:]), dtype=torch.float32)
+    start = 0
+    for x in chain([first], batches):
+        images[start : start + x.shape[0]] = x
+        start += x.shape[0]
+    return write_samples(images, out, progress=progress)
+
+
+def existing_outputs(out: str | Path, num: int) -> list[Path]:
+    """The files that writing ``num`` samples to ``out`` would replace (what a script refuses without ``--force``)."""
+    out = Path(out)
+    if output_kind(out) != "dir":
+        return [out] if out.exists() else []
+    if not out.is_dir():
+        return []
+    width = _name_width(num)
+    return sorted(q for q in out.iterdir() if re.fullmatch(rf"\d{{{width}}}\.png", q.name) and int(q.stem) < num)
 
 
 def sample_grid(images: torch.Tensor) -> torch.Tensor:
@@ -141,6 +216,8 @@ def sample_grid(images: torch.Tensor) -> torch.Tensor:
 
     The one layout for every sample grid: the Trainer's periodic grids and ``sample.py --out x.png``.
     """
+    from torchvision.utils import make_grid  # imported when used: torchvision takes ~1.5 s to import
+
     return make_grid(images, nrow=math.ceil(math.sqrt(images.shape[0])), normalize=True, value_range=(-1, 1))
 
 
@@ -151,6 +228,8 @@ def reconstruction_grid(vae: nn.Module, x: torch.Tensor, per_row: int = 4) -> to
     ``x`` ``(N, C, H, W)`` in [-1, 1]; each row holds ``per_row`` (input, reconstruction) pairs.
     """
     pairs = torch.stack([x, vae.reconstruct(x).to(x.dtype)], dim=1).flatten(0, 1)  # (2N, C, H, W): x0, r0, x1, ...
+    from torchvision.utils import make_grid
+
     return make_grid(pairs.float().cpu(), nrow=2 * per_row, normalize=True, value_range=(-1, 1))
 
 
@@ -165,6 +244,8 @@ def interpolation_strip(vae: nn.Module, x: torch.Tensor, steps: int = 10) -> tor
     start, end = mu[0::2], mu[1::2]  # (P, D)
     t = torch.linspace(0, 1, steps, device=mu.device, dtype=mu.dtype).view(1, steps, 1)
     z = (start[:, None] + t * (end - start)[:, None]).flatten(0, 1)  # (P * steps, D)
+    from torchvision.utils import make_grid
+
     return make_grid(vae(z).float().cpu(), nrow=steps, normalize=True, value_range=(-1, 1))
 
 
@@ -179,7 +260,7 @@ def write_samples(images: torch.Tensor, out: str | Path, progress: bool = True) 
     * ``*.pt``: ``torch.save`` of the float32 CPU tensor;
     * ``*.png``: one grid (``make_grid``, ``ceil(sqrt(N))`` per row, value range (-1, 1));
     * anything else: a folder (created if needed) with ``000000.png``, ``000001.png``, ... one per
-      sample, greyscale for 1 channel and RGB for 3.
+      sample (more digits from a million samples on), greyscale for 1 channel and RGB for 3.
 
     Every file is written to a temp file beside it and then renamed over the target, so a failure
     never leaves a half-written file where an older one was. Numbered PNGs beyond ``N`` left in the
@@ -188,15 +269,7 @@ def write_samples(images: torch.Tensor, out: str | Path, progress: bool = True) 
     out = Path(out)
     kind = output_kind(out)
     images = images.detach().float().cpu()
-    if kind != "pt" and images.ndim != 4:
-        raise GantrainError(
-            f"'{out}': these samples have shape {tuple(images.shape)}, not images (N, C, H, W); write a .pt file "
-            "(2-D toy models: the training run's samples/ holds scatter plots)"
-        )
-    if kind != "pt" and images.shape[1] not in (1, 3):
-        raise GantrainError(
-            f"'{out}': PNG output needs 1 or 3 channels, these samples have {images.shape[1]}; write a .pt file"
-        )
+    _check_output(out, kind, images.shape[0], tuple(images.shape[1:]), allocating=False)
     if kind == "pt":
         atomic_write(out, lambda f: torch.save(images, f))
         return [out]
@@ -204,19 +277,30 @@ def write_samples(images: torch.Tensor, out: str | Path, progress: bool = True) 
         pixels = _unit_to_uint8(sample_grid(images)[None])[0]  # (H, W, 3); make_grid turns 1 channel into 3
         atomic_write(out, lambda f: _save_png(pixels, f))
         return [out]
+    return write_numbered([images], out, images.shape[0], progress)
+
+
+def write_numbered(batches: Iterable[torch.Tensor], out: Path, num: int, progress: bool = True) -> list[Path]:
+    """The ``num`` images of ``batches`` (each ``(b, C, H, W)`` in [-1, 1]) as ``out/000000.png``, ... (see
+    :func:`write_samples`), written as each batch arrives."""
     out.mkdir(parents=True, exist_ok=True)
-    pixels = to_uint8(images)  # (N, H, W, C)
-    paths = [out / f"{i:06d}.png" for i in range(len(pixels))]
-    for path, p in tqdm(
-        zip(paths, pixels),
-        total=len(paths),
+    width = _name_width(num)
+    paths: list[Path] = []
+    bar = tqdm(
+        total=num,
         desc="writing",
         unit="img",
         dynamic_ncols=True,
-        disable=None if progress and len(paths) >= PROGRESS_MIN_FILES else True,
-    ):
-        # No fsync per file: it would make a folder of many thousand PNGs slow to write.
-        atomic_write(path, partial(_save_png, p), fsync=False)
+        disable=None if progress and num >= PROGRESS_MIN_FILES else True,
+    )
+    with bar:
+        for batch in batches:
+            for p in to_uint8(batch):  # (H, W, C)
+                path = out / f"{len(paths):0{width}d}.png"
+                # No fsync per file: it would make a folder of many thousand PNGs slow to write.
+                atomic_write(path, partial(_save_png, p), fsync=False)
+                paths.append(path)
+            bar.update(len(batch))
     stale = [q for q in out.iterdir() if re.fullmatch(r"\d{6,}\.png", q.name) and int(q.stem) >= len(paths)]
     if stale:
         log.warning(
@@ -227,6 +311,71 @@ def write_samples(images: torch.Tensor, out: str | Path, progress: bool = True) 
             min(stale).name,
         )
     return paths
+
+
+def _name_width(num: int) -> int:
+    """Digits of the numbered PNGs: 6, or as many as the last index needs."""
+    return max(6, len(str(num - 1)))
+
+
+def _check_output(out: Path, kind: OutputKind, num: int, shape: tuple[int, ...], allocating: bool) -> None:
+    """GantrainError unless ``num`` samples of ``shape`` can be written as ``kind``: images for a PNG
+    output; a .pt that fits on the disk and, when it is still to be ``allocating``, in memory; a grid
+    no larger than PIL opens."""
+    if kind != "pt" and len(shape) != 3:
+        raise GantrainError(
+            f"'{out}': these samples have shape {(num, *shape)}, not images (N, C, H, W); write a .pt file "
+            "(2-D toy models: the training run's samples/ holds scatter plots)"
+        )
+    if kind != "pt" and shape[0] not in (1, 3):
+        raise GantrainError(
+            f"'{out}': PNG output needs 1 or 3 channels, these samples have {shape[0]}; write a .pt file"
+        )
+    if kind == "pt":
+        size = num * math.prod(shape) * 4  # float32
+        room = {"memory": _available_memory() if allocating else None, "free disk": _free_disk(out)}
+        for what, free in room.items():
+            if free is not None and size > free:
+                raise GantrainError(
+                    f"'{out}': {num} samples of shape {shape} are {size / 1e9:.1f} GB as one float32 tensor, more "
+                    f"than the {free / 1e9:.1f} GB of {what} here; lower --num, or write a folder of PNGs (an "
+                    "--out without .pt/.png), which is written batch by batch"
+                )
+    if kind == "png":
+        h, w = shape[1] + 2, shape[2] + 2  # make_grid's padding of 2
+        per_row = min(math.ceil(math.sqrt(num)), num)
+        pixels = (per_row * w + 2) * (math.ceil(num / per_row) * h + 2)
+        limit = Image.MAX_IMAGE_PIXELS or math.inf
+        if pixels > limit:
+            most = int(limit // (h * w))
+            raise GantrainError(
+                f"'{out}': a grid of {num} samples would have {pixels} pixels, more than PIL opens "
+                f"({int(limit)}: about {most} samples of {shape[1]}x{shape[2]}); lower --num, or write a folder "
+                "of PNGs (an --out without .pt/.png) or a .pt file"
+            )
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _free_disk(out: Path) -> int | None:
+    """Free bytes on the file system that will hold ``out`` (its nearest existing folder)."""
+    folder = out.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
 
 def _unit_to_uint8(images: torch.Tensor) -> np.ndarray:

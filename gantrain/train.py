@@ -9,9 +9,11 @@ from __future__ import annotations
 import importlib.resources
 import inspect
 import logging
+import os
 import random
 import re
 import shlex
+import sys
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -31,6 +33,7 @@ from gantrain.checkpoint import Checkpointing
 from gantrain.config import register
 from gantrain.errors import ConfigError, GantrainError
 from gantrain.files import FULL, NOT_WRITABLE, write_error
+from gantrain.hydra_errors import config_error
 from gantrain.preemption import stop_on_signals
 from gantrain.rundir import RunDirectoryLock, unique_suffix
 from gantrain.runlog import standard_callbacks
@@ -85,6 +88,12 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
     missing = [n for n in networks if n not in cfg.optim]
     if missing:
         raise ConfigError(f"optim: {type(objective).__name__} trains {list(networks)} but optim has no {missing}")
+    absent = [n for n in networks if getattr(model, n, None) is None]
+    if absent:
+        raise ConfigError(
+            f"loss: {type(objective).__name__} trains {list(networks)} but the model has no {absent} "
+            f"(model.{absent[0]} is null); pick a model with that network, or a loss for the ones it has"
+        )
     unused = [n for n in cfg.optim if n not in networks]
     if unused:
         log.info("optim.%s: not used, %s trains only %s", "/".join(unused), type(objective).__name__, list(networks))
@@ -92,8 +101,9 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
     updates = {name: within(f"optim.{name}", build_update, name) for name in networks}
     phases = within("loss", objective.phases, model, updates, n_critic=settings.n_critic)
     data = within("data", instantiate, cfg.data)
+    check_fit(model, data)
     model.to_data_units = data.to_data_units  # what generate() hands out: the data's own units
-    stream = data.stream(seed=cfg.seed, device=device)
+    stream = within("data", data.stream, seed=cfg.seed, device=device)  # reads the dataset: holdout, batch size
     # Fixed noise from its own generators: sample grids and evaluation never consume the training RNG.
     fixed_noise = model.noise(settings.num_samples, device, generator=torch.Generator(device).manual_seed(cfg.seed))
     evaluator = None
@@ -116,6 +126,21 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
             config=resolved,
         ),
     )
+
+
+def check_fit(model: Any, data: Any) -> None:
+    """The model is built for the data's sample shape (by default the data's resolution and the model's
+    channels follow the other; an override of one side alone would fail as a shape error mid-step)."""
+    for key in ("resolution", "channels"):
+        want, have = getattr(model, key, None), getattr(data, key, None)
+        if want is not None and have is not None and want != have:
+            raise ConfigError(
+                f"data.{key}={have!r} but model.{key}={want!r}: the model is built for other images; make them "
+                "equal (data.resolution follows model.resolution and model.channels data.channels by default)"
+            )
+    want, have = getattr(model, "dim", None), getattr(data, "dim", None)
+    if want is not None and have is not None and want != have:
+        raise ConfigError(f"model.dim={want!r}: must be {have}, the size of a sample of {type(data).__name__}")
 
 
 def within(node: str, fn, *args, **kwargs):
@@ -215,7 +240,9 @@ def user_error(e: BaseException, node: str = "") -> GantrainError | None:
     """The user-input error behind ``e``, if any, its key put under the config node that raised it.
 
     Hydra wraps errors raised while instantiating and names the node (``full_key: loss.gp``);
-    ``node`` is the fallback for errors raised outside ``instantiate``.
+    ``node`` is the fallback for errors raised outside ``instantiate``. Hydra's errors about the
+    command line and config files (an unknown key or option, a value of the wrong type) become one
+    line too (:func:`gantrain.hydra_errors.config_error`).
     """
     while e is not None and not isinstance(e, GantrainError):
         if isinstance(e, OSError) and e.errno in FULL | NOT_WRITABLE and e.filename:
@@ -225,7 +252,7 @@ def user_error(e: BaseException, node: str = "") -> GantrainError | None:
             node = found.group(1) if found else node
             e = e.__cause__ if not isinstance(e.__cause__, TypeError) else unknown_argument(e, e.__cause__)
         else:
-            e = None
+            e = config_error(e, node)  # Hydra's composition and OmegaConf's errors; None for anything else
     return e.within(node) if isinstance(e, ConfigError) else e
 
 
@@ -270,8 +297,26 @@ def monitored(cfg: DictConfig, metrics: dict[str, float]) -> float:
 
 
 def main() -> None:
+    """``python -m gantrain``: a mistake Hydra finds before the job starts (composing the config) is one line too.
+
+    Hydra prints those over several lines itself unless ``HYDRA_FULL_ERROR`` is set, in which case it
+    re-raises them; so that is set while Hydra runs and the exception is reported here. A user who
+    set ``HYDRA_FULL_ERROR`` gets Hydra's full tracebacks as before.
+    """
     keep_freed_memory()  # a step reuses the previous step's pages instead of faulting fresh ones in (glibc)
-    _hydra_main()
+    if os.environ.get("HYDRA_FULL_ERROR"):
+        return _hydra_main()
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _hydra_main()
+    except Exception as e:
+        err = user_error(e)
+        if err is None:
+            raise  # a bug: keep the traceback
+        print(f"gantrain: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import logging
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -100,6 +100,8 @@ class TrainerSettings:
 
     def __post_init__(self) -> None:
         if not isinstance(self.ema, EMASettings):  # a mapping from the config
+            if not isinstance(self.ema, Mapping):
+                checks.fail("ema", self.ema, "a node of EMA settings", "e.g. trainer.ema.half_life_images=10000")
             self.ema = EMASettings(**self.ema)
         checks.number("ema.half_life_images", self.ema.half_life_images, ge=0, hint="0 = off")
         checks.number("log_every_n_seconds", self.log_every_n_seconds, ge=0, hint="0 = a line every log step")

@@ -19,15 +19,21 @@ import logging
 from collections.abc import Sequence
 
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import OverrideType
+from hydra.errors import OverrideParseException
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from gantrain import checkpoint as ckpt_io
 from gantrain import elbo
-from gantrain.errors import GantrainError
+from gantrain.data import DataError
+from gantrain.errors import ConfigError, GantrainError
 from gantrain.sampling import load_model
 from gantrain.train import user_error
 from gantrain.trainer import resolve_device
+
+_ABSENT = object()
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -44,26 +50,49 @@ def make_parser() -> argparse.ArgumentParser:
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
-        help="overrides of the run's data config, e.g. root=/abs/path when the run used a relative path",
+        help="overrides of the run's data config, written as on the training command line (without the "
+        "data. prefix), e.g. root=/abs/path when the run used a relative path, or batch_size=32",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p
 
 
+def with_overrides(data_cfg: DictConfig, items: Sequence[str]) -> DictConfig:
+    """``data_cfg`` with each ``KEY=VALUE`` of ``items`` applied, the value parsed as on the training command
+    line (Hydra's override grammar: ``32`` is an int, ``[1,2]`` a list, ``null`` None); GantrainError
+    naming the item when it is not one ``KEY=VALUE`` or KEY is not a key of the run's data config."""
+    parser = OverridesParser.create()
+    for item in items:
+        if "=" not in item:
+            raise GantrainError(f"--data {item!r}: expected KEY=VALUE, e.g. root=/path")
+        try:
+            [override] = parser.parse_overrides([item])
+        except OverrideParseException as e:
+            raise GantrainError(f"--data {item!r}: not a valid value ({e.message.splitlines()[0]})") from None
+        key = override.key_or_group
+        if override.is_sweep_override() or override.type != OverrideType.CHANGE or override.package is not None:
+            raise GantrainError(f"--data {item!r}: expected one KEY=VALUE (no sweeps, +, ~ or @)")
+        if OmegaConf.select(data_cfg, key, default=_ABSENT, throw_on_missing=False) is _ABSENT:
+            keys = ", ".join(k for k in data_cfg.keys() if not str(k).startswith("_"))
+            raise GantrainError(
+                f"--data {key}: not a key of the run's data config ({data_cfg.get('_target_')}); it has: {keys}"
+            )
+        OmegaConf.update(data_cfg, key, override.value(), merge=False)
+    return data_cfg
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, float]:
     device = resolve_device(args.device, key="--device")
     ckpt = ckpt_io.load(args.checkpoint, what="--checkpoint")
-    log_likelihood = elbo.likelihood_of_loss(ckpt.get("config", {}).get("loss", {}))
+    data_cfg = with_overrides(OmegaConf.create(ckpt["config"]["data"]), args.data)
+    try:
+        log_likelihood = elbo.likelihood_of_loss(ckpt.get("config", {}).get("loss", {}))
+    except GantrainError as e:
+        raise GantrainError(f"--checkpoint: '{args.checkpoint}': {e}") from None
     model = load_model(args.checkpoint, device, what="--checkpoint", ema=not args.no_ema)
     vae = model.g
     if not hasattr(vae, "encode"):
         raise GantrainError(f"--checkpoint: '{args.checkpoint}' holds a {type(vae).__name__}, not a VAE")
-    data_cfg = OmegaConf.create(ckpt["config"]["data"])
-    for item in args.data:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise GantrainError(f"--data {item!r}: expected KEY=VALUE, e.g. root=/path")
-        OmegaConf.update(data_cfg, key, OmegaConf.create({"v": value}).v if value else value, force_add=False)
     try:
         data = instantiate(data_cfg)
         heldout = data.heldout()  # (N, C, R, R) in [-1, 1]
@@ -71,9 +100,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
         err = user_error(e)
         if err is None:
             raise
-        raise GantrainError(
-            f"data: {err} (if the run used paths relative to another directory, pass e.g. --data root=/abs/path)"
-        ) from None
+        if isinstance(err, ConfigError) and err.key:  # names a key of the data config, as --data would
+            raise GantrainError(f"--data {err}") from None
+        hint = " (if the run used paths relative to another directory, pass e.g. --data root=/abs/path)"
+        raise GantrainError(f"--data: {err}" + (hint if isinstance(err, DataError) else "")) from None
     batches = heldout.split(args.batch_size)
     result = elbo.evaluate_nll(
         vae,

@@ -3,17 +3,20 @@
     python scripts/sample.py --checkpoint outputs/RUN/checkpoints/last.ckpt --num 64 --out grid.png
 
 A thin front end to :mod:`gantrain.sampling`; user mistakes end as one ``sample.py: error: ...``
-line on stderr with exit status 2, not a traceback.
+line on stderr with exit status 2, not a traceback. Any ``--num`` is sampled ``--batch-size`` at a
+time; an existing output is replaced only with ``--force``, the input checkpoint never.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from gantrain.errors import GantrainError
-from gantrain.sampling import generate, load_model, output_kind, write_samples
+from gantrain.sampling import existing_outputs, load_model, output_kind, sample_to
 from gantrain.trainer import resolve_device
 
 
@@ -55,6 +58,11 @@ def make_parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=256, metavar="B", help="samples decoded at once (>= 1; default: %(default)s)"
     )
     parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing --out file (or the numbered PNGs of an --out folder); never the --checkpoint",
+    )
+    parser.add_argument(
         "--no-ema",
         action="store_true",
         help="use the generator's raw trained weights even when the run kept an EMA of them (trainer.ema); "
@@ -72,10 +80,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--num={args.num}: must be >= 1")
     if args.batch_size < 1:
         parser.error(f"--batch-size={args.batch_size}: must be >= 1")
+    out, checkpoint = Path(args.out), Path(args.checkpoint)
+    if out.exists() and checkpoint.exists() and os.path.samefile(out, checkpoint):
+        parser.error(f"--out: '{out}' is the input --checkpoint; write the samples to another path")
     try:
-        output_kind(args.out)
+        output_kind(out)
+        existing = existing_outputs(out, args.num)
     except GantrainError as e:
         parser.error(f"--out: {e}")
+    if existing and not args.force:
+        what = "exists" if existing == [out] else f"already holds {len(existing)} of its PNGs ({existing[0].name}, ...)"
+        parser.error(f"--out: '{out}' {what}; pass --force to replace, or write to another path")
     try:
         device = resolve_device(args.device, key="--device")
     except GantrainError as e:
@@ -84,11 +99,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         model = load_model(args.checkpoint, device, what="--checkpoint", ema=not args.no_ema)
     except GantrainError as e:
         parser.error(" ".join(str(e).split()))  # one line, even when a torch error inside spans several
-    images = generate(model, args.num, seed=args.seed, device=device, batch_size=args.batch_size)
     try:
-        paths = write_samples(images, args.out)
-    except (GantrainError, OSError) as e:  # e.g. 4-channel samples as PNG, a full disk, no permission
-        parser.error(f"--out: cannot write '{args.out}': {getattr(e, 'strerror', None) or e}")
+        paths = sample_to(model, out, args.num, seed=args.seed, device=device, batch_size=args.batch_size)
+    except GantrainError as e:  # e.g. 4-channel samples as PNG, a .pt larger than memory
+        parser.error(f"--out: {e}")
+    except OSError as e:  # a full disk, no permission
+        parser.error(f"--out: cannot write '{args.out}': {e.strerror or e}")
     where = args.out if len(paths) == 1 else f"{args.out}/ ({paths[0].name} .. {paths[-1].name})"
     print(f"wrote {args.num} samples to {where}")
 

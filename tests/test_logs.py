@@ -59,6 +59,7 @@ def fake_trainer(**settings) -> SimpleNamespace:
         skipped_steps={},
         metrics={},
         callbacks=[],
+        stop_reason=None,
     )
 
 

@@ -177,7 +177,7 @@ def test_cli_from_another_directory(tmp_path, ckpt_path):
     torch.testing.assert_close(out, _reference(ckpt_path, 10, seed=2), rtol=0, atol=1e-6)  # batches 4, 4, 2
 
     args[args.index(str(ckpt_path))] = str(tmp_path / "missing.ckpt")
-    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([*args, "--force"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert (
         done.stderr.splitlines()[-1]

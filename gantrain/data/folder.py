@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from torchvision import transforms
 
 from gantrain.data.common import DataError
 from gantrain.data.images import ImageData
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -33,6 +35,8 @@ def absolute(path: str | os.PathLike) -> Path:
 
 def pil_to_tensor(resolution: int, channels: int):
     """PIL image -> (C, R, R) float in [-1, 1]; the PIL image must already have `channels` bands."""
+    from torchvision import transforms  # here, not at import: torchvision takes ~1.5 s to import
+
     return transforms.Compose(
         [
             # Resize the short side, then crop: keeps aspect ratio for non-square images.
@@ -62,21 +66,53 @@ def image_files(root: str | os.PathLike) -> list[Path]:
 
 
 class _ImageFiles(Dataset):
-    """Image files opened lazily by PIL; item i is files[i] as a (C, R, R) tensor."""
+    """Image files opened lazily by PIL; item i is files[i] as a (C, R, R) tensor.
 
-    def __init__(self, files: list[Path], channels: int, resolution: int):
-        self.files = files
+    A file that cannot be decoded (a PNG whose header and checksums are fine but whose pixel data
+    is not, which `verify()` cannot see) stops the run with a `DataError` naming it, or with
+    `skip_corrupt` is replaced by the next readable file in file order (wrapping around), with one
+    warning per file and process: the same replacement in every run, so the data order and a resume
+    stay as they were.
+    """
+
+    def __init__(self, files: list[Path], channels: int, resolution: int, root: Path, skip_corrupt: bool = False):
+        self.files, self.root, self.skip_corrupt = files, root, skip_corrupt
         self.mode = "L" if channels == 1 else "RGB"
         self.transform = pil_to_tensor(resolution, channels)
+        self._warned: set[int] = set()  # corrupt files already reported by this process
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
+        for i in (j % len(self.files) for j in range(index, index + len(self.files))):
+            try:
+                img = self._decode(i)
+            except DataError as e:
+                if not self.skip_corrupt:
+                    raise DataError(
+                        f"{e}; replace or remove the file, or set data.skip_corrupt=true to train on the next "
+                        "readable file in its place"
+                    ) from None
+                if i not in self._warned:
+                    self._warned.add(i)
+                    log.warning("data.skip_corrupt: %s; the next readable file takes its place", e)
+                continue
+            return self.transform(img)
+        raise DataError(f"no file under data.path '{self.root}' can be decoded as an image")
+
+    def _decode(self, i: int):
+        """File i as a PIL image of `mode`, pixels decoded; DataError naming the file if they cannot be."""
         from PIL import Image
 
-        with Image.open(self.files[index]) as img:
-            return self.transform(img.convert(self.mode))
+        try:
+            with Image.open(self.files[i]) as img:
+                return img.convert(self.mode)  # decodes every pixel
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error... for broken files
+            name = self.files[i].relative_to(self.root)
+            raise DataError(
+                f"data.path: cannot decode '{name}' under '{self.root}' ({type(e).__name__}: {e})"
+            ) from None
 
 
 class ImageFolder(ImageData):
@@ -84,17 +120,22 @@ class ImageFolder(ImageData):
 
     Files are sorted by relative path for a deterministic order, converted to grey ("L") or
     "RGB" to match `channels`, resized on the short side and center-cropped to R x R. Every
-    file is checked once when `dataset()` is built, so a corrupt file fails the run at start
-    rather than hours in.
+    file's structure is checked once when `dataset()` is built, so a broken file fails the run at
+    start rather than hours in; one whose pixel data only fails when decoded stops the run when
+    it is first drawn, naming it (see `skip_corrupt`).
 
     Args:
         path: the folder; relative paths are resolved against the launch directory.
+        skip_corrupt: instead of stopping, train on the next readable file (in file order) in place of
+            each file that cannot be read, with a warning naming it; the dataset keeps its size and
+            order, so a run stays reproducible and resumable.
         **common: `ImageData` arguments (batch_size, channels, resolution, ...).
     """
 
-    def __init__(self, *, path: str, **common):
+    def __init__(self, *, path: str, skip_corrupt: bool = False, **common):
         super().__init__(**common)
         self.path = str(absolute(path))
+        self.skip_corrupt = bool(skip_corrupt)
 
     def dataset(self) -> Dataset:
         from PIL import Image
@@ -121,8 +162,10 @@ class ImageFolder(ImageData):
                 bad.append(f)
         if bad:
             shown = ", ".join(str(p.relative_to(root)) for p in bad[:5]) + (", ..." if len(bad) > 5 else "")
-            raise DataError(
-                f"{len(bad)} of {len(files)} files under data.path '{root}' could not be read as "
-                f"images: {shown}; fix or remove them"
-            )
-        return _ImageFiles(files, self.channels, self.resolution)
+            message = f"{len(bad)} of {len(files)} files under data.path '{root}' could not be read as images: {shown}"
+            if not self.skip_corrupt:
+                raise DataError(f"{message}; fix or remove them, or set data.skip_corrupt=true")
+            if len(bad) == len(files):
+                raise DataError(message)
+            log.warning("data.skip_corrupt: %s; each is replaced by the next readable file", message)
+        return _ImageFiles(files, self.channels, self.resolution, root, self.skip_corrupt)

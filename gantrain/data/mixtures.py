@@ -143,6 +143,8 @@ class Mixture(abc.ABC):
     Subclasses define the centres (`_make_centers`) and the plot margin (`_plot_margin`).
     """
 
+    dim = 2  # the size of a sample: what the model's `dim` must be
+
     def __init__(self, *, batch_size: int, std: float, num_eval_samples: int = 2500, normalize: bool = True):
         self.batch_size = checks.integer("batch_size", batch_size, at_least=1)
         self.std = float(checks.positive("std", std))

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
-from torchvision import datasets, transforms
 
 from gantrain import checks
 from gantrain.data.common import DataError
@@ -24,7 +23,17 @@ from gantrain.data.images import ImageData
 
 _IDX_MAGIC = {2049: 1, 2051: 3}  # labels: (n,); images: (n, rows, cols); both unsigned bytes
 
-_CLASSES = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}
+# name -> the torchvision dataset class (and folder) name; torchvision is imported only when a download
+# or a transform needs it (it takes ~1.5 s to import, which every command-line error would pay).
+_CLASSES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+
+
+def _torchvision_dataset(name: str):
+    from torchvision import datasets
+
+    return getattr(datasets, _CLASSES[name])
+
+
 # name -> channels the files hold; decides whether a grey/RGB conversion is needed.
 _NATIVE_CHANNELS = {"mnist": 1, "fashion_mnist": 1, "cifar10": 3}
 
@@ -118,6 +127,8 @@ class TorchvisionImages(ImageData):
 
     def transform(self):
         """The PIL -> (C, R, R) [-1, 1] transform applied to every image."""
+        from torchvision import transforms
+
         steps = []
         if self.channels == 1 or _NATIVE_CHANNELS[self.name] == 1:
             # RGB -> grey (ITU-R 601 luma), or grey replicated into 3 equal channels.
@@ -127,10 +138,10 @@ class TorchvisionImages(ImageData):
 
     def _idx_images(self) -> torch.Tensor:
         """The split's (N, 28, 28) uint8 images of an MNIST-family dataset: read in place, else downloaded."""
-        cls, train = _CLASSES[self.name], self.split == "train"
-        files = idx_files(self.root, cls.__name__, "train" if train else "t10k")
+        folder, train = _CLASSES[self.name], self.split == "train"
+        files = idx_files(self.root, folder, "train" if train else "t10k")
         if files is None:  # torchvision downloads all four archives, or raises when download=False
-            return cls(self.root, train=train, download=self.download).data
+            return _torchvision_dataset(self.name)(self.root, train=train, download=self.download).data
         images, labels = read_idx(files[0], 2051), read_idx(files[1], 2049)  # (N, 28, 28), (N,)
         if len(images) != len(labels):
             raise DataError(
@@ -142,7 +153,7 @@ class TorchvisionImages(ImageData):
     def dataset(self) -> Dataset:
         try:
             if self.name == "cifar10":  # torchvision's public (N, 32, 32, 3) uint8 array; labels unused
-                cifar = datasets.CIFAR10(self.root, train=self.split == "train", download=self.download)
+                cifar = _torchvision_dataset("cifar10")(self.root, train=self.split == "train", download=self.download)
                 return _PilImages(torch.from_numpy(cifar.data), self.transform())
             return _PilImages(self._idx_images(), self.transform())
         except DataError:  # files found but unreadable (read_idx): its message names the file
@@ -158,7 +169,7 @@ class TorchvisionImages(ImageData):
             if self.name != "cifar10":
                 split = "train" if self.split == "train" else "t10k"
                 files = f"{split}-images-idx3-ubyte[.gz] and {split}-labels-idx1-ubyte[.gz]"
-                where = f"{files} there (in {_CLASSES[self.name].__name__}/raw/ or raw/)"
+                where = f"{files} there (in {_CLASSES[self.name]}/raw/ or raw/)"
             raise DataError(
                 f"data.name={self.name!r} ({self.split} split): the dataset files are missing under "
                 f"data.root '{self.root}' and could not be downloaded ({reason}). Put torchvision's "

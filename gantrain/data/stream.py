@@ -40,6 +40,25 @@ def _loader_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed("loader", seed))
 
 
+def _batches(loader_iter):
+    """``loader_iter``'s batches; a DataError a worker process raised keeps its own one-line message.
+
+    PyTorch re-raises a worker's exception with the worker's whole traceback as its message, whose
+    last line is ``module.DataError: <the message>``.
+    """
+    while True:
+        try:
+            batch = next(loader_iter)
+        except StopIteration:
+            return
+        except DataError as e:
+            text = str(e).rstrip()
+            if text.startswith("Caught DataError"):
+                raise DataError(text.splitlines()[-1].split(": ", 1)[-1]) from None
+            raise
+        yield batch
+
+
 def stack(dataset: Dataset, device: torch.device, num_workers: int, seed: int) -> torch.Tensor:
     """Every item of `dataset`, in order, as one (N, C, R, R) tensor on `device`."""
     if isinstance(dataset, TensorImages):
@@ -53,7 +72,7 @@ def stack(dataset: Dataset, device: torch.device, num_workers: int, seed: int) -
     start = 0
     quiet = True if n <= _PROGRESS_MIN_ITEMS else None  # None: also quiet when stderr (the bar's stream) is no tty
     with tqdm(total=n, desc="loading images", unit="img", disable=quiet) as bar:
-        for x in loader:  # (b, C, R, R)
+        for x in _batches(iter(loader)):  # (b, C, R, R)
             if data is None:
                 # Preallocated so peak memory is one copy of the dataset, not two.
                 data = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=device)
@@ -202,7 +221,7 @@ class BatchStream:
                     persistent_workers=workers > 0,
                     generator=_loader_generator(self.seed),
                 )
-                self._loader_iter = iter(loader)
+                self._loader_iter = _batches(iter(loader))
             batch = next(self._loader_iter).to(self.device, non_blocking=True)
         if self.binarize:
             if self._noise is None or self._noise.device != batch.device:

@@ -44,6 +44,8 @@ class Generator(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
+        for key, value in (("nz", nz), ("ngf", ngf), ("channels", channels)):
+            checks.integer(key, value, at_least=1)
         checks.choice("norm", norm, G_NORMS)
         checks.number("dropout", dropout, ge=0, lt=1, hint="0 turns dropout off")
         n = _n_doublings(resolution)
@@ -92,6 +94,8 @@ class Discriminator(nn.Module):
         minibatch_kernel_dim: int = 16,
     ):
         super().__init__()
+        checks.integer("ndf", ndf, at_least=1)
+        checks.integer("channels", channels, at_least=1)
         checks.choice("norm", norm, D_NORMS)
         n = _n_doublings(resolution)
         widths = [ndf * 2**i for i in range(n)]  # e.g. [64, 128, 256] at 32 px

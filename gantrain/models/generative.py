@@ -43,6 +43,9 @@ class GenerativeModel(nn.Module):
         latent_dim: int | None = None,
     ):
         super().__init__()
+        for name, net in (("g", g), ("d", d)):
+            if not isinstance(net, nn.Module) and (name == "g" or net is not None):
+                raise ConfigError(f"{name}={net!r}: must be a network (a node with its _target_)", key=name)
         if latent_dim is not None and tuple(getattr(g, "latent_shape", (latent_dim,))) != (latent_dim,):
             raise ConfigError(
                 f"g draws latents of shape {tuple(g.latent_shape)} but latent_dim={latent_dim}; "

@@ -1,0 +1,140 @@
+"""Hydra's and OmegaConf's errors about a user's config as one :class:`~gantrain.errors.ConfigError` line.
+
+Hydra prints its composition errors over several lines (and the job's OmegaConf errors with a
+traceback); :func:`config_error` says the same in gantrain's format, ``key[=value]: what was wrong``
+plus what is allowed: the options of a group, the keys of a node and, for a key that is not
+there, the same name elsewhere in the config (``optim.g.betas`` -> ``optim.g.optimizer.betas``).
+:func:`gantrain.train.user_error` calls it for every exception that is not already a
+:class:`~gantrain.errors.GantrainError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any
+
+from hydra.errors import (
+    CompactHydraException,
+    ConfigCompositionException,
+    MissingConfigException,
+    OverrideParseException,
+)
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    InterpolationResolutionError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+from gantrain.errors import ConfigError
+
+# Cross-group interpolations all link model and data (data.resolution: ${model.resolution},
+# model.channels: ${data.channels}), so one that cannot resolve means the two options do not fit.
+MODEL_DATA_HINT = (
+    "the model and data options do not fit together: 2-D point data (data=ring8, grid25) trains model=mlp, "
+    "image data an image model (dcgan, resnet, vae, vae_mlp, vaegan)"
+)
+TYPE_NAMES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "bool": "true or false"}
+
+
+def config_error(e: BaseException, node: str = "") -> ConfigError | None:
+    """The user's config mistake behind a Hydra or OmegaConf exception, or None (not one of those: a bug).
+
+    ``node``: the config node being read, named when OmegaConf's error has no ``full_key``.
+    """
+    if isinstance(e, OverrideParseException):
+        grammar = re.search(r"https://\S+", e.message)
+        first = e.message.splitlines()[0]
+        return ConfigError(f"{e.override}: not a valid override ({first}; the grammar: {grammar and grammar.group()})")
+    if isinstance(e, MissingConfigException):
+        group, _, name = (e.missing_cfg_file or "").rpartition("/")
+        asked = re.match(r"In '([^']+)'", str(e))  # the config whose defaults list names it
+        where = f", asked for by {asked.group(1)}" if asked and asked.group(1) != "train" else ""
+        if group and e.options:
+            options = ", ".join(e.options)
+            return ConfigError(f"{group}={name}: must be one of {options} (the options in {group}/{where})")
+        return ConfigError(one_line(str(e)))
+    if isinstance(e, ConfigCompositionException) and isinstance(e.__cause__, OmegaConfBaseException):
+        return omegaconf_error(e.__cause__, composing=True) or ConfigError(one_line(f"{e}: {e.__cause__}"))
+    if isinstance(e, CompactHydraException):  # Hydra's own user-facing errors, printed without a traceback
+        return ConfigError(one_line(str(e)))
+    if isinstance(e, OmegaConfBaseException):
+        return omegaconf_error(e, composing=False, node=node)
+    return None
+
+
+def omegaconf_error(e: OmegaConfBaseException, composing: bool, node: str = "") -> ConfigError | None:
+    """``composing``: raised while Hydra merged the config files and overrides (so every key
+    error is the user's); otherwise raised while the job read the composed config ``node``.
+    The message names the full key, so the ConfigError has no relative ``key`` to prefix."""
+    key = e.full_key or node
+    first = one_line(str(e.msg or e).split("\n    full_key")[0])
+    if isinstance(e, MissingMandatoryValue):
+        return ConfigError(f"{key}: has no value and no default; set it, e.g. {key}=...")
+    if isinstance(e, InterpolationResolutionError):
+        target = re.search(r"\$\{([\w.]+)\}|Interpolation key '([\w.]+)'", first)
+        linked = target and (target.group(1) or target.group(2))
+        groups = {key.split(".")[0], (linked or "").split(".")[0]}
+        return ConfigError(f"{key}: {first}" + (f" ({MODEL_DATA_HINT})" if groups == {"model", "data"} else ""))
+    if isinstance(e, ValidationError):
+        kind = re.search(r"could not be converted to (\w+)|is not a valid (\w+)", first)
+        must = TYPE_NAMES.get(kind.group(1) or kind.group(2)) if kind else None
+        return ConfigError(f"{key}={e.value!r}: must be {must}" if must else f"{key}: {first}")
+    if composing and isinstance(e, (ConfigAttributeError, ConfigKeyError)) and isinstance(e.parent_node, DictConfig):
+        return unknown_key(e.parent_node, str(e.key), key)
+    if composing:
+        return ConfigError(f"{key}: {first}")
+    return None
+
+
+def unknown_key(parent: DictConfig, name: str, full_key: str) -> ConfigError:
+    """``full_key`` is not a key of ``parent``: say which keys are, and where ``name`` is instead."""
+    where = full_key.rpartition(".")[0]
+    keys = [k for k in parent.keys() if isinstance(k, str) and not k.startswith("_") and k != "hydra"]
+    target = parent._get_node("_target_") if "_target_" in parent else None
+    what = f"{where} ({target._value()})" if target is not None else where or "the top level"
+    close = difflib.get_close_matches(name, keys, n=2, cutoff=0.75)
+    if where:
+        close = [f"{where}.{k}" for k in close]
+    elsewhere = [k for k in same_name(parent._get_root(), name) if k != full_key]
+    nearest = max((_shared_parts(k, full_key) for k in elsewhere), default=0)
+    # The nearest ones only: optim.d.lr for optim.d.optimizer.lr, not optim.g.lr too.
+    elsewhere = [k for k in elsewhere if _shared_parts(k, full_key) == nearest]
+    guesses = list(dict.fromkeys(close + elsewhere[:2]))
+    hint = f"; did you mean {' or '.join(guesses)}?" if guesses else ""
+    return ConfigError(f"{full_key}: no such key{hint} ({what} has: {', '.join(keys)})")
+
+
+def same_name(node: Any, name: str, prefix: str = "") -> list[str]:
+    """The dotted keys under ``node`` whose last part is ``name`` (Hydra's own settings left out)."""
+    found: list[str] = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            if not isinstance(k, str) or (not prefix and k == "hydra"):
+                continue
+            child = node._get_node(k)
+            path = f"{prefix}{k}"
+            if k == name:
+                found.append(path)
+            if isinstance(child, (DictConfig, ListConfig)) and not OmegaConf.is_missing(node, k):
+                found += same_name(child, name, path + ".")
+    return found
+
+
+def _shared_parts(a: str, b: str) -> int:
+    """How many leading parts two dotted keys share."""
+    n = 0
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def one_line(text: str) -> str:
+    """Hydra's several lines (tab-indented lists included) joined into one."""
+    return " ".join(text.split())
