@@ -215,7 +215,7 @@ def test_sample_grids_are_written_in_the_background_and_their_errors_stop_the_ru
     """The PNG of step 2 fails on a full disk in the background thread: the run stops at the next grid (step 3)
     with that error's one line; step 1's grid is on disk."""
     trainer = build(make_cfg("trainer.max_steps=5", "trainer.sample_every_n_steps=1"), tmp_path)
-    threads, save = [], runlog.save_image
+    threads, save = [], runlog._save_image
 
     def save_image(grid, fp, format=None):
         threads.append(threading.current_thread().name)
@@ -223,7 +223,7 @@ def test_sample_grids_are_written_in_the_background_and_their_errors_stop_the_ru
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "samples"))
         save(grid, fp, format=format)
 
-    monkeypatch.setattr(runlog, "save_image", save_image)
+    monkeypatch.setattr(runlog, "_save_image", save_image)
     with pytest.raises(WriteError, match=r"^cannot write '.*step_0000002.png': No space left on device"):
         trainer.fit()
     assert trainer.step == 3 and all(name.startswith("gantrain-samples") for name in threads)
