@@ -6,6 +6,7 @@ on the device, and hands typed objects to the :class:`~gantrain.trainer.Trainer`
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import inspect
 import logging
@@ -49,6 +50,21 @@ log = logging.getLogger("gantrain")
 register()
 # `${unique:}` in the default hydra.run.dir: two launches in the same second get two directories.
 OmegaConf.register_new_resolver("unique", lru_cache(maxsize=1)(unique_suffix), replace=True)
+
+
+def run_name(overrides: str, prefix: str = "") -> str:
+    """``hydra.job.override_dirname`` as one directory name (``${run_name:...}`` in train.yaml): ``prefix`` and the
+    overrides with path separators as ``_``; a long one is cut, with a hash of the whole so that it stays unique
+    and the same on every rerun (a sweep's ``trainer.resume=auto`` finds its jobs again). "" without overrides."""
+    if not overrides:
+        return ""
+    name = overrides.replace("/", "_").replace(os.sep, "_")
+    if len(name) > 120:
+        name = name[:100] + "_" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return prefix + name
+
+
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 LOG_FILE = "train.log"
 
 
@@ -377,7 +393,10 @@ def _hydra_main(cfg: DictConfig) -> float:
         if not getattr(e, "gantrain_logged", False):
             log.error("%s", err)  # one line on the console (and in train.log once the run passed its checks)
         raise SystemExit(1) from None
-    return monitored(cfg, metrics)  # the value a sweeper optimizes
+    value = monitored(cfg, metrics)  # the value a sweeper optimizes
+    which = "best" if f"best/{cfg.trainer.monitor}" in metrics else "last"
+    log.info("trainer.monitor: %s %s=%.6g (the value returned to a sweeper)", which, cfg.trainer.monitor, value)
+    return value
 
 
 def monitored(cfg: DictConfig, metrics: dict[str, float]) -> float:
