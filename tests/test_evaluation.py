@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,19 @@ def test_evaluate_script_scores_a_gan_checkpoint(tmp_path, one_thread, capsys):
     assert raw["weights"] == "raw" and raw["fid"] != out["fid"]
     fewer = json.loads(run("--json", "--metrics", "extractor={_target_:tests.extractors.TinyFeatures}", "which=[fid]"))
     assert set(fewer) & {"fid", "kid", "precision", "recall"} == {"fid"}
+
+
+@pytest.mark.slow  # two trainings in a subprocess, ~25 s
+def test_the_readme_optuna_sweep_runs_and_optimizes_the_monitored_metric(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    line = next(x for x in (REPO / "README.md").read_text().splitlines() if x.startswith("gantrain -m hydra/sweeper="))
+    words = [w.replace("n_trials=20", "n_trials=2") for w in shlex.split(line)[1:]]
+    words += [*TINY, "model.g.ngf=8", "model.d.ndf=8", "trainer.max_steps=4", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    words += eval_overrides(tmp_path / "cache", "trainer.eval_every_n_steps=2")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "gantrain", *words], capture_output=True, text=True, timeout=600, env=env)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    returned = [float(v) for v in re.findall(r"best metrics/fid=(\S+) \(the value returned to a sweeper\)", out)]
+    best = re.search(r"Best value: (\S+)", out)
+    assert len(returned) == 2 and best and float(best.group(1)) == pytest.approx(min(returned), rel=1e-5)
