@@ -120,7 +120,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "optim": {name: make_config(g=network_optim(cls), d=network_optim(cls)) for name, cls in OPTIMIZERS.items()},
     # metrics.extractor is any nn.Module; the Inception option (configs/metrics/extractor/inception.yaml) is checked
     "metrics": {"default": schema(Metrics)},
-    "extractor": {"inception": schema(InceptionFeatures)},
+    "metrics/extractor": {"inception": schema(InceptionFeatures)},
 }
 
 # The root: the groups are filled by the defaults list of configs/train.yaml.

@@ -191,6 +191,10 @@ class RunLog(Callback):
         for callback in trainer.callbacks:
             if isinstance(callback, Checkpointing) and callback.path.is_file():
                 parts.append(f"checkpoint {callback.path.resolve()}")
+                best = getattr(trainer, "best", None)  # the value a sweeper gets
+                if best is not None and (callback.folder / "best.ckpt").is_file():
+                    where = (callback.folder / "best.ckpt").resolve()
+                    parts.append(f"best {best['monitor']}={best['value']:.6g} at step {best['step']} in {where}")
         if self.grids:
             parts.append("samples " + ", ".join(str(p.resolve()) for p in self.grids))
         log.info(

@@ -393,10 +393,7 @@ def _hydra_main(cfg: DictConfig) -> float:
         if not getattr(e, "gantrain_logged", False):
             log.error("%s", err)  # one line on the console (and in train.log once the run passed its checks)
         raise SystemExit(1) from None
-    value = monitored(cfg, metrics)  # the value a sweeper optimizes
-    which = "best" if f"best/{cfg.trainer.monitor}" in metrics else "last"
-    log.info("trainer.monitor: %s %s=%.6g (the value returned to a sweeper)", which, cfg.trainer.monitor, value)
-    return value
+    return monitored(cfg, metrics)  # the value a sweeper optimizes
 
 
 def monitored(cfg: DictConfig, metrics: dict[str, float]) -> float:
