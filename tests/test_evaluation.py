@@ -112,9 +112,7 @@ def test_a_sweep_returns_each_jobs_monitored_metric_and_readable_hparams(tmp_pat
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "gantrain", *words], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    returned = [
-        float(v) for v in re.findall(r"best metrics/fid=(\S+) at step", r.stdout + r.stderr)
-    ]
+    returned = [float(v) for v in re.findall(r"best metrics/fid=(\S+) at step", r.stdout + r.stderr)]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert len(jobs) == 2 == len(returned)
     for job, value in zip(jobs, returned):
