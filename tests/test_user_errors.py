@@ -147,7 +147,25 @@ MISTAKES = [
         r"samples of shape \(1, 32, 32\) are 4096",
         slow,
     ),
-    case("evaluate.py --checkpoint {gan}", r"--checkpoint: '{gan}': the checkpoint's loss has no likelihood term"),
+    # evaluate.py on a GAN checkpoint (FID/KID/PR; issue 12)
+    case(
+        "evaluate.py --checkpoint /no/such.ckpt",
+        r"^evaluate\.py: error: --checkpoint: checkpoint '/no/such\.ckpt' does",
+    ),
+    case("evaluate.py --checkpoint {gan} --num 0", r"^evaluate\.py: error: --num=0: must be >= 2"),
+    case(
+        "evaluate.py --checkpoint {gan} --reference {empty} --metrics extractor={_target_:tests.extractors.Tiny"
+        "Features}",
+        r"^evaluate\.py: error: no images \(.*\) under --reference '{empty}'$",
+    ),
+    case(
+        "evaluate.py --checkpoint {gan} --reference /no/such/dir", r"--reference '/no/such/dir': must be an existing fo"
+    ),
+    case(
+        "evaluate.py --checkpoint {gan} --metrics which=[is] extractor={_target_:tests.extractors.TinyFeatures}",
+        r"--metrics which='is': must be one of fid, kid, pr",
+        slow,
+    ),
     case(
         "evaluate.py --checkpoint {vae} --data batch_size=abc",
         r"--data batch_size='abc': must be an integer >= 1$",
