@@ -227,12 +227,12 @@ class RunLog(Callback):
             self.writer._get_file_writer().add_summary(summary)
 
 
-def standard_callbacks(settings, run_dir, *, sampler=None, evaluator=None, config=None, is_main=True):
+def standard_callbacks(settings, run_dir, *, sampler=None, evaluator=None, config=None, is_main=True, world_size=1):
     """What every ``python -m gantrain`` run attaches, in ``run_dir``: resume and checkpoints
     (:class:`~gantrain.checkpoint.Checkpointing`), run logging (:class:`RunLog`, which documents
     ``sampler``/``evaluator``) and, last, reading each step's batches ahead (:class:`~gantrain.readahead.ReadAhead`)."""
     checkpointing = Checkpointing(
-        run_dir, settings.resume, config=config, is_main=is_main, keep=settings.keep_checkpoints
+        run_dir, settings.resume, config=config, is_main=is_main, keep=settings.keep_checkpoints, world_size=world_size
     )
     return [  # checkpoints first: resume before anything is logged (logging changes no trained state)
         checkpointing,
