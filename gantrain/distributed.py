@@ -35,6 +35,7 @@ import os
 import signal
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from inspect import signature
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -50,6 +51,10 @@ from gantrain.phase import Phase
 
 log = logging.getLogger(__name__)
 
+# DDP's per-forward buffer broadcast (renamed in newer torch; the old name warns there)
+SYNC_BUFFERS = next(
+    k for k in ("forward_sync_buffers", "broadcast_buffers") if k in signature(DistributedDataParallel).parameters
+)
 # A rank waits this long for the others (rank 0 evaluating, saving a checkpoint) before it fails.
 TIMEOUT = timedelta(hours=2)
 
@@ -219,10 +224,10 @@ def replicate(model: nn.Module, phases: Sequence[Phase], settings: DDPSettings, 
         for phase in phases:
             ddp = DistributedDataParallel(
                 PhaseLoss(phase.module, phase.loss),
+                **{SYNC_BUFFERS: settings.broadcast_buffers},
                 device_ids=[device.index if device.index is not None else torch.cuda.current_device()]
                 if device.type == "cuda"
                 else None,
-                broadcast_buffers=settings.broadcast_buffers,
                 find_unused_parameters=settings.find_unused_parameters,
             )
             wrapped.append(replace(phase, loss=ddp, no_sync_loss=_Unsynced(ddp)))

@@ -1,0 +1,170 @@
+"""One process of tests/test_distributed.py's equivalence runs (``python tests/ddp_worker.py OUT``).
+
+With ``RANK``/``WORLD_SIZE`` set (2 ranks, batch b each) it trains through gantrain's DDP path; without,
+it is the 1-process reference with batch 2b, fed what the ranks drew: real batch i is the concatenation
+of the ranks' batches i, and every draw from the global RNG (noise, GP's alpha, the VAE's eps) is the
+concatenation of the ranks' draws, from generators seeded as :class:`gantrain.distributed.RankBarriers`
+seeds each rank. Writes the weights and gradients after 3 steps, the all-reduces per phase and the
+hygiene checks to OUT (a torch file) per scenario.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gantrain import distributed  # noqa: E402
+from gantrain.data.common import derive_seed  # noqa: E402
+from gantrain.events import Callback  # noqa: E402
+from gantrain.runlog import RunLog  # noqa: E402
+from gantrain.train import build  # noqa: E402
+from tests.conftest import make_cfg  # noqa: E402
+
+B = 4  # images per rank and micro-batch
+RANKS = 2
+STEPS = 3
+SCENARIOS = [
+    (name, k, overrides)
+    for name, overrides in [
+        ("dcgan", ["+experiment=dcgan", "model.g.norm=none", "model.d.norm=none"]),
+        ("wgan_gp", ["+experiment=wgan_gp", "model.g.norm=none"]),  # BatchNorm statistics are per rank
+        ("vae", ["+experiment=vae"]),
+    ]
+    for k in (1, 2)
+]
+
+
+class Batches:
+    """Real batch i: rows [i * RANKS * B + rank * B, ...) of ``images`` (the reference: all ranks' rows)."""
+
+    def __init__(self, images: torch.Tensor, rank: int | None):
+        self.images, self.rank, self.i = images, rank, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        start = self.i * RANKS * B + (0 if self.rank is None else self.rank * B)
+        n = RANKS * B if self.rank is None else B
+        self.i += 1
+        return self.images[torch.arange(start, start + n) % len(self.images)]
+
+    def state_dict(self) -> dict:
+        return {"i": self.i}
+
+
+class RankDraws(Callback):
+    """The reference's RNG: torch.randn/rand/randn_like without a generator return the ranks' draws, concatenated."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.gens = [torch.Generator() for _ in range(RANKS)]
+        for name in ("randn", "rand"):
+            setattr(torch, name, self.split(getattr(torch, name)))
+        randn = torch.randn
+        torch.randn_like = lambda x, **kw: randn(x.shape, dtype=x.dtype, device=x.device)
+
+    def split(self, fn):
+        def draw(*size, generator=None, **kw):
+            if generator is not None:
+                return fn(*size, generator=generator, **kw)
+            shape = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else tuple(size)
+            half = (shape[0] // RANKS, *shape[1:])
+            return torch.cat([fn(half, generator=g, **kw) for g in self.gens])
+
+        return draw
+
+    def reseed(self, step: int) -> None:
+        for rank, g in enumerate(self.gens):
+            g.manual_seed(derive_seed("noise", self.seed, rank, step))
+
+    def on_fit_start(self, trainer) -> None:
+        self.reseed(trainer.step)
+
+    def on_step_end(self, trainer) -> None:
+        self.reseed(trainer.step)
+
+
+class Hygiene(Callback):
+    """After every phase: each network's parameters and gradients equal rank 0's bit for bit, flags restored."""
+
+    def __init__(self):
+        self.checks: list[bool] = []
+
+    def on_phase_end(self, trainer, phase) -> None:
+        for net in trainer.model.children():
+            tensors = [p.detach() for p in net.parameters()] + [p.grad for p in net.parameters() if p.grad is not None]
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            first = flat.clone()
+            dist.broadcast(first, src=0)
+            self.checks.append(torch.equal(flat, first))
+        self.checks.append(all(p.requires_grad for p in trainer.model.parameters()))
+
+
+def run(name: str, k: int, overrides: list[str], group: distributed.Group, run_dir: Path) -> dict:
+    cfg = make_cfg(
+        *overrides,
+        f"data.batch_size={B if group.distributed else RANKS * B}",
+        f"trainer.accumulate_grad_batches={k}",
+        f"trainer.max_steps={STEPS}",
+        "trainer.log_every_n_steps=1",
+        "trainer.sample_every_n_steps=100",
+    )
+    trainer = build(cfg, run_dir, group)
+    for callback in trainer.callbacks:
+        if isinstance(callback, RunLog):
+            callback.sampler = None  # the VAE's pictures show the float32 data, not these batches
+    images = trainer.data.images.double()
+    trainer.data = Batches(images, group.rank if group.distributed else None)
+    counts = {}
+    hygiene = Hygiene()
+    if group.distributed:
+        for phase in trainer.phases:
+            counts[phase.name] = 0
+
+            def hook(state, bucket, name=phase.name):
+                counts[name] += 1
+                return default_hooks.allreduce_hook(None, bucket)
+
+            phase.loss.register_comm_hook(None, hook)
+        trainer.callbacks.append(hygiene)
+    else:
+        trainer.callbacks.append(RankDraws(cfg.seed))
+    trainer.fit()
+    model = trainer.model
+    return {
+        "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        "allreduces": counts,
+        "steps": {p.name: trainer.iteration // p.interval for p in trainer.phases},
+        "hygiene": hygiene.checks,
+    }
+
+
+def main(out: str) -> None:
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)
+    group = distributed.init_from_env("cpu")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, k, overrides in SCENARIOS:
+            run_dir = Path(tmp) / f"{name}_{k}"
+            results[f"{name}/{k}"] = run(name, k, overrides, group, Path(group.broadcast(str(run_dir))))
+    if group.rank == 0 or not group.distributed:
+        torch.save(results, out)
+    elif group.distributed:
+        torch.save(results, f"{out}.rank{group.rank}")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main(sys.argv[1])
