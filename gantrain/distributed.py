@@ -241,17 +241,22 @@ def _child_name(model: nn.Module, module: nn.Module) -> str:
     return next(name for name, child in model.named_children() if child is module)
 
 
-def callbacks(group: Group, seed: int) -> tuple[Callback, Callback]:
+def callbacks(group: Group, seed: int, settings: DDPSettings) -> tuple[Callback, Callback]:
     """(the one that goes first, the one that goes last) among the Trainer's callbacks under DDP."""
-    return RankSync(group), RankBarriers(group, seed)
+    return RankSync(group, settings.find_unused_parameters), RankBarriers(group, seed)
 
 
 class RankSync(Callback):
     """First callback: each step's stop agreement, the buffer broadcast after each phase, the EMA check before
-    each checkpoint. Also what the signal handlers talk to under DDP (:meth:`request_stop`)."""
+    each checkpoint. Also what the signal handlers talk to under DDP (:meth:`request_stop`).
 
-    def __init__(self, group: Group):
-        self.group = group
+    The unused-parameter trap: DDP without ``find_unused_parameters`` waits for a gradient of every
+    parameter it wraps; a phase whose loss leaves one without (a loss that is only R1: the last bias of
+    D is not in ``grad_x D``) would silently skip averaging that parameter's bucket. Each phase's
+    gradients are checked for that after its step, and the run stops with one line naming it."""
+
+    def __init__(self, group: Group, find_unused: bool):
+        self.group, self.find_unused = group, find_unused
         self.trainer = None
         self.local_stop = 0  # the signal number this rank received (0: none)
         self.flag = torch.zeros(1, dtype=torch.int64)  # a CPU tensor: the all-reduce goes through gloo
@@ -273,6 +278,15 @@ class RankSync(Callback):
             self.buffers += list(trainer.ema.average.buffers())
 
     def on_phase_end(self, trainer, phase) -> None:
+        if not self.find_unused:
+            net = next(name for name, m in trainer.model.named_modules() if m is phase.module)
+            unused = next((f"{net}.{n}" for n, p in phase.module.named_parameters() if p.grad is None), None)
+            if unused is not None:  # its DDP bucket was never all-reduced: the ranks' weights now differ
+                raise ConfigError(
+                    f"step {trainer.step + 1}, phase {phase.name}: the loss gave {unused} no gradient (a loss that "
+                    "is only a penalty, say), which DDP cannot average unless told; set "
+                    "trainer.ddp.find_unused_parameters=true (no checkpoint of this step is written)"
+                )
         for buffer in self.buffers:  # BatchNorm running statistics differ per rank after a step on its own data
             dist.broadcast(buffer, src=0)
 

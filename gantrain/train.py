@@ -137,7 +137,7 @@ def build(cfg: DictConfig, run_dir: str | Path, group: distributed.Group = distr
         world_size=group.world_size,
     )
     if group.distributed:
-        first, last = distributed.callbacks(group, cfg.seed)
+        first, last = distributed.callbacks(group, cfg.seed, settings.ddp)
         callbacks = [first, *callbacks, last]
     return Trainer(settings, model=model, phases=phases, data=stream, callbacks=callbacks, world_size=group.world_size)
 

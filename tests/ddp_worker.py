@@ -23,23 +23,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gantrain import distributed  # noqa: E402
 from gantrain.data.common import derive_seed  # noqa: E402
+from gantrain.errors import GantrainError  # noqa: E402
 from gantrain.events import Callback  # noqa: E402
+from gantrain.objectives import GANObjective  # noqa: E402
 from gantrain.runlog import RunLog  # noqa: E402
 from gantrain.train import build  # noqa: E402
 from tests.conftest import make_cfg  # noqa: E402
 
+D_LOSS = GANObjective.d_loss
 B = 4  # images per rank and micro-batch
 RANKS = 2
 STEPS = 3
-SCENARIOS = [
-    (name, k, overrides)
-    for name, overrides in [
-        ("dcgan", ["+experiment=dcgan", "model.g.norm=none", "model.d.norm=none"]),
-        ("wgan_gp", ["+experiment=wgan_gp", "model.g.norm=none"]),  # BatchNorm statistics are per rank
-        ("vae", ["+experiment=vae"]),
-    ]
-    for k in (1, 2)
-]
+GAN = ["+experiment=dcgan", "model.g.norm=none", "model.d.norm=none"]  # BatchNorm statistics are per rank
+R1_ONLY = [*GAN, "loss.r1.gamma=1"]  # a D loss that is only R1, which misses D's last bias: the unused-parameter trap
+SCENARIOS = {  # name -> (accumulated micro-batches, overrides)
+    **{f"dcgan/{k}": (k, GAN) for k in (1, 2)},
+    **{f"wgan_gp/{k}": (k, ["+experiment=wgan_gp", "model.g.norm=none"]) for k in (1, 2)},
+    **{f"vae/{k}": (k, ["+experiment=vae"]) for k in (1, 2)},
+    "r1_only": (1, [*R1_ONLY, "trainer.ddp.find_unused_parameters=true"]),
+    "r1_only/find_unused_off": (1, R1_ONLY),
+}
+
+
+def r1_only(self, model, real: torch.Tensor, step: int = 0, shared=None) -> torch.Tensor:
+    """GANObjective.d_loss with only the R1 term."""
+    return self.penalties["r1"](model.d, self.adversarial.d_input(real), None)
 
 
 class Batches:
@@ -110,6 +118,7 @@ class Hygiene(Callback):
 
 
 def run(name: str, k: int, overrides: list[str], group: distributed.Group, run_dir: Path) -> dict:
+    GANObjective.d_loss = r1_only if name.startswith("r1_only") else D_LOSS
     cfg = make_cfg(
         *overrides,
         f"data.batch_size={B if group.distributed else RANKS * B}",
@@ -138,7 +147,10 @@ def run(name: str, k: int, overrides: list[str], group: distributed.Group, run_d
         trainer.callbacks.append(hygiene)
     else:
         trainer.callbacks.append(RankDraws(cfg.seed))
-    trainer.fit()
+    try:
+        trainer.fit()
+    except GantrainError as e:
+        return {"error": str(e)}
     model = trainer.model
     return {
         "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
@@ -149,22 +161,22 @@ def run(name: str, k: int, overrides: list[str], group: distributed.Group, run_d
     }
 
 
-def main(out: str) -> None:
+def main(out: str, wanted: list[str]) -> None:
+    """Run the SCENARIOS named in ``wanted`` (``dcgan/2``; all if empty), write their results to ``out``."""
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     group = distributed.init_from_env("cpu")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, k, overrides in SCENARIOS:
-            run_dir = Path(tmp) / f"{name}_{k}"
-            results[f"{name}/{k}"] = run(name, k, overrides, group, Path(group.broadcast(str(run_dir))))
-    if group.rank == 0 or not group.distributed:
-        torch.save(results, out)
-    elif group.distributed:
-        torch.save(results, f"{out}.rank{group.rank}")
+        for name, (k, overrides) in SCENARIOS.items():
+            if wanted and name not in wanted:
+                continue
+            run_dir = Path(group.broadcast(str(Path(tmp) / name.replace("/", "_"))))
+            results[name] = run(name, k, overrides, group, run_dir)
+    torch.save(results, out if group.rank == 0 else f"{out}.rank{group.rank}")
     distributed.shutdown()
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2:])

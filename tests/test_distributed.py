@@ -1,0 +1,96 @@
+"""Data-parallel training (gantrain.distributed) on the CPU with gloo: 2 processes on this machine.
+
+The ranks are started as ``torchrun`` starts them (``RANK``/``WORLD_SIZE``/``MASTER_*`` in the environment),
+or by ``torchrun`` itself; each test's processes get their own port.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gantrain.checkpoint import CheckpointError, Checkpointing, check_world_size
+from tests.conftest import REPO
+
+PYTHON = sys.executable
+WORKER = REPO / "tests" / "ddp_worker.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The environment torchrun gives rank ``rank`` (without torchrun's agent)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
+    env.update(WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    return env
+
+
+def spawn(args: list[str], world_size: int = 2, **kwargs) -> list[subprocess.Popen]:
+    port = free_port()
+    return [subprocess.Popen(args, env=rank_env(r, world_size, port), cwd=REPO, **kwargs) for r in range(world_size)]
+
+
+def equivalence(tmp_path: Path, scenarios: list[str]) -> tuple[dict, dict, dict]:
+    """(rank 0's, rank 1's, the 1-process reference's) results of ``tests/ddp_worker.py`` for ``scenarios``."""
+    out, ref = tmp_path / "ddp.pt", tmp_path / "ref.pt"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    procs = spawn([PYTHON, str(WORKER), str(out), *scenarios])
+    procs.append(subprocess.Popen([PYTHON, str(WORKER), str(ref), *scenarios], env=env, cwd=REPO))
+    assert [p.wait(timeout=600) for p in procs] == [0, 0, 0]
+    load = lambda path: torch.load(path, weights_only=False)  # noqa: E731
+    return load(out), load(f"{out}.rank1"), load(ref)
+
+
+def assert_equivalent(ddp: dict, other: dict, ref: dict) -> None:
+    """Same weights and gradients as the reference (1e-9 relative), rank 1 bit-identical to rank 0."""
+    for kind in ("weights", "grads"):
+        assert ddp[kind].keys() == ref[kind].keys()
+        for name, want in ref[kind].items():
+            got = ddp[kind][name]
+            assert got.dtype == torch.float64
+            assert torch.allclose(got, want, rtol=1e-9, atol=1e-9 * want.abs().max().item()), f"{kind} {name}"
+            assert torch.equal(got, other[kind][name]), f"{kind} {name} differs between the ranks"
+    # one all-reduce per optimizer step, whatever the accumulation (one bucket per tiny network): no_sync works
+    assert ddp["allreduces"] == ddp["steps"]
+    assert ddp["hygiene"] and all(ddp["hygiene"])  # params and grads equal on both ranks after every phase
+
+
+def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
+    """dcgan with accumulation (no_sync honoured); a D loss that is only R1 without find_unused_parameters
+    (the unused-parameter trap) stops with one line."""
+    rank0, rank1, ref = equivalence(tmp_path, ["dcgan/2", "r1_only/find_unused_off"])
+    assert_equivalent(rank0["dcgan/2"], rank1["dcgan/2"], ref["dcgan/2"])
+    error = rank0["r1_only/find_unused_off"]["error"]
+    assert "the loss gave d.head.linear.bias no gradient" in error and "\n" not in error
+    assert "trainer.ddp.find_unused_parameters=true" in error
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_every_recipe(tmp_path):
+    """dcgan (norm off), wgan_gp (GP: double backward) and vae, with accumulation 1 and 2; a D loss that is
+    only R1 (its gradient misses D's last bias) with find_unused_parameters."""
+    names = [f"{n}/{k}" for n in ("dcgan", "wgan_gp", "vae") for k in (1, 2)] + ["r1_only"]
+    rank0, rank1, ref = equivalence(tmp_path, names)
+    for name in names:
+        assert_equivalent(rank0[name], rank1[name], ref[name])
+    assert "d.head.linear.bias" not in ref["r1_only"]["grads"]  # no gradient in one process either: Adam skips it
+
+
+def test_a_checkpoint_resumes_only_with_its_rank_count(tmp_path):
+    check_world_size(2, 2, tmp_path / "last.ckpt")
+    with pytest.raises(CheckpointError) as e:
+        check_world_size(2, 1, tmp_path / "last.ckpt")
+    assert "written by 2 (torchrun --nproc_per_node=2)" in str(e.value) and "this run has one process" in str(e.value)
+    assert Checkpointing(tmp_path, world_size=2).world_size == 2
