@@ -217,6 +217,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
             )
             if group.is_main:
                 log.warning("%s", message)
+            else:
+                log.warning("rank %d stopped by %s after step %d", group.rank, received.name, trainer.step)
             raise Interrupted(message, received.exit_code)
         return metrics  # RunLog's last line named the run directory, checkpoint, samples and TensorBoard
 

@@ -7,16 +7,18 @@ or by ``torchrun`` itself; each test's processes get their own port.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from gantrain.checkpoint import CheckpointError, Checkpointing, check_world_size
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY, TINY_WIDTH
 
 PYTHON = sys.executable
 WORKER = REPO / "tests" / "ddp_worker.py"
@@ -94,3 +96,93 @@ def test_a_checkpoint_resumes_only_with_its_rank_count(tmp_path):
         check_world_size(2, 1, tmp_path / "last.ckpt")
     assert "written by 2 (torchrun --nproc_per_node=2)" in str(e.value) and "this run has one process" in str(e.value)
     assert Checkpointing(tmp_path, world_size=2).world_size == 2
+
+
+TINY_DCGAN = [  # BatchNorm in both networks (its buffers are broadcast each step) and an EMA generator
+    "+experiment=dcgan",
+    *TINY,
+    *TINY_WIDTH["ngf"],
+    "trainer.ema.half_life_images=100",
+    "trainer.checkpoint_every_n_steps=2",
+    "trainer.sample_every_n_steps=2",
+]
+
+
+def gantrain(*overrides: str) -> list[str]:
+    return ["-m", "gantrain", *TINY_DCGAN, *overrides]
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def trained_state(run_dir: Path) -> dict:
+    """What must be bit-identical between a resumed and an uninterrupted run: weights, EMA, optimizers, step."""
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    return {k: ckpt[k] for k in ("step", "images_seen", "model", "ema", "optimizers", "data", "world_size")}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"] and a["images_seen"] == b["images_seen"] and a["data"] == b["data"]
+    assert a["world_size"] == b["world_size"] == 2
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for name, tensor in a["ema"]["average"].items():
+        assert torch.equal(tensor, b["ema"]["average"][name]), name
+    for phase, state in a["optimizers"].items():
+        for i, s in state["state"].items():
+            assert all(torch.equal(v, b["optimizers"][phase]["state"][i][k]) for k, v in s.items()), phase
+
+
+@pytest.mark.slow
+def test_torchrun_writes_once_and_resumes_bit_exactly(tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    done = torchrun(*gantrain("trainer.max_steps=4", f"hydra.run.dir={whole}"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list(whole.glob("events.out.tfevents.*"))) == 1
+    assert [p.name for p in (whole / "checkpoints").iterdir()] == ["last.ckpt"]
+    assert sorted(p.name for p in (whole / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    assert not list(tmp_path.glob("*/*/.lock"))  # no rank made a directory of its own
+
+    first = torchrun(*gantrain("trainer.max_steps=2", f"hydra.run.dir={split}"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = torchrun(*gantrain("trainer.max_steps=4", f"hydra.run.dir={split}", "trainer.resume=auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_state(trained_state(whole), trained_state(split))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    one = subprocess.run(
+        [PYTHON, *gantrain("trainer.max_steps=6", f"hydra.run.dir={split}", "trainer.resume=auto")],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert one.returncode == 1
+    errors = [line for line in (one.stdout + one.stderr).splitlines() if "ERROR" in line or "rror:" in line]
+    assert len(errors) == 1 and "written by 2 (torchrun --nproc_per_node=2)" in errors[0], one.stdout + one.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_both_after_the_same_step(tmp_path):
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    procs = spawn(
+        [PYTHON, *gantrain("trainer.max_steps=1000", f"hydra.run.dir={run}")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "last.ckpt").exists():  # training is under way (step 2)
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], outputs[0][1][-2000:]
+    step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["step"]
+    assert 2 <= step < 1000
+    assert f"stopped by SIGTERM after step {step}/1000" in outputs[0][1]
+    assert f"rank 1 stopped by SIGTERM after step {step}" in outputs[1][1]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]
+
+    resume = spawn([PYTHON, *gantrain(f"trainer.max_steps={step + 2}", f"hydra.run.dir={run}", "trainer.resume=auto")])
+    straight = spawn([PYTHON, *gantrain(f"trainer.max_steps={step + 2}", f"hydra.run.dir={whole}")])
+    assert [p.wait(timeout=600) for p in resume + straight] == [0, 0, 0, 0]
+    assert_same_state(trained_state(whole), trained_state(run))
