@@ -16,7 +16,6 @@ import shlex
 import signal
 import sys
 from contextlib import ExitStack, contextmanager
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,9 @@ log = logging.getLogger("gantrain")
 
 register()
 # `${unique:}` in the default hydra.run.dir: two launches in the same second get two directories.
-OmegaConf.register_new_resolver("unique", lru_cache(maxsize=1)(unique_suffix), replace=True)
+# Cached in the config (as Hydra's ${now:}), so that a launcher's jobs in other processes (submitit, joblib)
+# resolve the sweep directory the launcher made, and the resolver pickles by reference.
+OmegaConf.register_new_resolver("unique", unique_suffix, use_cache=True, replace=True)
 LOG_FILE = "train.log"
 
 

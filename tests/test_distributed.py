@@ -165,17 +165,22 @@ def test_torchrun_writes_once_and_resumes_bit_exactly(tmp_path):
 @pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_after_the_same_step(tmp_path):
     run, whole = tmp_path / "run", tmp_path / "whole"
-    procs = spawn(
-        [PYTHON, *gantrain("trainer.max_steps=1000", f"hydra.run.dir={run}")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    logs = [tmp_path / f"rank{r}.log" for r in range(2)]
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [PYTHON, *gantrain("trainer.max_steps=1000", f"hydra.run.dir={run}")],
+            env=rank_env(r, 2, port), cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        )
+        for r, log in enumerate(logs)
+    ]  # fmt: skip
     deadline = time.time() + 300
     while not (run / "checkpoints" / "last.ckpt").exists():  # training is under way (step 2)
-        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        assert time.time() < deadline and all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
         time.sleep(0.2)
     procs[1].send_signal(signal.SIGTERM)
-    outputs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [143, 143], outputs[0][1][-2000:]
+    assert [p.wait(timeout=300) for p in procs] == [143, 143], logs[0].read_text()[-3000:]
+    outputs = [("", log.read_text()) for log in logs]
     step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["step"]
     assert 2 <= step < 1000
     assert f"stopped by SIGTERM after step {step}/1000" in outputs[0][1]
@@ -186,3 +191,24 @@ def test_sigterm_to_one_rank_stops_both_after_the_same_step(tmp_path):
     straight = spawn([PYTHON, *gantrain(f"trainer.max_steps={step + 2}", f"hydra.run.dir={whole}")])
     assert [p.wait(timeout=600) for p in resume + straight] == [0, 0, 0, 0]
     assert_same_state(trained_state(whole), trained_state(run))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["submitit_local", "parallel"])
+def test_a_sweep_runs_its_jobs_in_parallel_processes(tmp_path, launcher):
+    """hydra/launcher=submitit_local (submitit's local executor) and =parallel (joblib, 2 at a time): each job
+    in its own process and run directory, with its own seed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = [f"hydra/launcher={launcher}", "seed=0,1", f"hydra.sweep.dir={tmp_path}"]
+    done = subprocess.run(
+        [PYTHON, "-m", "gantrain", "-m", *args, *TINY_DCGAN, "trainer.max_steps=2"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    runs = sorted(p.parent for p in tmp_path.glob("*/checkpoints"))
+    assert [r.name.split("_")[0] for r in runs] == ["0", "1"]
+    ckpts = [torch.load(r / "checkpoints" / "last.ckpt", weights_only=False) for r in runs]
+    assert [c["config"]["seed"] for c in ckpts] == [0, 1] and [c["step"] for c in ckpts] == [2, 2]
+    assert not torch.equal(ckpts[0]["model"]["g.net.0.weight"], ckpts[1]["model"]["g.net.0.weight"])
+    pids = {next(r.glob("events.out.tfevents.*")).name.split(".")[-2] for r in runs}  # the writer's process
+    assert len(pids) == 2
