@@ -199,7 +199,12 @@ def test_a_sweep_runs_its_jobs_in_parallel_processes(tmp_path, launcher):
     """hydra/launcher=submitit_local (submitit's local executor) and =parallel (joblib, 2 at a time): each job
     in its own process and run directory, with its own seed."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    args = [f"hydra/launcher={launcher}", "seed=0,1", f"hydra.sweep.dir={tmp_path}"]
+    args = [
+        f"hydra/launcher={launcher}",
+        "seed=0,1",
+        f"hydra.sweep.dir={tmp_path}",
+        "hydra.sweep.subdir=${hydra.job.num}",
+    ]
     done = subprocess.run(
         [PYTHON, "-m", "gantrain", "-m", *args, *TINY_DCGAN, "trainer.max_steps=2"],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
