@@ -217,3 +217,19 @@ def test_a_sweep_runs_its_jobs_in_parallel_processes(tmp_path, launcher):
     assert not torch.equal(ckpts[0]["model"]["g.net.0.weight"], ckpts[1]["model"]["g.net.0.weight"])
     pids = {next(r.glob("events.out.tfevents.*")).name.split(".")[-2] for r in runs}  # the writer's process
     assert len(pids) == 2
+
+
+@pytest.mark.slow
+def test_submitit_tasks_train_data_parallel(tmp_path):
+    """Two tasks of one submitit job join one process group from submitit's variables (SLURM's on a cluster)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = ["hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", f"hydra.sweep.dir={tmp_path}"]
+    done = subprocess.run(
+        [PYTHON, "-m", "gantrain", "-m", *args, "hydra.sweep.subdir=run", *TINY_DCGAN, "trainer.max_steps=2"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 2
+    assert ckpt["images_seen"] == 2 * 2 * 2 * 8  # steps x phases (D, G) x ranks x batch
+    assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) == 1
