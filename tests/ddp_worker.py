@@ -40,6 +40,7 @@ SCENARIOS = {  # name -> (accumulated micro-batches, overrides)
     **{f"dcgan/{k}": (k, GAN) for k in (1, 2)},
     **{f"wgan_gp/{k}": (k, ["+experiment=wgan_gp", "model.g.norm=none"]) for k in (1, 2)},
     **{f"vae/{k}": (k, ["+experiment=vae"]) for k in (1, 2)},
+    "dcgan_batchnorm": (1, ["+experiment=dcgan"]),  # hygiene only: per-rank batch statistics differ from 2b's
     "r1_only": (1, [*R1_ONLY, "trainer.ddp.find_unused_parameters=true"]),
     "r1_only/find_unused_off": (1, R1_ONLY),
 }
@@ -102,7 +103,8 @@ class RankDraws(Callback):
 
 
 class Hygiene(Callback):
-    """After every phase: each network's parameters and gradients equal rank 0's bit for bit, flags restored."""
+    """After every phase: each network's parameters, gradients and buffers (BatchNorm statistics) equal rank 0's
+    bit for bit, and the requires_grad flags are restored."""
 
     def __init__(self):
         self.checks: list[bool] = []
@@ -110,6 +112,7 @@ class Hygiene(Callback):
     def on_phase_end(self, trainer, phase) -> None:
         for net in trainer.model.children():
             tensors = [p.detach() for p in net.parameters()] + [p.grad for p in net.parameters() if p.grad is not None]
+            tensors += [b.to(tensors[0].dtype) for b in net.buffers()]
             flat = torch.cat([t.reshape(-1) for t in tensors])
             first = flat.clone()
             dist.broadcast(first, src=0)

@@ -71,9 +71,11 @@ def assert_equivalent(ddp: dict, other: dict, ref: dict) -> None:
 
 def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
     """dcgan with accumulation (no_sync honoured); a D loss that is only R1 without find_unused_parameters
-    (the unused-parameter trap) stops with one line."""
-    rank0, rank1, ref = equivalence(tmp_path, ["dcgan/2", "r1_only/find_unused_off"])
+    (the unused-parameter trap) stops with one line; with BatchNorm, every rank holds the same buffers."""
+    rank0, rank1, ref = equivalence(tmp_path, ["dcgan/2", "r1_only/find_unused_off", "dcgan_batchnorm"])
     assert_equivalent(rank0["dcgan/2"], rank1["dcgan/2"], ref["dcgan/2"])
+    bn = rank0["dcgan_batchnorm"]  # BatchNorm's running statistics are rank 0's on both ranks after every phase
+    assert len(bn["hygiene"]) == 3 * 2 * 3 and all(bn["hygiene"])
     error = rank0["r1_only/find_unused_off"]["error"]
     assert "the loss gave d.head.linear.bias no gradient" in error and "\n" not in error
     assert "trainer.ddp.find_unused_parameters=true" in error
