@@ -177,6 +177,17 @@ def check_same_run(state: dict[str, Any], config: dict, source: str) -> None:
         )
 
 
+def check_world_size(saved: int, now: int, source: Path) -> None:
+    """A checkpoint resumes only with the number of processes that wrote it: each rank's data shard and noise
+    depend on it (:mod:`gantrain.distributed`), so another count would be another run."""
+    if saved != now:
+        launch = lambda n: "one process (python -m gantrain)" if n == 1 else f"{n} (torchrun --nproc_per_node={n})"
+        raise CheckpointError(
+            f"trainer.resume: checkpoint '{source}' was written by {launch(saved)} but this run has {launch(now)}; "
+            "resume with the same number of processes (data shards and noise depend on it)"
+        )
+
+
 def load_trainer_state(trainer, state: dict[str, Any], source: str = "checkpoint") -> None:
     """Restore :func:`trainer_state` into ``trainer``; refuse a checkpoint whose weights/optimizers do not fit."""
     try:
@@ -232,7 +243,7 @@ class Checkpointing(Callback):
     ``config``, the resolved config that is also saved in each checkpoint).
     """
 
-    def __init__(self, run_dir, resume=None, config=None, is_main=True, keep: int = 0):
+    def __init__(self, run_dir, resume=None, config=None, is_main=True, keep: int = 0, world_size: int = 1):
         self.folder = Path(run_dir) / "checkpoints"
         self.path = self.folder / "last.ckpt"
         if resume is None and self.path.exists():
@@ -240,7 +251,7 @@ class Checkpointing(Callback):
                 f"run directory '{run_dir}' already holds a checkpoint ({self.path}); continue it with "
                 "trainer.resume=auto, or start a new run in another hydra.run.dir"
             )
-        self.config, self.is_main, self.keep = config or {}, is_main, keep
+        self.config, self.is_main, self.keep, self.world_size = config or {}, is_main, keep, world_size
         self.source: Path | None = None  # the checkpoint to resume from, loaded now to check it
         self.state: dict[str, Any] | None = None
         if resume == "auto" and not self.path.is_file():
@@ -249,6 +260,7 @@ class Checkpointing(Callback):
             self.source = self.path if resume == "auto" else Path(resume)
             self.state = load(self.source)
             check_same_run(self.state, self.config, source=f"checkpoint '{self.source}'")
+            check_world_size(self.state.get("world_size", 1), world_size, self.source)
         self.start_step = 0 if self.state is None else self.state["step"]
         self.saved_metrics = {} if self.state is None else dict(self.state.get("metrics", {}))
 
@@ -286,6 +298,7 @@ class Checkpointing(Callback):
         """``trainer``'s state with the config, atomically to ``path`` (last.ckpt, best.ckpt); never weights or
         buffers with a NaN/inf (the file there, if any, stays as it was)."""
         state = {**trainer_state(trainer), "config": self.config, "settings": asdict(trainer.settings)}
+        state["world_size"] = self.world_size
         tensors = {f"model {k}": v for k, v in state["model"].items()}
         tensors.update({f"EMA {k}": v for k, v in (state["ema"] or {}).get("average", {}).items()})
         bad = first_nonfinite(tensors)

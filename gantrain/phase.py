@@ -58,7 +58,9 @@ class Phase:
     after each optimizer step, e.g. weight clipping. ``schedule``: the LR schedule of this phase's
     optimizer (:class:`gantrain.optim.Schedule`; None = constant), stepped after each of its
     optimizer steps. ``gradient_clip_val``/``gradient_clip_algorithm``: this phase's clipping
-    (None = the trainer's setting; a value of 0 = no clipping for this phase).
+    (None = the trainer's setting; a value of 0 = no clipping for this phase). ``no_sync_loss``: the
+    loss for the micro-batches of an accumulation window but the last, whose gradients are not yet
+    all-reduced across ranks (set by :func:`gantrain.distributed.replicate`; None = ``loss``).
     """
 
     name: str
@@ -71,6 +73,7 @@ class Phase:
     schedule: Optional[Schedule] = None
     gradient_clip_val: Optional[float] = None
     gradient_clip_algorithm: Optional[str] = None
+    no_sync_loss: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None
 
     def __post_init__(self) -> None:
         check_clipping(self.gradient_clip_val, self.gradient_clip_algorithm)

@@ -257,6 +257,7 @@ def standard_callbacks(
     hparams: dict | None = None,
     about: dict[str, str] | None = None,
     is_main=True,
+    world_size=1,
 ):
     """What every ``python -m gantrain`` run attaches, in ``run_dir``: evaluation and ``best.ckpt``
     (:class:`~gantrain.metrics.Evaluation`, when there is an ``evaluator``: returns ``{name: value}`` of the current
@@ -266,7 +267,7 @@ def standard_callbacks(
     from gantrain.metrics.loop import Evaluation
 
     checkpointing = Checkpointing(
-        run_dir, settings.resume, config=config, is_main=is_main, keep=settings.keep_checkpoints
+        run_dir, settings.resume, config=config, is_main=is_main, keep=settings.keep_checkpoints, world_size=world_size
     )
     evaluation = []
     if evaluator is not None:  # first: a step's results and best.ckpt come before its last.ckpt, which keeps the best

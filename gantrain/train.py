@@ -14,10 +14,10 @@ import os
 import random
 import re
 import shlex
+import signal
 import subprocess
 import sys
-from contextlib import contextmanager
-from functools import lru_cache
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gantrain import distributed
 from gantrain.allocator import keep_freed_memory
 from gantrain.checkpoint import Checkpointing
 from gantrain.config import register
@@ -49,7 +50,9 @@ log = logging.getLogger("gantrain")
 
 register()
 # `${unique:}` in the default hydra.run.dir: two launches in the same second get two directories.
-OmegaConf.register_new_resolver("unique", lru_cache(maxsize=1)(unique_suffix), replace=True)
+# Cached in the config (as Hydra's ${now:}), so that a launcher's jobs in other processes (submitit, joblib)
+# resolve the sweep directory the launcher made, and the resolver pickles by reference.
+OmegaConf.register_new_resolver("unique", unique_suffix, use_cache=True, replace=True)
 
 
 def run_name(overrides: str, prefix: str = "") -> str:
@@ -89,8 +92,11 @@ def compose_config(*overrides: str) -> DictConfig:
         return compose(config_name="train", overrides=list(overrides))
 
 
-def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
+def build(cfg: DictConfig, run_dir: str | Path, group: distributed.Group = distributed.SINGLE) -> Trainer:
     """Instantiate model, objective, per-network updates, data and Trainer from a composed config.
+
+    Under ``torchrun`` (``group``: this rank's place) every rank builds the same model from the same seed,
+    draws its own shard of the data and trains through DDP wrappers (:mod:`gantrain.distributed`).
 
     The build flows one way: each ``optim.<net>`` node instantiates to a complete
     :class:`~gantrain.optim.NetworkOptim`, the objective turns the model and those updates into
@@ -120,27 +126,37 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
     data = within("data", instantiate, cfg.data)
     check_fit(model, data)
     model.to_data_units = data.to_data_units  # what generate() hands out: the data's own units
-    stream = within("data", data.stream, seed=cfg.seed, device=device)  # reads the dataset: holdout, batch size
+    if not group.distributed:
+        stream = within("data", data.stream, seed=cfg.seed, device=device)  # reads the dataset: holdout, batch size
+    elif "world_size" in inspect.signature(data.stream).parameters:
+        stream = within("data", data.stream, seed=cfg.seed, device=device, rank=group.rank, world_size=group.world_size)
+        phases = within("trainer.ddp", distributed.replicate, model, phases, settings.ddp, device)
+    else:
+        raise ConfigError(
+            f"data: {type(data).__name__} cannot be split between {group.world_size} processes (its stream "
+            "has no rank); train it in one process, or use image data (digits, mnist, folder, ...)"
+        )
     # Fixed noise from its own generators: sample grids and evaluation never consume the training RNG.
     fixed_noise = model.noise(settings.num_samples, device, generator=torch.Generator(device).manual_seed(cfg.seed))
     evaluators, eval_tags = evaluation(cfg, model, data, device)
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    return Trainer(
+    callbacks = standard_callbacks(
         settings,
-        model=model,
-        phases=phases,
-        data=stream,
-        callbacks=standard_callbacks(
-            settings,
-            run_dir,
-            sampler=objective.sampler(model, data.render, fixed_noise, stream),
-            evaluator=(lambda: {k: v for e in evaluators for k, v in e().items()}) if evaluators else None,
-            eval_tags=eval_tags,
-            config=resolved,
-            hparams=hparams_row(cfg),
-            about={"command": command_line(), "code": code_version()},
-        ),
+        run_dir,
+        sampler=objective.sampler(model, data.render, fixed_noise, stream),
+        # rank 0 only; the other ranks wait for it at their next collective (gantrain.distributed)
+        evaluator=(lambda: {k: v for e in evaluators for k, v in e().items()}) if evaluators else None,
+        eval_tags=eval_tags,
+        config=resolved,
+        hparams=hparams_row(cfg),
+        about={"command": command_line(), "code": code_version()},
+        is_main=group.is_main,
+        world_size=group.world_size,
     )
+    if group.distributed:
+        first, last = distributed.callbacks(group, cfg.seed, settings.ddp)
+        callbacks = [first, *callbacks, last]
+    return Trainer(settings, model=model, phases=phases, data=stream, callbacks=callbacks, world_size=group.world_size)
 
 
 # data keys that change how the images are loaded, not which: not part of the reference features' cache key
@@ -268,34 +284,53 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     The run holds ``run_dir``'s lock from the start, and everything that can refuse it (bad input, a
     checkpoint in the way, a resume from another run) happens before the first byte is written there.
     A signal ends it after the step in flight with a checkpoint, raising :class:`Interrupted`.
+
+    Under ``torchrun``/SLURM every rank calls this; they share rank 0's ``run_dir``, where only rank 0 takes
+    the lock and writes, and a rank that refuses to start makes every rank refuse.
     """
-    run_dir = Path(run_dir)
-    with RunDirectoryLock(run_dir) as lock:
-        trainer = build(cfg, run_dir)
-        lock.claim()
-        with log_file(run_dir / LOG_FILE):
-            log.info("run directory: %s", run_dir.resolve())
-            checkpointing = next((c for c in trainer.callbacks if isinstance(c, Checkpointing)), None)
-            if checkpointing is not None and checkpointing.start_step >= trainer.settings.max_steps:
-                log.info(
-                    "%s is already at step %d >= trainer.max_steps=%d: nothing to do",
-                    checkpointing.source,
-                    checkpointing.start_step,
-                    trainer.settings.max_steps,
-                )
-                return {**checkpointing.saved_metrics, "step": float(checkpointing.start_step)}
+    group = distributed.init_from_env(str(cfg.trainer.device))
+    run_dir = distributed.shared_run_dir(group, run_dir)
+    with ExitStack() as stack:
+        try:
+            lock = stack.enter_context(RunDirectoryLock(run_dir)) if group.is_main else None
+            trainer = build(cfg, run_dir, group)
+        except Exception as e:
+            group.check_all(e)
+        group.check_all(None)
+        if lock is not None:
+            lock.claim()
+        if group.is_main:
+            stack.enter_context(log_file(run_dir / LOG_FILE))
+        log.info("run directory: %s", run_dir.resolve())
+        checkpointing = next((c for c in trainer.callbacks if isinstance(c, Checkpointing)), None)
+        if checkpointing is not None and checkpointing.start_step >= trainer.settings.max_steps:
+            log.info(
+                "%s is already at step %d >= trainer.max_steps=%d: nothing to do",
+                checkpointing.source,
+                checkpointing.start_step,
+                trainer.settings.max_steps,
+            )
+            return {**checkpointing.saved_metrics, "step": float(checkpointing.start_step)}
+        if group.is_main:
             save_configs(cfg, run_dir)
-            with stop_on_signals(trainer) as received:
-                metrics = trainer.fit()
-            if received.signum is not None:
-                ckpt = run_dir / "checkpoints" / "last.ckpt"
-                message = (
-                    f"stopped by {received.name} after step {trainer.step}/{trainer.settings.max_steps}; "
-                    f"checkpoint: {ckpt}; resume with: {resume_command(run_dir)}"
-                )
+        # under DDP the handlers tell the rank agreement (the first callback), which stops every rank
+        stopper = trainer.callbacks[0] if group.distributed else trainer
+        with stop_on_signals(stopper) as received:
+            metrics = trainer.fit()
+        if group.distributed and trainer.stop_reason is not None:
+            received.signum = int(signal.Signals[trainer.stop_reason])  # maybe another rank's signal
+        if received.signum is not None:
+            ckpt = run_dir / "checkpoints" / "last.ckpt"
+            message = (
+                f"stopped by {received.name} after step {trainer.step}/{trainer.settings.max_steps}; "
+                f"checkpoint: {ckpt}; resume with: {resume_command(run_dir)}"
+            )
+            if group.is_main:
                 log.warning("%s", message)
-                raise Interrupted(message, received.exit_code)
-            return metrics  # RunLog's last line named the run directory, checkpoint, samples and TensorBoard
+            else:
+                log.warning("rank %d stopped by %s after step %d", group.rank, received.name, trainer.step)
+            raise Interrupted(message, received.exit_code)
+        return metrics  # RunLog's last line named the run directory, checkpoint, samples and TensorBoard
 
 
 def save_configs(cfg: DictConfig, run_dir: Path) -> None:
@@ -390,8 +425,8 @@ def _hydra_main(cfg: DictConfig) -> float:
         err = user_error(e)
         if err is None:
             raise  # a bug: keep the traceback
-        if not getattr(e, "gantrain_logged", False):
-            log.error("%s", err)  # one line on the console (and in train.log once the run passed its checks)
+        if not getattr(e, "gantrain_logged", False) and distributed.current().is_main:
+            log.error("%s", err)  # one line on the console (and train.log); under torchrun rank 0 says it
         raise SystemExit(1) from None
     return monitored(cfg, metrics)  # the value a sweeper optimizes
 
@@ -429,6 +464,7 @@ def main() -> None:
         raise SystemExit(1) from None
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

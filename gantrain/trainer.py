@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from gantrain import amp, checks
+from gantrain.distributed import DDPSettings
 from gantrain.ema import EMA
 from gantrain.errors import ConfigError, NonFiniteError
 from gantrain.events import Callback
@@ -96,6 +97,7 @@ class TrainerSettings:
     resume: Optional[str] = None  # null | auto (this run dir's last.ckpt) | a checkpoint path
     progress_bar: bool = True  # tqdm bar on a terminal; off a terminal (or false) plain progress lines are logged
     ema: EMASettings = field(default_factory=EMASettings)
+    ddp: DDPSettings = field(default_factory=DDPSettings)  # used only under torchrun/SLURM (gantrain.distributed)
     eval_every_n_steps: int = 0  # evaluation (metrics=, the 2-D mixtures' toy/*, a VAE's held-out ELBO); 0: at the end
     monitor: str = "loss/G"  # what a run returns to a sweeper: an evaluated value's best (metrics/fid), else the last
     monitor_mode: str = "auto"  # min | max | auto (max for elbo, precision, recall, toy/modes, toy/hq; else min)
@@ -105,6 +107,10 @@ class TrainerSettings:
             if not isinstance(self.ema, Mapping):
                 checks.fail("ema", self.ema, "a node of EMA settings", "e.g. trainer.ema.half_life_images=10000")
             self.ema = EMASettings(**self.ema)
+        if not isinstance(self.ddp, DDPSettings):  # a mapping from the config
+            if not isinstance(self.ddp, Mapping):
+                checks.fail("ddp", self.ddp, "a node of DDP settings", "e.g. trainer.ddp.broadcast_buffers=false")
+            self.ddp = DDPSettings(**self.ddp)
         checks.number("ema.half_life_images", self.ema.half_life_images, ge=0, hint="0 = off")
         checks.number("log_every_n_seconds", self.log_every_n_seconds, ge=0, hint="0 = a line every log step")
         periods = ("log_every_n_steps", "sample_every_n_steps", "checkpoint_every_n_steps")
@@ -150,14 +156,18 @@ class Trainer:
             already yielding tensors on the training device.
         callbacks: called in list order at each event (:func:`gantrain.runlog.standard_callbacks`: resume and
             checkpoints, TensorBoard/tqdm/sample logging); ``trainer.callbacks`` may be extended later.
+        world_size: processes training data-parallel (:mod:`gantrain.distributed`); ``images_seen`` counts all.
     """
 
-    def __init__(self, settings: TrainerSettings, *, model: nn.Module, phases: Sequence[Phase], data, callbacks=()):
+    def __init__(
+        self, settings: TrainerSettings, *, model: nn.Module, phases: Sequence[Phase], data, callbacks=(), world_size=1
+    ):
         counting = [p.name for p in phases if p.counts_as_step]
         assert len(counting) == 1, f"exactly one phase must count as the training step, got {counting}"
         assert len({p.name for p in phases}) == len(phases), "phase names must be unique (checkpoint keys)"
         self.settings, self.model, self.phases, self.data = settings, model, list(phases), data
         self.callbacks: list[Callback] = list(callbacks)
+        self.world_size = world_size  # data-parallel processes, each drawing its own batches (gantrain.distributed)
         self.params = list(model.parameters())
         self.device = self.params[0].device if self.params else torch.device("cpu")
         self.amp_dtype = PRECISIONS[settings.precision]
@@ -250,13 +260,16 @@ class Trainer:
             phase.optimizer.zero_grad(set_to_none=True)
             # input-gradient penalties scale/unscale with this phase's scaler
             with amp.scaling(scaler) as overflows, self._anomaly_mode(phase):
-                for _ in range(k):
+                for i in range(k):
                     real = next(self.data)  # fresh real batch per micro-batch (the loss draws fresh noise)
+                    # under DDP the gradients are all-reduced once, in the last micro-batch's backward
+                    loss_fn = phase.loss if i == k - 1 or phase.no_sync_loss is None else phase.no_sync_loss
                     with torch.autocast(self.device.type, dtype=dtype, enabled=enabled):
-                        loss = phase.loss(real, step)
+                        loss = loss_fn(real, step)
                     scaler.scale(loss / k).backward()
                     losses.append(loss.detach())
                     images += real.shape[0]
+            images *= self.world_size  # the images of all ranks: EMA half-life and images/s count them all
             self.images_seen += images
             scaler.unscale_(phase.optimizer)  # clip and measure true gradients, not scaled ones
             named = [(n, p) for n, p in phase.module.named_parameters() if p.grad is not None]

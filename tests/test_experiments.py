@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import shutil
 
 import pytest
@@ -174,12 +175,15 @@ def test_dcgan_at_64_px(tmp_path):
 
 
 def _readme_commands() -> list[list[str]]:
-    """The overrides of every ``python -m gantrain ...`` line in the README's code blocks."""
+    """The overrides of every ``python -m gantrain ...`` and ``torchrun ... -m gantrain ...`` line in the README's
+    code blocks (after any leading ``VAR=value``); tests/test_distributed.py runs torchrun and the launchers."""
     commands = []
     for line in (REPO / "README.md").read_text().splitlines():
-        if not line.startswith("python -m gantrain ") or "hydra.searchpath" in line:
+        line = re.sub(r"^(\w+=\S+ )+", "", line)
+        launch = re.match(r"(python|torchrun( --?[\w-]+(=\S+)?)*) -m gantrain ", line)
+        if launch is None or "hydra.searchpath" in line:
             continue  # the outside-the-repo walkthrough runs end to end in tests/test_structure.py
-        args = line.split("#")[0].split()[3:]
+        args = line[launch.end() :].split("#")[0].split()
         overrides = []
         for a in args:
             if a in ("-m", "--cfg", "job") or a.startswith("hydra."):

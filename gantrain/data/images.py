@@ -123,8 +123,9 @@ class ImageData(abc.ABC):
         held = _images_between(full, n_train, len(full), binarized=self.binarize != "none")
         return stack(held, torch.device(device), self.num_workers, seed=0)
 
-    def stream(self, seed: int, device: torch.device | str = "cpu") -> BatchStream:
-        """The endless, resumable batch stream the Trainer draws from (training images only)."""
+    def stream(self, seed: int, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1) -> BatchStream:
+        """The endless, resumable batch stream the Trainer draws from (training images only); under DDP this
+        rank's shard of each batch."""
         return BatchStream(
             self.training_dataset(),
             self.batch_size,
@@ -133,6 +134,8 @@ class ImageData(abc.ABC):
             num_workers=self.num_workers,
             in_memory=self.in_memory,
             binarize=self.binarize == "dynamic",
+            rank=rank,
+            world_size=world_size,
         )
 
     def render(self, samples: torch.Tensor) -> torch.Tensor:
