@@ -152,6 +152,8 @@ MAY_CHANGE_ON_RESUME = (
     "trainer.monitor",
     "trainer.monitor_mode",
     "trainer.eval_every_n_steps",
+    "metrics.cache_dir",  # where reference features are cached, and how many images go through at once
+    "metrics.batch_size",
     "trainer.on_nonfinite",
     "trainer.max_consecutive_skips",
     "trainer.detect_anomaly",

@@ -365,6 +365,7 @@ class Trainer:
         step (a checkpoint is never written from weights a bad step has reached), or enough of them waiting."""
         s = self.settings
         periods = (s.log_every_n_steps, s.sample_every_n_steps, s.checkpoint_every_n_steps)
+        periods += (s.eval_every_n_steps,) if s.eval_every_n_steps else ()  # best.ckpt: no weights a bad step reached
         return len(self.deferred_checks) >= DEFERRED_CHECKS or any(self.step % n == 0 for n in periods)
 
     def read_deferred_checks(self) -> None:

@@ -112,7 +112,7 @@ def test_a_sweep_returns_each_jobs_monitored_metric_and_readable_hparams(tmp_pat
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "gantrain", *words], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    returned = [float(v) for v in re.findall(r"best metrics/fid=(\S+) at step", r.stdout + r.stderr)]
+    returned = [float(v) for v in re.findall(r"best metrics/fid=(\S+) at step \d+ in ", r.stdout + r.stderr)]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert len(jobs) == 2 == len(returned)
     for job, value in zip(jobs, returned):
@@ -168,6 +168,6 @@ def test_the_readme_optuna_sweep_runs_and_optimizes_the_monitored_metric(tmp_pat
     r = subprocess.run([sys.executable, "-m", "gantrain", *words], capture_output=True, text=True, timeout=600, env=env)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
-    returned = [float(v) for v in re.findall(r"best metrics/fid=(\S+) at step", out)]
+    returned = [float(v) for v in re.findall(r"best metrics/fid=(\S+) at step \d+ in ", out)]
     best = re.search(r"Best value: (\S+)", out)
     assert len(returned) == 2 and best and float(best.group(1)) == pytest.approx(min(returned), rel=1e-5)

@@ -13,7 +13,6 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
-from torch_fidelity import metric_fid, metric_kid, metric_prc
 
 WHICH = ("fid", "kid", "pr")  # what scores() can compute; "pr" is precision and recall
 
@@ -59,6 +58,8 @@ def scores(
     KID is the mean over ``kid_subsets`` subsets of ``min(kid_subset_size, N_real, N_fake)`` features
     each, drawn with ``seed``; precision/recall use the ``pr_neighbourhood``-th nearest neighbour.
     """
+    from torch_fidelity import metric_fid, metric_kid, metric_prc  # imports torchvision: ~2 s, only when scoring
+
     unknown = [w for w in which if w not in WHICH]
     if unknown:
         raise ValueError(f"scores: unknown {unknown}; allowed: {', '.join(WHICH)}")
