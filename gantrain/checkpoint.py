@@ -131,6 +131,7 @@ def trainer_state(trainer) -> dict[str, Any]:
         # the last logged values (what a finished run returns when resumed), without wall-clock figures, so
         # that the same seed writes byte-identical checkpoints
         "metrics": {k: v for k, v in {**trainer.metrics, **trainer.eval_metrics}.items() if not k.startswith("perf/")},
+        "best": trainer.best,  # trainer.monitor's best evaluation (gantrain.metrics.Evaluation), or None
     }
 
 
@@ -149,6 +150,8 @@ MAY_CHANGE_ON_RESUME = (
     "trainer.checkpoint_every_n_steps",
     "trainer.keep_checkpoints",
     "trainer.monitor",
+    "trainer.monitor_mode",
+    "trainer.eval_every_n_steps",
     "trainer.on_nonfinite",
     "trainer.max_consecutive_skips",
     "trainer.detect_anomaly",
@@ -211,6 +214,7 @@ def load_trainer_state(trainer, state: dict[str, Any], source: str = "checkpoint
     set_rng_state(state["rng"])
     trainer.step, trainer.iteration, trainer.images_seen = state["step"], state["iteration"], state["images_seen"]
     trainer.metrics = dict(state.get("metrics", {}))  # what a finished run returns if nothing is left to do
+    trainer.best = state.get("best")
     saved, now = state.get("settings", {}).get("max_steps", trainer.settings.max_steps), trainer.settings.max_steps
     if saved != now and any(p.schedule is not None for p in trainer.phases):
         msg = "trainer.resume: trainer.max_steps changed from %d to %d; the LR schedules keep the checkpoint's horizon"
@@ -268,26 +272,30 @@ class Checkpointing(Callback):
             self.save(trainer)
 
     def save(self, trainer) -> None:
-        """Write ``trainer``'s state with the config (rank 0 only), then the step snapshot if ``keep``; never
-        weights or buffers with a NaN/inf."""
+        """Write ``trainer``'s state with the config to last.ckpt (rank 0 only), then the step snapshot if ``keep``."""
         if not self.is_main:
             return
+        self.write(trainer, self.path)
+        if self.keep:
+            snapshot = self.folder / f"step_{trainer.step:07d}.ckpt"
+            _link_or_copy(self.path, snapshot)
+            for old in self.snapshots()[: -self.keep]:
+                old.unlink(missing_ok=True)
+
+    def write(self, trainer, path: Path) -> None:
+        """``trainer``'s state with the config, atomically to ``path`` (last.ckpt, best.ckpt); never weights or
+        buffers with a NaN/inf (the file there, if any, stays as it was)."""
         state = {**trainer_state(trainer), "config": self.config, "settings": asdict(trainer.settings)}
         tensors = {f"model {k}": v for k, v in state["model"].items()}
         tensors.update({f"EMA {k}": v for k, v in (state["ema"] or {}).get("average", {}).items()})
         bad = first_nonfinite(tensors)
         if bad is not None:  # a checkpoint that resumes into NaNs is worse than the previous one
             raise NonFiniteError(
-                f"step {trainer.step}: {bad} holds NaN/inf, so {self.path} was not written (the one there, if "
+                f"step {trainer.step}: {bad} holds NaN/inf, so {path} was not written (the one there, if "
                 "any, is unchanged); lower the learning rate (optim.<net>.lr) or clip gradients "
                 "(trainer.gradient_clip_val)"
             )
-        save_atomic(state, self.path)
-        if self.keep:
-            snapshot = self.folder / f"step_{trainer.step:07d}.ckpt"
-            _link_or_copy(self.path, snapshot)
-            for old in self.snapshots()[: -self.keep]:
-                old.unlink(missing_ok=True)
+        save_atomic(state, path)
 
     def snapshots(self) -> list[Path]:
         """The ``step_*.ckpt`` files, oldest step first."""

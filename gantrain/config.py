@@ -24,6 +24,7 @@ from hydra_zen import ZenField, builds, make_config
 from omegaconf import MISSING
 
 from gantrain import data, losses, optim
+from gantrain.metrics import InceptionFeatures, Metrics
 from gantrain.models import GenerativeModel, dcgan, mlp, resnet, vae
 from gantrain.objectives import GANObjective
 from gantrain.perceptual import PerceptualMatching
@@ -117,6 +118,9 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "vaegan": gan_objective(losses.BCELoss, target=VAEGANObjective),
     },
     "optim": {name: make_config(g=network_optim(cls), d=network_optim(cls)) for name, cls in OPTIMIZERS.items()},
+    # metrics.extractor is any nn.Module; the Inception option (configs/metrics/extractor/inception.yaml) is checked
+    "metrics": {"default": schema(Metrics)},
+    "extractor": {"inception": schema(InceptionFeatures)},
 }
 
 # The root: the groups are filled by the defaults list of configs/train.yaml.
@@ -129,6 +133,7 @@ Config = make_config(
     optim=MISSING,
     data=MISSING,
     trainer=MISSING,
+    metrics=ZenField(Any, None),  # null: no FID/KID/PR (metrics=fid turns them on)
 )
 
 

@@ -1,8 +1,9 @@
-"""Run logging in one callback, :class:`RunLog`: TensorBoard, tqdm, console lines, sample PNGs, evaluation.
+"""Run logging in one callback, :class:`RunLog`: TensorBoard, tqdm, console lines, sample PNGs, evaluation results.
 
 Every ``log_every_n_steps`` it drains the
 stats that losses ``report``-ed (plus images/s and the fp16 scales) into TensorBoard scalars, the bar's
-postfix and ``trainer.metrics``; every ``sample_every_n_steps`` it evaluates and draws sample grids,
+postfix and ``trainer.metrics``; after each evaluation (:class:`gantrain.metrics.Evaluation`) it logs
+its results with one console line; every ``sample_every_n_steps`` it draws sample grids,
 with the EMA weights swapped in, and a background thread encodes them (PNG files, TensorBoard images)
 while training goes on; it does both once more at the end (unless that step's grid was just written).
 Only rank 0 writes anything.
@@ -23,14 +24,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 from tqdm.auto import tqdm
 
-from gantrain.checkpoint import Checkpointing, flatten_dict
+from gantrain.checkpoint import Checkpointing
 from gantrain.events import Callback
 from gantrain.files import atomic_write
 from gantrain.readahead import ReadAhead
@@ -58,10 +59,10 @@ class RunLog(Callback):
         sampler: returns the picture to log as ``samples`` (``(3, H, W)`` in [0, 1]: an image grid, a
             scatter plot, ...), from fixed noise and without changing any state; or a dict of named
             pictures (``samples``, ``reconstructions``, ...), each logged under its name.
-        evaluator: returns metrics (name -> float) of the current model, computed and logged with
-            each sample grid and at the end (e.g. the 2-D mixture's modes covered); must not use
-            the global RNG (a resumed run must continue bit-identically).
-        config: the resolved config, logged as text and hparams.
+        config: the resolved config, logged as text.
+        hparams: the hparams table's row (the overridden keys, the recipe, the seed); its metrics are
+            ``metric_tags``, logged as scalars under the same names.
+        about: more text to log (the command line, the code's git commit), title -> text.
         is_main: rank 0 logs; other ranks only keep ``trainer.metrics``.
         terminal: whether the console is a terminal (a bar, else plain lines); None asks
             :func:`console_is_terminal` when the run starts.
@@ -72,16 +73,20 @@ class RunLog(Callback):
         self,
         run_dir: str | Path,
         sampler=None,
-        evaluator=None,
         config: dict | None = None,
+        hparams: dict | None = None,
+        metric_tags: Sequence[str] = (),
+        about: dict[str, str] | None = None,
         is_main=True,
         terminal: bool | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ):
-        self.run_dir, self.sampler, self.evaluator = Path(run_dir), sampler, evaluator
+        self.run_dir, self.sampler = Path(run_dir), sampler
+        self.hparams, self.metric_tags, self.about = hparams or {}, list(metric_tags), about or {}
         self.config, self.is_main, self.terminal, self.clock = config or {}, is_main, terminal, clock
         self.writer = self.bar = None  # opened by on_fit_start, closed by teardown
         self.grids: list[Path] = []  # the pictures write_samples wrote last
+        self._evaluation_logged: int | None = None  # the step whose evaluation was logged last
         self._encoder: ThreadPoolExecutor | None = None  # writes sample grids off the training loop
         self._writing: Future | None = None  # the grids being written
 
@@ -106,6 +111,8 @@ class RunLog(Callback):
         if trainer.step % trainer.settings.log_every_n_steps == 0:
             self.log_stats(trainer)
             self.log_progress(trainer)
+        if getattr(trainer, "evaluated_step", None) == trainer.step:
+            self.log_evaluation(trainer)
         if trainer.step % trainer.settings.sample_every_n_steps == 0:
             self.write_samples(trainer)
 
@@ -113,6 +120,8 @@ class RunLog(Callback):
         self.log_stats(trainer)
         self.bar.close()  # its final state stays on screen; the lines below start on their own line
         self.log_progress(trainer, final=True)
+        if getattr(trainer, "evaluated_step", None) == trainer.step and self._evaluation_logged != trainer.step:
+            self.log_evaluation(trainer)
         if trainer.step % trainer.settings.sample_every_n_steps:  # else on_step_end just wrote this step's grid
             self.write_samples(trainer)
         self.wait_for_samples()  # the last line names them
@@ -147,6 +156,19 @@ class RunLog(Callback):
         losses = " ".join(f"{k.removeprefix('loss/')}={v:.3g}" for k, v in main_losses(stats).items())
         self.bar.set_postfix_str(f"{losses} {stats['perf/images_per_s']:.0f} img/s", refresh=False)
 
+    def log_evaluation(self, trainer) -> None:
+        """The evaluation of this step (``trainer.eval_metrics``) as scalars and one console line."""
+        self._evaluation_logged = trainer.step
+        if not self.is_main:
+            return
+        for name, value in trainer.eval_metrics.items():
+            self.writer.add_scalar(name, value, trainer.step)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in trainer.eval_metrics.items() if not k.startswith("best/"))
+        best = getattr(trainer, "best", None)
+        if best is not None:
+            shown += f" (best {best['monitor']}={best['value']:.4g} at step {best['step']})"
+        log.info("step %d: %s", trainer.step, shown)
+
     def log_progress(self, trainer, final: bool = False) -> None:
         """A plain progress line (no bar shown): the first, then at most one per ``log_every_n_seconds``,
         and the final step's (unless nothing trained in this process)."""
@@ -180,17 +202,9 @@ class RunLog(Callback):
         )
 
     def write_samples(self, trainer) -> None:
-        """Evaluate (into ``trainer.eval_metrics`` and a console line) and draw the sample pictures, which the
-        background thread writes (after the previous ones: an error there is raised here, or at the end)."""
-        if not self.is_main:
-            return
-        if self.evaluator is not None:
-            with trainer.averaged_weights():
-                trainer.eval_metrics = {k: float(v) for k, v in self.evaluator().items()}
-            for name, value in trainer.eval_metrics.items():  # rank 0 has a writer
-                self.writer.add_scalar(name, value, trainer.step)
-            log.info("step %d: %s", trainer.step, ", ".join(f"{k}={v:.4g}" for k, v in trainer.eval_metrics.items()))
-        if self.sampler is None:
+        """Draw the sample pictures, which the background thread writes (after the previous ones: an error
+        there is raised here, or at the end)."""
+        if not self.is_main or self.sampler is None:
             return
         with trainer.averaged_weights():
             pictures = self.sampler()
@@ -216,27 +230,67 @@ class RunLog(Callback):
             writing.result()
 
     def log_config(self, step: int) -> None:
-        """The config as indented text (a code block) and as hparams."""
+        """The config as indented text (a code block), the ``about`` texts, and the hparams row with its metrics."""
         import yaml  # PyYAML comes with hydra/omegaconf
 
         text = yaml.safe_dump(self.config, sort_keys=False)
         self.writer.add_text("config", "    " + text.replace("\n", "\n    "), step)
-        flat = flatten_dict(self.config)
-        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
-        for summary in hparams(flat, {"loss/D": 0.0, "loss/G": 0.0}):
+        for title, value in self.about.items():
+            self.writer.add_text(title, "    " + value, step)
+        row = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in self.hparams.items()}
+        for summary in hparams(row, {tag: 0.0 for tag in self.metric_tags}):
             self.writer._get_file_writer().add_summary(summary)
 
 
-def standard_callbacks(settings, run_dir, *, sampler=None, evaluator=None, config=None, is_main=True):
-    """What every ``python -m gantrain`` run attaches, in ``run_dir``: resume and checkpoints
-    (:class:`~gantrain.checkpoint.Checkpointing`), run logging (:class:`RunLog`, which documents
-    ``sampler``/``evaluator``) and, last, reading each step's batches ahead (:class:`~gantrain.readahead.ReadAhead`)."""
+def standard_callbacks(
+    settings,
+    run_dir,
+    *,
+    sampler=None,
+    evaluator=None,
+    eval_tags: Sequence[str] = (),
+    config=None,
+    hparams: dict | None = None,
+    about: dict[str, str] | None = None,
+    is_main=True,
+):
+    """What every ``python -m gantrain`` run attaches, in ``run_dir``: evaluation and ``best.ckpt``
+    (:class:`~gantrain.metrics.Evaluation`, when there is an ``evaluator``: returns ``{name: value}`` of the current
+    model, names among ``eval_tags``, without using the global RNG), resume and checkpoints
+    (:class:`~gantrain.checkpoint.Checkpointing`), run logging (:class:`RunLog`, which documents the others)
+    and, last, reading each step's batches ahead (:class:`~gantrain.readahead.ReadAhead`)."""
+    from gantrain.metrics.loop import Evaluation
+
     checkpointing = Checkpointing(
         run_dir, settings.resume, config=config, is_main=is_main, keep=settings.keep_checkpoints
     )
-    return [  # checkpoints first: resume before anything is logged (logging changes no trained state)
+    evaluation = []
+    if evaluator is not None:  # first: a step's results and best.ckpt come before its last.ckpt, which keeps the best
+        best = checkpointing.folder / "best.ckpt"
+        evaluation = [
+            Evaluation(
+                evaluator,
+                settings.eval_every_n_steps,
+                settings.monitor,
+                settings.monitor_mode,
+                write_best=lambda trainer: checkpointing.write(trainer, best),
+                start_step=lambda: checkpointing.start_step,
+                is_main=is_main,
+            )
+        ]
+    metric_tags = list(dict.fromkeys([*eval_tags, settings.monitor]))
+    return [  # then checkpoints: resume before anything is logged (logging changes no trained state)
+        *evaluation,
         checkpointing,
-        RunLog(run_dir, sampler=sampler, evaluator=evaluator, config=config, is_main=is_main),
+        RunLog(
+            run_dir,
+            sampler=sampler,
+            config=config,
+            hparams=hparams,
+            metric_tags=metric_tags,
+            about=about,
+            is_main=is_main,
+        ),  # fmt: skip
         ReadAhead(checkpointing.save, checkpointing.path),
     ]
 

@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shlex
+import subprocess
 import sys
 from contextlib import contextmanager
 from functools import lru_cache
@@ -106,12 +107,7 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
     stream = within("data", data.stream, seed=cfg.seed, device=device)  # reads the dataset: holdout, batch size
     # Fixed noise from its own generators: sample grids and evaluation never consume the training RNG.
     fixed_noise = model.noise(settings.num_samples, device, generator=torch.Generator(device).manual_seed(cfg.seed))
-    evaluator = None
-    if hasattr(data, "evaluate"):
-        eval_noise = model.noise(
-            data.num_eval_samples, device, generator=torch.Generator(device).manual_seed(cfg.seed + 1)
-        )
-        evaluator = lambda: data.evaluate(model.sample(eval_noise))
+    evaluators, eval_tags = evaluation(cfg, model, data, device)
     resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     return Trainer(
         settings,
@@ -122,10 +118,106 @@ def build(cfg: DictConfig, run_dir: str | Path) -> Trainer:
             settings,
             run_dir,
             sampler=objective.sampler(model, data.render, fixed_noise, stream),
-            evaluator=evaluator,
+            evaluator=(lambda: {k: v for e in evaluators for k, v in e().items()}) if evaluators else None,
+            eval_tags=eval_tags,
             config=resolved,
+            hparams=hparams_row(cfg),
+            about={"command": command_line(), "code": code_version()},
         ),
     )
+
+
+# data keys that change how the images are loaded, not which: not part of the reference features' cache key
+LOADING_KEYS = ("batch_size", "num_workers", "in_memory", "download", "skip_corrupt", "root")
+
+
+def evaluation(cfg: DictConfig, model, data, device: torch.device) -> tuple[list, list[str]]:
+    """(the evaluators of this run, the names they report): the 2-D mixtures' mode metrics, ``metrics=``'s
+    FID/KID/PR on samples (reference features computed or read from the cache now, before training) and a VAE's
+    held-out ELBO (``data.holdout``). Each draws its own fixed noise: none touches the training RNG."""
+    evaluators, tags = [], []
+    if hasattr(data, "evaluate"):  # 2-D mixtures: modes covered, % high-quality samples
+        noise = model.noise(data.num_eval_samples, device, generator=torch.Generator(device).manual_seed(cfg.seed + 1))
+        evaluators.append(lambda: data.evaluate(model.sample(noise)))
+        tags += ["toy/modes", "toy/hq"]
+    if cfg.get("metrics") is not None:
+        if not hasattr(data, "training_dataset"):
+            raise ConfigError(f"metrics: FID/KID/PR compare images, and {type(data).__name__} has none; drop metrics=")
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # an init draws no training RNG
+            metrics = within("metrics", instantiate, cfg.metrics).to(device)
+        key = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in LOADING_KEYS}
+        within("metrics", metrics.reference_features, data, key)
+        evaluators.append(lambda: metrics.evaluate(model, data, key))
+        tags += metrics.tags
+    if callable(getattr(model.g, "encode", None)) and getattr(data, "holdout", 0) > 0:
+        from gantrain import elbo
+
+        heldout = within("data", data.heldout, device)
+        likelihood = elbo.likelihood_of_loss(cfg.loss)
+        seed = cfg.seed + 2
+
+        def heldout_elbo() -> dict[str, float]:
+            generator = torch.Generator(device).manual_seed(seed)
+            batches = heldout.split(data.batch_size)
+            nll = elbo.evaluate_nll(
+                model.g, batches, k=1, log_likelihood=likelihood, progress=False, generator=generator
+            )
+            return {"metrics/elbo": nll["elbo"]}
+
+        evaluators.append(heldout_elbo)
+        tags.append("metrics/elbo")
+    return evaluators, tags
+
+
+def hparams_row(cfg: DictConfig) -> dict[str, Any]:
+    """The hparams table's row: the recipe, the seed and the keys overridden on the command line (of a multirun,
+    the swept ones: an override every job shares is no column), with their values as they ran."""
+    row: dict[str, Any] = {"experiment": cfg.experiment_name, "seed": cfg.seed}
+    if not HydraConfig.initialized():
+        return row
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    shared: set[str] = set()
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # the command line's one-value overrides are the same in every job
+        try:
+            parsed = OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if "=" in a])
+            shared = {o.key_or_group for o in parsed if not o.is_sweep_override()}
+        except Exception:  # noqa: BLE001 - the command line Hydra already parsed; keep every override then
+            shared = set()
+    for override in hydra_cfg.overrides.task:
+        key, _, value = override.partition("=")
+        key = key.lstrip("+~")
+        if key.startswith("hydra.") or key == "trainer.resume" or key in shared:
+            continue
+        selected = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        row[key] = selected if isinstance(selected, (int, float, str, bool)) else value
+    return row
+
+
+def command_line() -> str:
+    """The command that started this run (under Hydra), else a note."""
+    if not HydraConfig.initialized():
+        return "(started from Python, not the command line)"
+    return shlex.join(["python", "-m", "gantrain", *sys.argv[1:]])
+
+
+def code_version() -> str:
+    """The git commit of the gantrain code that runs (noting uncommitted changes), or "not a git checkout"."""
+    root = Path(__file__).resolve().parent.parent
+    git = ["git", "-C", str(root)]
+    try:
+        top = subprocess.run([*git, "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True, timeout=10)
+        lines = top.stdout.split()
+        if top.returncode or len(lines) != 2 or Path(lines[0]).resolve() != root:
+            return "not a git checkout"
+        status = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+        )
+        return lines[1] + (" with uncommitted changes" if status.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "not a git checkout"
 
 
 def check_fit(model: Any, data: Any) -> None:
@@ -289,10 +381,14 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def monitored(cfg: DictConfig, metrics: dict[str, float]) -> float:
-    """``trainer.monitor``'s value in a run's final ``metrics`` (NaN, with a warning, if it was never logged)."""
+    """``trainer.monitor``'s best evaluated value in a run's final ``metrics`` (``best/<monitor>``), else its last
+    logged value (a training stat such as ``loss/G``); NaN, with a warning, if it was never logged."""
     monitor = cfg.trainer.monitor
+    if f"best/{monitor}" in metrics:
+        return metrics[f"best/{monitor}"]
     if monitor not in metrics:
-        log.warning("trainer.monitor=%s was never logged (logged: %s); a sweeper gets NaN", monitor, sorted(metrics))
+        logged = sorted(k for k in metrics if not k.startswith("best/"))
+        log.warning("trainer.monitor=%s was never logged (logged: %s); a sweeper gets NaN", monitor, logged)
     return metrics.get(monitor, float("nan"))
 
 

@@ -96,7 +96,9 @@ class TrainerSettings:
     resume: Optional[str] = None  # null | auto (this run dir's last.ckpt) | a checkpoint path
     progress_bar: bool = True  # tqdm bar on a terminal; off a terminal (or false) plain progress lines are logged
     ema: EMASettings = field(default_factory=EMASettings)
-    monitor: str = "loss/G"  # the logged value a run returns to a sweeper (VAE recipes: elbo)
+    eval_every_n_steps: int = 0  # evaluation (metrics=, the 2-D mixtures' toy/*, a VAE's held-out ELBO); 0: at the end
+    monitor: str = "loss/G"  # what a run returns to a sweeper: an evaluated value's best (metrics/fid), else the last
+    monitor_mode: str = "auto"  # min | max | auto (max for elbo, precision, recall, toy/modes, toy/hq; else min)
 
     def __post_init__(self) -> None:
         if not isinstance(self.ema, EMASettings):  # a mapping from the config
@@ -109,6 +111,8 @@ class TrainerSettings:
         for key in ("max_steps", "n_critic", "accumulate_grad_batches", "num_samples", *periods):
             checks.integer(key, getattr(self, key), at_least=1)
         checks.integer("keep_checkpoints", self.keep_checkpoints, at_least=0, hint="0 = only last.ckpt")
+        checks.integer("eval_every_n_steps", self.eval_every_n_steps, at_least=0, hint="0 = only at the end")
+        checks.choice("monitor_mode", self.monitor_mode, ("auto", "min", "max"))
         self.precision = checks.choice("precision", str(self.precision), PRECISIONS)
         checks.choice("gradient_clip_algorithm", self.gradient_clip_algorithm, CLIP_ALGORITHMS)
         checks.choice("log_grad_norms", self.log_grad_norms, GRAD_NORM_LOGS)
@@ -187,6 +191,8 @@ class Trainer:
         self.collector = Collector()
         self.metrics: dict[str, float] = {}  # the last logged training stats
         self.eval_metrics: dict[str, float] = {}  # the evaluator's last results
+        self.evaluated_step: int | None = None  # the step they are of
+        self.best: dict | None = None  # trainer.monitor's best evaluation: {monitor, mode, value, step}
         self.stop_reason: str | None = None  # set by request_stop(): fit() ends after the step in flight
 
     def request_stop(self, reason: str) -> None:

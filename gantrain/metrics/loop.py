@@ -1,0 +1,99 @@
+"""In-loop evaluation: every ``trainer.eval_every_n_steps`` (and at the end of the run) the evaluators run
+with the EMA weights swapped in; ``trainer.monitor`` among their results keeps ``checkpoints/best.ckpt``.
+
+The best value, its step and the direction (``trainer.monitor_mode``) are part of the trainer's state
+(``trainer.best``, saved in every checkpoint), so a resumed run keeps them; a resumed run does not
+evaluate again at the step it resumed from. best.ckpt is written atomically and, like last.ckpt, never
+from weights with a NaN/inf (:meth:`gantrain.checkpoint.Checkpointing.write`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+
+from gantrain.events import Callback
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "min", "max")
+# Metrics where higher is better (the last part of the name); everything else (fid, kid, losses) is minimised.
+MAXIMIZED = ("elbo", "precision", "recall", "modes", "hq")
+
+
+def direction(monitor: str, mode: str = "auto") -> str:
+    """``min`` or ``max`` for ``monitor``: ``mode`` itself, or by name when ``auto``."""
+    if mode != "auto":
+        return mode
+    return "max" if monitor.rsplit("/", 1)[-1] in MAXIMIZED else "min"
+
+
+def improves(value: float, best: float | None, mode: str) -> bool:
+    """Whether ``value`` is better than ``best`` (None: none yet); a NaN never is."""
+    if not math.isfinite(value):
+        return False
+    return best is None or (value < best if mode == "min" else value > best)
+
+
+class Evaluation(Callback):
+    """Runs ``evaluator`` (-> ``{name: value}``) every ``every`` steps (0: only at the end) and once at the end
+    (unless that step was just evaluated, or the run stops on a signal), into ``trainer.eval_metrics``.
+
+    When ``monitor`` is among the results it keeps the best value in ``trainer.best``
+    (``{"monitor", "mode", "value", "step"}``), reports it as ``best/<monitor>`` (what a sweeper gets) and
+    writes ``best.ckpt`` through ``write_best`` (a ``(trainer) -> None``). ``start_step``: the step the run
+    resumes from (``() -> int``), which is not evaluated again.
+    """
+
+    def __init__(
+        self,
+        evaluator: Callable[[], dict[str, float]],
+        every: int,
+        monitor: str,
+        mode: str = "auto",
+        write_best: Callable | None = None,
+        start_step: Callable[[], int] = lambda: 0,
+        is_main: bool = True,
+    ):
+        self.evaluator, self.every, self.monitor = evaluator, every, monitor
+        self.mode = direction(monitor, mode)
+        self.write_best, self.start_step, self.is_main = write_best, start_step, is_main
+
+    def on_fit_start(self, trainer) -> None:
+        best = getattr(trainer, "best", None)
+        if best and (best.get("monitor"), best.get("mode")) != (self.monitor, self.mode):
+            log.warning(
+                "trainer.monitor: the checkpoint kept the best %s (%s); now %s (%s): the best starts afresh",
+                best.get("monitor"), best.get("mode"), self.monitor, self.mode,
+            )  # fmt: skip
+            trainer.best = None
+        self._first = self.start_step()
+
+    def on_step_end(self, trainer) -> None:
+        if self.every and trainer.step % self.every == 0:
+            self.evaluate(trainer)
+
+    def on_fit_end(self, trainer) -> None:
+        done = getattr(trainer, "evaluated_step", None) == trainer.step or trainer.step == self._first
+        if not done and trainer.stop_reason is None:
+            self.evaluate(trainer)
+
+    def evaluate(self, trainer) -> None:
+        """Evaluate now; a better monitored value writes best.ckpt."""
+        if not self.is_main:
+            return
+        with torch.no_grad(), trainer.averaged_weights():
+            values = {k: float(v) for k, v in self.evaluator().items()}
+        trainer.evaluated_step = trainer.step
+        best = getattr(trainer, "best", None)
+        if self.monitor in values and improves(values[self.monitor], best and best["value"], self.mode):
+            trainer.best = {"monitor": self.monitor, "mode": self.mode, "value": values[self.monitor]}
+            trainer.best["step"] = trainer.step
+            if self.write_best is not None:
+                self.write_best(trainer)
+        if getattr(trainer, "best", None):
+            values[f"best/{self.monitor}"] = trainer.best["value"]
+        trainer.eval_metrics = values
