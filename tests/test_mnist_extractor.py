@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, shared_mnist
 
 from gantrain.errors import ConfigError
 from gantrain.extractors.mnist import FEATURES, MnistClassifier, MnistFeatures, to_classifier_input
+from tests.conftest import REPO, shared_mnist
 
 sys.path.insert(0, str(REPO / "scripts"))
 HOLDOUT = 9000  # train on the first 1,000 images for 3 epochs: seconds, and still far above chance
