@@ -8,7 +8,7 @@
 Each (recipe, seed) trains through ``python -m gantrain +experiment=RECIPE`` on ``data=mnist`` pointed at the
 10,000 MNIST test images on disk (``data.split=test data.download=false``; ``--steps`` overrides the recipe's
 length, extra ``KEY=VALUE`` overrides after ``--`` apply to every run) into ``--out/RECIPE/seedS``. A run
-directory that already holds a finished run of the same overrides is scored again without training. ``--hand``
+directory that already holds a finished run of the same config is scored again without training. ``--hand``
 adds the plain DCGAN loop of ``scripts/hand_loops.py`` (same networks, data, batch and steps) as a row.
 
 Each final generator (the EMA weights when the run kept an EMA; the raw ones are scored too) draws ``--num``
@@ -36,7 +36,6 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-import yaml
 
 from gantrain.extractors.mnist import DEFAULT_WEIGHTS, MnistFeatures
 from gantrain.files import replace_marked_section
@@ -81,13 +80,26 @@ def recipe_overrides(recipe: str, seed: int, steps: int | None, data_root: Path,
 
 
 def finished(run_dir: Path, overrides: list[str]) -> bool:
-    """Whether ``run_dir`` holds a completed run of exactly these overrides (then it is scored, not retrained)."""
-    saved = run_dir / ".hydra" / "overrides.yaml"
-    if not (saved.is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()):
+    """Whether ``run_dir`` holds a completed run of the config these overrides compose to (then it is scored,
+    not retrained); the overrides may have been spelled differently, e.g. before a recipe took one of them."""
+    from omegaconf import OmegaConf
+
+    from gantrain.train import compose_config
+
+    saved, log = run_dir / "config.yaml", run_dir / "train.log"
+    if not (saved.is_file() and log.is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()):
         return False
-    ran = [o for o in yaml.safe_load(saved.read_text()) if not o.startswith("hydra.run.dir=")]
-    log = (run_dir / "train.log").read_text() if (run_dir / "train.log").is_file() else ""
-    return ran == overrides and "stopped by" not in log and re.search(r"step (\d+)/\1\b", log) is not None
+    wanted = OmegaConf.to_container(compose_config(*overrides), resolve=True)
+    text = log.read_text()
+    done = "stopped by" not in text and re.search(r"step (\d+)/\1\b", text) is not None
+    return done and _same_config(OmegaConf.to_container(OmegaConf.load(saved), resolve=True), wanted)
+
+
+def _same_config(saved: object, wanted: object) -> bool:
+    """``saved == wanted``, except that keys only ``wanted`` has (added to gantrain after the run) are ignored."""
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        return saved.keys() <= wanted.keys() and all(_same_config(v, wanted[k]) for k, v in saved.items())
+    return saved == wanted
 
 
 def log_wall_and_speed(log: Path) -> tuple[float, float | None]:
@@ -120,7 +132,7 @@ def train_recipe(recipe: str, seed: int, steps: int | None, args: argparse.Names
     overrides = recipe_overrides(recipe, seed, steps, args.data.resolve(), args.overrides)
     command = [sys.executable, "-m", "gantrain", *overrides, f"hydra.run.dir={run_dir}"]
     if finished(run_dir, overrides):
-        print(f"{run_dir}: finished run of the same overrides; scoring it", file=sys.stderr)
+        print(f"{run_dir}: finished run of the same config; scoring it", file=sys.stderr)
     else:
         run(command, run_dir / "stdout.log")
     return run_dir, command

@@ -80,5 +80,5 @@ def test_the_benchmark_trains_scores_and_writes_a_row(small_mnist, capsys, one_t
     mtime = log.stat().st_mtime_ns
     capsys.readouterr()
     bench.main(argv)
-    assert "finished run of the same overrides" in capsys.readouterr().err and log.stat().st_mtime_ns == mtime
+    assert "finished run of the same config" in capsys.readouterr().err and log.stat().st_mtime_ns == mtime
     assert md.read_text().count("<!-- recipe_fid.py:begin -->") == 1 and md.read_text().count("| `dcgan` | 2 |") == 1
