@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from gantrain.errors import GantrainError
 from gantrain.extractors.mnist import DEFAULT_WEIGHTS, MnistFeatures
 from gantrain.files import replace_marked_section
 from gantrain.metrics import features, scores
@@ -287,7 +288,14 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--num {args.num}: must be >= 2")
     if args.hand and args.steps is None and "dcgan" not in args.recipes:
         ap.error("--hand: give --steps, or include dcgan in --recipes (the hand loop takes its length)")
-    scorer = Scorer(args)  # fails here, in one line, on a missing classifier file
+    from gantrain.data.mnist import idx_files
+
+    if idx_files(args.data, "MNIST", "t10k") is None:
+        ap.error(f"--data {args.data}: no t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] in raw/")
+    try:
+        scorer = Scorer(args)  # before any training: a missing or foreign classifier file is one line
+    except GantrainError as e:
+        ap.error(str(e).replace("weights_path=", "--weights ", 1))
     results: list[Result] = []
     for recipe in args.recipes:
         for seed in args.seeds:

@@ -82,3 +82,16 @@ def test_the_benchmark_trains_scores_and_writes_a_row(small_mnist, capsys, one_t
     bench.main(argv)
     assert "finished run of the same config" in capsys.readouterr().err and log.stat().st_mtime_ns == mtime
     assert md.read_text().count("<!-- recipe_fid.py:begin -->") == 1 and md.read_text().count("| `dcgan` | 2 |") == 1
+
+
+def test_a_missing_classifier_or_data_is_one_line_before_any_training(small_mnist, tmp_path, capsys):
+    bench = importlib.import_module("recipe_fid")
+    common = ["--recipes", "dcgan", "--steps", "2", "--out", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit) as e:
+        bench.main([*common, "--data", str(small_mnist / "mnist"), "--weights", str(tmp_path / "none.pt")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.startswith(f"recipe_fid.py: error: --weights '{tmp_path / 'none.pt'}': must be")
+    with pytest.raises(SystemExit) as e:
+        bench.main([*common, "--data", str(tmp_path), "--weights", str(small_mnist / "clf.pt")])
+    assert e.value.code == 2 and "no t10k-images-idx3-ubyte" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
