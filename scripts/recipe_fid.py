@@ -8,8 +8,9 @@
 Each (recipe, seed) trains through ``python -m gantrain +experiment=RECIPE`` on ``data=mnist`` pointed at the
 10,000 MNIST test images on disk (``data.split=test data.download=false``; ``--steps`` overrides the recipe's
 length, extra ``KEY=VALUE`` overrides after ``--`` apply to every run) into ``--out/RECIPE/seedS``. A run
-directory that already holds a finished run of the same config is scored again without training. ``--hand``
-adds the plain DCGAN loop of ``scripts/hand_loops.py`` (same networks, data, batch and steps) as a row.
+directory that already holds a finished run of the same config is scored again without training, and scores
+already computed for the same checkpoint, classifier and ``--num`` are read back from its ``scores.json``.
+``--hand`` adds the plain DCGAN loop of ``scripts/hand_loops.py`` (same networks, data, batch and steps).
 
 Each final generator (the EMA weights when the run kept an EMA; the raw ones are scored too) draws ``--num``
 samples from fixed noise; their features in the MNIST classifier (``gantrain.extractors.mnist``) are compared
@@ -22,6 +23,7 @@ last sample grid (copied to ``--img-dir``).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -34,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -41,6 +44,7 @@ from gantrain.errors import GantrainError
 from gantrain.extractors.mnist import DEFAULT_WEIGHTS, MnistFeatures
 from gantrain.files import replace_marked_section
 from gantrain.metrics import features, scores
+from gantrain.metrics.suite import fingerprint
 from gantrain.models import GenerativeModel
 from gantrain.sampling import generate, load_model
 
@@ -183,6 +187,7 @@ class Scorer:
     def __init__(self, args: argparse.Namespace):
         self.extractor = MnistFeatures(str(args.weights))
         self.data, self.num, self.real = args.data.resolve(), args.num, {}
+        self.fingerprint = fingerprint(self.extractor)
 
     def real_features(self, resolution: int) -> torch.Tensor:
         if resolution not in self.real:
@@ -193,13 +198,25 @@ class Scorer:
         fake = generate(model, self.num, seed=0, device="cpu", progress=False)
         return scores(self.real_features(fake.shape[-1]), features(self.extractor, fake))
 
+    def file(self, weights: Path, which: str, load: Callable[[], torch.nn.Module]) -> dict[str, float]:
+        """Scores of the generator ``load()`` builds from ``weights``, kept in the run directory's ``scores.json``,
+        keyed by ``which``, the file's size and time, the extractor's fingerprint and the sample count."""
+        cache = (weights.parent.parent if weights.parent.name == "checkpoints" else weights.parent) / "scores.json"
+        st = weights.stat()
+        key = f"{weights.name}:{which}:{st.st_size}:{st.st_mtime_ns}:{self.fingerprint}:{self.num}"
+        saved = json.loads(cache.read_text()) if cache.is_file() else {}
+        if key not in saved:
+            saved[key] = self(load())
+            cache.write_text(json.dumps(saved, indent=1))
+        return saved[key]
+
 
 def score_recipe(run_dir: Path, scorer: Scorer) -> tuple[dict[str, float], float | None, int]:
     """(scores of the final generator, EMA weights if kept; the raw generator's FID if there was an EMA; steps)."""
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-    result = scorer(load_model(ckpt, ema=True))
-    raw = scorer(load_model(ckpt, ema=False))["fid"] if saved.get("ema") else None
+    result = scorer.file(ckpt, "ema", lambda: load_model(ckpt, ema=True))
+    raw = scorer.file(ckpt, "raw", lambda: load_model(ckpt, ema=False))["fid"] if saved.get("ema") else None
     return result, raw, int(saved["config"]["trainer"]["max_steps"])
 
 
@@ -308,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
         steps = args.steps or next(r.steps for r in results if r.recipe == "dcgan")
         for seed in args.seeds:
             run_dir, command, wall = train_hand(seed, steps, args)
-            result = scorer(hand_generator(run_dir / "g.pt"))
+            g = run_dir / "g.pt"
+            result = scorer.file(g, "g", lambda g=g: hand_generator(g))
             results.append(Result(HAND, seed, steps, result, None, wall, None, None, command))
             print(f"hand loop seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()), file=sys.stderr)
     text = report(results, args, argv, args.img_dir if args.write else None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import importlib
+import json
 import re
 import struct
 import sys
@@ -81,6 +82,8 @@ def test_the_benchmark_trains_scores_and_writes_a_row(small_mnist, capsys, one_t
     capsys.readouterr()
     bench.main(argv)
     assert "finished run of the same config" in capsys.readouterr().err and log.stat().st_mtime_ns == mtime
+    cached = json.loads((small_mnist / "runs" / "dcgan" / "seed0" / "scores.json").read_text())
+    assert sorted(k.split(":")[1] for k in cached) == ["ema", "raw"]  # the second call read them back
     assert md.read_text().count("<!-- recipe_fid.py:begin -->") == 1 and md.read_text().count("| `dcgan` | 2 |") == 1
 
 
