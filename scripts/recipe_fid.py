@@ -138,6 +138,10 @@ def train_recipe(recipe: str, seed: int, steps: int | None, args: argparse.Names
     command = [sys.executable, "-m", "gantrain", *overrides, f"hydra.run.dir={run_dir}"]
     if finished(run_dir, overrides):
         print(f"{run_dir}: finished run of the same config; scoring it", file=sys.stderr)
+    elif run_dir.exists():  # never train over (or beside) another run: its files stay as they are
+        raise SystemExit(
+            f"recipe_fid.py: error: {run_dir} holds another or an unfinished run; give another --out or remove it"
+        )
     else:
         run(command, run_dir / "stdout.log")
     return run_dir, command

@@ -84,6 +84,10 @@ def test_the_benchmark_trains_scores_and_writes_a_row(small_mnist, capsys, one_t
     assert "finished run of the same config" in capsys.readouterr().err and log.stat().st_mtime_ns == mtime
     cached = json.loads((small_mnist / "runs" / "dcgan" / "seed0" / "scores.json").read_text())
     assert sorted(k.split(":")[1] for k in cached) == ["ema", "raw"]  # the second call read them back
+    # Another config into the same folder: refused in one line, the finished run left as it was.
+    with pytest.raises(SystemExit) as e:
+        bench.main([*argv, "trainer.ema.half_life_images=50"])
+    assert "holds another or an unfinished run; give another --out" in str(e.value) and log.stat().st_mtime_ns == mtime
     assert md.read_text().count("<!-- recipe_fid.py:begin -->") == 1 and md.read_text().count("| `dcgan` | 2 |") == 1
 
 
