@@ -2,6 +2,11 @@
 ``python -m gantrain`` against, as whole processes and in-process.
 
     python scripts/hand_loops.py dcgan --steps 120      # what bench.py runs, one process per measurement
+    python scripts/hand_loops.py dcgan --steps 2000 --data ../shared/data/mnist-t10k --seed 1 --save g.pt
+
+``--data DIR`` trains on MNIST's IDX files in ``DIR/raw`` (the test split, as ``data=mnist data.split=test``
+reads them) instead of the digits; ``--save`` writes G's ``state_dict`` (``scripts/recipe_fid.py`` scores it
+with the same extractor and samples as the recipe it is compared with).
 
 Each is the plain script a user would write for the recipe of that name at its default settings
 (``+experiment=NAME data=digits``): the same networks (gantrain's model classes, so the architecture is
@@ -22,6 +27,7 @@ grids, checkpoints, gradient norms or TensorBoard: what the Trainer adds costs i
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -42,6 +48,20 @@ def digits(resolution: int = RESOLUTION) -> torch.Tensor:
     images = torch.from_numpy(load_digits().images).float().div_(16.0)[:, None]
     images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
     return images.clamp_(0, 1).mul_(2).sub_(1).contiguous()
+
+
+def mnist_t10k(root: str, resolution: int = RESOLUTION) -> torch.Tensor:
+    """MNIST's test images from ``root/raw`` in [-1, 1], resized as torchvision's ``Resize`` does for ``data=mnist``."""
+    from PIL import Image
+
+    from gantrain.data.folder import pil_to_tensor
+    from gantrain.data.mnist import idx_files, read_idx
+
+    files = idx_files(root, "MNIST", "t10k")
+    if files is None:
+        raise SystemExit(f"--data {root}: no t10k-images-idx3-ubyte[.gz] in {root}/raw or {root}/MNIST/raw")
+    to_tensor = pil_to_tensor(resolution, 1)
+    return torch.stack([to_tensor(Image.fromarray(a.numpy())) for a in read_idx(files[0], 2051)])
 
 
 class Batches:
@@ -181,13 +201,18 @@ def main() -> None:
     ap.add_argument("recipe", choices=sorted(LOOPS))
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--data", metavar="DIR", help="MNIST IDX files in DIR/raw (default: the bundled digits)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save", type=Path, metavar="PATH", help="write G's state_dict here after the last step")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    loop = LOOPS[args.recipe](digits().to(args.device))
+    torch.manual_seed(args.seed)
+    loop = LOOPS[args.recipe]((mnist_t10k(args.data) if args.data else digits()).to(args.device))
     for i in range(args.steps):
         loop.step(i)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
+    if args.save:
+        torch.save(loop.networks()["g"].state_dict(), args.save)
 
 
 if __name__ == "__main__":

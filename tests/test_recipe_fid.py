@@ -1,0 +1,104 @@
+"""scripts/recipe_fid.py end to end on a 64-image MNIST: train, score, write the table into a markdown file."""
+
+from __future__ import annotations
+
+import gzip
+import importlib
+import json
+import re
+import struct
+import sys
+
+import pytest
+import torch
+
+from gantrain.data.mnist import read_idx
+from gantrain.extractors.mnist import MnistClassifier, MnistFeatures
+from gantrain.metrics import features, scores
+from gantrain.sampling import generate, load_model
+from tests.conftest import REPO, shared_mnist
+
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+def write_idx(path, data: torch.Tensor, magic: int) -> None:
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(f">I{data.ndim}I", magic, *data.shape) + data.numpy().tobytes())
+
+
+@pytest.fixture
+def small_mnist(tmp_path):
+    """The first 64 MNIST test images and labels as IDX files under raw/, as the benchmark reads them."""
+    raw = shared_mnist() / "raw"
+    (tmp_path / "mnist" / "raw").mkdir(parents=True)
+    write_idx(
+        tmp_path / "mnist/raw/t10k-images-idx3-ubyte.gz", read_idx(raw / "t10k-images-idx3-ubyte.gz", 2051)[:64], 2051
+    )
+    write_idx(
+        tmp_path / "mnist/raw/t10k-labels-idx1-ubyte.gz", read_idx(raw / "t10k-labels-idx1-ubyte.gz", 2049)[:64], 2049
+    )
+    torch.manual_seed(0)
+    torch.save({"state_dict": MnistClassifier().state_dict()}, tmp_path / "clf.pt")
+    return tmp_path
+
+
+def test_the_benchmark_trains_scores_and_writes_a_row(small_mnist, capsys, one_thread):
+    bench = importlib.import_module("recipe_fid")
+    md = small_mnist / "bench.md"
+    md.write_text("# Benchmarks\n\nkept\n")
+    argv = ["--recipes", "dcgan", "--steps", "2", "--num", "40", "--data", str(small_mnist / "mnist")]
+    argv += ["--weights", str(small_mnist / "clf.pt"), "--out", str(small_mnist / "runs")]
+    argv += ["--img-dir", str(small_mnist / "img"), "--write", str(md), "--"]
+    argv += [
+        "model.g.ngf=8",
+        "model.d.ndf=8",
+        "data.batch_size=8",
+        "trainer.device=cpu",
+        "trainer.ema.half_life_images=100",
+    ]
+    bench.main(argv)
+    text = md.read_text()
+    assert text.startswith("# Benchmarks\n\nkept\n") and "<!-- recipe_fid.py:begin -->" in text
+    row = re.search(
+        r"^\| `dcgan` \| 2 \| 0 \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.e+-]+) \| ([0-9.]+) \| ([0-9.]+) \| ", text, re.M
+    )
+    assert row, text
+    # The row's FID is the FID of 40 samples of the run's EMA generator against the 64 real images.
+    extractor = MnistFeatures(str(small_mnist / "clf.pt"))
+    ckpt = small_mnist / "runs" / "dcgan" / "seed0" / "checkpoints" / "last.ckpt"
+    real = features(extractor, bench.mnist_images(small_mnist / "mnist", 32))
+    ema = scores(real, features(extractor, generate(load_model(ckpt), 40, progress=False)))
+    raw = scores(real, features(extractor, generate(load_model(ckpt, ema=False), 40, progress=False)))
+    assert float(row.group(1)) == pytest.approx(ema["fid"], abs=0.006)
+    assert float(row.group(2)) == pytest.approx(raw["fid"], abs=0.006) and ema["fid"] != raw["fid"]
+    assert float(row.group(4)) == pytest.approx(ema["precision"], abs=6e-4)
+    assert (
+        small_mnist / "img" / "dcgan_mnist_seed0_step2.png"
+    ).is_file() and "![dcgan](img/dcgan_mnist_seed0_step2.png)" in text
+    assert "python scripts/recipe_fid.py --recipes dcgan --steps 2" in text
+    # Run again: the finished run is scored again, not retrained, and the section is replaced, not added.
+    log = small_mnist / "runs" / "dcgan" / "seed0" / "stdout.log"
+    mtime = log.stat().st_mtime_ns
+    capsys.readouterr()
+    bench.main(argv)
+    assert "finished run of the same config" in capsys.readouterr().err and log.stat().st_mtime_ns == mtime
+    cached = json.loads((small_mnist / "runs" / "dcgan" / "seed0" / "scores.json").read_text())
+    assert sorted(k.split(":")[1] for k in cached) == ["ema", "raw"]  # the second call read them back
+    # Another config into the same folder: refused in one line, the finished run left as it was.
+    with pytest.raises(SystemExit) as e:
+        bench.main([*argv, "trainer.ema.half_life_images=50"])
+    assert "holds another or an unfinished run; give another --out" in str(e.value) and log.stat().st_mtime_ns == mtime
+    assert md.read_text().count("<!-- recipe_fid.py:begin -->") == 1 and md.read_text().count("| `dcgan` | 2 |") == 1
+
+
+def test_a_missing_classifier_or_data_is_one_line_before_any_training(small_mnist, tmp_path, capsys):
+    bench = importlib.import_module("recipe_fid")
+    common = ["--recipes", "dcgan", "--steps", "2", "--out", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit) as e:
+        bench.main([*common, "--data", str(small_mnist / "mnist"), "--weights", str(tmp_path / "none.pt")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.startswith(f"recipe_fid.py: error: --weights '{tmp_path / 'none.pt'}': must be")
+    with pytest.raises(SystemExit) as e:
+        bench.main([*common, "--data", str(tmp_path), "--weights", str(small_mnist / "clf.pt")])
+    assert e.value.code == 2 and "no t10k-images-idx3-ubyte" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
