@@ -6,10 +6,10 @@
 Each side trains ``+experiment=NAME data.batch_size=B`` in its own process(es), built by
 ``gantrain.train.build`` as ``python -m gantrain`` builds it, and times every step of the counting
 phase (rank 0's ``on_step_end`` clock); ms/step is the median after the first 10 steps, images/s is
-``ranks x B / step time``. The two sides get the same cores: the 1-process side runs with
-``OMP_NUM_THREADS`` = all of them, each of the 2 ranks with half. On a machine with fewer cores
-than a GPU node has GPUs this measures the gloo all-reduce and the per-step rank agreement on top of
-compute that the ranks share, not a speed-up.
+``ranks x B / step time``. Every process runs ``--threads`` intra-op threads (default 1: on a busy
+machine a 2-thread process spends its time waiting for a descheduled thread, which measures the load,
+not the step), so 2 ranks use up to twice the cores of 1 process, as 2 GPUs are twice the devices.
+On a machine with as few cores as this one's, both sides also share them with whatever else runs.
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--recipe", default="dcgan")
     ap.add_argument("--batch", type=int, default=32, help="data.batch_size: per rank")
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every process")
+    ap.add_argument("--rounds", type=int, default=2, help="runs of each side, in alternating order; the median")
     ap.add_argument("--write", help="markdown file whose ddp_bench.py section gets the table")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args, overrides = ap.parse_known_args()
@@ -94,25 +96,28 @@ def main() -> None:
     ]
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0]
-    rows = []
-    for ranks in (1, 2):
-        r = side(ranks, overrides, max(cores // ranks, 1))
-        ms = 1000 * r["seconds_per_step"]
-        rows.append((ranks, max(cores // ranks, 1), ms, ranks * args.batch / r["seconds_per_step"]))
-        print(f"{ranks} rank(s): {ms:.0f} ms/step, {rows[-1][3]:.0f} images/s", file=sys.stderr)
+    seconds: dict[int, list[float]] = {1: [], 2: []}
+    for round_ in range(args.rounds):  # the order alternates, so drift in the machine's load hits both sides
+        for ranks in (1, 2) if round_ % 2 == 0 else (2, 1):
+            seconds[ranks].append(side(ranks, overrides, args.threads)["seconds_per_step"])
+            print(f"{ranks} rank(s): {1000 * seconds[ranks][-1]:.0f} ms/step", file=sys.stderr)
+    end_load = os.getloadavg()[0]
+    rows = [(n, args.threads, 1000 * median(s), n * args.batch / median(s)) for n, s in seconds.items()]
     lines = [
         f"`python scripts/ddp_bench.py` ({args.recipe}, data.batch_size={args.batch} per rank, {args.steps} steps, "
-        f"median ms per step after {WARMUP}; CPU, {cores} cores, torch {torch.__version__}, load average "
-        f"{load:.1f} when it started):",
+        f"median ms per step after {WARMUP}, median of {args.rounds} runs per side in alternating order; CPU, "
+        f"{cores} cores, torch {torch.__version__}, load average {load:.1f} when it started, {end_load:.1f} at "
+        "the end):",
         "",
         "| processes | threads each | effective batch | ms/step | images/s |",
         "| --- | --- | --- | --- | --- |",
         *[f"| {n} | {t} | {n * args.batch} | {ms:.0f} | {ips:.0f} |" for n, t, ms, ips in rows],
         "",
-        "The caveat: both sides share this machine's cores, so 2 ranks here do twice the work per step on the "
-        "same CPU; the table shows what the data-parallel machinery (gloo all-reduce, the per-step stop "
-        "agreement, buffer broadcasts) costs on top of that compute, not the speed-up of 2 GPUs, where each "
-        "rank has its own device.",
+        "The caveat: this machine has 2 cores shared with other work (a load average far above 2 means several "
+        "processes waiting for each core), so both sides measure mostly how much CPU the load left them, and the "
+        "2 ranks also compete with each other; with 2 ranks doing twice the images per step, the figures bound "
+        "nothing about the data-parallel machinery's own cost (gloo all-reduce, the per-step stop agreement, "
+        "buffer broadcasts), and say nothing about 2 GPUs, where each rank has its own device.",
     ]
     report = "\n".join(lines)
     print(report)
