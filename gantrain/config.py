@@ -24,6 +24,7 @@ from hydra_zen import ZenField, builds, make_config
 from omegaconf import MISSING
 
 from gantrain import data, losses, optim
+from gantrain.extractors.mnist import MnistFeatures
 from gantrain.metrics import InceptionFeatures, Metrics
 from gantrain.models import GenerativeModel, dcgan, mlp, resnet, vae
 from gantrain.objectives import GANObjective
@@ -120,7 +121,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "optim": {name: make_config(g=network_optim(cls), d=network_optim(cls)) for name, cls in OPTIMIZERS.items()},
     # metrics.extractor is any nn.Module; the Inception option (configs/metrics/extractor/inception.yaml) is checked
     "metrics": {"default": schema(Metrics)},
-    "metrics/extractor": {"inception": schema(InceptionFeatures)},
+    "metrics/extractor": {"inception": schema(InceptionFeatures), "mnist": schema(MnistFeatures)},
 }
 
 # The root: the groups are filled by the defaults list of configs/train.yaml.
