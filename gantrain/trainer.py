@@ -25,8 +25,8 @@ phase whose interval divides it; the phase marked ``counts_as_step`` defines a t
   count). ``max_consecutive_skips`` skipped steps in a row of one phase, ours or the fp16 scaler's,
   stop the run the same way.
 * on an accelerator under ``stop`` (fp32, bf16) a read would make the host wait for the device at every
-  step, so the values wait on the device (``check_every_step`` False) and are read with one sync
-  at the next logging, sample or checkpoint step (at least every ``DEFERRED_CHECKS`` phase steps)
+  step, so the values wait on the device (``check_every_step`` False in :mod:`gantrain.nonfinite`) and
+  are read with one sync at the next logging, sample or checkpoint step (at least every ``DEFERRED_CHECKS`` phase steps)
   and before the run ends: the run stops there, naming the first bad step, phase and term, with the
   updates since applied and no checkpoint written, so the guard of :mod:`gantrain.checkpoint` and
   ``last.ckpt`` of before stay as under the CPU's exact stop.
@@ -52,17 +52,16 @@ from gantrain.distributed import DDPSettings
 from gantrain.ema import EMA
 from gantrain.errors import ConfigError, NonFiniteError
 from gantrain.events import Callback
+from gantrain.nonfinite import NonFiniteGuard
 from gantrain.optim import Schedule
 from gantrain.phase import CLIP_ALGORITHMS, Phase
-from gantrain.stats import Collector, collecting, first_nonfinite, report
+from gantrain.stats import Collector, collecting, report
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 NONFINITE_POLICIES = ("stop", "skip")
 GRAD_NORM_LOGS = ("total", "layer")
-SKIP_WARNINGS = 10  # skips of a phase that each get a warning line; after that every 100th
-DEFERRED_CHECKS = 1024  # phase steps whose deferred non-finite checks may wait for a logging step
 
 
 @dataclass
@@ -182,12 +181,10 @@ class Trainer:
         if fp16 and self.device.type == "cpu":
             log.warning("trainer.precision=16-mixed on CPU is slow and for testing; CPUs train with bf16-mixed")
         self.scalers = {p.name: torch.amp.GradScaler(self.device.type, enabled=fp16) for p in self.phases}
-        self.skipped_steps = {p.name: 0 for p in self.phases}  # optimizer steps the scaler skipped (inf/NaN)
-        self.nonfinite_skips = {p.name: 0 for p in self.phases}  # steps on_nonfinite=skip dropped
-        self.skips_in_a_row = {p.name: 0 for p in self.phases}  # of either kind, up to the phase's last step
-        # read each step's check before applying it (see the module docstring), else defer the reads
-        self.check_every_step = self.device.type == "cpu" or settings.on_nonfinite == "skip" or fp16
-        self.deferred_checks: list[tuple[int, str, list[str], torch.Tensor]] = []  # (step, phase, names, values)
+        self.guard = NonFiniteGuard(settings, [p.name for p in self.phases], self.device, fp16, model)
+        # its per-phase counters (the same dicts): the scaler's skips, on_nonfinite=skip's, either kind in a row
+        self.skipped_steps, self.nonfinite_skips = self.guard.skipped_steps, self.guard.nonfinite_skips
+        self.skips_in_a_row = self.guard.skips_in_a_row
         if settings.detect_anomaly:
             log.warning("trainer.detect_anomaly=true: autograd's anomaly mode makes every step several times slower")
         self.ema: EMA | None = None
@@ -227,7 +224,7 @@ class Trainer:
                     self.iteration += 1
                     if stepped:
                         self.step += 1
-                        if self._reads_due():
+                        if self.guard.reads_due(self.step):
                             self.read_deferred_checks()
                         self._emit("on_step_end")
                         if self.stop_reason is not None:
@@ -237,6 +234,10 @@ class Trainer:
         finally:
             self._emit("teardown")
         return {**self.metrics, **self.eval_metrics, "step": float(self.step)}
+
+    def read_deferred_checks(self) -> None:
+        """Read the non-finite checks waiting on the device (:meth:`NonFiniteGuard.read`)."""
+        self.guard.read(self.step)
 
     def _emit(self, event: str, *args) -> None:
         for callback in self.callbacks:
@@ -274,14 +275,8 @@ class Trainer:
             scaler.unscale_(phase.optimizer)  # clip and measure true gradients, not scaled ones
             named = [(n, p) for n, p in phase.module.named_parameters() if p.grad is not None]
             grad_norm = self._grad_norm(phase, named)
-            problem, finite_grads = self._check(phase, reported, losses, overflows, grad_norm, named)
-            if problem is not None and self.settings.on_nonfinite == "stop":
-                raise NonFiniteError(
-                    f"step {self.step + 1}, phase {phase.name}: {problem}; this update was not applied and no "
-                    "checkpoint is written; lower the learning rate (optim.<net>.lr), clip gradients "
-                    "(trainer.gradient_clip_val), find the op with trainer.detect_anomaly=true, or drop such steps "
-                    "with trainer.on_nonfinite=skip"
-                )
+            checked = (reported, losses, overflows, grad_norm, named)
+            problem, finite_grads = self.guard.check(self.step + 1, phase.name, *checked)  # stop: raises
             applied = problem is None
             if applied:
                 self._clip(phase, [p for _, p in named], grad_norm)
@@ -305,10 +300,9 @@ class Trainer:
             report(f"grad_norm/{phase.name}", grad_norm)  # before clipping
         report(f"lr/{phase.name}", lr)
         if not applied:
-            self._skipped(phase, problem)
+            self.guard.skipped(self.step + 1, phase.name, problem)
         elif scaler.is_enabled() and not finite_grads:  # the scaler's test: it did not step
-            self.skipped_steps[phase.name] += 1
-            self._count_skip(phase, f"the fp16 loss scale kept overflowing (now {scaler.get_scale():g})")
+            self.guard.scaler_skipped(self.step + 1, phase.name, scaler.get_scale())
         else:
             self.skips_in_a_row[phase.name] = 0
 
@@ -317,103 +311,6 @@ class Trainer:
         if not self.settings.detect_anomaly:
             return nullcontext()
         return _AnomalyMode(f"step {self.step + 1}, phase {phase.name}")
-
-    def _check(
-        self,
-        phase: Phase,
-        reported: list[tuple[str, torch.Tensor]],
-        losses: list[torch.Tensor],
-        overflows: list[torch.Tensor],
-        grad_norm: torch.Tensor,
-        named: list[tuple[str, torch.Tensor]],
-    ) -> tuple[str | None, bool]:
-        """(what is non-finite, for ``on_nonfinite``, or None; whether the gradients are finite), with one sync.
-
-        Under fp16 the scaler owns non-finite gradients, and a loss made non-finite by an overflow of
-        a scaled input gradient (:mod:`gantrain.amp`); a loss that is non-finite by itself is ours.
-        """
-        terms = [(name, v) for name, v in reported if name.startswith("loss/")]
-        terms += [(f"loss/{phase.name}", loss) for loss in losses]  # what the loss returned, after its terms
-        device = grad_norm.device
-        values = [
-            v.float().to(device) if isinstance(v, torch.Tensor) else torch.tensor(v, device=device) for _, v in terms
-        ]
-        values = torch.stack(values + [grad_norm.float()])
-        if not self.check_every_step:
-            names = [name for name, _ in terms] + [f"grad_norm/{phase.name}"]
-            self.deferred_checks.append((self.step + 1, phase.name, names, values))
-            return None, True
-        finite = torch.isfinite(values)
-        if overflows:
-            finite = torch.cat([finite, ~torch.stack(overflows)])
-        ok = finite.tolist()  # the one host sync of the step
-        n, fp16 = len(terms), self.scalers[phase.name].is_enabled()
-        if all(ok):
-            return None, True
-        bad = next((i for i in range(n) if not ok[i]), None)
-        if bad is not None and not (fp16 and not all(ok[n + 1 :])):
-            name, value = terms[bad]
-            return f"{name} is {value.item()}", ok[n]
-        if ok[n] or fp16:
-            return None, ok[n]
-        first = next((name for name, p in named if not torch.isfinite(p.grad).all()), None)
-        where = f"first non-finite gradient: {first}" if first else "finite gradients whose norm overflows"
-        return f"grad_norm/{phase.name} is {grad_norm.item()} ({where})", False
-
-    def _reads_due(self) -> bool:
-        """Whether the deferred checks are read before this step's callbacks: a logging, sample or checkpoint
-        step (a checkpoint is never written from weights a bad step has reached), or enough of them waiting."""
-        s = self.settings
-        periods = (s.log_every_n_steps, s.sample_every_n_steps, s.checkpoint_every_n_steps)
-        periods += (s.eval_every_n_steps,) if s.eval_every_n_steps else ()  # best.ckpt: no weights a bad step reached
-        return len(self.deferred_checks) >= DEFERRED_CHECKS or any(self.step % n == 0 for n in periods)
-
-    def read_deferred_checks(self) -> None:
-        """Read the checks deferred since the last read (one host sync); a NaN/inf stops the run, naming the first."""
-        deferred, self.deferred_checks = self.deferred_checks, []
-        if not deferred:
-            return
-        values = torch.cat([v for *_, v in deferred])
-        ok = torch.isfinite(values).tolist()
-        if all(ok):
-            return
-        first = ok.index(False)
-        step, phase, name = [(step, phase, name) for step, phase, names, _ in deferred for name in names][first]
-        raise NonFiniteError(
-            f"step {step}, phase {phase}: {name} is {values[first].item()}; found when the checks "
-            f"were read at step {self.step} (on {self.device.type} they wait on the device until a logging, sample "
-            "or checkpoint step), so the updates since were applied, and no checkpoint is written; lower the "
-            "learning rate (optim.<net>.lr), clip gradients (trainer.gradient_clip_val), find the op with "
-            "trainer.detect_anomaly=true, or drop such steps with trainer.on_nonfinite=skip (checked at every step)"
-        )
-
-    def _skipped(self, phase: Phase, problem: str) -> None:
-        """``on_nonfinite=skip`` dropped this step: count it, with a warning line (the first few, then every 100th)."""
-        where = f"step {self.step + 1}, phase {phase.name}"
-        buffer = first_nonfinite(dict(self.model.named_buffers()))
-        if buffer is not None:  # written by the forward pass; dropping the step cannot undo that
-            raise NonFiniteError(
-                f"{where}: {problem} and the forward pass left NaN/inf in the buffer {buffer}, which skipping the "
-                "step cannot undo; lower the learning rate (optim.<net>.lr) or clip gradients "
-                "(trainer.gradient_clip_val)"
-            )
-        self.nonfinite_skips[phase.name] += 1
-        n = self.nonfinite_skips[phase.name]
-        if n <= SKIP_WARNINGS or n % 100 == 0:
-            log.warning("%s: %s; step skipped (%d so far: nonfinite/skipped_steps/%s)", where, problem, n, phase.name)
-        self._count_skip(phase, problem)
-
-    def _count_skip(self, phase: Phase, problem: str) -> None:
-        """One more dropped step in a row of ``phase``; ``max_consecutive_skips`` of them stop the run."""
-        self.skips_in_a_row[phase.name] += 1
-        n, limit = self.skips_in_a_row[phase.name], self.settings.max_consecutive_skips
-        if n >= limit:
-            raise NonFiniteError(
-                f"step {self.step + 1}, phase {phase.name}: {n} optimizer steps in a row skipped "
-                f"(trainer.max_consecutive_skips={limit}), the last because {problem}; the weights are those before "
-                "them; lower the learning rate (optim.<net>.lr), clip gradients (trainer.gradient_clip_val), or "
-                "train with another trainer.precision"
-            )
 
     def _grad_norm(self, phase: Phase, named: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
         """The pre-clip total L2 norm of the gradients; ``log_grad_norms=layer`` also reports each parameter's."""

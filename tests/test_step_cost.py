@@ -134,7 +134,7 @@ def test_no_host_reads_between_logging_steps(tmp_path, monkeypatch, every_step):
     """Deferred checks (an accelerator under ``stop``): gantrain reads no tensor inside a phase step, and outside
     them only at logging steps (3, 6). On the CPU the check reads its values once per phase step."""
     trainer = build(make_cfg("trainer.max_steps=6", "trainer.log_every_n_steps=3"), tmp_path)
-    trainer.check_every_step = every_step
+    trainer.guard.check_every_step = every_step
     in_phase = [False]
     run_phase = trainer.run_phase
 
@@ -160,7 +160,7 @@ def test_deferred_checks_stop_at_the_next_read_naming_the_first_bad_step(tmp_pat
     checkpoint of step 2 is the one on disk, byte for byte."""
     cfg = make_cfg("trainer.max_steps=8", "trainer.log_every_n_steps=4", "trainer.checkpoint_every_n_steps=2")
     trainer = build(cfg, tmp_path)
-    trainer.check_every_step = False
+    trainer.guard.check_every_step = False
     nan_in_adversarial_term(monkeypatch, trainer, "D", steps=(3,))
     trainer.callbacks.append(before := AtStep(2, tmp_path))
     with pytest.raises(
@@ -191,7 +191,7 @@ def test_no_device_sync_between_logging_steps_on_cuda(tmp_path):
     """CUDA, fp32, ``stop``: from the end of step 1 (the epoch's order is copied to the device there) every
     phase step and every callback of a non-logging step runs without one synchronising CUDA call."""
     trainer = build(make_cfg("trainer.device=cuda", "trainer.max_steps=6", "trainer.log_every_n_steps=3"), tmp_path)
-    assert not trainer.check_every_step
+    assert not trainer.guard.check_every_step
     read = trainer.read_deferred_checks
 
     def read_checks():  # a logging step's reads are allowed
