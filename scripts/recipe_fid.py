@@ -153,14 +153,20 @@ def train_hand(seed: int, steps: int, args: argparse.Namespace) -> tuple[Path, l
     script = REPO / "scripts" / "hand_loops.py"
     command = [sys.executable, str(script), "dcgan", "--steps", str(steps), "--data", str(args.data.resolve())]
     command += ["--seed", str(seed), "--save", str(run_dir / "g.pt")]
-    done = run_dir / "wall_s.txt"
-    if done.is_file() and (run_dir / "g.pt").is_file() and (run_dir / "command.txt").read_text() == shlex.join(command):
-        print(f"{run_dir}: finished hand loop of the same command; scoring it", file=sys.stderr)
+    done, same = run_dir / "wall_s.txt", shlex.join(command[2:-2])  # what decides the result: not python's path,
+    # the script's or the output's, so a moved repository or output folder is still recognised
+    recorded = run_dir / "command.txt"
+    if done.is_file() and (run_dir / "g.pt").is_file() and recorded.is_file() and recorded.read_text() == same:
+        print(f"{run_dir}: finished hand loop of the same arguments; scoring it", file=sys.stderr)
+    elif run_dir.exists():  # as for the recipes: another run's files stay as they are
+        raise SystemExit(
+            f"recipe_fid.py: error: {run_dir} holds another or an unfinished run; give another --out or remove it"
+        )
     else:
         t0 = time.perf_counter()
         run(command, run_dir / "stdout.log")
         done.write_text(f"{time.perf_counter() - t0:.1f}")
-        (run_dir / "command.txt").write_text(shlex.join(command))
+        recorded.write_text(same)
     return run_dir, command, float(done.read_text())
 
 

@@ -102,3 +102,31 @@ def test_a_missing_classifier_or_data_is_one_line_before_any_training(small_mnis
         bench.main([*common, "--data", str(tmp_path), "--weights", str(small_mnist / "clf.pt")])
     assert e.value.code == 2 and "no t10k-images-idx3-ubyte" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_hand_loop_row_is_scored_and_a_moved_output_folder_is_not_retrained(small_mnist, capsys, one_thread):
+    bench = importlib.import_module("recipe_fid")
+    common = ["--recipes", "dcgan", "--steps", "2", "--num", "40", "--data", str(small_mnist / "mnist"), "--hand"]
+    common += ["--weights", str(small_mnist / "clf.pt")]
+    tiny = ["--", "model.g.ngf=8", "model.d.ndf=8", "data.batch_size=8", "trainer.device=cpu"]
+    bench.main([*common, "--out", str(small_mnist / "runs"), *tiny])
+    row = re.search(r"^\| hand-written DCGAN loop \| 2 \| 0 \| ([0-9.]+) \| — \| ", capsys.readouterr().out, re.M)
+    g = small_mnist / "runs" / "hand_dcgan" / "seed0" / "g.pt"
+    assert row and g.is_file()
+    # The row's FID is that of 40 samples of the loop's saved G against the 64 real images.
+    extractor = MnistFeatures(str(small_mnist / "clf.pt"))
+    real = features(extractor, bench.mnist_images(small_mnist / "mnist", 32))
+    fake = features(extractor, generate(bench.hand_generator(g), 40, progress=False))
+    assert float(row.group(1)) == pytest.approx(scores(real, fake)["fid"], abs=0.006)
+    # The output folder moved: both runs are found finished and scored again, nothing is retrained.
+    (small_mnist / "runs").rename(small_mnist / "moved")
+    mtime = (small_mnist / "moved" / "hand_dcgan" / "seed0" / "g.pt").stat().st_mtime_ns
+    bench.main([*common, "--out", str(small_mnist / "moved"), *tiny])
+    err = capsys.readouterr().err
+    assert "finished hand loop of the same arguments" in err and "finished run of the same config" in err
+    assert (small_mnist / "moved" / "hand_dcgan" / "seed0" / "g.pt").stat().st_mtime_ns == mtime
+    # Another hand-loop length into that folder: refused in one line, the saved G left as it was.
+    with pytest.raises(SystemExit) as e:
+        bench.main([*common[:3], "3", *common[4:], "--out", str(small_mnist / "moved"), *tiny, "trainer.max_steps=2"])
+    assert "holds another or an unfinished run" in str(e.value)
+    assert (small_mnist / "moved" / "hand_dcgan" / "seed0" / "g.pt").stat().st_mtime_ns == mtime
