@@ -5,15 +5,15 @@
     python scripts/bench.py --write docs/benchmarks.md
 
 Headline, per recipe: the whole ``python -m gantrain +experiment=NAME data=digits trainer.max_steps=N``
-process at its default settings (logging every 10 steps into TensorBoard and plain progress lines, the
-final sample grid and checkpoint) against the whole ``python scripts/hand_loops.py NAME --steps N``
-process (:mod:`hand_loops`: the same networks, optimizer settings, batch and data, the losses printed
-every 10 steps). The time per step is the difference between a long and a short run's wall time over
-the difference in steps, so start-up, data loading and the final save cancel: 20 and 120 steps for
-dcgan, 20 and 60 for wgan_gp and 20 and 420 for vae (each difference 15-20 s of training on a 2-core
-CPU, well above the start-up's jitter). One round runs every process of a recipe, in an order that
-rotates every round so that drift in the machine's load hits all sides; each side's time per step is
-the median over the rounds and the ratio is gantrain's over the hand loop's.
+process at its default settings (logging every 10 steps into TensorBoard and plain progress lines, the final
+sample grid and checkpoint) against the whole ``python scripts/hand_loops.py NAME --steps N`` process
+(:mod:`hand_loops`: the same networks, optimizer settings, batch and data, the losses printed every 10 steps;
+only dcgan's learning rate differs, which does not change a step's cost). The time per step is the difference
+between a long and a short run's wall time over the difference in steps, so start-up, data loading and the
+final save cancel: 20 and 120 steps for dcgan, 20 and 60 for wgan_gp and 20 and 420 for vae (each difference
+15-20 s of training on a 2-core CPU, well above the start-up's jitter). One round runs every process of a
+recipe, in an order that rotates every round so that drift in the machine's load hits all sides; each side's
+time per step is the median over the rounds and the ratio is gantrain's over the hand loop's.
 
 ``python -m gantrain`` keeps freed memory for the next step (:mod:`gantrain.allocator`); a third,
 informational side runs the hand loop with the same glibc settings (through glibc's environment
