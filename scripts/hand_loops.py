@@ -3,6 +3,7 @@
 
     python scripts/hand_loops.py dcgan --steps 120      # what bench.py runs, one process per measurement
     python scripts/hand_loops.py dcgan --steps 2000 --data ../shared/data/mnist-t10k --seed 1 --save g.pt
+    python scripts/hand_loops.py dcgan --steps 2000 --data ../shared/data/mnist-t10k --lr 4e-4 --save g.pt
 
 ``--data DIR`` trains on MNIST's IDX files in ``DIR/raw`` (the test split, as ``data=mnist data.split=test``
 reads them) instead of the digits; ``--save`` writes G's ``state_dict`` (``scripts/recipe_fid.py`` scores it
@@ -92,14 +93,14 @@ def weights_init(m: nn.Module) -> None:
 
 
 class DCGAN:
-    def __init__(self, data: torch.Tensor, log: Callable[[str], None] = print):
+    def __init__(self, data: torch.Tensor, log: Callable[[str], None] = print, lr: float = 2e-4):
         dev = data.device
         self.g = dcgan.Generator(nz=100, ngf=64, channels=1, resolution=RESOLUTION).to(dev)
         self.d = dcgan.Discriminator(ndf=64, channels=1, resolution=RESOLUTION).to(dev)
         self.g.apply(weights_init)
         self.d.apply(weights_init)
-        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=2e-4, betas=(0.5, 0.999))
-        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=lr, betas=(0.5, 0.999))
+        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=lr, betas=(0.5, 0.999))
         self.batches, self.log = Batches(data), log
 
     def networks(self) -> dict[str, nn.Module]:
@@ -206,9 +207,15 @@ def main() -> None:
     ap.add_argument("--data", metavar="DIR", help="MNIST IDX files in DIR/raw (default: the bundled digits)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save", type=Path, metavar="PATH", help="write G's state_dict here after the last step")
+    ap.add_argument(
+        "--lr", type=float, help="dcgan only: Adam's learning rate for G and D (default 2e-4, pytorch/examples')"
+    )
     args = ap.parse_args()
+    if args.lr is not None and (args.recipe != "dcgan" or args.lr <= 0):
+        ap.error(f"--lr {args.lr}: only for dcgan, and > 0")
     torch.manual_seed(args.seed)
-    loop = LOOPS[args.recipe]((mnist_t10k(args.data) if args.data else digits()).to(args.device))
+    data = (mnist_t10k(args.data) if args.data else digits()).to(args.device)
+    loop = LOOPS[args.recipe](data, **({} if args.lr is None else {"lr": args.lr}))
     for i in range(args.steps):
         loop.step(i)
     if args.device.startswith("cuda"):

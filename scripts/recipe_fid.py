@@ -149,10 +149,13 @@ def train_recipe(recipe: str, seed: int, steps: int | None, args: argparse.Names
 
 def train_hand(seed: int, steps: int, args: argparse.Namespace) -> tuple[Path, list[str], float]:
     """Train (or find finished) the hand-written DCGAN loop; returns its folder, command and wall seconds."""
-    run_dir = (args.out / "hand_dcgan" / f"seed{seed}").resolve()
+    run_dir = (
+        args.out / ("hand_dcgan" if args.hand_lr is None else f"hand_dcgan_lr{args.hand_lr:g}") / f"seed{seed}"
+    ).resolve()
     script = REPO / "scripts" / "hand_loops.py"
     command = [sys.executable, str(script), "dcgan", "--steps", str(steps), "--data", str(args.data.resolve())]
-    command += ["--seed", str(seed), "--save", str(run_dir / "g.pt")]
+    command += ["--seed", str(seed), *([] if args.hand_lr is None else ["--lr", f"{args.hand_lr:g}"])]
+    command += ["--save", str(run_dir / "g.pt")]
     done, same = run_dir / "wall_s.txt", shlex.join(command[2:-2])  # what decides the result: not python's path,
     # the script's or the output's, so a moved repository or output folder is still recognised
     recorded = run_dir / "command.txt"
@@ -250,7 +253,7 @@ def table(results: list[Result]) -> list[str]:
         rs = [r for r in results if r.recipe == recipe]
         raw = [r.raw_fid for r in rs if r.raw_fid is not None]
         speeds = [r.images_per_s for r in rs if r.images_per_s is not None]
-        name = recipe if recipe == HAND else f"`{recipe}`"
+        name = recipe if recipe.startswith(HAND) else f"`{recipe}`"
         rows.append(
             f"| {name} | {rs[0].steps} | {', '.join(str(r.seed) for r in rs)} | "
             f"{mean_and_seeds([r.scores['fid'] for r in rs], '.2f')} | "
@@ -300,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, help="trainer.max_steps for every run (default: each recipe's own)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--hand", action="store_true", help="add the hand-written DCGAN loop (scripts/hand_loops.py)")
+    ap.add_argument("--hand-lr", type=float, metavar="LR", help="the hand loop's Adam lr (default: its own, 2e-4)")
     ap.add_argument("--num", type=int, default=10_000, help="generated samples per score (%(default)s)")
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mnist-t10k", metavar="DIR")
     ap.add_argument("--weights", type=Path, default=Path(DEFAULT_WEIGHTS), help="the classifier (%(default)s)")
@@ -313,6 +317,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--steps {args.steps}: must be >= 1")
     if args.num < 2:
         ap.error(f"--num {args.num}: must be >= 2")
+    if args.hand_lr is not None and (not args.hand or args.hand_lr <= 0):
+        ap.error(f"--hand-lr {args.hand_lr}: needs --hand, and > 0")
     if args.hand and args.steps is None and "dcgan" not in args.recipes:
         ap.error("--hand: give --steps, or include dcgan in --recipes (the hand loop takes its length)")
     from gantrain.data.mnist import idx_files
@@ -337,7 +343,8 @@ def main(argv: list[str] | None = None) -> None:
             run_dir, command, wall = train_hand(seed, steps, args)
             g = run_dir / "g.pt"
             result = scorer.file(g, "g", lambda g=g: hand_generator(g))
-            results.append(Result(HAND, seed, steps, result, None, wall, None, None, command))
+            name = HAND if args.hand_lr is None else f"{HAND}, lr {args.hand_lr:g}"
+            results.append(Result(name, seed, steps, result, None, wall, None, None, command))
             print(f"hand loop seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()), file=sys.stderr)
     text = report(results, args, argv, args.img_dir if args.write else None)
     print(text)

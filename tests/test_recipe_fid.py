@@ -130,3 +130,13 @@ def test_the_hand_loop_row_is_scored_and_a_moved_output_folder_is_not_retrained(
         bench.main([*common[:3], "3", *common[4:], "--out", str(small_mnist / "moved"), *tiny, "trainer.max_steps=2"])
     assert "holds another or an unfinished run" in str(e.value)
     assert (small_mnist / "moved" / "hand_dcgan" / "seed0" / "g.pt").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("extra", [["--hand-lr", "4e-4"], ["--hand", "--hand-lr", "0"]], ids=["without-hand", "zero"])
+def test_a_hand_loop_lr_without_the_hand_loop_or_not_positive_is_one_line(small_mnist, tmp_path, capsys, extra):
+    bench = importlib.import_module("recipe_fid")
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--recipes", "dcgan", "--steps", "2", "--out", str(tmp_path / "runs"), *extra])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err == f"recipe_fid.py: error: --hand-lr {float(extra[-1])}: needs --hand, and > 0"
+    assert not (tmp_path / "runs").exists()
