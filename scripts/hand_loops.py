@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gantrain.errors import GantrainError
 from gantrain.models import dcgan, vae
 
 BATCH = 64
@@ -53,18 +54,15 @@ def digits(resolution: int = RESOLUTION) -> torch.Tensor:
     return images.clamp_(0, 1).mul_(2).sub_(1).contiguous()
 
 
-def mnist_t10k(root: str, resolution: int = RESOLUTION) -> torch.Tensor:
-    """MNIST's test images from ``root/raw`` in [-1, 1], resized as torchvision's ``Resize`` does for ``data=mnist``."""
-    from PIL import Image
+def mnist_t10k(root: str | Path, resolution: int = RESOLUTION) -> torch.Tensor:
+    """Every MNIST test image under ``root`` as ``data=mnist data.split=test`` gives it: (N, 1, R, R), [-1, 1]."""
+    from gantrain.data.mnist import TorchvisionImages
 
-    from gantrain.data.folder import pil_to_tensor
-    from gantrain.data.mnist import idx_files, read_idx
-
-    files = idx_files(root, "MNIST", "t10k")
-    if files is None:
-        raise SystemExit(f"--data {root}: no t10k-images-idx3-ubyte[.gz] in {root}/raw or {root}/MNIST/raw")
-    to_tensor = pil_to_tensor(resolution, 1)
-    return torch.stack([to_tensor(Image.fromarray(a.numpy())) for a in read_idx(files[0], 2051)])
+    data = TorchvisionImages(
+        name="mnist", root=str(root), split="test", download=False, channels=1, resolution=resolution
+    )
+    images = data.dataset()
+    return torch.stack([images[i] for i in range(len(images))])
 
 
 class Batches:
@@ -92,10 +90,15 @@ def weights_init(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
+def dcgan_generator() -> dcgan.Generator:
+    """The dcgan recipe's G (nz 100, 64 wide, 1 channel, 32 px), as the loop trains it and ``--save`` writes it."""
+    return dcgan.Generator(nz=100, ngf=64, channels=1, resolution=RESOLUTION)
+
+
 class DCGAN:
     def __init__(self, data: torch.Tensor, log: Callable[[str], None] = print, lr: float = 2e-4):
         dev = data.device
-        self.g = dcgan.Generator(nz=100, ngf=64, channels=1, resolution=RESOLUTION).to(dev)
+        self.g = dcgan_generator().to(dev)
         self.d = dcgan.Discriminator(ndf=64, channels=1, resolution=RESOLUTION).to(dev)
         self.g.apply(weights_init)
         self.d.apply(weights_init)
@@ -214,7 +217,10 @@ def main() -> None:
     if args.lr is not None and (args.recipe != "dcgan" or args.lr <= 0):
         ap.error(f"--lr {args.lr}: only for dcgan, and > 0")
     torch.manual_seed(args.seed)
-    data = (mnist_t10k(args.data) if args.data else digits()).to(args.device)
+    try:
+        data = (mnist_t10k(args.data) if args.data else digits()).to(args.device)
+    except GantrainError as e:  # no MNIST files under --data: one line
+        ap.error(f"--data {args.data}: {e}")
     loop = LOOPS[args.recipe](data, **({} if args.lr is None else {"lr": args.lr}))
     for i in range(args.steps):
         loop.step(i)

@@ -39,10 +39,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from hand_loops import dcgan_generator, mnist_t10k  # scripts/, as bench.py imports it
 
 from gantrain.errors import GantrainError
 from gantrain.extractors.mnist import DEFAULT_WEIGHTS, MnistFeatures
-from gantrain.files import replace_marked_section
+from gantrain.files import atomic_write, replace_marked_section
 from gantrain.metrics import features, scores
 from gantrain.metrics.suite import fingerprint
 from gantrain.models import GenerativeModel
@@ -152,12 +153,12 @@ def train_hand(seed: int, steps: int, args: argparse.Namespace) -> tuple[Path, l
     run_dir = (
         args.out / ("hand_dcgan" if args.hand_lr is None else f"hand_dcgan_lr{args.hand_lr:g}") / f"seed{seed}"
     ).resolve()
-    script = REPO / "scripts" / "hand_loops.py"
-    command = [sys.executable, str(script), "dcgan", "--steps", str(steps), "--data", str(args.data.resolve())]
-    command += ["--seed", str(seed), *([] if args.hand_lr is None else ["--lr", f"{args.hand_lr:g}"])]
-    command += ["--save", str(run_dir / "g.pt")]
-    done, same = run_dir / "wall_s.txt", shlex.join(command[2:-2])  # what decides the result: not python's path,
-    # the script's or the output's, so a moved repository or output folder is still recognised
+    # what decides the result (not python's path, the script's or the output's: a moved repository or output
+    # folder is still recognised)
+    hand = ["dcgan", "--steps", str(steps), "--data", str(args.data.resolve()), "--seed", str(seed)]
+    hand += [] if args.hand_lr is None else ["--lr", f"{args.hand_lr:g}"]
+    command = [sys.executable, str(REPO / "scripts" / "hand_loops.py"), *hand, "--save", str(run_dir / "g.pt")]
+    done, same = run_dir / "wall_s.txt", shlex.join(hand)
     recorded = run_dir / "command.txt"
     if done.is_file() and (run_dir / "g.pt").is_file() and recorded.is_file() and recorded.read_text() == same:
         print(f"{run_dir}: finished hand loop of the same arguments; scoring it", file=sys.stderr)
@@ -175,23 +176,9 @@ def train_hand(seed: int, steps: int, args: argparse.Namespace) -> tuple[Path, l
 
 def hand_generator(path: Path) -> GenerativeModel:
     """The hand loop's saved G in gantrain's model wrapper, so it samples exactly as the recipes do."""
-    from gantrain.models import dcgan
-
-    g = dcgan.Generator(nz=100, ngf=64, channels=1, resolution=32)
-    model = GenerativeModel(g, None, resolution=32, channels=1)
+    model = GenerativeModel(dcgan_generator(), None, resolution=32, channels=1)
     model.g.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
-
-
-def mnist_images(root: Path, resolution: int) -> torch.Tensor:
-    """Every MNIST test image under ``root`` as the runs' ``data=mnist`` gives it at ``resolution``: (N, 1, R, R)."""
-    from gantrain.data.mnist import TorchvisionImages
-
-    data = TorchvisionImages(
-        name="mnist", root=str(root), split="test", download=False, channels=1, resolution=resolution
-    )
-    images = data.dataset()
-    return torch.stack([images[i] for i in range(len(images))])
 
 
 class Scorer:
@@ -204,7 +191,7 @@ class Scorer:
 
     def real_features(self, resolution: int) -> torch.Tensor:
         if resolution not in self.real:
-            self.real[resolution] = features(self.extractor, mnist_images(self.data, resolution))
+            self.real[resolution] = features(self.extractor, mnist_t10k(self.data, resolution))
         return self.real[resolution]
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
@@ -220,7 +207,7 @@ class Scorer:
         saved = json.loads(cache.read_text()) if cache.is_file() else {}
         if key not in saved:
             saved[key] = self(load())
-            cache.write_text(json.dumps(saved, indent=1))
+            atomic_write(cache, lambda f: f.write(json.dumps(saved, indent=1).encode()), fsync=False)
         return saved[key]
 
 

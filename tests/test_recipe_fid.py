@@ -66,7 +66,7 @@ def test_the_benchmark_trains_scores_and_writes_a_row(small_mnist, capsys, one_t
     # The row's FID is the FID of 40 samples of the run's EMA generator against the 64 real images.
     extractor = MnistFeatures(str(small_mnist / "clf.pt"))
     ckpt = small_mnist / "runs" / "dcgan" / "seed0" / "checkpoints" / "last.ckpt"
-    real = features(extractor, bench.mnist_images(small_mnist / "mnist", 32))
+    real = features(extractor, bench.mnist_t10k(small_mnist / "mnist", 32))
     ema = scores(real, features(extractor, generate(load_model(ckpt), 40, progress=False)))
     raw = scores(real, features(extractor, generate(load_model(ckpt, ema=False), 40, progress=False)))
     assert float(row.group(1)) == pytest.approx(ema["fid"], abs=0.006)
@@ -115,7 +115,7 @@ def test_the_hand_loop_row_is_scored_and_a_moved_output_folder_is_not_retrained(
     assert row and g.is_file()
     # The row's FID is that of 40 samples of the loop's saved G against the 64 real images.
     extractor = MnistFeatures(str(small_mnist / "clf.pt"))
-    real = features(extractor, bench.mnist_images(small_mnist / "mnist", 32))
+    real = features(extractor, bench.mnist_t10k(small_mnist / "mnist", 32))
     fake = features(extractor, generate(bench.hand_generator(g), 40, progress=False))
     assert float(row.group(1)) == pytest.approx(scores(real, fake)["fid"], abs=0.006)
     # The output folder moved: both runs are found finished and scored again, nothing is retrained.
