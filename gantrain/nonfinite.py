@@ -125,6 +125,10 @@ class NonFiniteGuard:
         self.skipped_steps[phase] += 1
         self.count_skip(step, phase, f"the fp16 loss scale kept overflowing (now {scale:g})")
 
+    def applied(self, phase: str) -> None:
+        """An optimizer step of ``phase`` went through: its run of skipped steps ends."""
+        self.skips_in_a_row[phase] = 0
+
     def count_skip(self, step: int, phase: str, problem: str) -> None:
         """One more dropped step in a row of ``phase``; ``max_consecutive_skips`` of them stop the run."""
         self.skips_in_a_row[phase] += 1

@@ -304,7 +304,7 @@ class Trainer:
         elif scaler.is_enabled() and not finite_grads:  # the scaler's test: it did not step
             self.guard.scaler_skipped(self.step + 1, phase.name, scaler.get_scale())
         else:
-            self.skips_in_a_row[phase.name] = 0
+            self.guard.applied(phase.name)
 
     def _anomaly_mode(self, phase: Phase):
         """Context: autograd's anomaly mode when ``detect_anomaly`` (else nothing); its error becomes one line."""
