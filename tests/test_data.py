@@ -901,5 +901,5 @@ def test_dynamic_binarization_on_cuda(in_memory):
     assert set(draws.unique().tolist()) == {-1.0, 1.0}
     assert ((draws + 1) / 2).mean().item() == pytest.approx(0.3, abs=0.015)
     resumed = BatchStream(Coded(64, grey=-0.4), 16, **kw)
-    resumed.load_state_dict({"epoch": 0, "batch": 5})
+    resumed.load_state_dict({"epoch": 1, "batch": 1})  # 4 batches an epoch: the 6th batch drawn
     assert all(torch.equal(next(resumed), x) for x in batches[5:])
