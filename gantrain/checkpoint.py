@@ -1,13 +1,14 @@
 """Checkpoints: the trainer's state, resume and periodic saves (:class:`Checkpointing`), atomic writes,
-clear errors on mismatches. A resumed run continues bit-identically: the state holds every optimizer,
-scheduler, scaler, the EMA, the data stream's position and every RNG.
+clear errors on mismatches. A resumed run continues bit-identically: the state holds every part registered in
+``trainer.state`` (:mod:`gantrain.state`: the model, every optimizer, scheduler and scaler, the EMA, the data
+stream's position, every RNG, the objective's and the callbacks' own state); this module only adds the run's
+config and settings, and never needs to know a part.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import re
 import uuid
 from dataclasses import asdict
@@ -15,12 +16,10 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from hydra.utils import get_object
 
-from gantrain.ema import EMA
-from gantrain.errors import GantrainError, NonFiniteError
+from gantrain.errors import CheckpointError, NonFiniteError
 from gantrain.events import Callback
 from gantrain.files import atomic_write, remove_stale_temporaries
 from gantrain.stats import first_nonfinite
@@ -30,8 +29,9 @@ log = logging.getLogger(__name__)
 FORMAT = "gantrain-checkpoint/1"
 
 
-class CheckpointError(GantrainError):
-    """A checkpoint that cannot be used for what was asked (missing, corrupt, or from another model)."""
+__all__ = ["CheckpointError", "Checkpointing", "load", "save_atomic", "trainer_state"]
+# Checkpoints written before the guard saved its own state (gantrain.state) kept its counters at the top level.
+GUARD_KEYS = ("skipped_steps", "nonfinite_skips", "skips_in_a_row")
 
 
 def save_atomic(obj: dict[str, Any], path: str | Path) -> Path:
@@ -55,25 +55,9 @@ def load(path: str | Path, what: str = "trainer.resume") -> dict[str, Any]:
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{what}: '{path}' is not a gantrain checkpoint (expected format {FORMAT!r})")
+    if "guard" not in ckpt and any(k in ckpt for k in GUARD_KEYS):  # written before gantrain.state
+        ckpt["guard"] = {k: ckpt.pop(k) for k in GUARD_KEYS if k in ckpt}
     return ckpt
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG a training step may draw from."""
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
 
 
 def flatten_dict(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -113,26 +97,7 @@ def _same_object(a: Any, b: Any) -> bool:
 
 def trainer_state(trainer) -> dict[str, Any]:
     """Everything a bit-exact resume of ``trainer`` needs (:class:`Checkpointing` adds the config)."""
-    return {
-        "format": FORMAT,
-        "step": trainer.step,
-        "iteration": trainer.iteration,
-        "images_seen": trainer.images_seen,
-        "model": trainer.model.state_dict(),
-        "optimizers": {p.name: p.optimizer.state_dict() for p in trainer.phases},
-        "schedulers": {name: s.state_dict() for name, s in trainer.schedulers.items()},
-        "scalers": {name: s.state_dict() for name, s in trainer.scalers.items()},
-        "skipped_steps": {name: int(n) for name, n in trainer.skipped_steps.items()},
-        "nonfinite_skips": dict(trainer.nonfinite_skips),
-        "skips_in_a_row": dict(trainer.skips_in_a_row),
-        "ema": None if trainer.ema is None else {"module": trainer.ema_module_name, **trainer.ema.state_dict()},
-        "rng": rng_state(),
-        "data": trainer.data.state_dict(),
-        # the last logged values (what a finished run returns when resumed), without wall-clock figures, so
-        # that the same seed writes byte-identical checkpoints
-        "metrics": {k: v for k, v in {**trainer.metrics, **trainer.eval_metrics}.items() if not k.startswith("perf/")},
-        "best": trainer.best,  # trainer.monitor's best evaluation (gantrain.metrics.Evaluation), or None
-    }
+    return {"format": FORMAT, **trainer.state_dict()}
 
 
 # What a resumed run may change: how long it runs, where, and how it is watched and saved, not what it
@@ -192,42 +157,7 @@ def check_world_size(saved: int, now: int, source: Path) -> None:
 
 def load_trainer_state(trainer, state: dict[str, Any], source: str = "checkpoint") -> None:
     """Restore :func:`trainer_state` into ``trainer``; refuse a checkpoint whose weights/optimizers do not fit."""
-    try:
-        trainer.model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"trainer.resume: {source} does not fit this model: {e}") from None
-    missing = {p.name for p in trainer.phases} - set(state["optimizers"])
-    if missing:
-        raise CheckpointError(f"trainer.resume: {source} has no optimizer state for phases {sorted(missing)}")
-    for p in trainer.phases:
-        try:
-            p.optimizer.load_state_dict(state["optimizers"][p.name])
-        except (ValueError, KeyError) as e:  # another optimizer type, Lookahead on/off, other groups
-            raise CheckpointError(
-                f"trainer.resume: {source} holds optimizer state for phase {p.name} that does not fit "
-                f"{type(p.optimizer).__name__} ({e}); resume with the optimizer it was trained with"
-            ) from None
-    for name, sched in trainer.schedulers.items():
-        if name in state.get("schedulers", {}):
-            sched.load_state_dict(state["schedulers"][name])
-    for name, scaler in trainer.scalers.items():
-        saved = state.get("scalers", {}).get(name)
-        if scaler.is_enabled() and saved:  # empty when it was written at another precision
-            scaler.load_state_dict(saved)
-    trainer.skipped_steps.update(state.get("skipped_steps", {}))
-    trainer.nonfinite_skips.update(state.get("nonfinite_skips", {}))
-    trainer.skips_in_a_row.update(state.get("skips_in_a_row", {}))
-    if trainer.ema is not None:
-        if state.get("ema"):
-            trainer.ema.load_state_dict(state["ema"])
-        else:
-            log.warning("trainer.resume: %s has no EMA weights; the EMA starts from the current weights", source)
-            trainer.ema = EMA(trainer.ema.module, trainer.ema.half_life_images)
-    trainer.data.load_state_dict(state["data"])
-    set_rng_state(state["rng"])
-    trainer.step, trainer.iteration, trainer.images_seen = state["step"], state["iteration"], state["images_seen"]
-    trainer.metrics = dict(state.get("metrics", {}))  # what a finished run returns if nothing is left to do
-    trainer.best = state.get("best")
+    trainer.load_state_dict(state, source)
     saved, now = state.get("settings", {}).get("max_steps", trainer.settings.max_steps), trainer.settings.max_steps
     if saved != now and any(p.schedule is not None for p in trainer.phases):
         msg = "trainer.resume: trainer.max_steps changed from %d to %d; the LR schedules keep the checkpoint's horizon"
@@ -277,7 +207,7 @@ class Checkpointing(Callback):
             log.info("checkpoint is already at step %d >= trainer.max_steps=%d; nothing to do", trainer.step, max_steps)
 
     def on_step_end(self, trainer) -> None:
-        if trainer.step % trainer.settings.checkpoint_every_n_steps == 0 and trainer.step < trainer.settings.max_steps:
+        if trainer.cadence.checkpoints(trainer.step) and trainer.step < trainer.settings.max_steps:
             if trainer.stop_reason is None:  # else on_fit_end writes it right away
                 self.save(trainer)  # the final one is written by on_fit_end
 
@@ -302,7 +232,7 @@ class Checkpointing(Callback):
         state = {**trainer_state(trainer), "config": self.config, "settings": asdict(trainer.settings)}
         state["world_size"] = self.world_size
         tensors = {f"model {k}": v for k, v in state["model"].items()}
-        tensors.update({f"EMA {k}": v for k, v in (state["ema"] or {}).get("average", {}).items()})
+        tensors.update({f"EMA {k}": v for k, v in (state.get("ema") or {}).get("average", {}).items()})
         bad = first_nonfinite(tensors)
         if bad is not None:  # a checkpoint that resumes into NaNs is worse than the previous one
             raise NonFiniteError(

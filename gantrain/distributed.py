@@ -48,6 +48,7 @@ from gantrain.data.common import derive_seed
 from gantrain.errors import ConfigError, GantrainError
 from gantrain.events import Callback
 from gantrain.phase import Phase
+from gantrain.settings import DDPSettings
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +58,6 @@ SYNC_BUFFERS = next(
 )
 # A rank waits this long for the others (rank 0 evaluating, saving a checkpoint) before it fails.
 TIMEOUT = timedelta(hours=2)
-
-
-@dataclass
-class DDPSettings:
-    """``trainer.ddp.*``: how the networks are replicated (used only under ``torchrun``/SLURM)."""
-
-    broadcast_buffers: bool = True  # DDP's: rank 0's buffers at each forward (stylegan2-ada: false); synced each step
-    sync_batchnorm: bool = False  # BatchNorm statistics over the whole batch of all ranks (CUDA only)
-    find_unused_parameters: bool = False  # for a loss that leaves some of its network's parameters without a gradient
 
 
 @dataclass(frozen=True)
@@ -296,8 +288,7 @@ class RankSync(Callback):
         agreed = int(self.flag.item())
         if agreed and trainer.stop_reason is None:
             trainer.request_stop(signal.Signals(agreed).name)
-        s = trainer.settings
-        if trainer.ema is not None and (trainer.step % s.checkpoint_every_n_steps == 0 or agreed):
+        if trainer.ema is not None and (trainer.cadence.checkpoints(trainer.step) or agreed):
             self.check_ema(trainer)
 
     def on_fit_end(self, trainer) -> None:
@@ -332,7 +323,7 @@ class RankBarriers(Callback):
         self.reseed(trainer.step)  # after the resume restored the step
 
     def on_step_end(self, trainer) -> None:
-        if trainer.step % trainer.settings.sample_every_n_steps == 0:
+        if trainer.cadence.samples(trainer.step):
             self.group.barrier()  # rank 0 evaluated and drew the grids
         self.reseed(trainer.step)
 

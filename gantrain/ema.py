@@ -23,8 +23,8 @@ class EMA:
     evaluators that hold a reference to the live network use the average without knowing of it.
     """
 
-    def __init__(self, module: nn.Module, half_life_images: float):
-        self.module = module
+    def __init__(self, module: nn.Module, half_life_images: float, name: str = ""):
+        self.module, self.name = module, name  # name: the network's in the model ("g"), saved with the weights
         self.half_life_images = float(half_life_images)
         self.average = copy.deepcopy(module).eval().requires_grad_(False)
 
@@ -55,7 +55,12 @@ class EMA:
                     p.copy_(saved)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"half_life_images": self.half_life_images, "average": self.average.state_dict()}
+        return {"module": self.name, "half_life_images": self.half_life_images, "average": self.average.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.average.load_state_dict(state["average"])
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Start averaging afresh from the network's current weights (in place: references stay valid)."""
+        self.average.load_state_dict(self.module.state_dict())

@@ -34,3 +34,7 @@ class ConfigError(GantrainError):
 class NonFiniteError(GantrainError):
     """Training produced a NaN or an infinity (a loss term, a gradient norm, a weight or a buffer that
     would be checkpointed): one line naming the step, the phase and the value, and what to change."""
+
+
+class CheckpointError(GantrainError):
+    """A checkpoint that cannot be used for what was asked (missing, corrupt, or from another model)."""

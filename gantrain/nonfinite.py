@@ -13,7 +13,9 @@ import logging
 import torch
 from torch import nn
 
+from gantrain.cadence import Cadence
 from gantrain.errors import NonFiniteError
+from gantrain.settings import NonFiniteSettings
 from gantrain.stats import first_nonfinite
 
 log = logging.getLogger("gantrain.trainer")
@@ -24,10 +26,20 @@ REMEDIES = "lower the learning rate (optim.<net>.lr), clip gradients (trainer.gr
 
 
 class NonFiniteGuard:
-    """Checks, counters (per phase name; checkpointed by :mod:`gantrain.checkpoint`) and deferred reads."""
+    """Checks, counters (per phase name; saved in checkpoints: :meth:`state_dict`) and deferred reads.
 
-    def __init__(self, settings, phase_names: list[str], device: torch.device, fp16: bool, model: nn.Module):
-        self.settings, self.device, self.fp16, self.model = settings, device, fp16, model
+    ``cadence``: when the run writes anything (the deferred checks are read before it does)."""
+
+    def __init__(
+        self,
+        settings: NonFiniteSettings,
+        phase_names: list[str],
+        device: torch.device,
+        fp16: bool,
+        model: nn.Module,
+        cadence: Cadence,
+    ):
+        self.settings, self.device, self.fp16, self.model, self.cadence = settings, device, fp16, model, cadence
         self.skipped_steps = {name: 0 for name in phase_names}  # optimizer steps the fp16 scaler skipped
         self.nonfinite_skips = {name: 0 for name in phase_names}  # steps on_nonfinite=skip dropped
         self.skips_in_a_row = {name: 0 for name in phase_names}  # of either kind, up to the phase's last step
@@ -81,10 +93,7 @@ class NonFiniteGuard:
         """Whether the deferred checks are read before this step's callbacks: a logging, sample, checkpoint or
         evaluation step (neither checkpoint nor best.ckpt is written from weights a bad step has reached), or
         enough of them waiting."""
-        s = self.settings
-        periods = (s.log_every_n_steps, s.sample_every_n_steps, s.checkpoint_every_n_steps)
-        periods += (s.eval_every_n_steps,) if s.eval_every_n_steps else ()
-        return len(self.deferred) >= DEFERRED_CHECKS or any(step % n == 0 for n in periods)
+        return len(self.deferred) >= DEFERRED_CHECKS or self.cadence.writes(step)
 
     def read(self, step: int) -> None:
         """Read the checks deferred since the last read (one host sync); a NaN/inf stops the run, naming the first."""
@@ -124,6 +133,18 @@ class NonFiniteGuard:
         """The fp16 scaler did not step (inf/NaN in the scaled gradients)."""
         self.skipped_steps[phase] += 1
         self.count_skip(step, phase, f"the fp16 loss scale kept overflowing (now {scale:g})")
+
+    def state_dict(self) -> dict[str, dict[str, int]]:
+        return {
+            "skipped_steps": {name: int(n) for name, n in self.skipped_steps.items()},
+            "nonfinite_skips": dict(self.nonfinite_skips),
+            "skips_in_a_row": dict(self.skips_in_a_row),
+        }
+
+    def load_state_dict(self, state: dict[str, dict[str, int]]) -> None:
+        for key, counts in (("skipped_steps", self.skipped_steps), ("nonfinite_skips", self.nonfinite_skips)):
+            counts.update(state.get(key, {}))
+        self.skips_in_a_row.update(state.get("skips_in_a_row", {}))
 
     def applied(self, phase: str) -> None:
         """An optimizer step of ``phase`` went through: its run of skipped steps ends."""

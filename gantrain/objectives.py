@@ -26,6 +26,7 @@ from gantrain.losses import (
 )
 from gantrain.models import GenerativeModel
 from gantrain.phase import Phase, Update
+from gantrain.state import Stateful
 from gantrain.stats import report
 
 Pictures = dict[str, torch.Tensor]  # name -> (3, H, W) picture in [0, 1]; logged under its name
@@ -148,6 +149,12 @@ class GANObjective(nn.Module):
             Phase.of("D", model.d, updates["d"], d_loss, after_step=partial(self.after_d_step, model)),
             Phase.of("G", model.g, updates["g"], g_loss, interval=n_critic, counts_as_step=True),
         ]
+
+    def state_parts(self) -> dict[str, Stateful]:
+        """The terms whose state the checkpoint keeps (those that subclass :class:`~gantrain.state.Stateful`), by
+        their config key (``loss.adversarial``, ``loss.gp``, ...)."""
+        terms = {"adversarial": self.adversarial, **self.penalties, **self.g_terms}
+        return {f"loss.{name}": term for name, term in terms.items() if isinstance(term, Stateful)}
 
     def sampler(self, model: GenerativeModel, render: Callable, noise: torch.Tensor, data) -> Callable[[], Pictures]:
         """What a run shows at each sample step: ``samples`` of the fixed ``noise``, drawn by ``render``

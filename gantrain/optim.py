@@ -3,7 +3,7 @@
 Nothing here reads the config. ``optim.<net>`` instantiates a :class:`NetworkOptim` (its sub-nodes:
 ``optimizer``, a ``_partial_`` torch optimizer; ``schedule``; ``lookahead``; and the clipping keys);
 the entry point calls :meth:`NetworkOptim.build` with the network's parameters and hands the
-resulting :class:`~gantrain.phase.Update` to the objective.
+resulting :class:`Update` to the objective.
 
 Error messages name the key relative to the network's node (``schedule.kind=...``,
 ``lookahead.k=...``, ``implementation=...``); the entry point puts ``optim.<net>.`` in front.
@@ -24,9 +24,26 @@ from torch.optim import lr_scheduler as lrs
 
 from gantrain import checks
 from gantrain.errors import ConfigError
-from gantrain.phase import Update
+from gantrain.settings import check_clipping
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Update:
+    """How one network's optimizer steps (``optim.<net>``, see :class:`NetworkOptim`); a phase holds it.
+
+    ``schedule``: the LR schedule (None = constant); ``gradient_clip_val``/``_algorithm``: this
+    network's clipping (None = the trainer's setting; a value of 0 = no clipping for it).
+    """
+
+    optimizer: Optimizer
+    schedule: Optional["Schedule"] = None
+    gradient_clip_val: Optional[float] = None
+    gradient_clip_algorithm: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check_clipping(self.gradient_clip_val, self.gradient_clip_algorithm)
 
 SCHEDULE_KINDS = ("constant", "step", "cosine", "exponential", "linear")
 IMPLEMENTATIONS = ("auto", "default", "foreach", "fused")
@@ -378,6 +395,6 @@ class NetworkOptim:
         self.implementation = implementation
 
     def build(self, params: Iterable[Any], device: torch.device | str) -> Update:
-        """The network's :class:`~gantrain.phase.Update`: optimizer (with Lookahead), schedule, clipping."""
+        """The network's :class:`Update`: optimizer (with Lookahead), schedule, clipping."""
         base = make_optimizer(self.optimizer, params, device=device, implementation=self.implementation, lr=self.lr)
         return Update(self.lookahead(base), self.schedule, self.gradient_clip_val, self.gradient_clip_algorithm)

@@ -23,8 +23,10 @@ from gantrain.events import Callback
 log = logging.getLogger(__name__)
 
 
-class _DrawnAhead:
+class DrawnAhead:
     """A batch stream with batches drawn ahead of use; ``state_dict`` is the position of the next one used."""
+
+    in_memory = False
 
     def __init__(self, stream: Any):
         self.stream = stream
@@ -50,44 +52,34 @@ class _DrawnAhead:
         self.stream.load_state_dict(state)
 
 
-def batches_of_next_step(trainer) -> int:
-    """How many batches the iterations up to and including the next counting phase draw (every
-    phase draws ``accumulate_grad_batches`` per optimizer step)."""
-    n, i = 0, trainer.iteration
-    while True:
-        due = [p for p in trainer.phases if (i + 1) % p.interval == 0]
-        n += len(due) * trainer.settings.accumulate_grad_batches
-        i += 1
-        if any(p.counts_as_step for p in due):
-            return n
+def drawn_ahead(stream: Any) -> Any:
+    """The stream the trainer draws from: ``stream`` itself when its data is in memory (or generated: nothing left
+    to read), else a :class:`DrawnAhead` of it for :class:`ReadAhead`."""
+    return stream if stream.in_memory else DrawnAhead(stream)
 
 
 class ReadAhead(Callback):
     """For data streamed from files: read each step's batches before it starts; checkpoint and stop when one fails.
 
-    ``save``: writes a checkpoint of the trainer (:meth:`~gantrain.checkpoint.Checkpointing.save`);
-    ``path``: where, for the message. Put it after the callbacks that resume and log, so the step
-    it stops after is logged and it starts from the resumed position.
+    ``drawn``: the trainer's data stream (:func:`drawn_ahead`); ``save``: writes a checkpoint of the trainer
+    (:meth:`~gantrain.checkpoint.Checkpointing.save`); ``path``: where, for the message. Put it after the
+    callbacks that resume and log, so the step it stops after is logged and it starts from the resumed position.
     """
 
-    def __init__(self, save: Callable[[Any], None], path: Any):
-        self.save, self.path = save, path
+    def __init__(self, drawn: DrawnAhead, save: Callable[[Any], None], path: Any):
+        self.drawn, self.save, self.path = drawn, save, path
 
     def on_fit_start(self, trainer) -> None:
-        if getattr(trainer.data, "in_memory", True):  # in memory (or generated): nothing left to read
-            return
-        trainer.data = _DrawnAhead(trainer.data)
         self._draw(trainer, saved=False)
 
     def on_step_end(self, trainer) -> None:
-        if isinstance(trainer.data, _DrawnAhead):
-            self._draw(trainer, saved=True)
+        self._draw(trainer, saved=True)
 
     def _draw(self, trainer, saved: bool) -> None:
         if trainer.step >= trainer.settings.max_steps:  # no step left to read for
             return
         try:
-            trainer.data.draw(batches_of_next_step(trainer))
+            self.drawn.draw(trainer.cadence.batches_of_next_step(trainer.iteration))
         except DataError as e:
             if saved:
                 self.save(trainer)

@@ -2,7 +2,7 @@
 
 Every ``log_every_n_steps`` it drains the
 stats that losses ``report``-ed (plus images/s and the fp16 scales) into TensorBoard scalars, the bar's
-postfix and ``trainer.metrics``; after each evaluation (:class:`gantrain.metrics.Evaluation`) it logs
+postfix and :attr:`RunLog.stats`; after each evaluation (:class:`gantrain.metrics.Evaluation`) it logs
 its results with one console line; every ``sample_every_n_steps`` it draws sample grids,
 with the EMA weights swapped in, and a background thread encodes them (PNG files, TensorBoard images)
 while training goes on; it does both once more at the end (unless that step's grid was just written).
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from gantrain.checkpoint import Checkpointing
 from gantrain.events import Callback
 from gantrain.files import atomic_write
-from gantrain.readahead import ReadAhead
+from gantrain.readahead import DrawnAhead, ReadAhead
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ class RunLog(Callback):
         hparams: the hparams table's row (the overridden keys, the recipe, the seed); its metrics are
             ``metric_tags``, logged as scalars under the same names.
         about: more text to log (the command line, the code's git commit), title -> text.
-        is_main: rank 0 logs; other ranks only keep ``trainer.metrics``.
+        is_main: rank 0 logs; other ranks only keep the last logged values (:meth:`results`).
+        checkpoints: the run's :class:`~gantrain.checkpoint.Checkpointing`, whose files the last line names.
         terminal: whether the console is a terminal (a bar, else plain lines); None asks
             :func:`console_is_terminal` when the run starts.
         clock: seconds, for images/s, ETA and the plain lines' rate limit.
@@ -80,12 +81,16 @@ class RunLog(Callback):
         is_main=True,
         terminal: bool | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        checkpoints: Checkpointing | None = None,
     ):
         self.run_dir, self.sampler = Path(run_dir), sampler
         self.hparams, self.metric_tags, self.about = hparams or {}, list(metric_tags), about or {}
         self.config, self.is_main, self.terminal, self.clock = config or {}, is_main, terminal, clock
+        self.checkpoints = checkpoints
         self.writer = self.bar = None  # opened by on_fit_start, closed by teardown
         self.grids: list[Path] = []  # the pictures write_samples wrote last
+        self.stats: dict[str, float] = {}  # the last logged training stats
+        self.evaluation: tuple[int, dict[str, float], dict | None] | None = None  # (step, values, best), last one
         self._evaluation_logged: int | None = None  # the step whose evaluation was logged last
         self._encoder: ThreadPoolExecutor | None = None  # writes sample grids off the training loop
         self._writing: Future | None = None  # the grids being written
@@ -106,23 +111,38 @@ class RunLog(Callback):
         self._start = (self._t0, trainer.step)  # ETA: this process's steps per second
         self._line = (None, trainer.step)  # time and step of the last plain line
 
+    state_key = "metrics"  # the last logged values: what a finished run returns when resumed with nothing to do
+
+    def results(self) -> dict[str, float]:
+        return {**self.stats, **(self.evaluation[1] if self.evaluation else {})}
+
+    def state_dict(self) -> dict[str, float]:
+        # without wall-clock figures, so that the same seed writes byte-identical checkpoints
+        return {k: v for k, v in self.results().items() if not k.startswith("perf/")}
+
+    def load_state_dict(self, metrics: dict[str, float]) -> None:
+        self.stats = dict(metrics)
+
+    def on_evaluation(self, trainer, values: dict[str, float], best: dict | None) -> None:
+        self.evaluation = (trainer.step, values, best)  # logged after this step's stats, in on_step_end/on_fit_end
+
     def on_step_end(self, trainer) -> None:
         self.bar.update(1)
-        if trainer.step % trainer.settings.log_every_n_steps == 0:
+        if trainer.cadence.logs(trainer.step):
             self.log_stats(trainer)
             self.log_progress(trainer)
-        if getattr(trainer, "evaluated_step", None) == trainer.step:
+        if self.evaluation and self.evaluation[0] == trainer.step:
             self.log_evaluation(trainer)
-        if trainer.step % trainer.settings.sample_every_n_steps == 0:
+        if trainer.cadence.samples(trainer.step):
             self.write_samples(trainer)
 
     def on_fit_end(self, trainer) -> None:
         self.log_stats(trainer)
         self.bar.close()  # its final state stays on screen; the lines below start on their own line
         self.log_progress(trainer, final=True)
-        if getattr(trainer, "evaluated_step", None) == trainer.step and self._evaluation_logged != trainer.step:
+        if self.evaluation and self.evaluation[0] == trainer.step and self._evaluation_logged != trainer.step:
             self.log_evaluation(trainer)
-        if trainer.step % trainer.settings.sample_every_n_steps:  # else on_step_end just wrote this step's grid
+        if not trainer.cadence.samples(trainer.step):  # else on_step_end just wrote this step's grid
             self.write_samples(trainer)
         self.wait_for_samples()  # the last line names them
         if self.is_main:
@@ -137,7 +157,7 @@ class RunLog(Callback):
         self.bar = self.writer = self._encoder = self._writing = None
 
     def log_stats(self, trainer) -> None:
-        """Drain the collected stats into ``trainer.metrics``, TensorBoard and the bar's postfix."""
+        """Drain the collected stats into :attr:`stats`, TensorBoard and the bar's postfix."""
         stats = trainer.collector.drain()
         if not stats:  # nothing ran since the last log (e.g. the final call right after a logged step)
             return
@@ -146,25 +166,25 @@ class RunLog(Callback):
         for name, scaler in trainer.scalers.items():
             if scaler.is_enabled():
                 stats[f"amp/scale/{name}"] = scaler.get_scale()
-                stats[f"amp/skipped_steps/{name}"] = float(trainer.skipped_steps[name])
+                stats[f"amp/skipped_steps/{name}"] = float(trainer.guard.skipped_steps[name])
         if trainer.settings.on_nonfinite == "skip":
-            stats.update({f"nonfinite/skipped_steps/{n}": float(c) for n, c in trainer.nonfinite_skips.items()})
+            stats.update({f"nonfinite/skipped_steps/{n}": float(c) for n, c in trainer.guard.nonfinite_skips.items()})
         self._t0, self._images0 = now, trainer.images_seen
-        trainer.metrics = stats
+        self.stats = stats
         for name, value in stats.items() if self.writer is not None else ():
             self.writer.add_scalar(name, value, trainer.step)
         losses = " ".join(f"{k.removeprefix('loss/')}={v:.3g}" for k, v in main_losses(stats).items())
         self.bar.set_postfix_str(f"{losses} {stats['perf/images_per_s']:.0f} img/s", refresh=False)
 
     def log_evaluation(self, trainer) -> None:
-        """The evaluation of this step (``trainer.eval_metrics``) as scalars and one console line."""
+        """The evaluation of this step (:meth:`on_evaluation`) as scalars and one console line."""
         self._evaluation_logged = trainer.step
         if not self.is_main:
             return
-        for name, value in trainer.eval_metrics.items():
+        _, values, best = self.evaluation
+        for name, value in values.items():
             self.writer.add_scalar(name, value, trainer.step)
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in trainer.eval_metrics.items() if not k.startswith("best/"))
-        best = getattr(trainer, "best", None)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if not k.startswith("best/"))
         if best is not None:
             shown += f" (best {best['monitor']}={best['value']:.4g} at step {best['step']})"
         log.info("step %d: %s", trainer.step, shown)
@@ -180,21 +200,21 @@ class RunLog(Callback):
         t0, step0 = self._start
         seconds_per_step = (now - t0) / (trainer.step - step0)
         eta = timedelta(seconds=round(seconds_per_step * (trainer.settings.max_steps - trainer.step)))
-        shown = [f"{k}={v:.3g}" for k, v in main_losses(trainer.metrics).items()]
-        shown += [f"{trainer.metrics['perf/images_per_s']:.0f} img/s", f"ETA {eta}"]
+        shown = [f"{k}={v:.3g}" for k, v in main_losses(self.stats).items()]
+        shown += [f"{self.stats['perf/images_per_s']:.0f} img/s", f"ETA {eta}"]
         log.info("step %d/%d: %s", trainer.step, trainer.settings.max_steps, ", ".join(shown))
 
     def log_finished(self, trainer) -> None:
         """The run's last line: where its directory, final checkpoint, last sample grid and TensorBoard are."""
         run_dir = self.run_dir.resolve()
         parts = [f"run directory {run_dir}"]
-        for callback in trainer.callbacks:
-            if isinstance(callback, Checkpointing) and callback.path.is_file():
-                parts.append(f"checkpoint {callback.path.resolve()}")
-                best = getattr(trainer, "best", None)  # the value a sweeper gets
-                if best is not None and (callback.folder / "best.ckpt").is_file():
-                    where = (callback.folder / "best.ckpt").resolve()
-                    parts.append(f"best {best['monitor']}={best['value']:.6g} at step {best['step']} in {where}")
+        checkpoints = self.checkpoints
+        if checkpoints is not None and checkpoints.path.is_file():
+            parts.append(f"checkpoint {checkpoints.path.resolve()}")
+            best = self.evaluation and self.evaluation[2]  # the value a sweeper gets
+            if best and (checkpoints.folder / "best.ckpt").is_file():
+                where = (checkpoints.folder / "best.ckpt").resolve()
+                parts.append(f"best {best['monitor']}={best['value']:.6g} at step {best['step']} in {where}")
         if self.grids:
             parts.append("samples " + ", ".join(str(p.resolve()) for p in self.grids))
         log.info(
@@ -258,12 +278,14 @@ def standard_callbacks(
     about: dict[str, str] | None = None,
     is_main=True,
     world_size=1,
+    read_ahead: DrawnAhead | None = None,
 ):
     """What every ``python -m gantrain`` run attaches, in ``run_dir``: evaluation and ``best.ckpt``
     (:class:`~gantrain.metrics.Evaluation`, when there is an ``evaluator``: returns ``{name: value}`` of the current
     model, names among ``eval_tags``, without using the global RNG), resume and checkpoints
     (:class:`~gantrain.checkpoint.Checkpointing`), run logging (:class:`RunLog`, which documents the others)
-    and, last, reading each step's batches ahead (:class:`~gantrain.readahead.ReadAhead`)."""
+    and, last, reading each step's batches ahead (:class:`~gantrain.readahead.ReadAhead`, for the trainer's data
+    stream ``read_ahead`` when it reads files: see :func:`gantrain.readahead.drawn_ahead`)."""
     from gantrain.metrics.loop import Evaluation
 
     checkpointing = Checkpointing(
@@ -275,9 +297,7 @@ def standard_callbacks(
         evaluation = [
             Evaluation(
                 evaluator,
-                settings.eval_every_n_steps,
-                settings.monitor,
-                settings.monitor_mode,
+                settings.evaluation,
                 write_best=lambda trainer: checkpointing.write(trainer, best),
                 start_step=lambda: checkpointing.start_step,
                 is_main=is_main,
@@ -295,8 +315,9 @@ def standard_callbacks(
             metric_tags=metric_tags,
             about=about,
             is_main=is_main,
+            checkpoints=checkpointing,
         ),  # fmt: skip
-        ReadAhead(checkpointing.save, checkpointing.path),
+        *([] if read_ahead is None else [ReadAhead(read_ahead, checkpointing.save, checkpointing.path)]),
     ]
 
 

@@ -38,6 +38,7 @@ from gantrain.errors import ConfigError, GantrainError
 from gantrain.files import FULL, NOT_WRITABLE, write_error
 from gantrain.hydra_errors import config_error
 from gantrain.preemption import stop_on_signals
+from gantrain.readahead import drawn_ahead
 from gantrain.rundir import RunDirectoryLock, unique_suffix
 from gantrain.runlog import standard_callbacks
 from gantrain.trainer import Trainer, resolve_device
@@ -136,6 +137,7 @@ def build(cfg: DictConfig, run_dir: str | Path, group: distributed.Group = distr
             f"data: {type(data).__name__} cannot be split between {group.world_size} processes (its stream "
             "has no rank); train it in one process, or use image data (digits, mnist, folder, ...)"
         )
+    data_stream, stream = stream, drawn_ahead(stream)  # a stream that reads files reads each step's batches ahead
     # Fixed noise from its own generators: sample grids and evaluation never consume the training RNG.
     fixed_noise = model.noise(settings.num_samples, device, generator=torch.Generator(device).manual_seed(cfg.seed))
     evaluators, eval_tags = evaluation(cfg, model, data, device)
@@ -143,7 +145,7 @@ def build(cfg: DictConfig, run_dir: str | Path, group: distributed.Group = distr
     callbacks = standard_callbacks(
         settings,
         run_dir,
-        sampler=objective.sampler(model, data.render, fixed_noise, stream),
+        sampler=objective.sampler(model, data.render, fixed_noise, data_stream),
         # rank 0 only; the other ranks wait for it at their next collective (gantrain.distributed)
         evaluator=(lambda: {k: v for e in evaluators for k, v in e().items()}) if evaluators else None,
         eval_tags=eval_tags,
@@ -152,11 +154,20 @@ def build(cfg: DictConfig, run_dir: str | Path, group: distributed.Group = distr
         about={"command": command_line(), "code": code_version()},
         is_main=group.is_main,
         world_size=group.world_size,
+        read_ahead=stream if stream is not data_stream else None,
     )
     if group.distributed:
         first, last = distributed.callbacks(group, cfg.seed, settings.ddp)
         callbacks = [first, *callbacks, last]
-    return Trainer(settings, model=model, phases=phases, data=stream, callbacks=callbacks, world_size=group.world_size)
+    return Trainer(
+        settings,
+        model=model,
+        phases=phases,
+        data=stream,
+        callbacks=callbacks,
+        world_size=group.world_size,
+        state=objective.state_parts(),
+    )
 
 
 # data keys that change how the images are loaded, not which: not part of the reference features' cache key

@@ -41,92 +41,26 @@ from __future__ import annotations
 import logging
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from gantrain import amp, checks
-from gantrain.distributed import DDPSettings
+from gantrain import amp
+from gantrain.cadence import Cadence
 from gantrain.ema import EMA
 from gantrain.errors import ConfigError, NonFiniteError
 from gantrain.events import Callback
 from gantrain.nonfinite import NonFiniteGuard
 from gantrain.optim import Schedule
-from gantrain.phase import CLIP_ALGORITHMS, Phase
+from gantrain.phase import Phase
+from gantrain.settings import EMASettings, TrainerSettings  # noqa: F401 - their home before gantrain.settings
+from gantrain.state import RNGs, Each, Model, Optimizers, SupportsState, TrainingState
 from gantrain.stats import Collector, collecting, report
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-NONFINITE_POLICIES = ("stop", "skip")
-GRAD_NORM_LOGS = ("total", "layer")
-
-
-@dataclass
-class EMASettings:
-    """``trainer.ema.*``: EMA of the generator (of the counting phase's network)."""
-
-    half_life_images: float = 0.0  # images for the EMA weight of a sample to halve (stylegan2-ada: 10k); 0 = off
-
-
-@dataclass
-class TrainerSettings:
-    """Every ``trainer.*`` key (the ``trainer`` config group instantiates this)."""
-
-    max_steps: int = 1000  # optimizer steps of the phase that counts (generator steps for GANs)
-    device: str = "auto"  # auto -> cuda, else mps, else cpu; or any torch device string
-    n_critic: int = 1  # discriminator steps per generator step (the G phase's interval)
-    precision: str = "32"  # 32 | bf16-mixed | 16-mixed
-    accumulate_grad_batches: int = 1  # micro-batches summed into each optimizer step
-    gradient_clip_val: Optional[float] = None
-    gradient_clip_algorithm: str = "norm"  # norm | value
-    log_grad_norms: str = "total"  # total: grad_norm/<phase>; layer: also grad_norm/<phase>/<parameter> (pre-clip)
-    on_nonfinite: str = "stop"  # stop | skip: a NaN/inf loss term or gradient norm ends the run, or its step is dropped
-    max_consecutive_skips: int = 20  # dropped steps in a row of one phase (skip, fp16 scaler) that end the run;
-    # 20 fp16 skips halve the initial 2^16 loss scale below 1: the gradients overflow even unscaled
-    detect_anomaly: bool = False  # autograd's anomaly mode: names the backward op that made the first NaN (slow)
-    log_every_n_steps: int = 10
-    log_every_n_seconds: float = 30.0  # plain progress lines (no bar): at most one per this many seconds; 0 = every log
-    sample_every_n_steps: int = 200
-    num_samples: int = 64  # images in each sample grid (fixed noise)
-    checkpoint_every_n_steps: int = 500  # last.ckpt; also written at the end and when a signal stops the run
-    keep_checkpoints: int = 0  # also keep the N newest saves as checkpoints/step_0005000.ckpt (0: only last.ckpt)
-    resume: Optional[str] = None  # null | auto (this run dir's last.ckpt) | a checkpoint path
-    progress_bar: bool = True  # tqdm bar on a terminal; off a terminal (or false) plain progress lines are logged
-    ema: EMASettings = field(default_factory=EMASettings)
-    ddp: DDPSettings = field(default_factory=DDPSettings)  # used only under torchrun/SLURM (gantrain.distributed)
-    eval_every_n_steps: int = 0  # evaluation (metrics=, the 2-D mixtures' toy/*, a VAE's held-out ELBO); 0: at the end
-    monitor: str = "loss/G"  # what a run returns to a sweeper: an evaluated value's best (metrics/fid), else the last
-    monitor_mode: str = "auto"  # min | max | auto (max for elbo, precision, recall, toy/modes, toy/hq; else min)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.ema, EMASettings):  # a mapping from the config
-            if not isinstance(self.ema, Mapping):
-                checks.fail("ema", self.ema, "a node of EMA settings", "e.g. trainer.ema.half_life_images=10000")
-            self.ema = EMASettings(**self.ema)
-        if not isinstance(self.ddp, DDPSettings):  # a mapping from the config
-            if not isinstance(self.ddp, Mapping):
-                checks.fail("ddp", self.ddp, "a node of DDP settings", "e.g. trainer.ddp.broadcast_buffers=false")
-            self.ddp = DDPSettings(**self.ddp)
-        checks.number("ema.half_life_images", self.ema.half_life_images, ge=0, hint="0 = off")
-        checks.number("log_every_n_seconds", self.log_every_n_seconds, ge=0, hint="0 = a line every log step")
-        periods = ("log_every_n_steps", "sample_every_n_steps", "checkpoint_every_n_steps")
-        for key in ("max_steps", "n_critic", "accumulate_grad_batches", "num_samples", *periods):
-            checks.integer(key, getattr(self, key), at_least=1)
-        checks.integer("keep_checkpoints", self.keep_checkpoints, at_least=0, hint="0 = only last.ckpt")
-        checks.integer("eval_every_n_steps", self.eval_every_n_steps, at_least=0, hint="0 = only at the end")
-        checks.choice("monitor_mode", self.monitor_mode, ("auto", "min", "max"))
-        self.precision = checks.choice("precision", str(self.precision), PRECISIONS)
-        checks.choice("gradient_clip_algorithm", self.gradient_clip_algorithm, CLIP_ALGORITHMS)
-        checks.choice("log_grad_norms", self.log_grad_norms, GRAD_NORM_LOGS)
-        checks.choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
-        checks.integer(
-            "max_consecutive_skips", self.max_consecutive_skips, at_least=1, hint="skipped steps in a row that stop"
-        )
-        if self.gradient_clip_val is not None:
-            checks.positive("gradient_clip_val", self.gradient_clip_val, hint="or null: no clipping")
+PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # trainer.precision -> autocast
 
 
 def resolve_device(spec: str, key: str = "trainer.device") -> torch.device:
@@ -159,7 +93,15 @@ class Trainer:
     """
 
     def __init__(
-        self, settings: TrainerSettings, *, model: nn.Module, phases: Sequence[Phase], data, callbacks=(), world_size=1
+        self,
+        settings: TrainerSettings,
+        *,
+        model: nn.Module,
+        phases: Sequence[Phase],
+        data,
+        callbacks=(),
+        world_size=1,
+        state: Mapping[str, SupportsState] | None = None,
     ):
         counting = [p.name for p in phases if p.counts_as_step]
         assert len(counting) == 1, f"exactly one phase must count as the training step, got {counting}"
@@ -167,6 +109,7 @@ class Trainer:
         self.settings, self.model, self.phases, self.data = settings, model, list(phases), data
         self.callbacks: list[Callback] = list(callbacks)
         self.world_size = world_size  # data-parallel processes, each drawing its own batches (gantrain.distributed)
+        self.cadence = Cadence.of(settings, self.phases)  # which phases run when, and when callbacks write
         self.params = list(model.parameters())
         self.device = self.params[0].device if self.params else torch.device("cpu")
         self.amp_dtype = PRECISIONS[settings.precision]
@@ -181,26 +124,48 @@ class Trainer:
         if fp16 and self.device.type == "cpu":
             log.warning("trainer.precision=16-mixed on CPU is slow and for testing; CPUs train with bf16-mixed")
         self.scalers = {p.name: torch.amp.GradScaler(self.device.type, enabled=fp16) for p in self.phases}
-        self.guard = NonFiniteGuard(settings, [p.name for p in self.phases], self.device, fp16, model)
-        # its per-phase counters (the same dicts): the scaler's skips, on_nonfinite=skip's, either kind in a row
-        self.skipped_steps, self.nonfinite_skips = self.guard.skipped_steps, self.guard.nonfinite_skips
-        self.skips_in_a_row = self.guard.skips_in_a_row
+        phase_names = [p.name for p in self.phases]
+        self.guard = NonFiniteGuard(settings.nonfinite, phase_names, self.device, fp16, model, self.cadence)
         if settings.detect_anomaly:
             log.warning("trainer.detect_anomaly=true: autograd's anomaly mode makes every step several times slower")
         self.ema: EMA | None = None
-        self.ema_module_name = ""  # the EMA network's name in the model ("g")
         if settings.ema.half_life_images > 0:
-            self.ema = EMA(counting_phase.module, settings.ema.half_life_images)
-            self.ema_module_name = next(n for n, m in model.named_modules() if m is counting_phase.module)
+            name = next(n for n, m in model.named_modules() if m is counting_phase.module)  # "g"
+            self.ema = EMA(counting_phase.module, settings.ema.half_life_images, name)
         self.step = 0  # completed steps of the counting phase
         self.iteration = 0  # loop iterations (each runs the phases due)
         self.images_seen = 0  # real images drawn from the data
         self.collector = Collector()
-        self.metrics: dict[str, float] = {}  # the last logged training stats
-        self.eval_metrics: dict[str, float] = {}  # the evaluator's last results
-        self.evaluated_step: int | None = None  # the step they are of
-        self.best: dict | None = None  # trainer.monitor's best evaluation: {monitor, mode, value, step}
         self.stop_reason: str | None = None  # set by request_stop(): fit() ends after the step in flight
+        # Everything a checkpoint holds, restored in this order (gantrain.state); the checkpoint adds the counters.
+        self.state = TrainingState()
+        self.state.register("model", Model(model))
+        self.state.register("optimizers", Optimizers(self.phases))
+        self.state.register("schedulers", Each(self.schedulers))
+        self.state.register("scalers", Each(self.scalers, usable=lambda scaler, saved: scaler.is_enabled() and saved))
+        self.state.register("guard", self.guard)
+        if self.ema is not None:
+            self.state.register("ema", self.ema, when_missing=self._restart_ema)
+        self.state.register("data", data)
+        self.state.register("rng", RNGs())
+        for name, part in (state or {}).items():  # the objective's stateful terms
+            self.state.register(name, part)
+        for callback in self.callbacks:  # callbacks that declare state: the evaluation's best, the logged values
+            if callback.state_key is not None:
+                self.state.register(callback.state_key, callback)
+
+    def _restart_ema(self, source: str) -> None:
+        log.warning("trainer.resume: %s has no EMA weights; the EMA starts from the current weights", source)
+        self.ema.restart()
+
+    def state_dict(self) -> dict:
+        """The step counters and every registered part's state: what a bit-exact resume needs."""
+        return {"step": self.step, "iteration": self.iteration, "images_seen": self.images_seen, **self.state.state_dict()}
+
+    def load_state_dict(self, state: Mapping, source: str = "checkpoint") -> None:
+        """Restore :meth:`state_dict`'s snapshot; a part it does not fit raises a one-line CheckpointError."""
+        self.state.load_state_dict(state, source)
+        self.step, self.iteration, self.images_seen = state["step"], state["iteration"], state["images_seen"]
 
     def request_stop(self, reason: str) -> None:
         """End ``fit()`` after the step in flight as if it were the last (callbacks see ``on_fit_end``, so a
@@ -209,37 +174,37 @@ class Trainer:
             self.stop_reason = reason
 
     def fit(self) -> dict[str, float]:
-        """Train until ``max_steps`` (or a :meth:`request_stop`); returns the last logged stats and evaluator
-        metrics plus ``step``."""
+        """Train until ``max_steps`` (or a :meth:`request_stop`); returns the callbacks' results (the last logged
+        stats and evaluation values) plus ``step``."""
+        phases = {p.name: p for p in self.phases}
         try:
-            self._emit("on_fit_start")
+            self.emit("on_fit_start")
             with collecting(self.collector):
                 while self.step < self.settings.max_steps:
-                    stepped = False
-                    for phase in self.phases:
-                        if (self.iteration + 1) % phase.interval == 0:
-                            self.run_phase(phase)
-                            self._emit("on_phase_end", phase)
-                            stepped |= phase.counts_as_step
+                    due = self.cadence.due(self.iteration)
+                    for name in due:
+                        self.run_phase(phases[name])
+                        self.emit("on_phase_end", phases[name])
                     self.iteration += 1
-                    if stepped:
+                    if self.cadence.counting in due:
                         self.step += 1
                         if self.guard.reads_due(self.step):
                             self.read_deferred_checks()
-                        self._emit("on_step_end")
+                        self.emit("on_step_end")
                         if self.stop_reason is not None:
                             break
                 self.read_deferred_checks()
-            self._emit("on_fit_end")
+            self.emit("on_fit_end")
         finally:
-            self._emit("teardown")
-        return {**self.metrics, **self.eval_metrics, "step": float(self.step)}
+            self.emit("teardown")
+        return {**{k: v for c in self.callbacks for k, v in c.results().items()}, "step": float(self.step)}
 
     def read_deferred_checks(self) -> None:
         """Read the non-finite checks waiting on the device (:meth:`NonFiniteGuard.read`)."""
         self.guard.read(self.step)
 
-    def _emit(self, event: str, *args) -> None:
+    def emit(self, event: str, *args) -> None:
+        """Call ``event`` on every callback in list order (a callback may emit its own, e.g. ``on_evaluation``)."""
         for callback in self.callbacks:
             getattr(callback, event)(self, *args)
 

@@ -21,6 +21,7 @@ from gantrain.objectives import GANObjective, Pictures
 from gantrain.perceptual import VGG16Features
 from gantrain.phase import Phase, Update
 from gantrain.sampling import interpolation_strip, reconstruction_grid
+from gantrain.state import Stateful
 from gantrain.stats import report
 
 
@@ -155,6 +156,10 @@ class VAEObjective(nn.Module):
                 "or loss.perceptual.weight > 0"
             )
         self.terms = nn.ModuleDict(active)
+
+    def state_parts(self) -> dict[str, Stateful]:
+        """The terms whose state the checkpoint keeps (see :meth:`GANObjective.state_parts`)."""
+        return {f"loss.{name}": term for name, term in self.terms.items() if isinstance(term, Stateful)}
 
     def phases(self, model: nn.Module, updates: Mapping[str, Update], n_critic: int = 1) -> list[Phase]:
         _check_likelihood(model.g, self.terms)

@@ -22,6 +22,7 @@ from gantrain.errors import ConfigError
 from gantrain.runlog import RunLog
 from gantrain.stats import Collector
 from gantrain.train import build
+from gantrain.cadence import Cadence
 from gantrain.trainer import TrainerSettings
 from tests.conftest import TINY, TINY_WIDTH, make_cfg
 
@@ -50,14 +51,15 @@ class Clock:
 
 def fake_trainer(**settings) -> SimpleNamespace:
     """What RunLog reads of a Trainer, without a model."""
+    s = TrainerSettings(device="cpu", **settings)
     return SimpleNamespace(
-        settings=TrainerSettings(device="cpu", **settings),
+        settings=s,
+        cadence=Cadence.of(s, [SimpleNamespace(name="G", interval=1, counts_as_step=True)]),
         step=0,
         images_seen=0,
         collector=Collector(),
         scalers={},
-        skipped_steps={},
-        metrics={},
+        guard=SimpleNamespace(skipped_steps={}, nonfinite_skips={}),
         callbacks=[],
         stop_reason=None,
     )

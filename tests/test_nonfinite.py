@@ -130,7 +130,7 @@ def test_skip_drops_transient_nan_steps_and_continues(tmp_path, monkeypatch, cap
     with caplog.at_level(logging.WARNING, logger="gantrain.trainer"):
         metrics = trainer.fit()
 
-    assert trainer.step == 6 and trainer.nonfinite_skips == {"D": 0, "G": 0} | {phase: 3}
+    assert trainer.step == 6 and trainer.guard.nonfinite_skips == {"D": 0, "G": 0} | {phase: 3}
     assert metrics[f"nonfinite/skipped_steps/{phase}"] == 3 and math.isfinite(metrics[f"loss/{phase}"])
     assert [step for step, _, _ in record.runs] == [1, 2, 3, 4, 5, 6]
     for step, before, after in record.runs:
@@ -146,7 +146,7 @@ def test_skip_drops_transient_nan_steps_and_continues(tmp_path, monkeypatch, cap
         for n, s in enumerate(dropped, start=1)
     ]
     path = trainer.callbacks[0].path  # the checkpoint keeps the counts
-    assert torch.load(path, weights_only=False)["nonfinite_skips"] == {"D": 0, "G": 0} | {phase: 3}
+    assert torch.load(path, weights_only=False)["guard"]["nonfinite_skips"] == {"D": 0, "G": 0} | {phase: 3}
 
 
 def test_skip_stops_after_max_consecutive_skips(tmp_path, monkeypatch):
@@ -161,7 +161,7 @@ def test_skip_stops_after_max_consecutive_skips(tmp_path, monkeypatch):
         r"the last because loss/D/adv is nan; ",
     ):
         trainer.fit()
-    assert trainer.nonfinite_skips["D"] == 3 and trainer.step == 3
+    assert trainer.guard.nonfinite_skips["D"] == 3 and trainer.step == 3
     _assert_same_tensors(before.params["d.body.0.weight"], trainer.model.d.body[0].weight, "D untouched")
 
 
@@ -188,7 +188,7 @@ def test_fp16_scaler_streak_stops_the_run(tmp_path, one_thread):
         r"because the fp16 loss scale kept overflowing \(now 1.44115e\+17\); ",  # 2^60 halved three times
     ):
         trainer.fit()
-    assert trainer.skipped_steps["D"] == 3 and trainer.nonfinite_skips["D"] == 0
+    assert trainer.guard.skipped_steps["D"] == 3 and trainer.guard.nonfinite_skips["D"] == 0
     _assert_same_tensors(d0, params(trainer.model.d), "D")
 
 

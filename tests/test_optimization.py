@@ -16,7 +16,7 @@ from torch import nn
 from gantrain import amp
 from gantrain.checkpoint import trainer_state
 from gantrain.losses import GradientPenalty
-from gantrain.optim import Schedule
+from gantrain.optim import Schedule, Update
 from gantrain.phase import Phase
 from gantrain.runlog import RunLog, standard_callbacks
 from gantrain.train import build
@@ -156,17 +156,14 @@ def test_k_micro_batches_equal_one_large_batch(tmp_path, monkeypatch, experiment
 def _two_phase_trainer(tmp_path, schedule: Schedule, n_critic: int, max_steps: int):
     nets = nn.ModuleDict({"d": nn.Linear(1, 1, bias=False), "g": nn.Linear(1, 1, bias=False)})
     phases = [
-        Phase(
-            "D", nets.d, torch.optim.SGD(nets.d.parameters(), lr=0.1), lambda x, s: nets.d(x).sum(), schedule=schedule
-        ),
+        Phase("D", nets.d, Update(torch.optim.SGD(nets.d.parameters(), lr=0.1), schedule), lambda x, s: nets.d(x).sum()),
         Phase(
             "G",
             nets.g,
-            torch.optim.SGD(nets.g.parameters(), lr=0.02),
+            Update(torch.optim.SGD(nets.g.parameters(), lr=0.02), schedule),
             lambda x, s: nets.g(x).sum(),
             interval=n_critic,
             counts_as_step=True,
-            schedule=schedule,
         ),
     ]
     s = TrainerSettings(device="cpu", progress_bar=False, max_steps=max_steps)
@@ -291,7 +288,7 @@ def test_fp16_steps_with_inf_gradients_are_skipped_and_counted(tmp_path):
     assert after == pytest.approx([0.9, 0.81], rel=1e-3)  # fp16 forward, so ~1e-3
     assert metrics["amp/skipped_steps/main"] == 1
     assert metrics["amp/scale/main"] == scale0 / 2  # backed off once, not grown yet
-    assert trainer_state(trainer)["skipped_steps"] == {"main": 1}
+    assert trainer_state(trainer)["guard"]["skipped_steps"] == {"main": 1}
 
 
 # ----------------------------------------------------------------------------- gradient penalty under AMP

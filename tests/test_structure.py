@@ -312,7 +312,7 @@ def test_a_phases_clipping_is_checked_once_for_config_and_python_api():
     with pytest.raises(ConfigError, match=r"^gradient_clip_val=-1: must be >= 0"):
         Update(opt, gradient_clip_val=-1)
     with pytest.raises(ConfigError, match=r"^gradient_clip_algorithm='l2': must be one of None, norm, value$"):
-        Phase("D", torch.nn.Linear(1, 1), opt, lambda x, step: x.sum(), gradient_clip_algorithm="l2")
+        Phase("D", torch.nn.Linear(1, 1), Update(opt, gradient_clip_algorithm="l2"), lambda x, step: x.sum())
     phase = Phase.of("D", torch.nn.Linear(1, 1), Update(opt, None, 0.0, "value"), lambda x, step: x.sum())
     assert (phase.optimizer, phase.gradient_clip_val, phase.gradient_clip_algorithm) == (opt, 0.0, "value")
 

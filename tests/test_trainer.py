@@ -12,7 +12,7 @@ from torch import nn
 
 from gantrain.errors import ConfigError
 from gantrain.events import Callback
-from gantrain.phase import Phase
+from gantrain.phase import Phase, Update
 from gantrain.runlog import standard_callbacks
 from gantrain.train import build
 from gantrain.trainer import Trainer, TrainerSettings, resolve_device
@@ -46,13 +46,15 @@ def one_weight_trainer(
     lin = nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         lin.weight.fill_(w0)
+    phase_kw = dict(phase_kw or {})
+    update_kw = {k: phase_kw.pop(k) for k in ("schedule", "gradient_clip_val", "gradient_clip_algorithm") if k in phase_kw}
     phase = Phase(
         "main",
         lin,
-        (optimizer or (lambda params: torch.optim.SGD(params, lr=lr)))(lin.parameters()),
+        Update((optimizer or (lambda params: torch.optim.SGD(params, lr=lr)))(lin.parameters()), **update_kw),
         lambda x, step: 0.5 * (lin(x) ** 2).sum(),
         counts_as_step=True,
-        **(phase_kw or {}),
+        **phase_kw,
     )
     s = TrainerSettings(device="cpu", progress_bar=False, **settings)
     callbacks = standard_callbacks(s, tmp_path, sampler=sampler)

@@ -74,6 +74,8 @@ class MixtureStream:
     `device`, so the values do not depend on the device.
     """
 
+    in_memory = True  # generated: nothing to read ahead
+
     def __init__(
         self,
         centers: torch.Tensor,

@@ -1,9 +1,9 @@
 """In-loop evaluation: every ``trainer.eval_every_n_steps`` (and at the end of the run) the evaluators run
 with the EMA weights swapped in; ``trainer.monitor`` among their results keeps ``checkpoints/best.ckpt``.
 
-The best value, its step and the direction (``trainer.monitor_mode``) are part of the trainer's state
-(``trainer.best``, saved in every checkpoint), so a resumed run keeps them; a resumed run does not
-evaluate again at the step it resumed from. best.ckpt is written atomically and, like last.ckpt, never
+The best value, its step and the direction (``trainer.monitor_mode``) are the evaluation's own state (saved in
+every checkpoint as ``best``), so a resumed run keeps them; a resumed run does not evaluate again at the step it
+resumed from. Each evaluation's values reach the logging as the ``on_evaluation`` event. best.ckpt is written atomically and, like last.ckpt, never
 from weights with a NaN/inf (:meth:`gantrain.checkpoint.Checkpointing.write`).
 """
 
@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from gantrain.events import Callback
+from gantrain.settings import EvaluationSettings
 
 log = logging.getLogger(__name__)
 
@@ -39,45 +40,56 @@ def improves(value: float, best: float | None, mode: str) -> bool:
 
 
 class Evaluation(Callback):
-    """Runs ``evaluator`` (-> ``{name: value}``) every ``every`` steps (0: only at the end) and once at the end
-    (unless that step was just evaluated, or the run stops on a signal), into ``trainer.eval_metrics``.
+    """Runs ``evaluator`` (-> ``{name: value}``) every ``settings.every`` steps (0: only at the end) and once at the
+    end (unless that step was just evaluated, or the run stops on a signal), and emits ``on_evaluation``.
 
-    When ``monitor`` is among the results it keeps the best value in ``trainer.best``
-    (``{"monitor", "mode", "value", "step"}``), reports it as ``best/<monitor>`` (what a sweeper gets) and
+    When ``settings.monitor`` is among the results it keeps the best value (``best``: ``{"monitor", "mode",
+    "value", "step"}``, its checkpointed state), reports it as ``best/<monitor>`` (what a sweeper gets) and
     writes ``best.ckpt`` through ``write_best`` (a ``(trainer) -> None``). ``start_step``: the step the run
     resumes from (``() -> int``), which is not evaluated again.
     """
 
+    state_key = "best"
+
     def __init__(
         self,
         evaluator: Callable[[], dict[str, float]],
-        every: int,
-        monitor: str,
-        mode: str = "auto",
+        settings: EvaluationSettings,
         write_best: Callable | None = None,
         start_step: Callable[[], int] = lambda: 0,
         is_main: bool = True,
     ):
-        self.evaluator, self.every, self.monitor = evaluator, every, monitor
-        self.mode = direction(monitor, mode)
+        self.evaluator, self.every, self.monitor = evaluator, settings.every, settings.monitor
+        self.mode = direction(settings.monitor, settings.mode)
         self.write_best, self.start_step, self.is_main = write_best, start_step, is_main
+        self.best: dict | None = None
+        self.values: dict[str, float] = {}  # the last evaluation's
+        self.evaluated_step: int | None = None  # the step they are of
 
-    def on_fit_start(self, trainer) -> None:
-        best = getattr(trainer, "best", None)
+    def state_dict(self) -> dict | None:
+        return self.best
+
+    def load_state_dict(self, best: dict | None) -> None:
         if best and (best.get("monitor"), best.get("mode")) != (self.monitor, self.mode):
             log.warning(
                 "trainer.monitor: the checkpoint kept the best %s (%s); now %s (%s): the best starts afresh",
                 best.get("monitor"), best.get("mode"), self.monitor, self.mode,
             )  # fmt: skip
-            trainer.best = None
+            best = None
+        self.best = best
+
+    def results(self) -> dict[str, float]:
+        return self.values
+
+    def on_fit_start(self, trainer) -> None:
         self._first = self.start_step()
 
     def on_step_end(self, trainer) -> None:
-        if self.every and trainer.step % self.every == 0:
+        if trainer.cadence.evaluates(trainer.step):
             self.evaluate(trainer)
 
     def on_fit_end(self, trainer) -> None:
-        done = getattr(trainer, "evaluated_step", None) == trainer.step or trainer.step == self._first
+        done = self.evaluated_step == trainer.step or trainer.step == self._first
         if not done and trainer.stop_reason is None:
             self.evaluate(trainer)
 
@@ -87,13 +99,13 @@ class Evaluation(Callback):
             return
         with torch.no_grad(), trainer.averaged_weights():
             values = {k: float(v) for k, v in self.evaluator().items()}
-        trainer.evaluated_step = trainer.step
-        best = getattr(trainer, "best", None)
-        if self.monitor in values and improves(values[self.monitor], best and best["value"], self.mode):
-            trainer.best = {"monitor": self.monitor, "mode": self.mode, "value": values[self.monitor]}
-            trainer.best["step"] = trainer.step
+        self.evaluated_step = trainer.step
+        if self.monitor in values and improves(values[self.monitor], self.best and self.best["value"], self.mode):
+            self.best = {"monitor": self.monitor, "mode": self.mode, "value": values[self.monitor]}
+            self.best["step"] = trainer.step
             if self.write_best is not None:
                 self.write_best(trainer)
-        if getattr(trainer, "best", None):
-            values[f"best/{self.monitor}"] = trainer.best["value"]
-        trainer.eval_metrics = values
+        if self.best:
+            values[f"best/{self.monitor}"] = self.best["value"]
+        self.values = values
+        trainer.emit("on_evaluation", values, self.best)
