@@ -22,7 +22,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sized
 
 import torch
 import torch.nn.functional as F
@@ -322,7 +322,7 @@ def evaluate_nll(
     sums = {"elbo": 0.0, "elbo_mc": 0.0, "nll_iwae": 0.0}
     n = 0
     try:
-        total = len(batches) if hasattr(batches, "__len__") else None
+        total = len(batches) if isinstance(batches, Sized) else None
         for batch in tqdm(
             batches, total=total, desc="evaluating NLL", unit="batch", disable=None if progress else True
         ):

@@ -11,6 +11,8 @@ weight/strength of 0 switches one off. Generator terms (:class:`GeneratorTerm`) 
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -218,6 +220,16 @@ class WeightClip(Penalty):
 
 # ----------------------------------------------------------------------------------------------
 # generator-side terms
+
+
+@runtime_checkable
+class FeatureDiscriminator(Protocol):
+    """A discriminator split as ``head(features(x))``: what generator terms (feature matching) read D through.
+    The DCGAN, ResNet and MLP discriminators are."""
+
+    head: nn.Module
+
+    def features(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class GeneratorTerm(nn.Module):

@@ -17,6 +17,7 @@ from torch import nn
 from gantrain.errors import ConfigError
 from gantrain.losses import (
     AdversarialLoss,
+    FeatureDiscriminator,
     FeatureMatching,
     GeneratorTerm,
     GradientPenalty,
@@ -136,7 +137,7 @@ class GANObjective(nn.Module):
                     "which mixes the samples of a batch; set model.d.norm=layer, instance or none",
                     key=name,
                 )
-        if self.g_terms and not (hasattr(model.d, "features") and hasattr(model.d, "head")):
+        if self.g_terms and not isinstance(model.d, FeatureDiscriminator):
             name = next(iter(self.g_terms))
             raise ConfigError(
                 f"{name}: generator terms need a discriminator with features(x) and "

@@ -45,6 +45,7 @@ class Update:
     def __post_init__(self) -> None:
         check_clipping(self.gradient_clip_val, self.gradient_clip_algorithm)
 
+
 SCHEDULE_KINDS = ("constant", "step", "cosine", "exponential", "linear")
 IMPLEMENTATIONS = ("auto", "default", "foreach", "fused")
 

@@ -18,7 +18,7 @@ from typing import Iterator
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
+STOP_SIGNALS = tuple(signal.Signals[n] for n in ("SIGTERM", "SIGINT", "SIGUSR1") if n in signal.Signals.__members__)
 
 
 class Received:

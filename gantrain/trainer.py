@@ -55,7 +55,7 @@ from gantrain.nonfinite import NonFiniteGuard
 from gantrain.optim import Schedule
 from gantrain.phase import Phase
 from gantrain.settings import EMASettings, TrainerSettings  # noqa: F401 - their home before gantrain.settings
-from gantrain.state import RNGs, Each, Model, Optimizers, SupportsState, TrainingState
+from gantrain.state import Each, Model, Optimizers, RNGs, SupportsState, TrainingState
 from gantrain.stats import Collector, collecting, report
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,8 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """The step counters and every registered part's state: what a bit-exact resume needs."""
-        return {"step": self.step, "iteration": self.iteration, "images_seen": self.images_seen, **self.state.state_dict()}
+        counters = {"step": self.step, "iteration": self.iteration, "images_seen": self.images_seen}
+        return {**counters, **self.state.state_dict()}
 
     def load_state_dict(self, state: Mapping, source: str = "checkpoint") -> None:
         """Restore :meth:`state_dict`'s snapshot; a part it does not fit raises a one-line CheckpointError."""

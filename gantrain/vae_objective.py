@@ -16,7 +16,15 @@ from torch import nn
 
 from gantrain import checks, elbo
 from gantrain.errors import ConfigError
-from gantrain.losses import AdversarialLoss, FeatureMatching, GeneratorTerm, GradientPenalty, R1Penalty, WeightClip
+from gantrain.losses import (
+    AdversarialLoss,
+    FeatureDiscriminator,
+    FeatureMatching,
+    GeneratorTerm,
+    GradientPenalty,
+    R1Penalty,
+    WeightClip,
+)
 from gantrain.objectives import GANObjective, Pictures
 from gantrain.perceptual import VGG16Features
 from gantrain.phase import Phase, Update
@@ -235,7 +243,7 @@ class VAEGANObjective(GANObjective):
         self.kl = KLSchedule(beta, kl_warmup_steps, free_bits)
 
     def phases(self, model: nn.Module, updates: Mapping[str, Update], n_critic: int = 1) -> list[Phase]:
-        if not (hasattr(model.d, "features") and hasattr(model.d, "head")):
+        if not isinstance(model.d, FeatureDiscriminator):
             raise ConfigError(f"VAE-GAN needs a discriminator (model.d) with features(x) and head(h); {type(model.d)}")
         d_phase, g_phase = super().phases(model, updates, n_critic)
         g_phase.loss = partial(self.vae_loss, model)

@@ -28,22 +28,58 @@ HASHES = FIXTURES / "bit_identity.json"
 OLD_CHECKPOINT = FIXTURES / "dcgan_ema_step10.ckpt"  # written by the code before the structure change
 STEPS = 20
 # What a checkpoint holds that decides the rest of the run (not the config, settings or format tag).
-DECIDING = ("step", "iteration", "images_seen", "model", "optimizers", "schedulers", "scalers", "ema", "rng",
-            "data", "metrics", "best", "world_size")
+DECIDING = (
+    "step",
+    "iteration",
+    "images_seen",
+    "model",
+    "optimizers",
+    "schedulers",
+    "scalers",
+    "ema",
+    "rng",
+    "data",
+    "metrics",
+    "best",
+    "world_size",
+)
 
 
 def recipe_overrides(experiment: str) -> list[str]:
     """A recipe at seed 0 for STEPS steps, no periodic checkpoint or grid (they change no state)."""
-    return [f"+experiment={experiment}", "seed=0", f"trainer.max_steps={STEPS}",
-            "trainer.checkpoint_every_n_steps=1000", "trainer.sample_every_n_steps=1000"]
+    return [
+        f"+experiment={experiment}",
+        "seed=0",
+        f"trainer.max_steps={STEPS}",
+        "trainer.checkpoint_every_n_steps=1000",
+        "trainer.sample_every_n_steps=1000",
+    ]
 
 
-RESUMED = ["+experiment=dcgan", "seed=0", "trainer.ema.half_life_images=100", "trainer.checkpoint_every_n_steps=1000",
-           "trainer.sample_every_n_steps=1000"]  # BatchNorm, an EMA generator: the old-checkpoint fixture's run too
-RESUMED_WGAN_GP = ["+experiment=wgan_gp", "seed=0", "trainer.checkpoint_every_n_steps=1000",
-                   "trainer.sample_every_n_steps=1000", "trainer.accumulate_grad_batches=2"]
-TORCHRUN = ["+experiment=dcgan", *TINY, *TINY_WIDTH["ngf"], "seed=0", "trainer.ema.half_life_images=100",
-            "trainer.checkpoint_every_n_steps=1000", "trainer.sample_every_n_steps=1000", "trainer.max_steps=4"]
+RESUMED = [
+    "+experiment=dcgan",
+    "seed=0",
+    "trainer.ema.half_life_images=100",
+    "trainer.checkpoint_every_n_steps=1000",
+    "trainer.sample_every_n_steps=1000",
+]  # BatchNorm, an EMA generator: the old-checkpoint fixture's run too
+RESUMED_WGAN_GP = [
+    "+experiment=wgan_gp",
+    "seed=0",
+    "trainer.checkpoint_every_n_steps=1000",
+    "trainer.sample_every_n_steps=1000",
+    "trainer.accumulate_grad_batches=2",
+]
+TORCHRUN = [
+    "+experiment=dcgan",
+    *TINY,
+    *TINY_WIDTH["ngf"],
+    "seed=0",
+    "trainer.ema.half_life_images=100",
+    "trainer.checkpoint_every_n_steps=1000",
+    "trainer.sample_every_n_steps=1000",
+    "trainer.max_steps=4",
+]
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -105,8 +141,17 @@ def torchrun(tmp: Path) -> dict[str, str]:
 
     run = tmp / "torchrun"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gantrain",
-           *TORCHRUN, f"hydra.run.dir={run}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "gantrain",
+        *TORCHRUN,
+        f"hydra.run.dir={run}",
+    ]
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return read(run)

@@ -156,7 +156,9 @@ def test_k_micro_batches_equal_one_large_batch(tmp_path, monkeypatch, experiment
 def _two_phase_trainer(tmp_path, schedule: Schedule, n_critic: int, max_steps: int):
     nets = nn.ModuleDict({"d": nn.Linear(1, 1, bias=False), "g": nn.Linear(1, 1, bias=False)})
     phases = [
-        Phase("D", nets.d, Update(torch.optim.SGD(nets.d.parameters(), lr=0.1), schedule), lambda x, s: nets.d(x).sum()),
+        Phase(
+            "D", nets.d, Update(torch.optim.SGD(nets.d.parameters(), lr=0.1), schedule), lambda x, s: nets.d(x).sum()
+        ),
         Phase(
             "G",
             nets.g,

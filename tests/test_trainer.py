@@ -47,7 +47,8 @@ def one_weight_trainer(
     with torch.no_grad():
         lin.weight.fill_(w0)
     phase_kw = dict(phase_kw or {})
-    update_kw = {k: phase_kw.pop(k) for k in ("schedule", "gradient_clip_val", "gradient_clip_algorithm") if k in phase_kw}
+    update_fields = ("schedule", "gradient_clip_val", "gradient_clip_algorithm")  # the Update's, not the Phase's
+    update_kw = {k: phase_kw.pop(k) for k in update_fields if k in phase_kw}
     phase = Phase(
         "main",
         lin,

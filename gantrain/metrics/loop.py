@@ -3,8 +3,8 @@ with the EMA weights swapped in; ``trainer.monitor`` among their results keeps `
 
 The best value, its step and the direction (``trainer.monitor_mode``) are the evaluation's own state (saved in
 every checkpoint as ``best``), so a resumed run keeps them; a resumed run does not evaluate again at the step it
-resumed from. Each evaluation's values reach the logging as the ``on_evaluation`` event. best.ckpt is written atomically and, like last.ckpt, never
-from weights with a NaN/inf (:meth:`gantrain.checkpoint.Checkpointing.write`).
+resumed from. Each evaluation's values reach the logging as the ``on_evaluation`` event. best.ckpt is written
+atomically and, like last.ckpt, never from weights with a NaN/inf (:meth:`gantrain.checkpoint.Checkpointing.write`).
 """
 
 from __future__ import annotations

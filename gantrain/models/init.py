@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrizations, parametrize
 
 from gantrain import checks
 
@@ -32,7 +32,7 @@ def _refresh_spectral_norm(m: nn.Module) -> None:
         return
     original = m.parametrizations.weight.original
     for p in m.parametrizations.weight:
-        if hasattr(p, "_power_method") and hasattr(p, "_reshape_weight_to_matrix") and original.ndim > 1:
+        if isinstance(p, parametrizations._SpectralNorm) and original.ndim > 1:
             p._power_method(p._reshape_weight_to_matrix(original), 15)
 
 
