@@ -59,8 +59,7 @@ class Cadence:
     def checkpoints(self, step: int) -> bool:
         return step % self.checkpoint_every == 0
 
-    def evaluates(self, step: int) -> bool:
-        """A periodic evaluation step (the one at the end of the run is the evaluation callback's own)."""
+    def evaluates(self, step: int) -> bool:  # periodically; the evaluation at the end is the callback's own
         return bool(self.eval_every) and step % self.eval_every == 0
 
     def writes(self, step: int) -> bool:

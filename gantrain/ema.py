@@ -9,11 +9,14 @@ vectors) are copied, not averaged.
 from __future__ import annotations
 
 import copy
+import logging
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
 from torch import nn
+
+log = logging.getLogger("gantrain.checkpoint")
 
 
 class EMA:
@@ -61,6 +64,8 @@ class EMA:
         self.average.load_state_dict(state["average"])
 
     @torch.no_grad()
-    def restart(self) -> None:
-        """Start averaging afresh from the network's current weights (in place: references stay valid)."""
+    def restart(self, source: str) -> None:
+        """A resume from ``source``, which has no EMA weights: average afresh from the network's current weights
+        (in place: references stay valid)."""
+        log.warning("trainer.resume: %s has no EMA weights; the EMA starts from the current weights", source)
         self.average.load_state_dict(self.module.state_dict())

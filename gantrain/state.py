@@ -15,7 +15,7 @@ import logging
 import random
 from abc import ABC, abstractmethod
 from functools import partial
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -25,23 +25,16 @@ from gantrain.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 
-class SupportsState(Protocol):
-    def state_dict(self) -> Any: ...
-
-    def load_state_dict(self, state: Any) -> None: ...
-
-
 class Stateful(ABC):
     """Declares that an object's state belongs in the checkpoint: subclass it (a loss term with a running value, an
-    adaptive augmentation probability) and the objective registers it; a resumed run continues it exactly."""
+    adaptive augmentation probability) and the objective registers it; a resumed run continues it exactly.
+    ``state_dict()``: a picklable snapshot (checkpoints load on the CPU); ``load_state_dict(state)`` restores it."""
 
     @abstractmethod
-    def state_dict(self) -> Any:
-        """A picklable snapshot (tensors on any device: checkpoints are loaded on the CPU)."""
+    def state_dict(self) -> Any: ...
 
     @abstractmethod
-    def load_state_dict(self, state: Any) -> None:
-        """Restore :meth:`state_dict`'s snapshot."""
+    def load_state_dict(self, state: Any) -> None: ...
 
 
 class Mismatch(Exception):
@@ -52,10 +45,10 @@ class TrainingState:
     """Name -> stateful part, in the order they are restored."""
 
     def __init__(self) -> None:
-        self.parts: dict[str, SupportsState] = {}
+        self.parts: dict[str, Any] = {}  # each with state_dict() and load_state_dict(state)
         self.when_missing: dict[str, Callable[[str], None]] = {}
 
-    def register(self, name: str, part: SupportsState, when_missing: Callable[[str], None] | None = None) -> None:
+    def register(self, name: str, part: Any, when_missing: Callable[[str], None] | None = None) -> None:
         """Add ``part`` under ``name``; ``when_missing(source)`` runs when a checkpoint has no state for it, or None
         (default: an info line, and the part keeps its fresh state)."""
         assert name not in self.parts, f"two stateful parts are registered as {name!r}"
@@ -124,7 +117,7 @@ class Each:
     """A mapping of name -> part as one state; a name the checkpoint lacks keeps its part's fresh state, and
     ``usable(part, saved)`` may decline a saved state (a loss scaler's, written at another precision)."""
 
-    def __init__(self, parts: Mapping[str, SupportsState], usable: Callable[[Any, Any], bool] = lambda part, s: True):
+    def __init__(self, parts: Mapping[str, Any], usable: Callable[[Any, Any], bool] = lambda part, s: True):
         self.parts, self.usable = parts, usable
 
     def state_dict(self) -> dict:

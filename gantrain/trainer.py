@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import warnings
 from contextlib import nullcontext
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -55,7 +55,7 @@ from gantrain.nonfinite import NonFiniteGuard
 from gantrain.optim import Schedule
 from gantrain.phase import Phase
 from gantrain.settings import EMASettings, TrainerSettings  # noqa: F401 - their home before gantrain.settings
-from gantrain.state import Each, Model, Optimizers, RNGs, SupportsState, TrainingState
+from gantrain.state import Each, Model, Optimizers, RNGs, TrainingState
 from gantrain.stats import Collector, collecting, report
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class Trainer:
         data,
         callbacks=(),
         world_size=1,
-        state: Mapping[str, SupportsState] | None = None,
+        state: Mapping[str, Any] | None = None,
     ):
         counting = [p.name for p in phases if p.counts_as_step]
         assert len(counting) == 1, f"exactly one phase must count as the training step, got {counting}"
@@ -138,25 +138,14 @@ class Trainer:
         self.collector = Collector()
         self.stop_reason: str | None = None  # set by request_stop(): fit() ends after the step in flight
         # Everything a checkpoint holds, restored in this order (gantrain.state); the checkpoint adds the counters.
+        scalers = Each(self.scalers, usable=lambda scaler, saved: scaler.is_enabled() and saved)
+        own = [("model", Model(model)), ("optimizers", Optimizers(self.phases)), ("schedulers", Each(self.schedulers))]
+        own += [("scalers", scalers), ("guard", self.guard), ("ema", self.ema), ("data", data), ("rng", RNGs())]
+        declared = [(c.state_key, c) for c in self.callbacks if c.state_key is not None]  # best, logged values
         self.state = TrainingState()
-        self.state.register("model", Model(model))
-        self.state.register("optimizers", Optimizers(self.phases))
-        self.state.register("schedulers", Each(self.schedulers))
-        self.state.register("scalers", Each(self.scalers, usable=lambda scaler, saved: scaler.is_enabled() and saved))
-        self.state.register("guard", self.guard)
-        if self.ema is not None:
-            self.state.register("ema", self.ema, when_missing=self._restart_ema)
-        self.state.register("data", data)
-        self.state.register("rng", RNGs())
-        for name, part in (state or {}).items():  # the objective's stateful terms
-            self.state.register(name, part)
-        for callback in self.callbacks:  # callbacks that declare state: the evaluation's best, the logged values
-            if callback.state_key is not None:
-                self.state.register(callback.state_key, callback)
-
-    def _restart_ema(self, source: str) -> None:
-        log.warning("trainer.resume: %s has no EMA weights; the EMA starts from the current weights", source)
-        self.ema.restart()
+        for name, part in [*own, *(state or {}).items(), *declared]:  # the objective's stateful terms between
+            if part is not None:
+                self.state.register(name, part, when_missing=self.ema.restart if name == "ema" else None)
 
     def state_dict(self) -> dict:
         """The step counters and every registered part's state: what a bit-exact resume needs."""
@@ -240,12 +229,18 @@ class Trainer:
             self.images_seen += images
             scaler.unscale_(phase.optimizer)  # clip and measure true gradients, not scaled ones
             named = [(n, p) for n, p in phase.module.named_parameters() if p.grad is not None]
-            grad_norm = self._grad_norm(phase, named)
+            grad_norm = total_grad_norm(phase.name, named, self.settings.log_grad_norms == "layer", self.device)
             checked = (reported, losses, overflows, grad_norm, named)
             problem, finite_grads = self.guard.check(self.step + 1, phase.name, *checked)  # stop: raises
             applied = problem is None
             if applied:
-                self._clip(phase, [p for _, p in named], grad_norm)
+                val = self.settings.gradient_clip_val if phase.gradient_clip_val is None else phase.gradient_clip_val
+                clip(
+                    [p for _, p in named],
+                    grad_norm,
+                    val,
+                    phase.gradient_clip_algorithm or self.settings.gradient_clip_algorithm,
+                )
                 scaler.step(phase.optimizer)  # skipped when the unscaled gradients hold inf/NaN (fp16)
             else:
                 phase.optimizer.zero_grad(set_to_none=True)
@@ -278,30 +273,30 @@ class Trainer:
             return nullcontext()
         return _AnomalyMode(f"step {self.step + 1}, phase {phase.name}")
 
-    def _grad_norm(self, phase: Phase, named: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
-        """The pre-clip total L2 norm of the gradients; ``log_grad_norms=layer`` also reports each parameter's."""
-        if not named:
-            return torch.zeros((), device=self.device)
-        grads = [p.grad for _, p in named]
-        if self.settings.log_grad_norms == "total":
-            return torch.nn.utils.get_total_norm(grads)
-        norms = torch._foreach_norm(grads)  # what get_total_norm computes first, kept per parameter
-        for (name, _), norm in zip(named, norms):
-            report(f"grad_norm/{phase.name}/{name}", norm)
-        return torch.linalg.vector_norm(torch.stack(norms))
-
-    def _clip(self, phase: Phase, params: list[torch.Tensor], norm: torch.Tensor) -> None:
-        """Clip in place per the phase's (else the trainer's) settings; ``norm``: their pre-clip total norm."""
-        val = self.settings.gradient_clip_val if phase.gradient_clip_val is None else phase.gradient_clip_val
-        algorithm = phase.gradient_clip_algorithm or self.settings.gradient_clip_algorithm
-        if val and params and algorithm == "norm":
-            torch.nn.utils.clip_grads_with_norm_(params, val, norm)  # = clip_grad_norm_, the norm computed once
-        elif val and params:
-            torch.nn.utils.clip_grad_value_(params, val)
-
     def averaged_weights(self):
         """Context: the EMA weights in the generator while sampling/evaluating (nothing without EMA)."""
         return self.ema.swapped() if self.ema is not None else nullcontext()
+
+
+def total_grad_norm(phase: str, named: list[tuple[str, torch.Tensor]], per_layer: bool, device) -> torch.Tensor:
+    """The pre-clip total L2 norm of the gradients; ``per_layer`` (``log_grad_norms=layer``) also reports each one's."""
+    if not named:
+        return torch.zeros((), device=device)
+    grads = [p.grad for _, p in named]
+    if not per_layer:
+        return torch.nn.utils.get_total_norm(grads)
+    norms = torch._foreach_norm(grads)  # what get_total_norm computes first, kept per parameter
+    for (name, _), norm in zip(named, norms):
+        report(f"grad_norm/{phase}/{name}", norm)
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def clip(params: list[torch.Tensor], norm: torch.Tensor, val: float | None, algorithm: str) -> None:
+    """Clip in place to ``val`` (None or 0: not at all) by ``algorithm``; ``norm``: their pre-clip total norm."""
+    if val and params and algorithm == "norm":
+        torch.nn.utils.clip_grads_with_norm_(params, val, norm)  # = clip_grad_norm_, the norm computed once
+    elif val and params:
+        torch.nn.utils.clip_grad_value_(params, val)
 
 
 class _AnomalyMode:
