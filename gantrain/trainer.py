@@ -207,7 +207,7 @@ class Trainer:
         scaler = self.scalers[phase.name]
         lr = phase.optimizer.param_groups[0]["lr"]  # the LR this step uses
         reported = self.collector.hold()  # this step's stats are logged only if the step is applied
-        applied = False
+        applied = logged = False
         try:
             k = self.settings.accumulate_grad_batches
             step = self.iteration // phase.interval  # this phase's optimizer steps so far
@@ -233,6 +233,7 @@ class Trainer:
             checked = (reported, losses, overflows, grad_norm, named)
             problem, finite_grads = self.guard.check(self.step + 1, phase.name, *checked)  # stop: raises
             applied = problem is None
+            logged = applied and (finite_grads or not scaler.is_enabled())  # not what the fp16 scaler skips
             if applied:
                 val = self.settings.gradient_clip_val if phase.gradient_clip_val is None else phase.gradient_clip_val
                 clip(
@@ -256,8 +257,8 @@ class Trainer:
         finally:
             for p, flag in zip(self.params, flags):
                 p.requires_grad_(flag)
-            self.collector.release(keep=applied)
-        if applied:
+            self.collector.release(keep=logged)
+        if logged:
             report(f"grad_norm/{phase.name}", grad_norm)  # before clipping
         report(f"lr/{phase.name}", lr)
         if not applied:
