@@ -8,7 +8,9 @@
   (seed, epoch, rank);
 - `binarization`: stochastic binarization (`binarize`); `common`: `DataError` and `derive_seed`, the one seeding scheme.
 
-Image options yield float32 (C, R, R) tensors in [-1, 1] and no labels.
+Every stream yields `gantrain.batch.Batch`es: images (B, C, R, R) float32 in [-1, 1] (or the mixtures' 2-D
+points) and their class labels where the data has them; each option's `num_classes` says how many (0: none).
+Every option's `stream(seed, device, rank=0, world_size=1)` takes the same arguments.
 """
 
 from gantrain.data.binarization import binarize
