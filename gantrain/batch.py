@@ -1,8 +1,5 @@
 """`Batch`, what the data stream yields and every phase loss receives, and `Latents`, what a model's prior draws.
-
-Both carry optional class labels so that a label can travel with its image (or its noise) without
-another argument on every loss; unconditional models and losses read ``x``/``z`` and ignore ``y``.
-"""
+Both carry optional labels, so a label travels with its image (or noise); unconditional models ignore ``y``."""
 
 from __future__ import annotations
 
@@ -34,6 +31,3 @@ class Latents:
 
     z: torch.Tensor
     y: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.z.shape[0]

@@ -49,7 +49,7 @@ def test_batch_len_and_to():
 def test_prior_draws_the_models_noise_and_no_labels():
     model = GenerativeModel(Generator(nz=3, width=4), Discriminator(width=4))
     latents = model.prior(5, "cpu", generator=torch.Generator().manual_seed(4))
-    assert isinstance(latents, Latents) and len(latents) == 5 and latents.y is None
+    assert isinstance(latents, Latents) and latents.z.shape == (5, 3) and latents.y is None
     assert torch.equal(latents.z, model.noise(5, "cpu", generator=torch.Generator().manual_seed(4)))
 
 

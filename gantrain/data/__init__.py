@@ -8,9 +8,8 @@
   (seed, epoch, rank);
 - `binarization`: stochastic binarization (`binarize`); `common`: `DataError` and `derive_seed`, the one seeding scheme.
 
-Every stream yields `gantrain.batch.Batch`es: images (B, C, R, R) float32 in [-1, 1] (or the mixtures' 2-D
-points) and their class labels where the data has them; each option's `num_classes` says how many (0: none).
-Every option's `stream(seed, device, rank=0, world_size=1)` takes the same arguments.
+Every option's `stream(seed, device, rank=0, world_size=1)` yields `gantrain.batch.Batch`es: images in [-1, 1]
+(or 2-D points) and their class labels, if the data has any; `num_classes` says how many (0: none).
 """
 
 from gantrain.data.binarization import binarize

@@ -65,15 +65,14 @@ def image_files(root: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def folder_classes(files: list[Path], root: Path) -> tuple[list[str], torch.Tensor | None]:
-    """(class names, (N,) int64 label of each file): a file's class is its first-level subfolder under `root`,
-    classes in sorted order, when every file lies in one; ([], None) when any file lies in `root` itself."""
+def folder_labels(files: list[Path], root: Path) -> torch.Tensor | None:
+    """(N,) int64 class of each file, the index of its first-level subfolder under `root` among those holding
+    images (sorted by name), when every file lies in one; None when none or any file lies in `root` itself."""
     tops = [f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1]
-    if len(tops) < len(files):
-        return [], None
-    classes = sorted(set(tops))
-    index = {name: k for k, name in enumerate(classes)}
-    return classes, torch.tensor([index[t] for t in tops], dtype=torch.int64)
+    if not tops or len(tops) < len(files):
+        return None
+    index = {name: k for k, name in enumerate(sorted(set(tops)))}
+    return torch.tensor([index[t] for t in tops], dtype=torch.int64)
 
 
 class _ImageFiles(Dataset):
@@ -88,7 +87,7 @@ class _ImageFiles(Dataset):
 
     def __init__(self, files: list[Path], channels: int, resolution: int, root: Path, skip_corrupt: bool = False):
         self.files, self.root, self.skip_corrupt = files, root, skip_corrupt
-        self.labels = folder_classes(files, root)[1]
+        self.labels = folder_labels(files, root)
         self.mode = "L" if channels == 1 else "RGB"
         self.transform = pil_to_tensor(resolution, channels)
         self._warned: set[int] = set()  # corrupt files already reported by this process
@@ -155,7 +154,8 @@ class ImageFolder(ImageData):
     @property
     def num_classes(self) -> int:
         """The first-level subfolders holding images when they hold them all, else 0 (a walk of the folder)."""
-        return len(folder_classes(image_files(self.path), Path(self.path))[0])
+        labels = folder_labels(image_files(self.path), Path(self.path))
+        return 0 if labels is None else int(labels.max()) + 1
 
     def dataset(self) -> Dataset:
         from PIL import Image

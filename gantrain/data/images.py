@@ -1,8 +1,7 @@
 """Image `data=` options: the `ImageData` base (checks, holdout, binarization, the stream) and `Digits`.
 
-Every dataset here yields float32 image tensors of shape (C, R, R) scaled to [-1, 1]; their class
-labels, where the data has them, are the dataset's `labels` ((N,) int64), which the stream gathers
-beside each batch. `ImageData` subclasses only describe *what* to load; `BatchStream` alone decides the order.
+Every dataset here yields float32 image tensors of shape (C, R, R) scaled to [-1, 1]; its `labels`, if any, are
+their (N,) int64 classes. `ImageData` subclasses only describe *what* to load; `BatchStream` alone decides the order.
 """
 
 from __future__ import annotations

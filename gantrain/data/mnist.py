@@ -139,8 +139,7 @@ class TorchvisionImages(ImageData):
         return transforms.Compose(steps)
 
     def _idx_images(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The split's (N, 28, 28) uint8 images and (N,) labels of an MNIST-family dataset: read in place, else
-        downloaded."""
+        """The split's (N, 28, 28) uint8 images and (N,) labels (MNIST family): read in place, else downloaded."""
         folder, train = _CLASSES[self.name], self.split == "train"
         files = idx_files(self.root, folder, "train" if train else "t10k")
         if files is None:  # torchvision downloads all four archives, or raises when download=False

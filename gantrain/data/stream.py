@@ -161,9 +161,8 @@ class BatchStream:
             or stream batches through a DataLoader.
         rank, world_size: this process's place in a data-parallel group.
         binarize: binarize every batch stochastically, afresh each time (images must be in [-1, 1]).
-        labels: (N,) int64 class of each item, or None. A batch's labels are gathered with the same indices
-            as its images (on either path, on every rank), so they stay aligned without passing through the
-            DataLoader; binarization leaves them alone.
+        labels: (N,) int64 class of each item, or None: gathered with the very indices of each batch's images (either
+            path, every rank), so they stay aligned without passing through the DataLoader.
     """
 
     def __init__(
@@ -216,12 +215,11 @@ class BatchStream:
 
     def __next__(self) -> Batch:
         """The next batch on `device`: x (batch_size, C, R, R), y (batch_size,) or None."""
-        y = None
         if self.in_memory:
             index = self._order.indices(self._epoch, self._batch, self.images.device)
             batch = self.images[index]
-            y = None if self.labels is None else self.labels[index]
         else:
+            index = self._order.indices(self._epoch, self._batch)  # what the loader's sampler gives for this batch
             if self._loader_iter is None:
                 workers = self.num_workers
                 loader = DataLoader(
@@ -234,8 +232,7 @@ class BatchStream:
                 )
                 self._loader_iter = _batches(iter(loader))
             batch = next(self._loader_iter).to(self.device, non_blocking=True)
-            if self.labels is not None:  # the indices the loader's sampler gave for this position
-                y = self.labels[self._order.indices(self._epoch, self._batch)].to(self.device, non_blocking=True)
+        y = None if self.labels is None else self.labels[index].to(self.device, non_blocking=True)
         if self.binarize:
             if self._noise is None or self._noise.device != batch.device:
                 self._noise = torch.Generator(device=batch.device)
