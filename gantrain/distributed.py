@@ -44,6 +44,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from gantrain.batch import Batch
 from gantrain.data.common import derive_seed
 from gantrain.errors import ConfigError, GantrainError
 from gantrain.events import Callback
@@ -181,20 +182,20 @@ class PhaseLoss(nn.Module):
         self.network = network
         self.loss = loss
 
-    def forward(self, real: torch.Tensor, step: int) -> torch.Tensor:
-        return self.loss(real, step)
+    def forward(self, batch: Batch, step: int) -> torch.Tensor:
+        return self.loss(batch, step)
 
 
 class _Unsynced:
-    """``ddp(real, step)`` inside ``ddp.no_sync()``: the backward of this loss accumulates without an all-reduce
+    """``ddp(batch, step)`` inside ``ddp.no_sync()``: the backward of this loss accumulates without an all-reduce
     (DDP decides at forward time whether the next backward syncs)."""
 
     def __init__(self, ddp: DistributedDataParallel):
         self.ddp = ddp
 
-    def __call__(self, real: torch.Tensor, step: int) -> torch.Tensor:
+    def __call__(self, batch: Batch, step: int) -> torch.Tensor:
         with self.ddp.no_sync():
-            return self.ddp(real, step)
+            return self.ddp(batch, step)
 
 
 def replicate(model: nn.Module, phases: Sequence[Phase], settings: DDPSettings, device: torch.device) -> list[Phase]:

@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from gantrain.batch import Batch
 from gantrain.errors import ConfigError
 from gantrain.losses import (
     AdversarialLoss,
@@ -163,12 +164,12 @@ class GANObjective(nn.Module):
         return lambda: {"samples": render(model.sample(noise))}
 
     def d_loss(
-        self, model: GenerativeModel, real: torch.Tensor, step: int = 0, shared: SharedFakes | None = None
+        self, model: GenerativeModel, batch: Batch, step: int = 0, shared: SharedFakes | None = None
     ) -> torch.Tensor:
         """D's loss on a real batch; ``step`` (D steps so far) schedules lazy penalties. With ``shared`` the
         generated batch keeps its graph there for the G step; D sees it detached either way."""
-        d, x = model.d, self.adversarial.d_input
-        z = model.noise(real.shape[0], real.device)
+        d, x, real = model.d, self.adversarial.d_input, batch.x
+        z = model.prior(len(batch), real.device).z
         if shared is None:
             fake = model.g(z).detach()  # no gradient may reach G
         else:
@@ -198,13 +199,13 @@ class GANObjective(nn.Module):
             penalty.after_step(model.d)
 
     def g_loss(
-        self, model: GenerativeModel, real: torch.Tensor, step: int = 0, shared: SharedFakes | None = None
+        self, model: GenerativeModel, batch: Batch, step: int = 0, shared: SharedFakes | None = None
     ) -> torch.Tensor:
         """G's loss; the batch the D step generated in this iteration if ``shared`` holds it, else a fresh one."""
-        d = model.d
-        fake = None if shared is None else shared.take(step, real.shape[0])
+        d, real = model.d, batch.x
+        fake = None if shared is None else shared.take(step, len(batch))
         if fake is None:
-            fake = model.g(model.noise(real.shape[0], real.device))
+            fake = model.g(model.prior(len(batch), real.device).z)
         if self.g_terms:  # one D body pass serves the adversarial term and feature matching
             fake_features = d.features(self.adversarial.d_input(fake))
             fake_out = d.head(fake_features)

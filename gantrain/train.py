@@ -127,16 +127,10 @@ def build(cfg: DictConfig, run_dir: str | Path, group: distributed.Group = distr
     data = within("data", instantiate, cfg.data)
     check_fit(model, data)
     model.to_data_units = data.to_data_units  # what generate() hands out: the data's own units
-    if not group.distributed:
-        stream = within("data", data.stream, seed=cfg.seed, device=device)  # reads the dataset: holdout, batch size
-    elif "world_size" in inspect.signature(data.stream).parameters:
-        stream = within("data", data.stream, seed=cfg.seed, device=device, rank=group.rank, world_size=group.world_size)
+    # reads the dataset (holdout, batch size); data that cannot be split between processes refuses here
+    stream = within("data", data.stream, seed=cfg.seed, device=device, rank=group.rank, world_size=group.world_size)
+    if group.distributed:
         phases = within("trainer.ddp", distributed.replicate, model, phases, settings.ddp, device)
-    else:
-        raise ConfigError(
-            f"data: {type(data).__name__} cannot be split between {group.world_size} processes (its stream "
-            "has no rank); train it in one process, or use image data (digits, mnist, folder, ...)"
-        )
     data_stream, stream = stream, drawn_ahead(stream)  # a stream that reads files reads each step's batches ahead
     # Fixed noise from its own generators: sample grids and evaluation never consume the training RNG.
     fixed_noise = model.noise(settings.num_samples, device, generator=torch.Generator(device).manual_seed(cfg.seed))

@@ -86,7 +86,7 @@ class Trainer:
             the active phase's module are frozen while that phase runs).
         phases: from the objective, in the order they run within an iteration.
         data: an endless batch iterator with ``state_dict``/``load_state_dict`` (``BatchStream``),
-            already yielding tensors on the training device.
+            already yielding :class:`~gantrain.batch.Batch` objects on the training device.
         callbacks: called in list order at each event (:func:`gantrain.runlog.standard_callbacks`: resume and
             checkpoints, TensorBoard/tqdm/sample logging); ``trainer.callbacks`` may be extended later.
         world_size: processes training data-parallel (:mod:`gantrain.distributed`); ``images_seen`` counts all.
@@ -217,14 +217,14 @@ class Trainer:
             # input-gradient penalties scale/unscale with this phase's scaler
             with amp.scaling(scaler) as overflows, self._anomaly_mode(phase):
                 for i in range(k):
-                    real = next(self.data)  # fresh real batch per micro-batch (the loss draws fresh noise)
+                    batch = next(self.data)  # fresh real batch per micro-batch (the loss draws fresh noise)
                     # under DDP the gradients are all-reduced once, in the last micro-batch's backward
                     loss_fn = phase.loss if i == k - 1 or phase.no_sync_loss is None else phase.no_sync_loss
                     with torch.autocast(self.device.type, dtype=dtype, enabled=enabled):
-                        loss = loss_fn(real, step)
+                        loss = loss_fn(batch, step)
                     scaler.scale(loss / k).backward()
                     losses.append(loss.detach())
-                    images += real.shape[0]
+                    images += len(batch)
             images *= self.world_size  # the images of all ranks: EMA half-life and images/s count them all
             self.images_seen += images
             scaler.unscale_(phase.optimizer)  # clip and measure true gradients, not scaled ones

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from gantrain import checks, elbo
+from gantrain.batch import Batch
 from gantrain.errors import ConfigError
 from gantrain.losses import (
     AdversarialLoss,
@@ -182,7 +183,8 @@ class VAEObjective(nn.Module):
         mu, logvar = vae.encode(x)
         return vae.decode(vae.reparameterize(mu, logvar)), mu, logvar
 
-    def loss(self, vae: nn.Module, x: torch.Tensor, step: int = 0) -> torch.Tensor:
+    def loss(self, vae: nn.Module, batch: Batch, step: int = 0) -> torch.Tensor:
+        x = batch.x
         raw, mu, logvar = self.negative_elbo_parts(vae, x)
         recon, nll = torch.zeros((), device=x.device), []
         for name, term in self.terms.items():
@@ -252,15 +254,15 @@ class VAEGANObjective(GANObjective):
     def sampler(self, model: nn.Module, render: Callable, noise: torch.Tensor, data) -> Callable[[], Pictures]:
         return partial(vae_pictures, model, render, noise, first_images(data))
 
-    def vae_loss(self, model: nn.Module, real: torch.Tensor, step: int = 0) -> torch.Tensor:
-        vae, d, x = model.g, model.d, self.adversarial.d_input
+    def vae_loss(self, model: nn.Module, batch: Batch, step: int = 0) -> torch.Tensor:
+        vae, d, x, real = model.g, model.d, self.adversarial.d_input, batch.x
         mu, logvar = vae.encode(real)
         recon_images = vae.to_images(vae.decode(vae.reparameterize(mu, logvar)))
         with torch.no_grad():
             real_features = d.features(x(real))
         diff = d.features(x(recon_images)) - real_features
         recon = 0.5 * _full(diff).pow(2).flatten(1).sum(1).mean()
-        prior_images = vae(model.noise(real.shape[0], real.device))
+        prior_images = vae(model.prior(len(batch), real.device).z)
         adv = self.adversarial.g_loss(d(x(prior_images)))
         kl_term, kl = self.kl.term(mu, logvar, step)
         loss = self.feature_weight * recon + kl_term + adv

@@ -22,6 +22,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gantrain import distributed  # noqa: E402
+from gantrain.batch import Batch  # noqa: E402
 from gantrain.data.common import derive_seed  # noqa: E402
 from gantrain.errors import GantrainError  # noqa: E402
 from gantrain.events import Callback  # noqa: E402
@@ -46,9 +47,9 @@ SCENARIOS = {  # name -> (accumulated micro-batches, overrides)
 }
 
 
-def r1_only(self, model, real: torch.Tensor, step: int = 0, shared=None) -> torch.Tensor:
+def r1_only(self, model, batch: Batch, step: int = 0, shared=None) -> torch.Tensor:
     """GANObjective.d_loss with only the R1 term."""
-    return self.penalties["r1"](model.d, self.adversarial.d_input(real), None)
+    return self.penalties["r1"](model.d, self.adversarial.d_input(batch.x), None)
 
 
 class Batches:
@@ -60,11 +61,11 @@ class Batches:
     def __iter__(self):
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> Batch:
         start = self.i * RANKS * B + (0 if self.rank is None else self.rank * B)
         n = RANKS * B if self.rank is None else B
         self.i += 1
-        return self.images[torch.arange(start, start + n) % len(self.images)]
+        return Batch(self.images[torch.arange(start, start + n) % len(self.images)])
 
     def state_dict(self) -> dict:
         return {"i": self.i}

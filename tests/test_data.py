@@ -357,7 +357,7 @@ def ids(batch: torch.Tensor) -> list[int]:
 
 
 def take(stream, k: int) -> list[list[int]]:
-    return [ids(next(stream)) for _ in range(k)]
+    return [ids(next(stream).x) for _ in range(k)]
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
@@ -386,7 +386,7 @@ def test_stream_batch_shape_dtype_and_exact_size():
     s = BatchStream(ds, 7, seed=0)
     assert s.batches_per_epoch == 1797 // 7 == 256
     for _ in range(300):  # crosses an epoch boundary with 5 items dropped
-        x = next(s)
+        x = next(s).x
         assert x.shape == (7, 3, 8, 8) and x.dtype == torch.float32 and x.device.type == "cpu"
 
 
@@ -418,7 +418,7 @@ def test_ranks_get_disjoint_shares(world_size):
     for b in range(per_epoch):
         group = perm[b * 4 * world_size : (b + 1) * 4 * world_size]
         for r, s in enumerate(streams):
-            batch = ids(next(s))
+            batch = ids(next(s).x)
             assert batch == group[r::world_size]
             seen += batch
     assert len(seen) == len(set(seen)) == per_epoch * 4 * world_size
@@ -521,7 +521,7 @@ def test_dataset_smaller_than_batch_is_an_error():
 def test_tensor_images_dataset_is_used_directly():
     images = torch.arange(12, dtype=torch.float32).reshape(6, 1, 1, 2)
     s = BatchStream(TensorImages(images), 2, seed=0)
-    batch = next(s)
+    batch = next(s).x
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(derive_seed("order", 0, 0)))
     assert torch.equal(batch, images[perm[:2]])
 
@@ -531,17 +531,17 @@ def test_tensor_images_dataset_is_used_directly():
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_stream_on_cuda(in_memory):
     s = BatchStream(Numbered(20), 4, seed=0, device="cuda", in_memory=in_memory)
-    x = next(s)
+    x = next(s).x
     assert x.device.type == "cuda" and x.shape == (4, 1, 2, 2)
     cpu = BatchStream(Numbered(20), 4, seed=0, in_memory=in_memory)
-    assert torch.equal(x.cpu(), next(cpu))
+    assert torch.equal(x.cpu(), next(cpu).x)
 
 
 def test_neighbouring_seeds_do_not_share_epoch_orders():
     # With seed + epoch, seed 1's epoch 0 would be seed 0's epoch 1.
     a, b = BatchStream(Numbered(40), 40, seed=0), BatchStream(Numbered(40), 40, seed=1)
     next(a)
-    assert not torch.equal(next(a), next(b))
+    assert not torch.equal(next(a).x, next(b).x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -614,7 +614,7 @@ def test_binarize_gives_plus_minus_one_with_probability_x01():
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_binarize_none_keeps_the_grey_levels(in_memory):
     data = GivenData(Coded(8, grey=-0.4), batch_size=4, channels=1, resolution=8, in_memory=in_memory)
-    x = next(data.stream(seed=0))
+    x = next(data.stream(seed=0)).x
     assert torch.equal(grey_part(x), torch.full((4, 1, 7, 8), -0.4))
 
 
@@ -637,7 +637,7 @@ def test_static_stream_repeats_each_image_dynamic_redraws_it(in_memory):
         s = GivenData(Coded(16), binarize=mode, **common).stream(seed=3)
         seen: dict[int, list[torch.Tensor]] = {}
         for _ in range(3 * s.batches_per_epoch):  # three epochs: each image three times
-            x = next(s)
+            x = next(s).x
             assert set(x.unique().tolist()) <= {-1.0, 1.0}
             for i, image in zip(ids(x), x):
                 seen.setdefault(i, []).append(image)
@@ -651,11 +651,11 @@ def test_static_stream_repeats_each_image_dynamic_redraws_it(in_memory):
 def test_dynamic_binarization_mean_is_x01():
     data = GivenData(Coded(64, grey=-0.4), batch_size=16, channels=1, resolution=8, binarize="dynamic")
     s = data.stream(seed=0)
-    draws = torch.cat([grey_part(next(s)).flatten() for _ in range(60)])  # 53,760 draws of x01 = 0.3
+    draws = torch.cat([grey_part(next(s).x).flatten() for _ in range(60)])  # 53,760 draws of x01 = 0.3
     assert set(draws.unique().tolist()) == {-1.0, 1.0}
     assert ((draws + 1) / 2).mean().item() == pytest.approx(0.3, abs=0.01)  # sd 0.002
     # Every image of a batch gets its own noise, and every batch new noise.
-    x, y = next(s), next(s)
+    x, y = next(s).x, next(s).x
     assert len({tuple(img.flatten().tolist()) for img in grey_part(x)}) == 16
     assert not torch.equal(grey_part(x), grey_part(y))
 
@@ -665,23 +665,23 @@ def test_dynamic_binarization_mean_is_x01():
 def test_dynamic_resume_is_bit_identical(in_memory, num_workers, k):
     ds = Coded(26)  # batch 5 -> 5 batches per epoch
     kw = dict(seed=11, in_memory=in_memory, num_workers=num_workers, binarize=True)
-    reference = [next(s) for s in [BatchStream(ds, 5, **kw)] for _ in range(k + 6)]
+    reference = [next(s).x for s in [BatchStream(ds, 5, **kw)] for _ in range(k + 6)]
     first = BatchStream(ds, 5, **kw)
     for i in range(k):
-        assert torch.equal(next(first), reference[i])
+        assert torch.equal(next(first).x, reference[i])
     resumed = BatchStream(ds, 5, **kw)
     resumed.load_state_dict(first.state_dict())
     for i in range(k, k + 6):
-        assert torch.equal(next(resumed), reference[i])
+        assert torch.equal(next(resumed).x, reference[i])
     # Both paths draw the same noise: in-memory and streamed batches agree bit for bit.
     other = BatchStream(ds, 5, **{**kw, "in_memory": not in_memory, "num_workers": 0})
-    assert all(torch.equal(next(other), reference[i]) for i in range(k + 6))
+    assert all(torch.equal(next(other).x, reference[i]) for i in range(k + 6))
 
 
 def test_ranks_binarize_with_their_own_noise():
     grey = torch.zeros(8, 1, 8, 8)  # identical images: rank 0 and 1 must still differ
-    a = next(BatchStream(TensorImages(grey), 4, seed=0, rank=0, world_size=2, binarize=True))
-    b = next(BatchStream(TensorImages(grey), 4, seed=0, rank=1, world_size=2, binarize=True))
+    a = next(BatchStream(TensorImages(grey), 4, seed=0, rank=0, world_size=2, binarize=True)).x
+    b = next(BatchStream(TensorImages(grey), 4, seed=0, rank=1, world_size=2, binarize=True)).x
     assert not torch.equal(a, b)
 
 
@@ -884,7 +884,7 @@ def test_shared_mnist_root_raw_layout_protocol(mnist_dir, no_network):
     binary = data.heldout()
     assert binary.shape == (2000, 1, 28, 28) and set(binary.unique().tolist()) == {-1.0, 1.0}
     assert torch.equal(binary, data.heldout())
-    x = next(data.stream(seed=0))
+    x = next(data.stream(seed=0)).x
     assert x.shape == (64, 1, 28, 28) and set(x.unique().tolist()) == {-1.0, 1.0}
     assert snapshot(mnist_dir) == before and no_network == []
 
@@ -895,11 +895,11 @@ def test_shared_mnist_root_raw_layout_protocol(mnist_dir, no_network):
 def test_dynamic_binarization_on_cuda(in_memory):
     kw = dict(seed=0, device="cuda", in_memory=in_memory, binarize=True)
     s = BatchStream(Coded(64, grey=-0.4), 16, **kw)
-    batches = [next(s) for _ in range(8)]
+    batches = [next(s).x for _ in range(8)]
     assert all(x.device.type == "cuda" for x in batches)
     draws = torch.cat([grey_part(x).flatten() for x in batches])
     assert set(draws.unique().tolist()) == {-1.0, 1.0}
     assert ((draws + 1) / 2).mean().item() == pytest.approx(0.3, abs=0.015)
     resumed = BatchStream(Coded(64, grey=-0.4), 16, **kw)
     resumed.load_state_dict({"epoch": 1, "batch": 1})  # 4 batches an epoch: the 6th batch drawn
-    assert all(torch.equal(next(resumed), x) for x in batches[5:])
+    assert all(torch.equal(next(resumed).x, x) for x in batches[5:])

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from gantrain.batch import Batch
 from gantrain.errors import ConfigError
 from gantrain.losses import (
     BCELoss,
@@ -127,7 +128,7 @@ def test_gradient_penalty_reaches_d_not_g():
         model.zero_grad(set_to_none=True)
         torch.manual_seed(1)
         objective = GANObjective(WassersteinLoss(), gp=GradientPenalty(weight))
-        objective.d_loss(model, real).backward()
+        objective.d_loss(model, Batch(real)).backward()
         assert all(p.grad is None for p in model.g.parameters()), "the D loss must not reach G"
         return [p.grad.clone() for p in model.d.parameters()]
 
@@ -142,8 +143,8 @@ def test_objective_reports_terms():
     objective = GANObjective(WassersteinLoss(), gp=GradientPenalty(10.0))
     with collecting(Collector()) as c:
         torch.manual_seed(0)
-        total = objective.d_loss(model, torch.randn(4, 1, 8, 8))
-        objective.g_loss(model, torch.randn(4, 1, 8, 8))
+        total = objective.d_loss(model, Batch(torch.randn(4, 1, 8, 8)))
+        objective.g_loss(model, Batch(torch.randn(4, 1, 8, 8)))
     stats = c.drain()
     assert {"loss/D", "loss/D/adv", "loss/D/gp", "loss/G", "D(x)", "D(G(z))"} <= stats.keys()
     assert stats["loss/D"] == pytest.approx(total.item())
@@ -271,7 +272,7 @@ def test_lazy_penalty_runs_every_k_steps_with_weight_times_k():
     with collecting(Collector()):
         for step in range(8):
             torch.manual_seed(0)
-            totals.append(objective.d_loss(model, real, step).item())
+            totals.append(objective.d_loss(model, Batch(real), step).item())
     assert pen.calls == 2  # steps 0 and 4
     adv = totals[1]
     assert totals[0] == pytest.approx(adv + 4 * 2.0) and totals[4] == pytest.approx(adv + 8.0)
@@ -283,7 +284,7 @@ def _g_step_changes(model, objective, real):
     model.zero_grad(set_to_none=True)
     model.d.requires_grad_(False)
     try:
-        objective.g_loss(model, real).backward()
+        objective.g_loss(model, Batch(real)).backward()
     finally:
         model.d.requires_grad_(True)
     return model
@@ -297,7 +298,7 @@ def test_feature_matching_matches_hand_computation_and_reaches_g_only():
     objective = GANObjective(WassersteinLoss(), fm=FeatureMatching(weight=2.0))
     with collecting(Collector()) as c:
         torch.manual_seed(3)
-        objective.g_loss(model, real)
+        objective.g_loss(model, Batch(real))
     stats = c.drain()
     torch.manual_seed(3)
     fake = model.g(model.noise(6, "cpu"))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from gantrain import amp
+from gantrain.batch import Batch
 from gantrain.checkpoint import trainer_state
 from gantrain.losses import GradientPenalty
 from gantrain.optim import Schedule, Update
@@ -63,14 +64,14 @@ def test_sgd_variants_match_hand_computation(tmp_path, variant, k):
 
 # ----------------------------------------------------------------------------- acceptance 2
 class FixedBatches:
-    """Yields the given tensors in order (the real data of the equivalence test)."""
+    """Yields the given tensors in order, as Batches (the real data of the equivalence test)."""
 
     def __init__(self, batches: list[torch.Tensor]):
         self.batches, self.i = batches, 0
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> Batch:
         self.i += 1
-        return self.batches[self.i - 1]
+        return Batch(self.batches[self.i - 1])
 
     def state_dict(self) -> dict:
         return {"i": self.i}

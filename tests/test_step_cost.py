@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from gantrain import allocator, runlog
+from gantrain.batch import Batch
 from gantrain.errors import NonFiniteError
 from gantrain.events import Callback
 from gantrain.files import WriteError
@@ -33,9 +34,9 @@ class SameBatch:
     def __init__(self, real: torch.Tensor):
         self.real, self.draws = real, 0
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> Batch:
         self.draws += 1
-        return self.real
+        return Batch(self.real)
 
     def state_dict(self) -> dict:
         return {"draws": self.draws}

@@ -106,7 +106,7 @@ def _nearest(samples: torch.Tensor, centers: torch.Tensor) -> tuple[torch.Tensor
 @pytest.mark.parametrize("mixture", [Ring(batch_size=5000), Grid(batch_size=5000)], ids=repr)
 def test_batches_follow_the_mixture(mixture):
     stream = mixture.stream(seed=0, device="cpu")
-    batches = [next(stream) for _ in range(4)]
+    batches = [next(stream).x for _ in range(4)]
     assert all(b.shape == (5000, 2) and b.dtype == torch.float32 and b.device.type == "cpu" for b in batches)
     x = torch.cat(batches)  # 20k samples, in model units (divided by mixture.scale)
     assert x.abs().max() < 1.1
@@ -130,10 +130,10 @@ def test_batches_follow_the_mixture(mixture):
 def test_batches_are_fresh_and_seeded():
     ring = Ring(batch_size=64)
     a, b = ring.stream(seed=1), ring.stream(seed=1)
-    first = [next(a) for _ in range(3)]
-    assert all(torch.equal(x, next(b)) for x in first)  # same seed, same batches
+    first = [next(a).x for _ in range(3)]
+    assert all(torch.equal(x, next(b).x) for x in first)  # same seed, same batches
     assert not torch.equal(first[0], first[1])  # fresh samples every batch
-    assert not torch.equal(first[0], next(ring.stream(seed=2)))
+    assert not torch.equal(first[0], next(ring.stream(seed=2)).x)
 
 
 def test_stream_never_touches_the_global_rng():
@@ -141,14 +141,14 @@ def test_stream_never_touches_the_global_rng():
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
     stream = ring.stream(seed=0)
-    batches = [next(stream) for _ in range(3)]
+    batches = [next(stream).x for _ in range(3)]
     stream.load_state_dict(stream.state_dict())
     next(stream)
     assert torch.equal(torch.random.get_rng_state(), before)
     # ... and does not depend on it.
     torch.manual_seed(999)
     other = ring.stream(seed=0)
-    assert all(torch.equal(x, next(other)) for x in batches)
+    assert all(torch.equal(x, next(other).x) for x in batches)
 
 
 def test_stream_resume_is_bit_identical():
@@ -158,23 +158,23 @@ def test_stream_resume_is_bit_identical():
         next(stream)
     buf = io.BytesIO()
     torch.save(stream.state_dict(), buf)  # as a checkpoint would hold it
-    expected = [next(stream) for _ in range(3)]
+    expected = [next(stream).x for _ in range(3)]
 
     buf.seek(0)
     state = torch.load(buf, map_location="cpu", weights_only=False)
     assert state["batches"] == 5
     resumed = grid.stream(seed=12345)  # the seed is irrelevant once the state is loaded
     resumed.load_state_dict(state)
-    assert all(torch.equal(x, next(resumed)) for x in expected)
+    assert all(torch.equal(x, next(resumed).x) for x in expected)
     assert resumed.state_dict()["batches"] == 8
 
 
 def test_state_dict_is_a_snapshot():
     stream = Ring(batch_size=8).stream(seed=0)
     state = stream.state_dict()
-    first = next(stream)
+    first = next(stream).x
     stream.load_state_dict(state)  # drawing did not alter the saved state
-    assert torch.equal(next(stream), first)
+    assert torch.equal(next(stream).x, first)
 
 
 @pytest.mark.parametrize(
@@ -240,7 +240,7 @@ def test_no_samples():
 def test_metrics_chunking_matches(monkeypatch):
     import gantrain.data.mixtures as mixtures
 
-    x = next(Grid(batch_size=1000, std=0.2).stream(seed=0))
+    x = next(Grid(batch_size=1000, std=0.2).stream(seed=0)).x
     full = mode_metrics(x, Grid().centers, 0.05)
     monkeypatch.setattr(mixtures, "_METRIC_CHUNK", 7)
     assert mode_metrics(x, Grid().centers, 0.05) == full
@@ -364,5 +364,5 @@ def test_normalize_maps_points_to_unit_extent_and_back():
     assert raw.evaluate(grid.centers) == {"toy/modes": 25.0, "toy/hq": 100.0}
     assert raw.evaluate(model_points)["toy/modes"] == 1.0  # unnormalised: only the centre mode is hit
     torch.testing.assert_close(grid.render(model_points), raw.render(grid.centers))
-    b = next(raw.stream(seed=0))
-    torch.testing.assert_close(next(grid.stream(seed=0)) * 4.0, b)
+    b = next(raw.stream(seed=0)).x
+    torch.testing.assert_close(next(grid.stream(seed=0)).x * 4.0, b)

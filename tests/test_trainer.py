@@ -221,12 +221,12 @@ def test_gradient_hygiene_invariants(tmp_path, experiment, n_critic, reuse):
     for phase in trainer.phases:
         other = model.d if phase.name == "G" else model.g
 
-        def loss(real, step, _phase=phase, _orig=phase.loss, _other=other):
+        def loss(batch, step, _phase=phase, _orig=phase.loss, _other=other):
             # While a phase runs: its module trainable, every other parameter frozen.
             assert all(p.requires_grad for p in _phase.module.parameters())
             assert not any(p.requires_grad for p in _other.parameters())
             loss_calls.append(_phase.name)
-            return _orig(real, step)
+            return _orig(batch, step)
 
         def zero_grad(set_to_none=True, _name=phase.name, _orig=phase.optimizer.zero_grad):
             assert set_to_none is True

@@ -414,7 +414,7 @@ def _first_step_reading(name: str, n: int, batch_size: int, seed: int = 0) -> in
 
     stream = BatchStream(TensorImages(torch.arange(n).float().view(n, 1, 1, 1)), batch_size, seed=seed)
     for batch in range(10 * n):
-        if int(name.removesuffix(".png")) in next(stream).flatten().long().tolist():
+        if int(name.removesuffix(".png")) in next(stream).x.flatten().long().tolist():
             return batch // 2 + 1
     raise AssertionError("never drawn")
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torchvision.models import VGG16_Weights
 
+from gantrain.batch import Batch
 from gantrain.errors import ConfigError
 from gantrain.models.vae import VAE, MLPDecoder, MLPEncoder
 from gantrain.stats import Collector, collecting
@@ -60,7 +61,7 @@ def test_vae_loss_equals_hand_computation_with_kl_warmup(monkeypatch, likelihood
     for step, weight in [(0, 0.0), (4, 0.2), (10, 0.5), (25, 0.5)]:  # beta * min(1, step / 10)
         collector = Collector()
         with collecting(collector):
-            loss = objective.loss(vae, x, step)
+            loss = objective.loss(vae, Batch(x), step)
         want, nll, kl = _by_hand(vae, x, eps, weight, sigma)
         assert loss.item() == pytest.approx(want.item(), rel=1e-10)
         stats = collector.drain()
@@ -73,8 +74,8 @@ def test_free_bits_only_lift_dimensions_below_the_floor(monkeypatch):
     vae, x = _tiny_vae(), _x()
     eps = torch.zeros(5, 3, dtype=torch.float64)
     monkeypatch.setattr(torch, "randn_like", lambda t, **kw: eps)
-    plain = VAEObjective(bce=BernoulliRecon(1.0)).loss(vae, x)
-    floored = VAEObjective(free_bits=10.0, bce=BernoulliRecon(1.0)).loss(vae, x)
+    plain = VAEObjective(bce=BernoulliRecon(1.0)).loss(vae, Batch(x))
+    floored = VAEObjective(free_bits=10.0, bce=BernoulliRecon(1.0)).loss(vae, Batch(x))
     mu, logvar = vae.encode(x)
     kl_dims = 0.5 * (torch.exp(logvar) + mu**2 - 1 - logvar).mean(0)  # (3,) batch means, all << 10 nats here
     assert (kl_dims < 10).all()

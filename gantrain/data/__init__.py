@@ -8,7 +8,8 @@
   (seed, epoch, rank);
 - `binarization`: stochastic binarization (`binarize`); `common`: `DataError` and `derive_seed`, the one seeding scheme.
 
-Image options yield float32 (C, R, R) tensors in [-1, 1] and no labels.
+Every option's `stream(seed, device, rank=0, world_size=1)` yields `gantrain.batch.Batch`es: images in [-1, 1]
+(or 2-D points) and their class labels, if the data has any; `num_classes` says how many (0: none).
 """
 
 from gantrain.data.binarization import binarize

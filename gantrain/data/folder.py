@@ -65,18 +65,29 @@ def image_files(root: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
+def folder_labels(files: list[Path], root: Path) -> torch.Tensor | None:
+    """(N,) int64 class of each file, the index of its first-level subfolder under `root` among those holding
+    images (sorted by name), when every file lies in one; None when none or any file lies in `root` itself."""
+    tops = [f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1]
+    if not tops or len(tops) < len(files):
+        return None
+    index = {name: k for k, name in enumerate(sorted(set(tops)))}
+    return torch.tensor([index[t] for t in tops], dtype=torch.int64)
+
+
 class _ImageFiles(Dataset):
-    """Image files opened lazily by PIL; item i is files[i] as a (C, R, R) tensor.
+    """Image files opened lazily by PIL; item i is files[i] as a (C, R, R) tensor, `labels` their classes or None.
 
     A file that cannot be decoded (a PNG whose header and checksums are fine but whose pixel data
     is not, which `verify()` cannot see) stops the run with a `DataError` naming it, or with
     `skip_corrupt` is replaced by the next readable file in file order (wrapping around), with one
     warning per file and process: the same replacement in every run, so the data order and a resume
-    stay as they were.
+    stay as they were (the replacement keeps the corrupt file's label).
     """
 
     def __init__(self, files: list[Path], channels: int, resolution: int, root: Path, skip_corrupt: bool = False):
         self.files, self.root, self.skip_corrupt = files, root, skip_corrupt
+        self.labels = folder_labels(files, root)
         self.mode = "L" if channels == 1 else "RGB"
         self.transform = pil_to_tensor(resolution, channels)
         self._warned: set[int] = set()  # corrupt files already reported by this process
@@ -130,12 +141,21 @@ class ImageFolder(ImageData):
             each file that cannot be read, with a warning naming it; the dataset keeps its size and
             order, so a run stays reproducible and resumable.
         **common: `ImageData` arguments (batch_size, channels, resolution, ...).
+
+    Labels: when every image lies in a first-level subfolder (``path/cat/1.png``, ``path/dog/a/2.png``), that
+    subfolder is its class (`num_classes` subfolders, in sorted order); when any lies in `path` itself, none.
     """
 
     def __init__(self, *, path: str, skip_corrupt: bool = False, **common):
         super().__init__(**common)
         self.path = str(absolute(path))
         self.skip_corrupt = bool(skip_corrupt)
+
+    @property
+    def num_classes(self) -> int:
+        """The first-level subfolders holding images when they hold them all, else 0 (a walk of the folder)."""
+        labels = folder_labels(image_files(self.path), Path(self.path))
+        return 0 if labels is None else int(labels.max()) + 1
 
     def dataset(self) -> Dataset:
         from PIL import Image

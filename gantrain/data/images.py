@@ -1,7 +1,7 @@
 """Image `data=` options: the `ImageData` base (checks, holdout, binarization, the stream) and `Digits`.
 
-Every dataset here yields float32 image tensors of shape (C, R, R) scaled to [-1, 1] and no
-labels. `ImageData` subclasses only describe *what* to load; `BatchStream` alone decides the order.
+Every dataset here yields float32 image tensors of shape (C, R, R) scaled to [-1, 1]; its `labels`, if any, are
+their (N,) int64 classes. `ImageData` subclasses only describe *what* to load; `BatchStream` alone decides the order.
 """
 
 from __future__ import annotations
@@ -57,7 +57,11 @@ class ImageData(abc.ABC):
             from (stream seed, epoch, batch), reproducibly and resumably (see `BatchStream`).
         holdout: hold out the last `holdout` images of the dataset (in file order) for evaluation:
             the training stream never sees them and `heldout()` returns them.
+
+    `num_classes`: how many class labels the data has (0: none, every `Batch.y` is None).
     """
+
+    num_classes = 0
 
     def __init__(
         self,
@@ -86,7 +90,7 @@ class ImageData(abc.ABC):
     @abc.abstractmethod
     def dataset(self) -> Dataset:
         """Build the whole dataset (held-out images included, not binarized); items are (C, R, R)
-        float32 tensors in [-1, 1], no labels."""
+        float32 tensors in [-1, 1]; its `labels` attribute, if any, their (N,) int64 classes."""
 
     def _split(self) -> tuple[Dataset, int]:
         """(the whole dataset, number of training images), built and checked on first use."""
@@ -110,6 +114,12 @@ class ImageData(abc.ABC):
         (binarize="dynamic" is applied per batch by the stream)."""
         full, n_train = self._split()
         return _images_between(full, 0, n_train, binarized=self.binarize == "static")
+
+    def training_labels(self) -> torch.Tensor | None:
+        """The (training_size,) int64 classes of `training_dataset()`'s images, None when the data has none."""
+        full, n_train = self._split()
+        labels = getattr(full, "labels", None)  # a user's own dataset() may return any Dataset
+        return None if labels is None else labels[:n_train]
 
     def heldout(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The last `holdout` images of the dataset, in order, as one (N, C, R, R) float32 tensor.
@@ -136,6 +146,7 @@ class ImageData(abc.ABC):
             binarize=self.binarize == "dynamic",
             rank=rank,
             world_size=world_size,
+            labels=self.training_labels(),
         )
 
     def render(self, samples: torch.Tensor) -> torch.Tensor:
@@ -153,13 +164,16 @@ class Digits(ImageData):
     """scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no network), upsampled to `resolution`.
 
     Pixel values 0..16 are scaled to [0, 1], resized (bilinear, antialiased) to R x R, then
-    mapped to [-1, 1]; `channels=3` repeats the grey channel.
+    mapped to [-1, 1]; `channels=3` repeats the grey channel. Labels: the digit 0..9.
     """
+
+    num_classes = 10
 
     def dataset(self) -> TensorImages:
         from sklearn.datasets import load_digits
 
-        images = torch.from_numpy(load_digits().images).float().div_(16.0)  # (N, 8, 8) in [0, 1]
+        digits = load_digits()
+        images = torch.from_numpy(digits.images).float().div_(16.0)  # (N, 8, 8) in [0, 1]
         images = torch.nn.functional.interpolate(
             images[:, None],  # (N, 1, 8, 8)
             size=(self.resolution, self.resolution),
@@ -171,4 +185,4 @@ class Digits(ImageData):
         images = images.clamp_(0.0, 1.0).mul_(2.0).sub_(1.0)
         if self.channels == 3:
             images = images.repeat(1, 3, 1, 1)  # (N, 3, R, R)
-        return TensorImages(images.contiguous())
+        return TensorImages(images.contiguous(), torch.from_numpy(digits.target).long())

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 
 from gantrain import checks
+from gantrain.batch import Batch
 from gantrain.data.common import DataError, derive_seed
+from gantrain.errors import ConfigError
 
 __all__ = ["Grid", "Mixture", "MixtureStream", "Ring", "mode_metrics"]
 
@@ -66,7 +68,8 @@ def mode_metrics(samples: torch.Tensor, centers: torch.Tensor, std: float) -> tu
 
 
 class MixtureStream:
-    """Endless, resumable stream of (batch_size, 2) float32 batches drawn from a Gaussian mixture.
+    """Endless, resumable stream of `Batch`es drawn from a Gaussian mixture: x (batch_size, 2) float32 points,
+    y (batch_size,) the index of the mode each was drawn from.
 
     Samples come from the stream's own CPU `torch.Generator`, seeded with `derive_seed("mixture",
     seed)`, never from the global torch/numpy/python RNGs, so drawing data cannot shift the
@@ -96,14 +99,14 @@ class MixtureStream:
     def __iter__(self):
         return self
 
-    def __next__(self) -> torch.Tensor:
-        """The next (batch_size, 2) float32 batch on `device`."""
+    def __next__(self) -> Batch:
+        """The next batch on `device`."""
         k = self.centers.shape[0]
         modes = torch.randint(k, (self.batch_size,), generator=self.generator)  # (B,)
         noise = torch.randn(self.batch_size, 2, generator=self.generator)  # (B, 2)
         batch = self.centers[modes] + self.std * noise  # (B, 2)
         self.batches += 1
-        return batch.to(self.device)
+        return Batch(batch, modes).to(self.device)
 
     def state_dict(self) -> dict:
         """`{"generator": uint8 CPU tensor (the generator state), "batches": batches drawn}`."""
@@ -142,7 +145,8 @@ class Mixture(abc.ABC):
             penalty weights carry over; `evaluate` and `render` take the model's points and map them
             back, so the metric and the plot are always in the mixture's own units.
 
-    Subclasses define the centres (`_make_centers`) and the plot margin (`_plot_margin`).
+    Subclasses define the centres (`_make_centers`) and the plot margin (`_plot_margin`). A point's label is the
+    index of the mode it was drawn from (`num_classes` = the number of modes).
     """
 
     dim = 2  # the size of a sample: what the model's `dim` must be
@@ -174,8 +178,19 @@ class Mixture(abc.ABC):
         """(K, 2) float32 mode centres on the CPU (a fresh tensor each call)."""
         return self._make_centers()
 
-    def stream(self, seed: int, device: torch.device | str = "cpu") -> MixtureStream:
-        """An endless, resumable iterator of fresh (batch_size, 2) float32 batches on `device`."""
+    @property
+    def num_classes(self) -> int:
+        return self.num_modes
+
+    def stream(
+        self, seed: int, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1
+    ) -> MixtureStream:
+        """An endless, resumable iterator of fresh batches on `device`; one process only (``world_size`` 1)."""
+        if world_size > 1:  # one generator draws every point: there is no per-rank shard of it
+            raise ConfigError(
+                f"data: {type(self).__name__} cannot be split between {world_size} processes (its stream "
+                "has no rank); train it in one process, or use image data (digits, mnist, folder, ...)"
+            )
         scale = self.scale
         return MixtureStream(self.centers / scale, self.std / scale, self.batch_size, seed=seed, device=device)
 

@@ -82,10 +82,11 @@ def idx_files(root: str | os.PathLike, folder: str, split: str) -> tuple[Path, P
 
 
 class _PilImages(Dataset):
-    """(N, H, W) grey or (N, H, W, 3) RGB uint8 images, each made a PIL image for `transform` (as torchvision does)."""
+    """(N, H, W) grey or (N, H, W, 3) RGB uint8 images, each made a PIL image for `transform` (as torchvision does);
+    `labels`: their (N,) int64 classes."""
 
-    def __init__(self, images: torch.Tensor, transform):
-        self.images, self.transform = images, transform
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+        self.images, self.labels, self.transform = images, labels.long(), transform
 
     def __len__(self) -> int:
         return len(self.images)
@@ -97,7 +98,7 @@ class _PilImages(Dataset):
 
 
 class TorchvisionImages(ImageData):
-    """A torchvision dataset (MNIST, Fashion-MNIST, CIFAR-10) as unlabeled images.
+    """A torchvision dataset (MNIST, Fashion-MNIST, CIFAR-10): images and their 10 classes.
 
     Args:
         name: "mnist", "fashion_mnist" or "cifar10".
@@ -117,6 +118,7 @@ class TorchvisionImages(ImageData):
 
     NAMES = tuple(sorted(_CLASSES))
     SPLITS = ("train", "test")
+    num_classes = 10  # each of the three has 10 classes
 
     def __init__(self, *, name: str, root: str = "./data", split: str = "train", download: bool = True, **common):
         super().__init__(**common)
@@ -136,26 +138,27 @@ class TorchvisionImages(ImageData):
         steps.append(pil_to_tensor(self.resolution, self.channels))
         return transforms.Compose(steps)
 
-    def _idx_images(self) -> torch.Tensor:
-        """The split's (N, 28, 28) uint8 images of an MNIST-family dataset: read in place, else downloaded."""
+    def _idx_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's (N, 28, 28) uint8 images and (N,) labels (MNIST family): read in place, else downloaded."""
         folder, train = _CLASSES[self.name], self.split == "train"
         files = idx_files(self.root, folder, "train" if train else "t10k")
         if files is None:  # torchvision downloads all four archives, or raises when download=False
-            return _torchvision_dataset(self.name)(self.root, train=train, download=self.download).data
+            found = _torchvision_dataset(self.name)(self.root, train=train, download=self.download)
+            return found.data, found.targets
         images, labels = read_idx(files[0], 2051), read_idx(files[1], 2049)  # (N, 28, 28), (N,)
         if len(images) != len(labels):
             raise DataError(
                 f"{len(images)} images but {len(labels)} labels in '{files[0].parent}': "
                 "the files do not belong together"
             )
-        return images
+        return images, labels
 
     def dataset(self) -> Dataset:
         try:
-            if self.name == "cifar10":  # torchvision's public (N, 32, 32, 3) uint8 array; labels unused
+            if self.name == "cifar10":  # torchvision's public (N, 32, 32, 3) uint8 array and list of N labels
                 cifar = _torchvision_dataset("cifar10")(self.root, train=self.split == "train", download=self.download)
-                return _PilImages(torch.from_numpy(cifar.data), self.transform())
-            return _PilImages(self._idx_images(), self.transform())
+                return _PilImages(torch.from_numpy(cifar.data), torch.tensor(cifar.targets), self.transform())
+            return _PilImages(*self._idx_images(), self.transform())
         except DataError:  # files found but unreadable (read_idx): its message names the file
             raise
         except Exception as e:  # torchvision raises URLError, RuntimeError, OSError, tarfile errors...

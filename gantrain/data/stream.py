@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gantrain import checks
+from gantrain.batch import Batch
 from gantrain.data.binarization import binarize
 from gantrain.data.common import DataError, derive_seed
 
@@ -18,14 +19,14 @@ _PROGRESS_MIN_ITEMS = 5_000
 
 
 class TensorImages(Dataset):
-    """Images already in memory: item i is `images[i]`, a (C, R, R) tensor (no label).
+    """Images already in memory: item i is `images[i]`, a (C, R, R) tensor; `labels`: their (N,) int64 classes or None.
 
     `BatchStream` and `ImageData.heldout` use the tensor as it is, without a loading pass.
     """
 
-    def __init__(self, images: torch.Tensor):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None):
         assert images.dim() == 4, f"expected (N, C, R, R) images, got shape {tuple(images.shape)}"
-        self.images = images
+        self.images, self.labels = images, labels
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -130,7 +131,7 @@ class _BatchIndices:
 
 
 class BatchStream:
-    """Endless, resumable stream of image batches: the one place that decides data order.
+    """Endless, resumable stream of image `Batch`es: the one place that decides data order.
 
     Epoch e visits the dataset in the order `torch.randperm(n, generator=Generator().manual_seed(
     derive_seed("order", seed, e)))`; batch b of the epoch is the b-th consecutive group of
@@ -160,6 +161,8 @@ class BatchStream:
             or stream batches through a DataLoader.
         rank, world_size: this process's place in a data-parallel group.
         binarize: binarize every batch stochastically, afresh each time (images must be in [-1, 1]).
+        labels: (N,) int64 class of each item, or None: gathered with the very indices of each batch's images (either
+            path, every rank), so they stay aligned without passing through the DataLoader.
     """
 
     def __init__(
@@ -174,11 +177,13 @@ class BatchStream:
         rank: int = 0,
         world_size: int = 1,
         binarize: bool = False,
+        labels: torch.Tensor | None = None,
     ):
         checks.integer("batch_size", batch_size, at_least=1)
         checks.integer("num_workers", num_workers, at_least=0)
         assert world_size >= 1 and 0 <= rank < world_size, f"bad rank {rank} of world_size {world_size}"
         n = len(dataset)
+        assert labels is None or labels.shape == (n,), f"{n} items but labels of shape {tuple(labels.shape)}"
         if n < batch_size * world_size:
             total = batch_size * world_size
             across = f"; {batch_size} x world_size {world_size} = {total} is more" if world_size > 1 else ""
@@ -202,15 +207,19 @@ class BatchStream:
         self._noise: torch.Generator | None = None  # binarize: re-seeded for every batch
         # (N, C, R, R) on `device` when in memory, else None: the whole training set, in dataset order.
         self.images = stack(dataset, self.device, num_workers, self.seed) if self.in_memory else None
+        # (N,) beside the images: on `device` when in memory, else on the CPU like the order's indices
+        self.labels = None if labels is None else labels.to(self.device if self.in_memory else "cpu")
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> torch.Tensor:
-        """The next (batch_size, C, R, R) batch on `device`."""
+    def __next__(self) -> Batch:
+        """The next batch on `device`: x (batch_size, C, R, R), y (batch_size,) or None."""
         if self.in_memory:
-            batch = self.images[self._order.indices(self._epoch, self._batch, self.images.device)]
+            index = self._order.indices(self._epoch, self._batch, self.images.device)
+            batch = self.images[index]
         else:
+            index = self._order.indices(self._epoch, self._batch)  # what the loader's sampler gives for this batch
             if self._loader_iter is None:
                 workers = self.num_workers
                 loader = DataLoader(
@@ -223,6 +232,7 @@ class BatchStream:
                 )
                 self._loader_iter = _batches(iter(loader))
             batch = next(self._loader_iter).to(self.device, non_blocking=True)
+        y = None if self.labels is None else self.labels[index].to(self.device, non_blocking=True)
         if self.binarize:
             if self._noise is None or self._noise.device != batch.device:
                 self._noise = torch.Generator(device=batch.device)
@@ -232,7 +242,7 @@ class BatchStream:
         self._batch += 1
         if self._batch == self.batches_per_epoch:
             self._epoch, self._batch = self._epoch + 1, 0
-        return batch
+        return Batch(batch, y)
 
     @property
     def epoch(self) -> int:

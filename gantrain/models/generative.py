@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from gantrain.batch import Latents
 from gantrain.errors import ConfigError
 from gantrain.models.init import initialize
 
@@ -81,6 +82,11 @@ class GenerativeModel(nn.Module):
     ) -> torch.Tensor:
         """Latent batch ``(n, *g.latent_shape)`` from N(0, I); a dedicated ``generator`` leaves the global RNG alone."""
         return torch.randn((n, *self.g.latent_shape), device=device, generator=generator)
+
+    def prior(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> Latents:
+        """What the objectives train on: ``n`` draws of the model's prior, :meth:`noise` and no labels (the
+        model is unconditional); a conditional model overrides this to draw its labels with the noise."""
+        return Latents(self.noise(n, device, generator))
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor) -> torch.Tensor:
