@@ -140,7 +140,7 @@ class ImageData(abc.ABC):
 
     def render(self, samples: torch.Tensor) -> torch.Tensor:
         """Generated images ``(N, C, R, R)`` in [-1, 1] -> the sample grid ``(3, H, W)`` in [0, 1]."""
-        from gantrain.sampling import sample_grid
+        from gantrain.pictures import sample_grid
 
         return sample_grid(samples.float().cpu())
 
