@@ -6,13 +6,14 @@
 - `mixtures`: the 2-D Gaussian mixtures `Ring` (ring8) and `Grid` (grid25), points, not images;
 - `stream`: `BatchStream`, the resumable image stream whose order is a pure function of
   (seed, epoch, rank);
-- `binarization`: stochastic binarization (`binarize`); `common`: `DataError` and `derive_seed`, the one seeding scheme.
+- `binarization`: stochastic binarization (`binarize`); `common`: `DataOption` (what an option declares),
+  `DataError` and `derive_seed`, the one seeding scheme.
 
 Image options yield float32 (C, R, R) tensors in [-1, 1] and no labels.
 """
 
 from gantrain.data.binarization import binarize
-from gantrain.data.common import DataError, derive_seed
+from gantrain.data.common import DataError, DataOption, derive_seed
 from gantrain.data.folder import ImageFolder, image_files
 from gantrain.data.images import Digits, ImageData
 from gantrain.data.mixtures import Grid, Mixture, MixtureStream, Ring, mode_metrics
@@ -22,6 +23,7 @@ from gantrain.data.stream import BatchStream, TensorImages
 __all__ = [
     "BatchStream",
     "DataError",
+    "DataOption",
     "Digits",
     "Grid",
     "ImageData",

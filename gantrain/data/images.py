@@ -13,6 +13,7 @@ from torch.utils.data import Dataset, Subset
 
 from gantrain import checks
 from gantrain.data.binarization import MODES, static_binarized
+from gantrain.data.common import DataOption
 from gantrain.data.stream import BatchStream, TensorImages, stack
 
 
@@ -41,7 +42,7 @@ def _images_between(dataset: Dataset, start: int, stop: int, *, binarized: bool)
     return dataset
 
 
-class ImageData(abc.ABC):
+class ImageData(DataOption, abc.ABC):
     """Base for every image `data=` option: how to build the dataset, plus loader settings.
 
     Args:
@@ -58,6 +59,8 @@ class ImageData(abc.ABC):
         holdout: hold out the last `holdout` images of the dataset (in file order) for evaluation:
             the training stream never sees them and `heldout()` returns them.
     """
+
+    images = True
 
     def __init__(
         self,

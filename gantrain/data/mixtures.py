@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from gantrain import checks
-from gantrain.data.common import DataError, derive_seed
+from gantrain.data.common import DataError, DataOption, derive_seed
+from gantrain.errors import ConfigError
 
 __all__ = ["Grid", "Mixture", "MixtureStream", "Ring", "mode_metrics"]
 
@@ -128,7 +129,7 @@ class MixtureStream:
         self.batches = batches
 
 
-class Mixture(abc.ABC):
+class Mixture(DataOption, abc.ABC):
     """Base of the 2-D Gaussian-mixture `data=` options: equal-weight isotropic modes at `centers`.
 
     Args:
@@ -144,6 +145,7 @@ class Mixture(abc.ABC):
     """
 
     dim = 2  # the size of a sample: what the model's `dim` must be
+    metric_tags = ("toy/modes", "toy/hq")  # what `evaluate` reports
 
     def __init__(self, *, batch_size: int, std: float, num_eval_samples: int = 2500, normalize: bool = True):
         self.batch_size = checks.integer("batch_size", batch_size, at_least=1)
@@ -172,8 +174,15 @@ class Mixture(abc.ABC):
         """(K, 2) float32 mode centres on the CPU (a fresh tensor each call)."""
         return self._make_centers()
 
-    def stream(self, seed: int, device: torch.device | str = "cpu") -> MixtureStream:
-        """An endless, resumable iterator of fresh (batch_size, 2) float32 batches on `device`."""
+    def stream(
+        self, seed: int, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1
+    ) -> MixtureStream:
+        """An endless, resumable iterator of fresh (batch_size, 2) float32 batches on `device`; one process only."""
+        if world_size > 1:
+            raise ConfigError(
+                f"data: {type(self).__name__} cannot be split between {world_size} processes (its stream "
+                "has no rank); train it in one process, or use image data (digits, mnist, folder, ...)"
+            )
         scale = self.scale
         return MixtureStream(self.centers / scale, self.std / scale, self.batch_size, seed=seed, device=device)
 
