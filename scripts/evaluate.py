@@ -39,7 +39,7 @@ from gantrain import elbo
 from gantrain.data import DataError
 from gantrain.errors import ConfigError, GantrainError
 from gantrain.sampling import load_model
-from gantrain.train import user_error
+from gantrain.hydra_errors import user_error
 from gantrain.trainer import resolve_device
 
 _ABSENT = object()
@@ -151,7 +151,8 @@ def _is_vae(ckpt: dict) -> bool:
 def evaluate_samples(args: argparse.Namespace, ckpt: dict, data_cfg: DictConfig, device) -> dict:
     """FID/KID/PR of ``--num`` samples of the checkpoint's generator against its data or ``--reference``."""
     from gantrain.metrics.suite import TAGS
-    from gantrain.train import LOADING_KEYS, compose_config
+    from gantrain.metrics.evaluators import LOADING_KEYS
+    from gantrain.train import compose_config
 
     saved = ckpt["config"].get("metrics")
     metrics_cfg = (

@@ -21,7 +21,7 @@ from gantrain.data.stream import stack
 from gantrain.errors import ConfigError
 from gantrain.runlog import RunLog
 from gantrain.stats import Collector
-from gantrain.train import build
+from gantrain.build import build
 from gantrain.trainer import TrainerSettings
 from tests.conftest import TINY, TINY_WIDTH, make_cfg
 

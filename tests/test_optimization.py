@@ -19,7 +19,7 @@ from gantrain.losses import GradientPenalty
 from gantrain.optim import Schedule
 from gantrain.phase import Phase
 from gantrain.runlog import RunLog, standard_callbacks
-from gantrain.train import build
+from gantrain.build import build
 from gantrain.trainer import Trainer, TrainerSettings
 from tests.conftest import make_cfg
 from tests.test_trainer import ListStream, one_weight_trainer

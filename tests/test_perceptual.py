@@ -12,7 +12,7 @@ from torchvision.models import VGG16_Weights
 from gantrain.errors import ConfigError
 from gantrain.perceptual import PerceptualMatching, VGG16Features
 from gantrain.stats import Collector, collecting
-from gantrain.train import build
+from gantrain.build import build
 from tests.conftest import make_cfg
 
 

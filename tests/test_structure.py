@@ -16,7 +16,8 @@ from hydra.utils import get_object
 from omegaconf import OmegaConf
 
 from gantrain.config import SCHEMAS
-from gantrain.train import CONFIG_DIR, compose_config, monitored, train
+from gantrain.config import CONFIG_DIR
+from gantrain.train import compose_config, monitored, train
 from tests.conftest import TINY, TINY_WIDTH, make_cfg
 from tests.test_cli import run_cli
 
@@ -377,7 +378,8 @@ def test_a_checkpoint_from_before_the_rename_still_resumes(tmp_path):
 )
 def test_a_message_that_names_its_node_is_not_prefixed_twice(tmp_path, overrides, line):
     from gantrain.errors import ConfigError
-    from gantrain.train import build, user_error
+    from gantrain.build import build
+    from gantrain.hydra_errors import user_error
 
     with pytest.raises(Exception) as e:
         build(make_cfg(*overrides), tmp_path)

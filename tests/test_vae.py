@@ -16,7 +16,9 @@ from torchvision.models import VGG16_Weights
 from gantrain.errors import ConfigError
 from gantrain.models.vae import VAE, MLPDecoder, MLPEncoder
 from gantrain.stats import Collector, collecting
-from gantrain.train import build, train, user_error
+from gantrain.build import build
+from gantrain.hydra_errors import user_error
+from gantrain.train import train
 from gantrain.vae_objective import BernoulliRecon, GaussianRecon, VAEObjective
 from tests.conftest import REPO, make_cfg
 
