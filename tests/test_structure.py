@@ -395,3 +395,16 @@ def test_the_readme_key_change_old_optimizer_spelling_fails_new_one_works():
         compose_config("optim.d.betas=[0,0.9]")
     cfg = compose_config("optim.d.lr=4e-4", "optim.d.optimizer.betas=[0,0.9]")
     assert cfg.optim.d.lr == 4e-4 and list(cfg.optim.d.optimizer.betas) == [0, 0.9]
+
+
+def test_the_entry_point_is_small_and_the_build_does_not_probe():
+    """train.py is the entry point only; the build asks what parts declare (no hasattr/getattr/inspect); an
+    objective, a loss or a picture imports no Hydra."""
+    package = Path(__file__).resolve().parents[1] / "gantrain"
+    assert len((package / "train.py").read_text().splitlines()) <= 150
+    for module in ("build.py", "metrics/evaluators.py"):
+        text = (package / module).read_text()
+        assert not re.search(r"\bhasattr\(|\bgetattr\(|\binspect\b", text), module
+    modules = "gantrain.objectives, gantrain.vae_objective, gantrain.losses, gantrain.perceptual, gantrain.pictures"
+    code = f"import sys, {modules}; print('hydra' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
