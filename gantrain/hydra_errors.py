@@ -52,7 +52,7 @@ def user_error(e: BaseException, node: str = "") -> GantrainError | None:
     Hydra wraps errors raised while instantiating and names the node (``full_key: loss.gp``);
     ``node`` is the fallback for errors raised outside ``instantiate``. Hydra's errors about the
     command line and config files (an unknown key or option, a value of the wrong type) become one
-    line too (:func:`gantrain.hydra_errors.config_error`).
+    line too (:func:`config_error`).
     """
     while e is not None and not isinstance(e, GantrainError):
         if isinstance(e, OSError) and e.errno in FULL | NOT_WRITABLE and e.filename:
