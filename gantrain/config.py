@@ -1,4 +1,5 @@
-"""Config schemas derived from the targets' signatures, registered in Hydra's ConfigStore.
+"""Config schemas derived from the targets' signatures, registered in Hydra's ConfigStore with the resolvers the
+configs use; where the configs are (``CONFIG_MODULE``).
 
 A default lives in one place: the signature of the class or function a config node builds.
 ``schema(Target, sub=schema(Other))`` (hydra-zen's ``builds(..., populate_full_signature=True)``)
@@ -15,13 +16,15 @@ the README, "Your own loss or model").
 
 from __future__ import annotations
 
+import importlib.resources
 import inspect
+from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra_zen import ZenField, builds, make_config
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from gantrain import data, losses, optim
 from gantrain.extractors.mnist import MnistFeatures
@@ -29,8 +32,14 @@ from gantrain.metrics import InceptionFeatures, Metrics
 from gantrain.models import GenerativeModel, dcgan, mlp, resnet, vae
 from gantrain.objectives import GANObjective
 from gantrain.perceptual import PerceptualMatching
+from gantrain.rundir import run_name, unique_suffix
 from gantrain.trainer import TrainerSettings
 from gantrain.vae_objective import BernoulliRecon, GaussianRecon, PerceptualRecon, VAEGANObjective, VAEObjective
+
+# configs/ ships inside the package as `gantrain.configs` (pyproject's package-dir), so an installed
+# wheel finds the recipes as well as an editable clone does.
+CONFIG_MODULE = "gantrain.configs"
+CONFIG_DIR = Path(str(importlib.resources.files(CONFIG_MODULE)))
 
 
 def schema(target: Any, **nodes: Any) -> type:
@@ -139,7 +148,12 @@ Config = make_config(
 
 
 def register() -> None:
-    """Put every schema into Hydra's ConfigStore (idempotent)."""
+    """Put every schema into Hydra's ConfigStore and register the resolvers (idempotent)."""
+    # `${unique:}` in the default hydra.run.dir: two launches in the same second get two directories.
+    # Cached in the config (as Hydra's ${now:}), so that a launcher's jobs in other processes (submitit, joblib)
+    # resolve the sweep directory the launcher made, and the resolver pickles by reference.
+    OmegaConf.register_new_resolver("unique", unique_suffix, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("run_name", run_name, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="gantrain_schema", node=Config)
     for group, options in SCHEMAS.items():

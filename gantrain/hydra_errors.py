@@ -4,22 +4,26 @@ Hydra prints its composition errors over several lines (and the job's OmegaConf 
 traceback); :func:`config_error` says the same in gantrain's format, ``key[=value]: what was wrong``
 plus what is allowed: the options of a group, the keys of a node and, for a key that is not
 there, the same name elsewhere in the config (``optim.g.betas`` -> ``optim.g.optimizer.betas``).
-:func:`gantrain.train.user_error` calls it for every exception that is not already a
-:class:`~gantrain.errors.GantrainError`.
+:func:`user_error`, the one way an exception becomes that line (the entry point, the build, the
+run's log file and the scripts use it), calls it for every exception that is not already a
+:class:`~gantrain.errors.GantrainError`; :func:`within` names the config node an object was built from.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 from typing import Any
 
 from hydra.errors import (
     CompactHydraException,
     ConfigCompositionException,
+    InstantiationException,
     MissingConfigException,
     OverrideParseException,
 )
+from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
@@ -30,7 +34,8 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from gantrain.errors import ConfigError
+from gantrain.errors import ConfigError, GantrainError
+from gantrain.files import FULL, NOT_WRITABLE, write_error
 
 # Cross-group interpolations all link model and data (data.resolution: ${model.resolution},
 # model.channels: ${data.channels}), so one that cannot resolve means the two options do not fit.
@@ -39,6 +44,50 @@ MODEL_DATA_HINT = (
     "image data an image model (dcgan, resnet, vae, vae_mlp, vaegan)"
 )
 TYPE_NAMES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "bool": "true or false"}
+
+
+def user_error(e: BaseException, node: str = "") -> GantrainError | None:
+    """The user-input error behind ``e``, if any, its key put under the config node that raised it.
+
+    Hydra wraps errors raised while instantiating and names the node (``full_key: loss.gp``);
+    ``node`` is the fallback for errors raised outside ``instantiate``. Hydra's errors about the
+    command line and config files (an unknown key or option, a value of the wrong type) become one
+    line too (:func:`config_error`).
+    """
+    while e is not None and not isinstance(e, GantrainError):
+        if isinstance(e, OSError) and e.errno in FULL | NOT_WRITABLE and e.filename:
+            e = write_error(e, e.filename)  # a full disk, a read-only run directory
+        elif isinstance(e, InstantiationException):
+            found = re.search(r"full_key: (\S+)\s*$", str(e))
+            node = found.group(1) if found else node
+            e = e.__cause__ if not isinstance(e.__cause__, TypeError) else unknown_argument(e, e.__cause__)
+        else:
+            e = config_error(e, node)  # Hydra's composition and OmegaConf's errors; None for anything else
+    return e.within(node) if isinstance(e, ConfigError) else e
+
+
+def unknown_argument(e: InstantiationException, cause: TypeError) -> ConfigError | None:
+    """A key in a YAML node without a schema (a user's own class) that its target does not take."""
+    key = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
+    target = re.search(r"Error in call to target '([\w.]+)'", str(e))
+    if key is None or target is None:
+        return None  # a TypeError inside the target: a bug, keep the traceback
+    try:
+        allowed = ", ".join(p for p in inspect.signature(get_object(target.group(1))).parameters if p != "self")
+    except (ValueError, TypeError, ImportError):
+        allowed = "see its signature"
+    return ConfigError(f"{key.group(1)}: not an argument of {target.group(1)}; it takes: {allowed}", key=key.group(1))
+
+
+def within(node: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; a user error it raises names its key under ``node``."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        err = user_error(e, node)
+        if err is None:
+            raise
+        raise err from None
 
 
 def config_error(e: BaseException, node: str = "") -> ConfigError | None:

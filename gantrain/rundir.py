@@ -1,4 +1,5 @@
-"""The run directory: one run at a time (an exclusive lock), and default names unique per launch.
+"""The run directory: one run at a time (an exclusive lock), default names unique per launch, the configs
+saved there, its ``train.log`` and the command that resumes it.
 
 A run holds ``<run_dir>/.lock`` (``fcntl.flock``) from before it checks or writes anything until
 it exits; the kernel drops the lock when the process dies, however it dies, so there is no stale
@@ -9,19 +10,28 @@ new one beside it).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
+import shlex
 import socket
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig, OmegaConf
 
 from gantrain.errors import GantrainError
 from gantrain.files import NOT_WRITABLE, write_error
+from gantrain.hydra_errors import user_error
 
 LOCK_NAME = ".lock"
+LOG_FILE = "train.log"
+log = logging.getLogger("gantrain")
 
 
 class RunDirectoryInUse(GantrainError):
@@ -85,6 +95,18 @@ def unique_suffix() -> str:
     return uuid.uuid4().hex[:6]
 
 
+def run_name(overrides: str, prefix: str = "") -> str:
+    """``hydra.job.override_dirname`` as one directory name (``${run_name:...}`` in train.yaml): ``prefix`` and the
+    overrides with path separators as ``_``; a long one is cut, with a hash of the whole so that it stays unique
+    and the same on every rerun (a sweep's ``trainer.resume=auto`` finds its jobs again). "" without overrides."""
+    if not overrides:
+        return ""
+    name = overrides.replace("/", "_").replace(os.sep, "_")
+    if len(name) > 120:
+        name = name[:100] + "_" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return prefix + name
+
+
 class CreateRunDirectory(HydraCallback):
     """Hydra callback (``hydra.callbacks`` in train.yaml): create the run (or sweep) directory before Hydra
     does, so that a directory that cannot be created (no permission, a read-only or missing mount) is one
@@ -108,3 +130,52 @@ class CreateRunDirectory(HydraCallback):
                 e.strerror or e,
             )
             raise SystemExit(1) from None
+
+
+def save_configs(cfg: DictConfig, run_dir: Path) -> None:
+    """``config.yaml`` (resolved: what actually ran; Hydra's copy keeps the ``${...}``) and, under Hydra,
+    the ``.hydra/`` files Hydra itself would have written before the run was checked (``hydra.output_subdir``
+    is null in train.yaml so that a refused run changes nothing in an existing directory)."""
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        (run_dir / ".hydra").mkdir(exist_ok=True)
+        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), run_dir / ".hydra" / "hydra.yaml")
+        OmegaConf.save(hydra_cfg.overrides.task, run_dir / ".hydra" / "overrides.yaml")
+
+
+@contextmanager
+def log_file(path: Path):
+    """Copy every log line to ``path`` (the run's ``train.log``, appended across resumes) inside the block,
+    in the console handler's format. Opened only after the run passed its checks."""
+    root = logging.getLogger()
+    handler = logging.FileHandler(path)
+    console = next((h for h in root.handlers if isinstance(h, logging.StreamHandler) and h.formatter), None)
+    fmt = console.formatter if console else logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s")
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    try:
+        yield
+    except Exception as e:
+        err = user_error(e)
+        if err is not None:  # a user error's one line goes into train.log too; the entry point won't repeat it
+            log.error("%s", err)
+            e.gantrain_logged = True  # type: ignore[attr-defined]
+        raise
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def stop_message(run_dir: Path, signal_name: str, step: int, max_steps: int) -> str:
+    """What a run stopped by a signal says: the step, its checkpoint and the command that continues it (the same
+    overrides, this directory, ``trainer.resume=auto``)."""
+    overrides = ["<the same overrides>"]
+    if HydraConfig.initialized():
+        task = HydraConfig.get().overrides.task
+        overrides = [o for o in task if not re.match(r"(trainer\.resume|hydra\.run\.dir)=", o)]
+    words = ["python", "-m", "gantrain", *overrides, f"hydra.run.dir={run_dir.resolve()}", "trainer.resume=auto"]
+    command = " ".join(w if w.startswith("<") else shlex.quote(w) for w in words)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    return f"stopped by {signal_name} after step {step}/{max_steps}; checkpoint: {ckpt}; resume with: {command}"

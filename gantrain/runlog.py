@@ -270,6 +270,7 @@ def standard_callbacks(
     settings,
     run_dir,
     *,
+    checkpoints: Checkpointing | None = None,
     sampler=None,
     evaluator=None,
     eval_tags: Sequence[str] = (),
@@ -288,7 +289,7 @@ def standard_callbacks(
     stream ``read_ahead`` when it reads files: see :func:`gantrain.readahead.drawn_ahead`)."""
     from gantrain.metrics.loop import Evaluation
 
-    checkpointing = Checkpointing(
+    checkpointing = checkpoints or Checkpointing(
         run_dir, settings.resume, config=config, is_main=is_main, keep=settings.keep_checkpoints, world_size=world_size
     )
     evaluation = []

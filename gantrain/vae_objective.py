@@ -29,7 +29,7 @@ from gantrain.losses import (
 from gantrain.objectives import GANObjective, Pictures
 from gantrain.perceptual import VGG16Features
 from gantrain.phase import Phase, Update
-from gantrain.sampling import interpolation_strip, reconstruction_grid
+from gantrain.pictures import interpolation_strip, reconstruction_grid
 from gantrain.state import Stateful
 from gantrain.stats import report
 

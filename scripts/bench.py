@@ -42,9 +42,10 @@ import torch
 from hydra.utils import instantiate
 
 from gantrain import allocator
+from gantrain.build import build
 from gantrain.events import Callback
 from gantrain.files import replace_marked_section
-from gantrain.train import build, compose_config
+from gantrain.train import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = {"dcgan": (20, 120), "wgan_gp": (20, 60), "vae": (20, 420)}  # (short, long) run of each recipe

@@ -30,9 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gantrain import distributed  # noqa: E402
+from gantrain.build import build  # noqa: E402
 from gantrain.events import Callback  # noqa: E402
 from gantrain.files import replace_marked_section  # noqa: E402
-from gantrain.train import build, compose_config  # noqa: E402
+from gantrain.train import compose_config  # noqa: E402
 
 WARMUP = 10  # steps left out of the median (allocator, DDP's bucket rebuild after the first step)
 

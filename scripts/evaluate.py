@@ -38,8 +38,8 @@ from gantrain import checkpoint as ckpt_io
 from gantrain import elbo
 from gantrain.data import DataError
 from gantrain.errors import ConfigError, GantrainError
+from gantrain.hydra_errors import user_error
 from gantrain.sampling import load_model
-from gantrain.train import user_error
 from gantrain.trainer import resolve_device
 
 _ABSENT = object()
@@ -150,8 +150,9 @@ def _is_vae(ckpt: dict) -> bool:
 
 def evaluate_samples(args: argparse.Namespace, ckpt: dict, data_cfg: DictConfig, device) -> dict:
     """FID/KID/PR of ``--num`` samples of the checkpoint's generator against its data or ``--reference``."""
+    from gantrain.metrics.evaluators import LOADING_KEYS
     from gantrain.metrics.suite import TAGS
-    from gantrain.train import LOADING_KEYS, compose_config
+    from gantrain.train import compose_config
 
     saved = ckpt["config"].get("metrics")
     metrics_cfg = (

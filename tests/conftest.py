@@ -9,7 +9,8 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from gantrain.train import CONFIG_DIR, compose_config
+from gantrain.config import CONFIG_DIR
+from gantrain.train import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))

@@ -23,12 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gantrain import distributed  # noqa: E402
 from gantrain.batch import Batch  # noqa: E402
+from gantrain.build import build  # noqa: E402
 from gantrain.data.common import derive_seed  # noqa: E402
 from gantrain.errors import GantrainError  # noqa: E402
 from gantrain.events import Callback  # noqa: E402
 from gantrain.objectives import GANObjective  # noqa: E402
 from gantrain.runlog import RunLog  # noqa: E402
-from gantrain.train import build  # noqa: E402
 from tests.conftest import make_cfg  # noqa: E402
 
 D_LOSS = GANObjective.d_loss

@@ -16,7 +16,7 @@ from gantrain.errors import ConfigError
 from gantrain.models import GenerativeModel
 from gantrain.models.mlp import Discriminator, Generator
 from gantrain.readahead import DrawnAhead
-from gantrain.train import build
+from gantrain.build import build
 from tests.conftest import make_cfg, shared_mnist
 
 

@@ -13,7 +13,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf.errors import MissingMandatoryValue
 
-from gantrain.train import CONFIG_DIR, compose_config, train
+from gantrain.config import CONFIG_DIR
+from gantrain.train import compose_config, train
 from tests.conftest import EXPERIMENTS, REPO, make_cfg
 
 # What every GAN run must log (the README and the issue name these tags).
@@ -223,7 +224,7 @@ def test_every_readme_command_trains_two_steps(tmp_path, overrides):
     command can still fail at run time); a command needing what this machine lacks stops with its
     one-line error. Multirun lines run their first value; ``--cfg job`` lines train too."""
     from gantrain.errors import GantrainError
-    from gantrain.train import user_error
+    from gantrain.hydra_errors import user_error
     from tests.conftest import TINY
 
     keys = {o.split("=")[0] for o in overrides}

@@ -17,12 +17,12 @@ import torch
 from torch.utils.data import Dataset
 
 from gantrain import runlog
+from gantrain.build import build
 from gantrain.cadence import Cadence
 from gantrain.data.stream import stack
 from gantrain.errors import ConfigError
 from gantrain.runlog import RunLog
 from gantrain.stats import Collector
-from gantrain.train import build
 from gantrain.trainer import TrainerSettings
 from tests.conftest import TINY, TINY_WIDTH, make_cfg
 

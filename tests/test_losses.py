@@ -234,7 +234,7 @@ def test_r1_passes_gradcheck_float64():
 
 
 def test_weight_clip_clamps_d_after_its_step_only(tmp_path):
-    from gantrain.train import build
+    from gantrain.build import build
     from tests.conftest import make_cfg
 
     cfg = make_cfg("+experiment=wgan", "trainer.max_steps=1", "optim.d.lr=0.5", "optim.g.lr=0.5")
@@ -333,7 +333,7 @@ def test_feature_matching_gradient_is_the_fm_term_alone():
 
 
 def test_gradient_penalties_refuse_a_batchnorm_critic(tmp_path):
-    from gantrain.train import build
+    from gantrain.build import build
     from tests.conftest import make_cfg
 
     for term in ("loss.gp.weight=10", "loss.r1.gamma=1"):

@@ -106,7 +106,7 @@ def test_library_and_direct_computation_agree_on_mnist_with_a_small_extractor(mn
         extractor=extractor, reference=str(folder), num_reference=150, cache_dir=str(tmp_path / "cache"),
         kid_subset_size=120, kid_subsets=1, batch_size=32,
     )  # fmt: skip
-    data = SimpleNamespace(channels=1, resolution=28)
+    data = SimpleNamespace(images=True, channels=1, resolution=28)
     real = metrics.reference_features(data)
     got = metrics.scores(real, features(extractor, fake_images, batch_size=50))
     with torch.no_grad():
@@ -127,7 +127,7 @@ def test_reference_features_are_cached_and_recomputed_when_images_or_extractor_c
     folder.mkdir()
     for i, f in enumerate(mnist_pngs(mnist_dir, 20, 2)):
         (folder / f"{i:03d}.png").write_bytes(f.read_bytes())
-    data, cache = SimpleNamespace(channels=1, resolution=28), tmp_path / "cache"
+    data, cache = SimpleNamespace(images=True, channels=1, resolution=28), tmp_path / "cache"
     make = lambda seed: Metrics(extractor=TinyFeatures(seed=seed), reference=str(folder), cache_dir=str(cache))  # noqa: E731
     first = make(0).reference_features(data)
     assert len(list(cache.glob("*.pt"))) == 1

@@ -16,10 +16,11 @@ import re
 import pytest
 import torch
 
+from gantrain.build import build
 from gantrain.errors import ConfigError, NonFiniteError
 from gantrain.events import Callback
 from gantrain.losses import BCELoss, GradientPenalty
-from gantrain.train import build, train
+from gantrain.train import train
 from gantrain.trainer import TrainerSettings
 from tests.conftest import TINY, TINY_WIDTH, make_cfg
 from tests.test_checkpoint import _assert_same_tensors

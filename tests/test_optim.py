@@ -18,9 +18,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 from torch import optim
 
+from gantrain.config import CONFIG_DIR
 from gantrain.errors import ConfigError
 from gantrain.optim import Lookahead, Schedule, implementation_kwargs, make_optimizer
-from gantrain.train import CONFIG_DIR, compose_config
+from gantrain.train import compose_config
 
 BASE_LR = 0.1
 TOTAL = 20

@@ -15,12 +15,12 @@ from torch import nn
 
 from gantrain import amp
 from gantrain.batch import Batch
+from gantrain.build import build
 from gantrain.checkpoint import trainer_state
 from gantrain.losses import GradientPenalty
 from gantrain.optim import Schedule, Update
 from gantrain.phase import Phase
 from gantrain.runlog import RunLog, standard_callbacks
-from gantrain.train import build
 from gantrain.trainer import Trainer, TrainerSettings
 from tests.conftest import make_cfg
 from tests.test_trainer import ListStream, one_weight_trainer

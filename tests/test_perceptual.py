@@ -9,10 +9,10 @@ import pytest
 import torch
 from torchvision.models import VGG16_Weights
 
+from gantrain.build import build
 from gantrain.errors import ConfigError
 from gantrain.perceptual import PerceptualMatching, VGG16Features
 from gantrain.stats import Collector, collecting
-from gantrain.train import build
 from tests.conftest import make_cfg
 
 

@@ -18,12 +18,12 @@ import torch.nn.functional as F
 
 from gantrain import allocator, runlog
 from gantrain.batch import Batch
+from gantrain.build import build
 from gantrain.errors import NonFiniteError
 from gantrain.events import Callback
 from gantrain.files import WriteError
 from gantrain.runlog import RunLog
 from gantrain.stats import FOLD, Collector
-from gantrain.train import build
 from tests.conftest import REPO, make_cfg
 from tests.test_nonfinite import AtStep, checkpoint_files, nan_in_adversarial_term
 
@@ -250,7 +250,8 @@ STEP_FAULTS = """
 import resource, sys, tempfile, torch
 from gantrain.allocator import keep_freed_memory
 from gantrain.stats import collecting
-from gantrain.train import build, compose_config
+from gantrain.build import build
+from gantrain.train import compose_config
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 torch.set_num_threads(1)

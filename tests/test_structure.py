@@ -15,8 +15,8 @@ import yaml
 from hydra.utils import get_object
 from omegaconf import OmegaConf
 
-from gantrain.config import SCHEMAS
-from gantrain.train import CONFIG_DIR, compose_config, monitored, train
+from gantrain.config import CONFIG_DIR, SCHEMAS
+from gantrain.train import compose_config, monitored, train
 from tests.conftest import TINY, TINY_WIDTH, make_cfg
 from tests.test_cli import run_cli
 
@@ -376,8 +376,9 @@ def test_a_checkpoint_from_before_the_rename_still_resumes(tmp_path):
     ],
 )
 def test_a_message_that_names_its_node_is_not_prefixed_twice(tmp_path, overrides, line):
+    from gantrain.build import build
     from gantrain.errors import ConfigError
-    from gantrain.train import build, user_error
+    from gantrain.hydra_errors import user_error
 
     with pytest.raises(Exception) as e:
         build(make_cfg(*overrides), tmp_path)
@@ -393,3 +394,16 @@ def test_the_readme_key_change_old_optimizer_spelling_fails_new_one_works():
         compose_config("optim.d.betas=[0,0.9]")
     cfg = compose_config("optim.d.lr=4e-4", "optim.d.optimizer.betas=[0,0.9]")
     assert cfg.optim.d.lr == 4e-4 and list(cfg.optim.d.optimizer.betas) == [0, 0.9]
+
+
+def test_the_entry_point_is_small_and_the_build_does_not_probe():
+    """train.py is the entry point only; the build asks what parts declare (no hasattr/getattr/inspect); an
+    objective, a loss or a picture imports no Hydra."""
+    package = Path(__file__).resolve().parents[1] / "gantrain"
+    assert len((package / "train.py").read_text().splitlines()) <= 150
+    for module in ("build.py", "metrics/evaluators.py"):
+        text = (package / module).read_text()
+        assert not re.search(r"\bhasattr\(|\bgetattr\(|\binspect\b", text), module
+    modules = "gantrain.objectives, gantrain.vae_objective, gantrain.losses, gantrain.perceptual, gantrain.pictures"
+    code = f"import sys, {modules}; print('hydra' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -366,3 +366,15 @@ def test_normalize_maps_points_to_unit_extent_and_back():
     torch.testing.assert_close(grid.render(model_points), raw.render(grid.centers))
     b = next(raw.stream(seed=0)).x
     torch.testing.assert_close(next(grid.stream(seed=0)).x * 4.0, b)
+
+
+def test_a_mixture_stream_refuses_to_be_split_between_processes():
+    """The 2-D mixtures have no rank: their stream says so itself, in the one line build() used to raise."""
+    line = (
+        "data: Ring cannot be split between 2 processes (its stream has no rank); train it in one process, "
+        "or use image data (digits, mnist, folder, ...)"
+    )
+    with pytest.raises(ConfigError) as raised:
+        Ring().stream(seed=0, world_size=2)
+    assert str(raised.value) == line
+    assert next(Ring().stream(seed=0, rank=0, world_size=1)).x.shape == (256, 2)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from gantrain.build import build
 from gantrain.errors import ConfigError
 from gantrain.events import Callback
 from gantrain.phase import Phase, Update
 from gantrain.runlog import standard_callbacks
-from gantrain.train import build
 from gantrain.trainer import Trainer, TrainerSettings, resolve_device
 from tests.conftest import make_cfg
 

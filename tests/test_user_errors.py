@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from gantrain import checkpoint as ckpt_io
-from gantrain import sampling
+from gantrain import pictures, sampling
 from gantrain.data import BatchStream, DataError, ImageFolder
 from gantrain.errors import GantrainError
 from gantrain.sampling import generate, load_model
@@ -334,7 +334,7 @@ def test_sample_script_writes_a_folder_batch_by_batch(paths, tmp_path, monkeypat
     written = sampling.sample_to(model, tmp_path / "out", 10, seed=1, batch_size=4, progress=False)
     assert seen == [0, 4, 8]  # PNGs on disk when each batch was decoded
     assert [p.name for p in written] == [f"{i:06d}.png" for i in range(10)]
-    expected = sampling.to_uint8(generate(model, 10, seed=1))
+    expected = pictures.to_uint8(generate(model, 10, seed=1))
     for path, pixels in zip(written, expected):
         assert np.array_equal(np.asarray(Image.open(path))[..., None], pixels)
 

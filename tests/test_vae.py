@@ -14,10 +14,12 @@ from torch import nn
 from torchvision.models import VGG16_Weights
 
 from gantrain.batch import Batch
+from gantrain.build import build
 from gantrain.errors import ConfigError
+from gantrain.hydra_errors import user_error
 from gantrain.models.vae import VAE, MLPDecoder, MLPEncoder
 from gantrain.stats import Collector, collecting
-from gantrain.train import build, train, user_error
+from gantrain.train import train
 from gantrain.vae_objective import BernoulliRecon, GaussianRecon, VAEObjective
 from tests.conftest import REPO, make_cfg
 

@@ -6,14 +6,15 @@
 - `mixtures`: the 2-D Gaussian mixtures `Ring` (ring8) and `Grid` (grid25), points, not images;
 - `stream`: `BatchStream`, the resumable image stream whose order is a pure function of
   (seed, epoch, rank);
-- `binarization`: stochastic binarization (`binarize`); `common`: `DataError` and `derive_seed`, the one seeding scheme.
+- `binarization`: stochastic binarization (`binarize`); `common`: `DataOption` (what an option declares),
+  `DataError` and `derive_seed`, the one seeding scheme.
 
 Every option's `stream(seed, device, rank=0, world_size=1)` yields `gantrain.batch.Batch`es: images in [-1, 1]
 (or 2-D points) and their class labels, if the data has any; `num_classes` says how many (0: none).
 """
 
 from gantrain.data.binarization import binarize
-from gantrain.data.common import DataError, derive_seed
+from gantrain.data.common import DataError, DataOption, derive_seed
 from gantrain.data.folder import ImageFolder, image_files
 from gantrain.data.images import Digits, ImageData
 from gantrain.data.mixtures import Grid, Mixture, MixtureStream, Ring, mode_metrics
@@ -23,6 +24,7 @@ from gantrain.data.stream import BatchStream, TensorImages
 __all__ = [
     "BatchStream",
     "DataError",
+    "DataOption",
     "Digits",
     "Grid",
     "ImageData",

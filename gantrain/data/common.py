@@ -1,10 +1,32 @@
-"""What every data module shares: its error type and the one seeding scheme."""
+"""What every data module shares: what a `data=` option declares, its error type and the one seeding scheme."""
 
 from __future__ import annotations
 
 import hashlib
 
 from gantrain.errors import GantrainError
+
+
+class DataOption:
+    """What every `data=` option declares (a user's own option subclasses this); the build reads these, it never
+    probes. Every option has ``batch_size``, ``stream(seed, device, rank=0, world_size=1)``, ``render(samples)``
+    and ``to_data_units(samples)``.
+
+    ``images``: its samples are images, so FID/KID/PR apply (they read ``training_dataset()``);
+    ``channels``/``resolution`` (images) or ``dim`` (vectors): the sample shape a model must be built for;
+    ``holdout``: images ``heldout()`` returns (a VAE's held-out ELBO); ``metric_tags``: what its own
+    ``evaluate(samples)`` reports on ``num_eval_samples`` generated samples (none: it has no metric of its own);
+    ``num_classes``: the class labels its batches carry (0: none, every ``Batch.y`` is None).
+    """
+
+    images = False
+    num_classes = 0
+    channels: int | None = None
+    resolution: int | None = None
+    dim: int | None = None
+    holdout = 0
+    metric_tags: tuple[str, ...] = ()
+    num_eval_samples = 0
 
 
 class DataError(GantrainError):

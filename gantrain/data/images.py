@@ -13,6 +13,7 @@ from torch.utils.data import Dataset, Subset
 
 from gantrain import checks
 from gantrain.data.binarization import MODES, static_binarized
+from gantrain.data.common import DataOption
 from gantrain.data.stream import BatchStream, TensorImages, stack
 
 
@@ -41,7 +42,7 @@ def _images_between(dataset: Dataset, start: int, stop: int, *, binarized: bool)
     return dataset
 
 
-class ImageData(abc.ABC):
+class ImageData(DataOption, abc.ABC):
     """Base for every image `data=` option: how to build the dataset, plus loader settings.
 
     Args:
@@ -57,11 +58,9 @@ class ImageData(abc.ABC):
             from (stream seed, epoch, batch), reproducibly and resumably (see `BatchStream`).
         holdout: hold out the last `holdout` images of the dataset (in file order) for evaluation:
             the training stream never sees them and `heldout()` returns them.
-
-    `num_classes`: how many class labels the data has (0: none, every `Batch.y` is None).
     """
 
-    num_classes = 0
+    images = True
 
     def __init__(
         self,
@@ -151,7 +150,7 @@ class ImageData(abc.ABC):
 
     def render(self, samples: torch.Tensor) -> torch.Tensor:
         """Generated images ``(N, C, R, R)`` in [-1, 1] -> the sample grid ``(3, H, W)`` in [0, 1]."""
-        from gantrain.sampling import sample_grid
+        from gantrain.pictures import sample_grid
 
         return sample_grid(samples.float().cpu())
 

@@ -22,7 +22,7 @@ import torch
 
 from gantrain import checks
 from gantrain.batch import Batch
-from gantrain.data.common import DataError, derive_seed
+from gantrain.data.common import DataError, DataOption, derive_seed
 from gantrain.errors import ConfigError
 
 __all__ = ["Grid", "Mixture", "MixtureStream", "Ring", "mode_metrics"]
@@ -133,7 +133,7 @@ class MixtureStream:
         self.batches = batches
 
 
-class Mixture(abc.ABC):
+class Mixture(DataOption, abc.ABC):
     """Base of the 2-D Gaussian-mixture `data=` options: equal-weight isotropic modes at `centers`.
 
     Args:
@@ -150,6 +150,7 @@ class Mixture(abc.ABC):
     """
 
     dim = 2  # the size of a sample: what the model's `dim` must be
+    metric_tags = ("toy/modes", "toy/hq")  # what `evaluate` reports
 
     def __init__(self, *, batch_size: int, std: float, num_eval_samples: int = 2500, normalize: bool = True):
         self.batch_size = checks.integer("batch_size", batch_size, at_least=1)

@@ -133,7 +133,7 @@ class Metrics:
 
     def _reference_images(self, data: Any, data_key: dict | None) -> tuple[Sequence[torch.Tensor], dict]:
         """(the reference images as a dataset of (C, R, R) tensors, what identifies them)."""
-        if not hasattr(data, "resolution") or not hasattr(data, "channels"):
+        if not data.images:
             checks.fail("metrics", "on", f"used with image data; {type(data).__name__} has no images")
         if self.reference is not None:
             from gantrain.data import DataError, ImageFolder

@@ -10,6 +10,7 @@ from torch import nn
 from gantrain.batch import Latents
 from gantrain.errors import ConfigError
 from gantrain.models.init import initialize
+from gantrain.models.vae import VAE
 
 
 def _same(samples: torch.Tensor) -> torch.Tensor:
@@ -31,6 +32,9 @@ class GenerativeModel(nn.Module):
         dim: the vector size of non-image samples (MLP models), checked against ``g.dim`` and
             ``d.dim`` the same way; ``None`` skips the check.
         latent_dim: the VAE's latent size, checked against ``g.latent_shape``; ``None`` skips the check.
+
+    Attributes: ``g``, ``d`` (None without one), ``resolution``, ``channels``, ``dim`` as given, and ``encodes``:
+    ``g`` is a :class:`~gantrain.models.vae.VAE` (it encodes images, so held-out images have an ELBO).
     """
 
     def __init__(
@@ -73,6 +77,7 @@ class GenerativeModel(nn.Module):
                 )
         self.g, self.d = initialize(g, init), (None if d is None else initialize(d, init))
         self.resolution, self.channels, self.dim = resolution, channels, dim
+        self.encodes = isinstance(self.g, VAE)
         # What generate() applies to samples that leave gantrain: the data option's to_data_units,
         # set by whoever pairs the model with its data (train.build, sampling.load_model).
         self.to_data_units: Callable[[torch.Tensor], torch.Tensor] = _same

@@ -1,0 +1,152 @@
+"""Building a run from a composed config: instantiate -> model, objective, updates, phases, data, stream,
+evaluators, callbacks -> the :class:`~gantrain.trainer.Trainer`.
+
+With the entry point (:mod:`gantrain.train`, which composes), this is the only code that reads the config. What a
+part offers is what it declares: the objective its ``networks``, the model its networks, sample shape and
+``encodes``, the data option what :class:`~gantrain.data.common.DataOption` lists.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from gantrain import distributed
+from gantrain.checkpoint import Checkpointing
+from gantrain.errors import ConfigError
+from gantrain.hydra_errors import within
+from gantrain.metrics.evaluators import LOADING_KEYS, evaluators
+from gantrain.provenance import code_version, command_line, hparams_row
+from gantrain.readahead import drawn_ahead
+from gantrain.runlog import standard_callbacks
+from gantrain.trainer import Trainer, resolve_device
+
+log = logging.getLogger("gantrain")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+@dataclass(frozen=True)
+class Run:
+    """A built run: its trainer, the callback that resumes and saves it, and what a signal handler tells to stop
+    (the trainer; under DDP the rank agreement, which stops every rank after the same step)."""
+
+    trainer: Trainer
+    checkpoints: Checkpointing
+    stopper: Any
+
+
+def build(cfg: DictConfig, run_dir: str | Path, group: distributed.Group = distributed.SINGLE) -> Trainer:
+    """:func:`assemble`'s trainer."""
+    return assemble(cfg, run_dir, group).trainer
+
+
+def assemble(cfg: DictConfig, run_dir: str | Path, group: distributed.Group = distributed.SINGLE) -> Run:
+    """Instantiate model, objective, per-network updates, data and Trainer from a composed config.
+
+    Under ``torchrun`` (``group``: this rank's place) every rank builds the same model from the same seed,
+    draws its own shard of the data and trains through DDP wrappers (:mod:`gantrain.distributed`).
+
+    The build flows one way: each ``optim.<net>`` node instantiates to a complete
+    :class:`~gantrain.optim.NetworkOptim`, the objective turns the model and those updates into
+    complete phases, and the objective also says which pictures a run shows.
+    """
+    seed_everything(cfg.seed)
+    settings = within("trainer", instantiate, cfg.trainer)
+    device = resolve_device(settings.device)
+    model = within("model", instantiate, cfg.model).to(device)  # device placement happens here and only here
+    objective = within("loss", instantiate, cfg.loss).to(device)  # fixed networks inside terms (VGG) move too
+    networks = objective.networks
+    missing = [n for n in networks if n not in cfg.optim]
+    if missing:
+        raise ConfigError(f"optim: {type(objective).__name__} trains {list(networks)} but optim has no {missing}")
+    nets = dict(model.named_children())  # the model's networks: g, and d unless it is null
+    absent = [n for n in networks if n not in nets]
+    if absent:
+        raise ConfigError(
+            f"loss: {type(objective).__name__} trains {list(networks)} but the model has no {absent} "
+            f"(model.{absent[0]} is null); pick a model with that network, or a loss for the ones it has"
+        )
+    unused = [n for n in cfg.optim if n not in networks]
+    if unused:
+        log.info("optim.%s: not used, %s trains only %s", "/".join(unused), type(objective).__name__, list(networks))
+    build_update = lambda n: instantiate(cfg.optim[n]).build(nets[n].parameters(), device)  # noqa: E731
+    updates = {name: within(f"optim.{name}", build_update, name) for name in networks}
+    phases = within("loss", objective.phases, model, updates, n_critic=settings.n_critic)
+    data = within("data", instantiate, cfg.data)
+    check_fit(model, data)
+    model.to_data_units = data.to_data_units  # what generate() hands out: the data's own units
+    # reads the dataset (holdout, batch size); a data option that cannot be split between ranks says so
+    stream = within("data", data.stream, seed=cfg.seed, device=device, rank=group.rank, world_size=group.world_size)
+    if group.distributed:
+        phases = within("trainer.ddp", distributed.replicate, model, phases, settings.ddp, device)
+    data_stream, stream = stream, drawn_ahead(stream)  # a stream that reads files reads each step's batches ahead
+    # Fixed noise from its own generators: sample grids and evaluation never consume the training RNG.
+    fixed_noise = model.noise(settings.num_samples, device, generator=torch.Generator(device).manual_seed(cfg.seed))
+    resolved: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    metrics = None
+    if cfg.get("metrics") is not None:
+        if not data.images:
+            raise ConfigError(f"metrics: FID/KID/PR compare images, and {type(data).__name__} has none; drop metrics=")
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # an init draws no training RNG
+            metrics = within("metrics", instantiate, cfg.metrics).to(device)
+    data_key = {k: v for k, v in resolved["data"].items() if k not in LOADING_KEYS}
+    evaluation, eval_tags = evaluators(model, data, device, cfg.seed, metrics, data_key, resolved["loss"])
+    checkpoints = Checkpointing(
+        run_dir, settings.resume, resolved, group.is_main, settings.keep_checkpoints, group.world_size
+    )  # fmt: skip
+    callbacks = standard_callbacks(
+        settings,
+        run_dir,
+        checkpoints=checkpoints,
+        sampler=objective.sampler(model, data.render, fixed_noise, data_stream),
+        # rank 0 only; the other ranks wait for it at their next collective (gantrain.distributed)
+        evaluator=(lambda: {k: v for e in evaluation for k, v in e().items()}) if evaluation else None,
+        eval_tags=eval_tags,
+        config=resolved,
+        hparams=hparams_row(cfg),
+        about={"command": command_line(), "code": code_version()},
+        is_main=group.is_main,
+        read_ahead=stream if stream is not data_stream else None,
+    )
+    first = last = None
+    if group.distributed:
+        first, last = distributed.callbacks(group, cfg.seed, settings.ddp)
+        callbacks = [first, *callbacks, last]
+    trainer = Trainer(
+        settings,
+        model=model,
+        phases=phases,
+        data=stream,
+        callbacks=callbacks,
+        world_size=group.world_size,
+        state=objective.state_parts(),
+    )
+    return Run(trainer, checkpoints, first or trainer)
+
+
+def check_fit(model: Any, data: Any) -> None:
+    """The model is built for the data's sample shape (by default the data's resolution and the model's
+    channels follow the other; an override of one side alone would fail as a shape error mid-step)."""
+    shapes = {"resolution": (model.resolution, data.resolution), "channels": (model.channels, data.channels)}
+    for key, (want, have) in shapes.items():
+        if want is not None and have is not None and want != have:
+            raise ConfigError(
+                f"data.{key}={have!r} but model.{key}={want!r}: the model is built for other images; make them "
+                "equal (data.resolution follows model.resolution and model.channels data.channels by default)"
+            )
+    want, have = model.dim, data.dim
+    if want is not None and have is not None and want != have:
+        raise ConfigError(f"model.dim={want!r}: must be {have}, the size of a sample of {type(data).__name__}")

@@ -1,0 +1,53 @@
+"""The evaluators of a run, in one place: what ``trainer.eval_every_n_steps`` computes (a new evaluator goes here).
+
+The build (:mod:`gantrain.build`) reads the config and hands over typed parts; :func:`evaluators` wires what the
+model and the data declare: the data's own metric (``data.metric_tags``: the 2-D mixtures' modes), ``metrics=``'s
+FID/KID/PR on samples and a VAE's held-out ELBO (``model.encodes`` and ``data.holdout``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from gantrain import elbo
+from gantrain.hydra_errors import within
+
+# data keys that change how the images are loaded, not which: not part of the reference features' cache key
+LOADING_KEYS = ("batch_size", "num_workers", "in_memory", "download", "skip_corrupt", "root")
+
+
+def evaluators(
+    model, data, device: torch.device, seed: int, metrics, data_key: dict, loss: Mapping
+) -> tuple[list[Callable[[], dict[str, float]]], list[str]]:
+    """(the evaluators of this run, the names they report): the data's own metric, ``metrics``' FID/KID/PR on
+    samples (None: no ``metrics=``; the reference features are computed, or read from the cache, now: before
+    training; ``data_key``: their cache key) and a VAE's held-out ELBO (``loss``: the run's resolved loss settings,
+    which name its likelihood). Each draws its own fixed noise: none touches the training RNG."""
+    evaluators: list[Callable[[], dict[str, Any]]] = []
+    tags: list[str] = []
+    if data.metric_tags:  # 2-D mixtures: modes covered, % high-quality samples
+        noise = model.noise(data.num_eval_samples, device, generator=torch.Generator(device).manual_seed(seed + 1))
+        evaluators.append(lambda: data.evaluate(model.sample(noise)))
+        tags += data.metric_tags
+    if metrics is not None:
+        within("metrics", metrics.reference_features, data, data_key)
+        evaluators.append(lambda: metrics.evaluate(model, data, data_key))
+        tags += metrics.tags
+    if model.encodes and data.holdout > 0:
+        heldout = within("data", data.heldout, device)
+        likelihood = elbo.likelihood_of_loss(loss)
+
+        def heldout_elbo() -> dict[str, float]:
+            generator = torch.Generator(device).manual_seed(seed + 2)
+            batches = heldout.split(data.batch_size)
+            nll = elbo.evaluate_nll(
+                model.g, batches, k=1, log_likelihood=likelihood, progress=False, generator=generator
+            )
+            return {"metrics/elbo": nll["elbo"]}
+
+        evaluators.append(heldout_elbo)
+        tags.append("metrics/elbo")
+    return evaluators, tags
