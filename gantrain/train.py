@@ -30,7 +30,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gantrain import distributed
+from gantrain import distributed, speed
 from gantrain.allocator import keep_freed_memory
 from gantrain.checkpoint import Checkpointing
 from gantrain.config import register
@@ -130,12 +130,15 @@ def build(cfg: DictConfig, run_dir: str | Path, group: distributed.Group = distr
         stream = within("data", data.stream, seed=cfg.seed, device=device)  # reads the dataset: holdout, batch size
     elif "world_size" in inspect.signature(data.stream).parameters:
         stream = within("data", data.stream, seed=cfg.seed, device=device, rank=group.rank, world_size=group.world_size)
-        phases = within("trainer.ddp", distributed.replicate, model, phases, settings.ddp, device)
     else:
         raise ConfigError(
             f"data: {type(data).__name__} cannot be split between {group.world_size} processes (its stream "
             "has no rank); train it in one process, or use image data (digits, mnist, folder, ...)"
         )
+    # trainer.compile/channels_last/matmul_precision; before DDP, which keeps the parameters' memory format
+    stream = within("trainer", speed.apply, settings, model, objective, stream, device)
+    if group.distributed:
+        phases = within("trainer.ddp", distributed.replicate, model, phases, settings.ddp, device)
     # Fixed noise from its own generators: sample grids and evaluation never consume the training RNG.
     fixed_noise = model.noise(settings.num_samples, device, generator=torch.Generator(device).manual_seed(cfg.seed))
     evaluators, eval_tags = evaluation(cfg, model, data, device)
@@ -205,6 +208,9 @@ def hparams_row(cfg: DictConfig) -> dict[str, Any]:
     """The hparams table's row: the recipe, the seed and the keys overridden on the command line (of a multirun,
     the swept ones: an override every job shares is no column), with their values as they ran."""
     row: dict[str, Any] = {"experiment": cfg.experiment_name, "seed": cfg.seed}
+    # what a float32 matmul/convolution computes with (speed.apply set both for this run): a column in every run
+    row["trainer.matmul_precision"] = OmegaConf.select(cfg, "trainer.matmul_precision", default="highest")
+    row["cudnn.benchmark"] = bool(torch.backends.cudnn.benchmark)
     if not HydraConfig.initialized():
         return row
     from hydra.core.override_parser.overrides_parser import OverridesParser

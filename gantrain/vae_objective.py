@@ -156,6 +156,10 @@ class VAEObjective(nn.Module):
             )
         self.terms = nn.ModuleDict(active)
 
+    def double_backward_networks(self) -> dict[str, tuple[str, ...]]:
+        """None: the negative ELBO needs no input gradient (see :meth:`GANObjective.double_backward_networks`)."""
+        return {}
+
     def phases(self, model: nn.Module, updates: Mapping[str, Update], n_critic: int = 1) -> list[Phase]:
         _check_likelihood(model.g, self.terms)
         return [Phase.of("VAE", model.g, updates["g"], partial(self.loss, model.g), counts_as_step=True)]
