@@ -7,7 +7,8 @@ networks are built and on the device.
   Python state (the step, the stats sink) that changes every step. A network that a phase's loss takes a double
   backward through (gradient penalty, R1: the objective declares them, ``double_backward_networks()``) stays
   eager: torch.compile's autograd does not support double backward (on the torch this was written with it
-  raises; an open PyTorch report has WGAN-GP silently losing the penalty's gradient).
+  raises; an open PyTorch report has WGAN-GP silently losing the penalty's gradient). A network with spectral
+  norm stays eager too: its power iteration updates buffers in place that the compiled backward has saved.
 * channels_last: the networks' 4-D weights and every 4-D batch the Trainer draws in NHWC memory format (the
   layout tensor-core convolutions want); 2-D points and MLP weights are untouched.
 * matmul_precision: :func:`torch.set_float32_matmul_precision` (``high``/``medium``: TF32/bf16 internal matmuls
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import _SpectralNorm  # gantrain's spectral norm (models.layers)
 
 from gantrain.errors import ConfigError
 
@@ -59,6 +61,9 @@ def compile_networks(model: nn.Module, objective: Any, mode: str) -> list[str]:
             "its losses take input gradients through, which must stay eager); add it, or set trainer.compile=false"
         )
     eager = objective.double_backward_networks()
+    # dynamo caches graphs per forward code object: each variant of a network (frozen, no_grad for the sample grid,
+    # eval) and every instance of its class count against one recompile limit (8), past which it silently runs eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     compiled = []
     for name in getattr(objective, "networks", ("g", "d")):
         net = getattr(model, name, None)
@@ -70,6 +75,13 @@ def compile_networks(model: nn.Module, objective: Any, mode: str) -> list[str]:
             log.info(
                 "trainer.compile: %s stays eager: %s %s a double backward through it, which torch.compile does not "
                 "support", name, terms, takes,
+            )
+            continue
+        if any(isinstance(m, _SpectralNorm) for m in net.modules()):
+            log.info(
+                "trainer.compile: %s stays eager: its spectral norm updates its power-iteration vectors in place in "
+                "the forward, which a compiled backward finds modified (one of the variables needed for gradient "
+                "computation has been modified by an inplace operation)", name,
             )
             continue
         # a network whose loss calls other methods than forward (a VAE: encode/decode) names the parts to compile

@@ -86,7 +86,13 @@ def test_a_switch_trains_the_eager_weights(eager, tmp_path, experiment, switch):
 @pytest.mark.slow  # compiling G and D forward and backward: about a minute a recipe on 2 busy cores
 @pytest.mark.parametrize("experiment", RECIPES)
 def test_compile_trains_the_eager_weights(eager, tmp_path, experiment):
+    from torch._dynamo.utils import counters
+
+    eager(experiment)
+    torch._dynamo.reset()  # no graph or recompile count left from another test
+    counters.clear()
     assert_same_training(eager, tmp_path, experiment, "trainer.compile=true")
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["recompile_limit"]  # compiled, no eager fallback
 
 
 def test_the_switches_are_off_by_default_and_checked():
@@ -130,6 +136,14 @@ def test_compile_keeps_a_gradient_penalty_critic_eager_and_says_so_once(tmp_path
     assert compiled(trainer.model.g) and not compiled(trainer.model.d)
     keys = build(make_cfg("+experiment=wgan_gp"), tmp_path / "eager").model.state_dict().keys()
     assert trainer.model.state_dict().keys() == keys  # checkpoints load with compile on or off
+
+
+def test_compile_keeps_a_spectral_norm_critic_eager_and_says_so_once(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="gantrain")
+    trainer = build(make_cfg("+experiment=hinge_sngan", "trainer.compile=true"), tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("trainer.compile")]
+    assert len(lines) == 1 and lines[0].startswith("trainer.compile: d stays eager: its spectral norm updates")
+    assert compiled(trainer.model.g) and not compiled(trainer.model.d)
 
 
 def test_compile_covers_a_vaes_encoder_and_decoder(tmp_path):
@@ -194,6 +208,7 @@ def test_this_torch_cannot_double_backward_through_a_compiled_critic():
     compiled critic's penalty gradients are to be compared with the eager ones here before letting it compile."""
     d, real, fake = tiny_critic()
     want = critic_gradients(d, real, fake)
+    torch._dynamo.reset()  # past another test's recompile limit the critic would silently run eager
     d.compile()
     try:
         got = critic_gradients(d, real, fake)
