@@ -218,3 +218,28 @@ def test_this_torch_cannot_double_backward_through_a_compiled_critic():
         assert not all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(got, want)), (
             "this torch gets the compiled critic's penalty gradients right: trainer.compile could compile it"
         )
+
+
+def test_a_run_resumes_with_compile_or_channels_last_changed_but_not_matmul_precision(tmp_path):
+    """compile and channels_last change how the same float32 arithmetic runs; TF32/bf16 matmuls change the
+    arithmetic, as trainer.precision does."""
+    tiny = ["+experiment=dcgan", "trainer.checkpoint_every_n_steps=1000", "trainer.sample_every_n_steps=1000"]
+    train(make_cfg(*tiny), tmp_path)
+    train(make_cfg(*tiny, "trainer.max_steps=3", "trainer.resume=auto", "trainer.channels_last=true"), tmp_path)
+    with pytest.raises(Exception, match=r"trainer.matmul_precision"):
+        train(make_cfg(*tiny, "trainer.max_steps=4", "trainer.resume=auto", "trainer.matmul_precision=high"), tmp_path)
+    torch.set_float32_matmul_precision("highest")
+    from omegaconf import OmegaConf
+
+    from gantrain.checkpoint import check_same_run
+
+    saved = OmegaConf.to_container(make_cfg(*tiny), resolve=True)
+    check_same_run({"config": saved}, {**saved, "trainer": {**saved["trainer"], "compile": "max-autotune"}}, "ckpt")
+
+
+def test_the_hparams_row_records_matmul_precision_and_cudnn_benchmark(tmp_path):
+    from gantrain.train import hparams_row
+
+    cfg = make_cfg("+experiment=dcgan", "trainer.matmul_precision=high")
+    row = hparams_row(cfg)
+    assert row["trainer.matmul_precision"] == "high" and row["cudnn.benchmark"] is False  # CPU: no cuDNN
