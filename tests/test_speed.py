@@ -30,7 +30,9 @@ from tests.conftest import make_cfg
 
 RECIPES = ("dcgan", "hinge_sngan", "vae", "wgan_gp")
 STEPS = 5
-SAME = 2e-2  # ||w_switch - w_eager|| / ||w_eager - w_init|| over every float tensor of the model (float32)
+# ||w_switch - w_eager|| / ||w_eager - w_init|| over every float tensor of the model (float32). Measured on a CPU
+# (torch 2.14): dcgan <= 7e-8, vae <= 6e-6, wgan_gp <= 1.2e-4, hinge_sngan <= 7.8e-4 (its conv biases before BatchNorm)
+SAME = 5e-3
 QUIET = ["seed=0", f"trainer.max_steps={STEPS}", "trainer.checkpoint_every_n_steps=1000",
          "trainer.sample_every_n_steps=1000", "trainer.log_every_n_steps=1000"]
 
