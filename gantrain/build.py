@@ -19,7 +19,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from gantrain import distributed
+from gantrain import distributed, speed
 from gantrain.checkpoint import Checkpointing
 from gantrain.errors import ConfigError
 from gantrain.hydra_errors import within
@@ -90,6 +90,8 @@ def assemble(cfg: DictConfig, run_dir: str | Path, group: distributed.Group = di
     model.to_data_units = data.to_data_units  # what generate() hands out: the data's own units
     # reads the dataset (holdout, batch size); a data option that cannot be split between ranks says so
     stream = within("data", data.stream, seed=cfg.seed, device=device, rank=group.rank, world_size=group.world_size)
+    # trainer.compile/channels_last/matmul_precision; before DDP, which keeps the parameters' memory format
+    stream = within("trainer", speed.apply, settings, model, objective, stream, device)
     if group.distributed:
         phases = within("trainer.ddp", distributed.replicate, model, phases, settings.ddp, device)
     data_stream, stream = stream, drawn_ahead(stream)  # a stream that reads files reads each step's batches ahead

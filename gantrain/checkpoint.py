@@ -122,6 +122,10 @@ MAY_CHANGE_ON_RESUME = (
     "trainer.on_nonfinite",
     "trainer.max_consecutive_skips",
     "trainer.detect_anomaly",
+    # how the same float32 arithmetic runs (kernels, fusion, memory layout: rounding may differ, as on another
+    # trainer.device); trainer.matmul_precision is not here: TF32/bf16 matmuls are less exact arithmetic, as precision
+    "trainer.compile",
+    "trainer.channels_last",
     "data.root",  # where a downloadable dataset is cached, not which one
     "data.download",
     "data.num_workers",  # how batches are loaded, not which (the stream's order does not depend on them)

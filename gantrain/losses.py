@@ -130,6 +130,7 @@ class Penalty:
 
     every: int = 1
     per_sample_gradient: bool = False  # True: needs D(x_i) to depend on x_i only (no BatchNorm in D)
+    double_backward: bool = False  # True: D's loss backpropagates through D's input gradient (keeps D eager)
 
     @property
     def active(self) -> bool:
@@ -160,7 +161,7 @@ class GradientPenalty(Penalty):
     taken with ``create_graph=True`` so the penalty itself is differentiable w.r.t. D's weights.
     """
 
-    per_sample_gradient = True
+    per_sample_gradient = double_backward = True
 
     def __init__(self, weight: float = 0.0, center: float = 1.0, every: int = 1):
         checks.integer("every", every, at_least=1, hint=LAZY)
@@ -185,7 +186,7 @@ class GradientPenalty(Penalty):
 class R1Penalty(Penalty):
     """R1 (Mescheder et al. 2018): ``gamma / 2 * E[||grad_x D(x)||^2]`` on real data only."""
 
-    per_sample_gradient = True
+    per_sample_gradient = double_backward = True
 
     def __init__(self, gamma: float = 0.0, every: int = 1):
         checks.integer("every", every, at_least=1, hint=LAZY)

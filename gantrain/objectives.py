@@ -158,6 +158,12 @@ class GANObjective(nn.Module):
         terms = {"adversarial": self.adversarial, **self.penalties, **self.g_terms}
         return {f"loss.{name}": term for name, term in terms.items() if isinstance(term, Stateful)}
 
+    def double_backward_networks(self) -> dict[str, tuple[str, ...]]:
+        """The networks a loss takes a double backward through (its input gradient is part of the loss), each with
+        the names of those terms: D under an active gradient penalty or R1. ``trainer.compile`` keeps them eager."""
+        terms = tuple(name for name, penalty in self.penalties.items() if penalty.double_backward)
+        return {"d": terms} if terms else {}
+
     def sampler(self, model: GenerativeModel, render: Callable, noise: torch.Tensor, data) -> Callable[[], Pictures]:
         """What a run shows at each sample step: ``samples`` of the fixed ``noise``, drawn by ``render``
         (an image grid, a scatter plot). ``data``: the batch stream, for objectives that show real data."""

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -16,6 +17,9 @@ def hparams_row(cfg: DictConfig) -> dict[str, Any]:
     """The hparams table's row: the recipe, the seed and the keys overridden on the command line (of a multirun,
     the swept ones: an override every job shares is no column), with their values as they ran."""
     row: dict[str, Any] = {"experiment": cfg.experiment_name, "seed": cfg.seed}
+    # what a float32 matmul/convolution computes with (speed.apply set both for this run): a column in every run
+    row["trainer.matmul_precision"] = OmegaConf.select(cfg, "trainer.matmul_precision", default="highest")
+    row["cudnn.benchmark"] = bool(torch.backends.cudnn.benchmark)
     if not HydraConfig.initialized():
         return row
     from hydra.core.override_parser.overrides_parser import OverridesParser

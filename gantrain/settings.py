@@ -18,6 +18,8 @@ PRECISIONS = ("32", "bf16-mixed", "16-mixed")
 NONFINITE_POLICIES = ("stop", "skip")
 GRAD_NORM_LOGS = ("total", "layer")
 CLIP_ALGORITHMS = ("norm", "value")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's
 
 
 def check_clipping(gradient_clip_val: Optional[float], gradient_clip_algorithm: Optional[str]) -> None:
@@ -69,6 +71,11 @@ class TrainerSettings:
     device: str = "auto"  # auto -> cuda, else mps, else cpu; or any torch device string
     n_critic: int = 1  # discriminator steps per generator step (the G phase's interval)
     precision: str = "32"  # 32 | bf16-mixed | 16-mixed
+    # Speed switches (gantrain.speed), off by default. compile: false | true (= default) | default | reduce-overhead |
+    # max-autotune: torch.compile each network, not the losses; one a penalty takes input gradients through stays eager
+    compile: bool | str = False
+    channels_last: bool = False  # networks and 4-D image batches in channels-last memory format (GPU convolutions)
+    matmul_precision: str = "highest"  # highest | high | medium: float32 matmuls in TF32/bf16 on NVIDIA GPUs
     accumulate_grad_batches: int = 1  # micro-batches summed into each optimizer step
     gradient_clip_val: Optional[float] = None
     gradient_clip_algorithm: str = "norm"  # norm | value
@@ -112,6 +119,11 @@ class TrainerSettings:
         checks.choice("gradient_clip_algorithm", self.gradient_clip_algorithm, CLIP_ALGORITHMS)
         checks.choice("log_grad_norms", self.log_grad_norms, GRAD_NORM_LOGS)
         checks.choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        if not (isinstance(self.compile, bool) or (isinstance(self.compile, str) and self.compile in COMPILE_MODES)):
+            checks.fail("compile", self.compile, "one of false, true, " + ", ".join(COMPILE_MODES))  # not 1 == True
+        if not isinstance(self.channels_last, bool):
+            checks.fail("channels_last", self.channels_last, "true or false")
+        checks.choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
         checks.integer(
             "max_consecutive_skips", self.max_consecutive_skips, at_least=1, hint="skipped steps in a row that stop"
         )

@@ -170,6 +170,10 @@ class VAEObjective(nn.Module):
         """The terms whose state the checkpoint keeps (see :meth:`GANObjective.state_parts`)."""
         return {f"loss.{name}": term for name, term in self.terms.items() if isinstance(term, Stateful)}
 
+    def double_backward_networks(self) -> dict[str, tuple[str, ...]]:
+        """None: the negative ELBO needs no input gradient (see :meth:`GANObjective.double_backward_networks`)."""
+        return {}
+
     def phases(self, model: nn.Module, updates: Mapping[str, Update], n_critic: int = 1) -> list[Phase]:
         _check_likelihood(model.g, self.terms)
         return [Phase.of("VAE", model.g, updates["g"], partial(self.loss, model.g), counts_as_step=True)]

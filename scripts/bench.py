@@ -19,6 +19,15 @@ time per step is the median over the rounds and the ratio is gantrain's over the
 informational side runs the hand loop with the same glibc settings (through glibc's environment
 variables), so what the framework costs apart from that is in the table too.
 
+Speed switches (``--compile``: off and on; ``--switches``: each of :data:`SWITCHES` alone and all together): per
+recipe, one fresh process per (side, setting) builds the Trainer (or the hand loop with the same switches,
+``hand_loops.speed_up``), and reports the seconds to the end of the first step (compilation happens there) and
+the ms/step and real images/s of the next ``--switch-steps`` steps. ``--channels-last``, ``--matmul-precision``
+and ``--precision`` set a switch for every process the script starts (the headline's too).
+
+    python scripts/bench.py --compile --rounds 0 --detail-rounds 0              # CPU: compile off/on per recipe
+    python scripts/bench.py --device cuda --switches --rounds 0 --detail-rounds 0  # GPU: every switch off/on
+
 Detail (dcgan, one process with gantrain's allocator settings): the Trainer, the hand loop and the
 Trainer with ``loss.reuse_fakes=false`` timed step by step in alternating blocks on the same weights
 and the same in-memory data.
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import platform
 import subprocess
@@ -57,19 +67,43 @@ ALLOCATOR_ENV = {
 }
 
 
+# --switches: name -> (gantrain overrides, hand loop options); the first is the baseline
+SWITCHES = {  # the ones that compile last: a run cut short by a time limit still has the others
+    "off": ([], []),
+    "channels_last": (["trainer.channels_last=true"], ["--channels-last"]),
+    "matmul high": (["trainer.matmul_precision=high"], ["--matmul-precision", "high"]),
+    "bf16-mixed": (["trainer.precision=bf16-mixed"], ["--precision", "bf16-mixed"]),
+    "compile": (["trainer.compile=default"], ["--compile", "default"]),
+    "all: compile, channels_last, high, bf16": (
+        [
+            "trainer.compile=default",
+            "trainer.channels_last=true",
+            "trainer.matmul_precision=high",
+            "trainer.precision=bf16-mixed",
+        ],
+        ["--compile", "default", "--channels-last", "--matmul-precision", "high", "--precision", "bf16-mixed"],
+    ),
+    "compile reduce-overhead": (["trainer.compile=reduce-overhead"], ["--compile", "reduce-overhead"]),
+}
+COMPILE_ONLY = ("off", "compile")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
 # ----------------------------------------------------------------------------- whole processes
+BASE: tuple[list[str], list[str]] = ([], [])  # --channels-last/--matmul-precision/--precision: (overrides, options)
+
+
 def command(side: str, recipe: str, steps: int, run_dir: Path, device: str | None) -> list[str]:
     """One process of a measurement: gantrain at its defaults, or the hand loop."""
     if side == "gantrain":
-        gantrain = [sys.executable, "-m", "gantrain", f"+experiment={recipe}", "data=digits"]
+        gantrain = [sys.executable, "-m", "gantrain", f"+experiment={recipe}", "data=digits", *BASE[0]]
         gantrain += [f"trainer.max_steps={steps}", f"hydra.run.dir={run_dir}"]
         return gantrain + ([f"trainer.device={device}"] if device else [])
-    hand = [sys.executable, str(Path(hand_loops.__file__)), recipe, "--steps", str(steps)]
+    hand = [sys.executable, str(Path(hand_loops.__file__)), recipe, "--steps", str(steps), *BASE[1]]
     return hand + (["--device", device] if device else [])
 
 
@@ -174,6 +208,84 @@ def in_process(rounds: int, steps: int, warmup: int, device: str | None, work: P
     return times
 
 
+# ----------------------------------------------------------------------------- speed switches
+def one_setting(side: str, recipe: str, options: list[str], steps: int, device: str | None, work: Path) -> dict:
+    """In this process (``--one``): seconds to the end of the first step, then ms/step and images/s of ``steps``."""
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if side == "gantrain":
+        overrides = [f"+experiment={recipe}", "data=digits", "trainer.progress_bar=false", f"trainer.device={dev}"]
+        trainer = build(compose_config(*overrides, *options), work)
+        stamps = []
+
+        class Stamp(Callback):
+            def on_step_end(self, trainer):
+                sync(trainer.device)
+                stamps.append(time.perf_counter())
+
+        trainer.callbacks.append(Stamp())
+        trainer.settings.max_steps = steps + 1
+        start = time.perf_counter()
+        trainer.fit()
+    else:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--compile")
+        ap.add_argument("--channels-last", action="store_true")
+        ap.add_argument("--matmul-precision", default="highest")
+        ap.add_argument("--precision", default="32")
+        opts = ap.parse_args(options)
+        if opts.precision not in hand_loops.PRECISIONS:
+            return {}  # no hand loop at this precision
+        loop = hand_loops.LOOPS[recipe](hand_loops.digits().to(dev), log=lambda line: None)
+        hand_loops.speed_up(loop, opts.compile, opts.channels_last, opts.matmul_precision)
+        stamps = []
+        start = time.perf_counter()
+        with hand_loops.autocast(dev, opts.precision):
+            for i in range(steps + 1):
+                loop.step(i)
+                sync(torch.device(dev))
+                stamps.append(time.perf_counter())
+    # img/s of both sides in the hand loop's unit (gantrain's images_seen also counts the G phase's real batch)
+    first, per_step = stamps[0] - start, (stamps[-1] - stamps[0]) / steps
+    images = hand_loops.IMAGES_PER_STEP[recipe]
+    return {"first_step_s": first, "ms_per_step": 1000 * per_step, "img_per_s": images / per_step}
+
+
+def switch_table(recipes: list[str], names: tuple[str, ...], steps: int, device: str | None, work: Path) -> list[str]:
+    """One fresh process per recipe, setting and side (compiled code and global settings do not carry over)."""
+    lines = [
+        f"Speed switches: one process per cell; first step = seconds from fit() to the end of the first step "
+        f"(compilation included), then the mean of the next {steps} steps; img/s = the recipe's real images per step "
+        "in the hand loop (dcgan, vae: a batch of 64; wgan_gp: 5 critic batches) per second, on both sides.",
+        "",
+        "| recipe | setting | gantrain first step s | gantrain ms/step | gantrain img/s | hand first step s "
+        "| hand ms/step | hand img/s | gantrain / hand img/s |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    for recipe in recipes:
+        for name in names:
+            row = {}
+            for i, side in enumerate(("gantrain", "hand")):
+                options = [*BASE[i], *SWITCHES[name][i]]
+                run = work / f"switch_{recipe}_{list(SWITCHES).index(name)}_{side}"
+                cmd = [sys.executable, __file__, "--one", side, recipe, "--switch-steps", str(steps)]
+                cmd += ["--work", str(run)]
+                cmd += (["--device", device] if device else []) + ["--", *options]
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+                if done.returncode:
+                    print(f"bench.py: {recipe} {name} {side} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+                    row[side] = {}
+                else:
+                    row[side] = json.loads(done.stdout.strip().splitlines()[-1])
+            g, h = row["gantrain"], row["hand"]
+            keys = ("first_step_s", "ms_per_step", "img_per_s")
+            cells = [f"{d[k]:.1f}" if k in d else "-" for d in (g, h) for k in keys]
+            ratio = f"{g['img_per_s'] / h['img_per_s']:.2f}" if g and h else "-"
+            lines.append(f"| {recipe} | {name} | " + " | ".join(cells) + f" | {ratio} |")
+            print(f"bench.py: {recipe}, {name}: gantrain {g}, hand {h}", file=sys.stderr, flush=True)
+    return lines
+
+
 def _pct(values: list[float], q: int) -> float:
     return sorted(values)[len(values) * q // 100]
 
@@ -187,7 +299,34 @@ def main() -> None:
     ap.add_argument("--detail-rounds", type=int, default=4, help="in-process rounds (0: skip the detail)")
     ap.add_argument("--detail-steps", type=int, default=20, help="steps per loop per in-process round")
     ap.add_argument("--write", type=Path, help="replace the bench section of this markdown file")
-    args = ap.parse_args()
+    ap.add_argument("--compile", action="store_true", help="table: each recipe with trainer.compile off and on")
+    ap.add_argument("--switches", action="store_true", help="table: each speed switch off and on, gantrain and hand")
+    ap.add_argument("--switch-steps", type=int, default=30, help="steps timed after the first in those tables")
+    ap.add_argument("--settings", nargs="+", choices=list(SWITCHES), help="--switches: only these rows")
+    ap.add_argument("--channels-last", action="store_true", help="every process: channels_last on")
+    ap.add_argument("--matmul-precision", choices=["highest", "high", "medium"], help="every process: this precision")
+    ap.add_argument("--precision", choices=["32", "bf16-mixed", "16-mixed"], help="every process: trainer.precision")
+    ap.add_argument("--one", nargs=2, metavar=("SIDE", "RECIPE"), help=argparse.SUPPRESS)  # a table's cell
+    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args, options = ap.parse_known_args()
+    if args.one:
+        side, recipe = args.one
+        result = one_setting(side, recipe, [o for o in options if o != "--"], args.switch_steps, args.device, args.work)
+        print(json.dumps(result))
+        return
+    if options:
+        ap.error(f"unrecognized arguments: {' '.join(options)}")
+    if args.channels_last:
+        BASE[0].append("trainer.channels_last=true")
+        BASE[1].append("--channels-last")
+    if args.matmul_precision:
+        BASE[0].append(f"trainer.matmul_precision={args.matmul_precision}")
+        BASE[1].extend(["--matmul-precision", args.matmul_precision])
+    if args.precision:
+        if args.precision not in hand_loops.PRECISIONS and args.rounds:
+            ap.error(f"--precision {args.precision}: the hand loops run 32 or bf16-mixed only (a headline compares)")
+        BASE[0].append(f"trainer.precision={args.precision}")
+        BASE[1].extend(["--precision", args.precision])
 
     load_before = os.getloadavg()[0]
     allocator.keep_freed_memory()  # the detail runs in this process: the allocator python -m gantrain has
@@ -196,8 +335,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         steps = {recipe: tuple(args.steps or STEPS[recipe]) for recipe in args.recipes}
-        per_step = {r: whole_processes(r, steps[r], args.rounds, args.device, work) for r in args.recipes}
+        recipes = args.recipes if args.rounds else []
+        per_step = {r: whole_processes(r, steps[r], args.rounds, args.device, work) for r in recipes}
         times = in_process(args.detail_rounds, args.detail_steps, 3, args.device, work) if args.detail_rounds else {}
+        names = tuple(args.settings or SWITCHES) if args.switches else COMPILE_ONLY if args.compile else ()
+        switches = switch_table(args.recipes, names, args.switch_steps, args.device, work) if names else []
     load_after = os.getloadavg()[0]
 
     threads = torch.get_num_threads()
@@ -209,14 +351,18 @@ def main() -> None:
     if device.startswith("cuda"):
         machine += f" ({torch.cuda.get_device_name()})"
     command = "python scripts/bench.py " + " ".join(sys.argv[1:])
-    lines = [
-        f"`{command.strip()}`: {args.rounds} rounds; ms per step of the whole process = (wall time of the long run "
-        "- wall time of the short run) / (step difference), median over the rounds; ratio = gantrain / hand loop.",
-        "",
-        "| recipe | steps (short, long) | `python -m gantrain` ms/step | hand loop ms/step | ratio | ratio per round "
-        "| info: hand loop with gantrain's allocator settings, ms/step | gantrain / it |",
-        "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |",
-    ]
+    lines = (
+        []
+        if not per_step
+        else [
+            f"`{command.strip()}`: {args.rounds} rounds; ms per step of the whole process = (wall time of the long run "
+            "- wall time of the short run) / (step difference), median over the rounds; ratio = gantrain / hand loop.",
+            "",
+            "| recipe | steps (short, long) | `python -m gantrain` ms/step | hand loop ms/step | ratio | ratio per round "
+            "| info: hand loop with gantrain's allocator settings, ms/step | gantrain / it |",
+            "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |",
+        ]
+    )
     for recipe, sides in per_step.items():
         g, h, a = (median(sides[side]) for side in SIDES)
         rounds = ", ".join(f"{x / y:.3f}" for x, y in zip(sides["gantrain"], sides["hand"]))
@@ -239,6 +385,8 @@ def main() -> None:
             "",
             f"Mean Trainer / mean hand loop in one process: {ratio:.3f}.",
         ]
+    if switches:
+        lines += ["", f"`{command.strip()}`:" if not per_step else "", *switches]
     lines += ["", f"Machine: {machine}; load average (1 min) {load_before:.2f} before, {load_after:.2f} after."]
     report = "\n".join(lines)
     print(report)

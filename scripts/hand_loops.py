@@ -68,6 +68,8 @@ def mnist_t10k(root: str | Path, resolution: int = RESOLUTION) -> torch.Tensor:
 class Batches:
     """Shuffled batches of an in-memory tensor, a new permutation every epoch, the last partial batch dropped."""
 
+    memory_format = torch.contiguous_format  # torch.channels_last: --channels-last (speed_up)
+
     def __init__(self, data: torch.Tensor, batch: int = BATCH):
         self.data, self.batch, self.i, self.perm = data, batch, 0, torch.randperm(data.shape[0])
 
@@ -76,7 +78,7 @@ class Batches:
             self.i, self.perm = 0, torch.randperm(self.data.shape[0])
         idx = self.perm[self.i * self.batch : (self.i + 1) * self.batch].to(self.data.device)
         self.i += 1
-        return self.data[idx]
+        return self.data[idx].contiguous(memory_format=self.memory_format)
 
 
 def weights_init(m: nn.Module) -> None:
@@ -200,6 +202,32 @@ class VAE:
 
 
 LOOPS = {"dcgan": DCGAN, "wgan_gp": WGANGP, "vae": VAE}
+IMAGES_PER_STEP = {"dcgan": BATCH, "wgan_gp": 5 * BATCH, "vae": BATCH}  # real images a step draws
+PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16}  # fp16 would need a GradScaler per network: not here
+
+
+def speed_up(loop, compile: str | None = None, channels_last: bool = False, matmul_precision: str = "highest"):
+    """What a user adds by hand for gantrain's trainer.compile/channels_last/matmul_precision: the networks
+    compiled in place (not WGAN-GP's critic: the penalty's double backward does not compile), NHWC weights and
+    batches, TF32/bf16 float32 matmuls."""
+    torch.set_float32_matmul_precision(matmul_precision)
+    if channels_last:
+        for net in loop.networks().values():
+            net.to(memory_format=torch.channels_last)
+        loop.batches.memory_format = torch.channels_last
+    if compile:
+        for name, net in loop.networks().items():
+            if isinstance(loop, WGANGP) and name == "d":
+                continue
+            for part in [getattr(net, p) for p in getattr(net, "compile_parts", ())] or [net]:
+                part.compile(mode=compile)
+    return loop
+
+
+def autocast(device: str, precision: str):
+    """The loop's step under autocast at ``precision`` (32: nothing)."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def main() -> None:
@@ -213,6 +241,10 @@ def main() -> None:
     ap.add_argument(
         "--lr", type=float, help="dcgan only: Adam's learning rate for G and D (default 2e-4, pytorch/examples')"
     )
+    ap.add_argument("--compile", metavar="MODE", help="torch.compile the networks: default, reduce-overhead, ...")
+    ap.add_argument("--channels-last", action="store_true", help="networks and batches in channels-last format")
+    ap.add_argument("--matmul-precision", default="highest", choices=["highest", "high", "medium"])
+    ap.add_argument("--precision", default="32", choices=sorted(PRECISIONS), help="autocast dtype")
     args = ap.parse_args()
     if args.lr is not None and (args.recipe != "dcgan" or args.lr <= 0):
         ap.error(f"--lr {args.lr}: only for dcgan, and > 0")
@@ -222,8 +254,10 @@ def main() -> None:
     except GantrainError as e:  # no MNIST files under --data: one line
         ap.error(f"--data {args.data}: {e}")
     loop = LOOPS[args.recipe](data, **({} if args.lr is None else {"lr": args.lr}))
-    for i in range(args.steps):
-        loop.step(i)
+    speed_up(loop, args.compile, args.channels_last, args.matmul_precision)
+    with autocast(args.device, args.precision):
+        for i in range(args.steps):
+            loop.step(i)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     if args.save:

@@ -10,13 +10,13 @@ import torch
 from PIL import Image
 
 from gantrain.batch import Batch, Latents
+from gantrain.build import build
 from gantrain.data import BatchStream, Digits, Grid, ImageFolder, Ring, TensorImages, TorchvisionImages, read_idx
 from gantrain.data.mnist import idx_files
 from gantrain.errors import ConfigError
 from gantrain.models import GenerativeModel
 from gantrain.models.mlp import Discriminator, Generator
 from gantrain.readahead import DrawnAhead
-from gantrain.build import build
 from tests.conftest import make_cfg, shared_mnist
 
 

@@ -212,6 +212,9 @@ class VAE(nn.Module):
     :class:`~gantrain.models.GenerativeModel`; the ELBO needs :meth:`encode`, :meth:`reparameterize` and :meth:`decode`.
     """
 
+    # what trainer.compile compiles (gantrain.speed): the ELBO calls encode()/decode(), not forward()
+    compile_parts = ("encoder", "decoder")
+
     def __init__(self, encoder: nn.Module, decoder: nn.Module, latent_dim: int, likelihood: str = "bernoulli"):
         super().__init__()
         checks.integer("latent_dim", latent_dim, 1)
