@@ -4,7 +4,7 @@
     python scripts/ddp_bench.py --write docs/benchmarks.md
 
 Each side trains ``+experiment=NAME data.batch_size=B`` in its own process(es), built by
-``gantrain.train.build`` as ``python -m gantrain`` builds it, and times every step of the counting
+``gantrain.build.build`` as ``python -m gantrain`` builds it, and times every step of the counting
 phase (rank 0's ``on_step_end`` clock); ms/step is the median after the first 10 steps, images/s is
 ``ranks x B / step time``. Every process runs ``--threads`` intra-op threads (default 1: on a busy
 machine a 2-thread process spends its time waiting for a descheduled thread, which measures the load,

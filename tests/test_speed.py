@@ -23,7 +23,8 @@ from gantrain.errors import ConfigError
 from gantrain.losses import GradientPenalty, R1Penalty, WassersteinLoss
 from gantrain.models import dcgan
 from gantrain.objectives import GANObjective
-from gantrain.train import build, train
+from gantrain.build import build
+from gantrain.train import train
 from gantrain.trainer import TrainerSettings
 from gantrain.vae_objective import VAEObjective
 from tests.conftest import make_cfg
@@ -247,7 +248,7 @@ def test_a_run_resumes_with_compile_or_channels_last_changed_but_not_matmul_prec
 
 
 def test_the_hparams_row_records_matmul_precision_and_cudnn_benchmark(tmp_path):
-    from gantrain.train import hparams_row
+    from gantrain.provenance import hparams_row
 
     cfg = make_cfg("+experiment=dcgan", "trainer.matmul_precision=high")
     row = hparams_row(cfg)
