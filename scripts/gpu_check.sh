@@ -12,7 +12,7 @@
 #   OUT=/tmp/x DEVICE=cpu RUN_STEPS=2 BENCH_STEPS=2 SUITE=0 BENCH_ARGS="--settings off channels_last" bash scripts/gpu_check.sh
 set -u
 : "${OUT:?set OUT to the folder the results go to}"
-PY=${PY:-python}
+PY=${PY:-python3}  # the device image's python3 holds torch; `python` may not exist there
 DEVICE=${DEVICE:-cuda}
 BUDGET=${BUDGET:-380}           # seconds for the whole script (the caller's limit is 7 minutes)
 RUN_STEPS=${RUN_STEPS:-200}     # (b) generator steps of each short run
