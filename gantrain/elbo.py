@@ -10,13 +10,10 @@ A VAE here is anything with ``encode(x) -> (mu, logvar)`` (each ``(B, D)``), ``d
 ``likelihood in {"bernoulli", "gaussian"}`` and ``latent_dim``; :func:`evaluate_nll` also uses
 ``nn.Module``'s ``train``/``eval``/``parameters``.
 
-References:
-    Kingma & Welling 2014, "Auto-Encoding Variational Bayes" (ELBO, reparameterisation).
-    Burda et al. 2016, "Importance Weighted Autoencoders" (the k-sample bound).
-    Bowman et al. 2016, "Generating Sentences from a Continuous Space"; Sønderby et al. 2016,
-    "Ladder Variational Autoencoders" (KL warm-up).
-    Kingma et al. 2016, "Improved Variational Inference with Inverse Autoregressive Flow" (free bits).
-    Rybkin et al. 2021, "Simple and Effective VAE Training with Calibrated Decoders" (sigma-VAE).
+References (cited by the functions): Kingma & Welling 2014, "Auto-Encoding Variational Bayes"; Burda et al.
+2016, "Importance Weighted Autoencoders"; Bowman et al. 2016, "Generating Sentences from a Continuous Space";
+Sønderby et al. 2016, "Ladder Variational Autoencoders"; Kingma et al. 2016, "Improved Variational Inference
+with Inverse Autoregressive Flow"; Rybkin et al. 2021, "Simple and Effective VAE Training with Calibrated Decoders".
 """
 
 from __future__ import annotations
@@ -37,10 +34,7 @@ LogLikelihood = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``log_likelihood(raw, target) -> (N,)``: log p(target | decoder output ``raw``), summed per sample."""
 
 
-# ----------------------------------------------------------------------------------------------
-# KL terms
-
-
+# ------------------------------------------------------------------------------------ KL terms
 def gaussian_kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, 1)) per latent dimension, ``(B, D)`` (Kingma & Welling 2014, App. B).
 
@@ -54,10 +48,7 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return gaussian_kl_per_dim(mu, logvar).sum(-1)
 
 
-# ----------------------------------------------------------------------------------------------
-# decoder likelihoods (on x01 in [0, 1])
-
-
+# ------------------------------------------------------ decoder likelihoods (on x01 in [0, 1])
 def bernoulli_log_prob(logits: torch.Tensor, x01: torch.Tensor) -> torch.Tensor:
     """``sum_pixels x log sigmoid(l) + (1 - x) log sigmoid(-l)``, ``(B,)``, from logits ``(B, ...)``.
 
@@ -87,10 +78,9 @@ def optimal_log_sigma(mean: torch.Tensor, x01: torch.Tensor, min_log_sigma: floa
     would otherwise give ``-inf``). Plugged into :func:`gaussian_log_prob` it gives the highest
     log-likelihood over all sigmas shared by an image's pixels.
 
-    The gradient flows through sigma, as in the paper (no ``detach``). Above the floor this changes
-    nothing for the gradient w.r.t. ``mean``: sigma* is a stationary point of the log-likelihood in
-    sigma (envelope theorem), so d/d mean is the same as with sigma held fixed at sigma*. The floor is
-    applied to the MSE before the log, so a zero residual gives a zero gradient, never NaN.
+    The gradient flows through sigma, as in the paper (no ``detach``); above the floor d/d mean equals that at a
+    fixed sigma = sigma* (a stationary point in sigma: envelope theorem). The floor is applied to the MSE before
+    the log, so a zero residual gives a zero gradient, never NaN.
     """
     mse = ((x01 - mean) ** 2).flatten(1).mean(1)  # (B,)
     log_sigma = 0.5 * torch.log(mse.clamp_min(math.exp(2.0 * min_log_sigma)))
@@ -116,10 +106,7 @@ def likelihood_fn(kind: str, sigma: float | None = None) -> LogLikelihood:
     return lambda raw, x01: gaussian_log_prob(raw, x01, log_sigma)
 
 
-# ----------------------------------------------------------------------------------------------
-# latent densities
-
-
+# ---------------------------------------------------------------------------- latent densities
 def likelihood_of_loss(loss: Mapping) -> LogLikelihood:
     """The log-likelihood of a trained VAE's one likelihood term, from its saved ``loss`` config.
 
@@ -148,16 +135,12 @@ def log_normal_diag(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> 
     return -0.5 * ((z - mu) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
 
 
-# ----------------------------------------------------------------------------------------------
-# training-time weights
-
-
+# ----------------------------------------------------------------------- training-time weights
 def kl_weight(step: int, beta: float = 1.0, warmup_steps: int = 0) -> float:
     """Linear KL warm-up (Bowman et al. 2016; Sønderby et al. 2016): the weight of the KL term.
 
-    ``beta * min(1, step / warmup_steps)`` when ``warmup_steps > 0`` -- 0 at step 0, ``beta`` from
-    step ``warmup_steps`` on; ``beta`` throughout when ``warmup_steps == 0``. ``step`` is the number
-    of optimizer steps taken before this one (0 for the first).
+    ``beta * min(1, step / warmup_steps)`` (0 at step 0, ``beta`` from step ``warmup_steps`` on), or ``beta``
+    throughout when ``warmup_steps == 0``. ``step``: optimizer steps taken before this one (0 for the first).
     """
     if beta < 0:
         checks.fail("beta", beta, ">= 0")
@@ -171,13 +154,11 @@ def kl_weight(step: int, beta: float = 1.0, warmup_steps: int = 0) -> float:
 
 
 def free_bits_kl(kl_per_dim: torch.Tensor, free_bits: float) -> torch.Tensor:
-    """Free bits (Kingma et al. 2016, "Improved Variational Inference with IAF", App. C.8), a 0-d tensor.
+    """Free bits (Kingma et al. 2016, App. C.8), a 0-d tensor: batch-level (the training term), not per sample.
 
-    ``sum_d max(free_bits, mean_batch kl_per_dim[:, d])`` for ``kl_per_dim`` ``(B, D)``, with
-    ``free_bits`` in nats per latent dimension: a dimension whose batch-mean KL is below the
-    threshold contributes the constant ``free_bits`` and gets no gradient, so the encoder is not
-    pushed to collapse it onto the prior. ``free_bits == 0`` gives the plain batch mean of the summed
-    KL. Unlike the other functions this is batch-level (the training term), not per sample.
+    ``sum_d max(free_bits, mean_batch kl_per_dim[:, d])`` for ``kl_per_dim`` ``(B, D)``, ``free_bits`` in nats per
+    latent dimension: a dimension below the threshold contributes the constant ``free_bits`` and gets no gradient,
+    so the encoder is not pushed to collapse it onto the prior. ``free_bits == 0``: the batch mean of the summed KL.
     """
     if free_bits < 0:
         checks.fail("free_bits", free_bits, ">= 0", "nats per latent dimension; 0 = off")
@@ -186,10 +167,7 @@ def free_bits_kl(kl_per_dim: torch.Tensor, free_bits: float) -> torch.Tensor:
     return kl_per_dim.mean(0).clamp_min(free_bits).sum()
 
 
-# ----------------------------------------------------------------------------------------------
-# importance sampling
-
-
+# ------------------------------------------------------------------------- importance sampling
 def _check_k_chunk(k: int, chunk: int | None) -> None:
     if k < 1:
         checks.fail("k", k, ">= 1", "number of importance samples")
@@ -247,15 +225,13 @@ def log_weights(
         k: importance samples per image.
         log_likelihood: ``(raw, t) -> (N,)`` scoring the decoder output against the target ``t``
             repeated per sample (``N = samples * B``), e.g. :func:`likelihood_fn`.
-        chunk: decode at most ``chunk`` of the k samples per pass (``chunk * B`` images at once);
-            None = all ``k * B`` in one pass. Does not change the result: all noise is drawn first.
-        target: what the likelihood scores; default ``x01 = (x + 1) / 2`` (the convention of this
-            module). Pass ``target=x`` for a model whose likelihood lives on ``x`` itself.
-        generator: for the ``k * B * D`` standard normals (default: the global RNG).
+        chunk: decode at most ``chunk`` of the k samples per pass; None = all ``k * B`` images in one pass.
+        target: what the likelihood scores; default ``x01 = (x + 1) / 2`` (this module's convention);
+            ``target=x`` for a model whose likelihood lives on ``x`` itself.
+        generator: for the ``k * B * D`` standard normals (default: the global RNG). ``z_i`` is formed here,
+            not by ``vae.reparameterize``, so this stream alone fixes the samples, whatever ``chunk``.
 
-    ``z_i = mu + exp(logvar / 2) * eps_i`` is formed here rather than by ``vae.reparameterize``, so
-    that the random stream is fixed by ``generator`` and independent of ``chunk``. Gradients are
-    kept (reparameterised); wrap the call in ``torch.no_grad()`` for evaluation.
+    Gradients are kept (reparameterised); wrap the call in ``torch.no_grad()`` for evaluation.
     """
     _check_k_chunk(k, chunk)
     if target is None:
@@ -303,8 +279,7 @@ def evaluate_nll(
         generator: for all importance noise (default: the global RNG).
 
     Returns ``{"elbo", "elbo_mc", "nll_iwae", "images"}``:
-        elbo: mean of ``log p(x01|z_1) - KL(q(z|x) || p(z))`` -- one-sample reconstruction term (the
-            first importance sample) plus the analytic Gaussian KL;
+        elbo: mean of ``log p(x01|z_1) - KL(q(z|x) || p(z))``, z_1 the first importance sample, analytic KL;
         elbo_mc: mean of :func:`elbo_estimate` over the k samples (all terms Monte-Carlo);
         nll_iwae: mean of ``-`` :func:`iwae_bound` -- the k-sample NLL estimate (an upper bound in
             expectation); ``nll_iwae <= -elbo_mc`` always;
