@@ -80,13 +80,7 @@ class MixtureStream:
     in_memory = True  # generated: nothing to read ahead
 
     def __init__(
-        self,
-        centers: torch.Tensor,
-        std: float,
-        batch_size: int,
-        *,
-        seed: int,
-        device: torch.device | str = "cpu",
+        self, centers: torch.Tensor, std: float, batch_size: int, *, seed: int, device: torch.device | str = "cpu"
     ):
         self.batch_size = checks.integer("batch_size", batch_size, at_least=1)
         self.centers = centers.detach().to("cpu", torch.float32)  # (K, 2)

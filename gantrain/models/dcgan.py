@@ -102,11 +102,7 @@ class Discriminator(nn.Module):
         bias = norm == "none"
         layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, True)]
         for c_in, c_out in zip(widths, widths[1:]):
-            layers += [
-                nn.Conv2d(c_in, c_out, 4, 2, 1, bias=bias),
-                norm_layer(norm, c_out),
-                nn.LeakyReLU(0.2, True),
-            ]
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=bias), norm_layer(norm, c_out), nn.LeakyReLU(0.2, True)]
         self.body = nn.Sequential(*layers)  # (B, 4ndf, 4, 4)
         self.head = DiscriminatorHead((widths[-1], 4, 4), minibatch_std, minibatch_kernels, minibatch_kernel_dim)
         self.channels, self.resolution = channels, resolution

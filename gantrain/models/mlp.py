@@ -21,13 +21,7 @@ class Generator(nn.Module):
     """
 
     def __init__(
-        self,
-        nz: int = 2,
-        width: int = 256,
-        depth: int = 3,
-        out_dim: int = 2,
-        dropout: float = 0.0,
-        norm: str = "none",
+        self, nz: int = 2, width: int = 256, depth: int = 3, out_dim: int = 2, dropout: float = 0.0, norm: str = "none"
     ):
         super().__init__()
         for key, value in (("nz", nz), ("width", width), ("depth", depth), ("out_dim", out_dim)):

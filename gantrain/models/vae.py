@@ -59,11 +59,7 @@ class ConvEncoder(nn.Module):
         bias = norm == "none"
         layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, True)]
         for c_in, c_out in zip(widths, widths[1:]):
-            layers += [
-                nn.Conv2d(c_in, c_out, 4, 2, 1, bias=bias),
-                norm_layer(norm, c_out),
-                nn.LeakyReLU(0.2, True),
-            ]
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=bias), norm_layer(norm, c_out), nn.LeakyReLU(0.2, True)]
         layers += [nn.Flatten(1), nn.Linear(widths[-1] * 4 * 4, 2 * latent_dim)]
         self.net = nn.Sequential(*layers)
         self.channels, self.resolution, self.latent_dim = channels, resolution, latent_dim
@@ -101,11 +97,7 @@ class ConvDecoder(nn.Module):
             nn.ReLU(True),
         ]
         for c_in, c_out in zip(widths, widths[1:]):
-            layers += [
-                nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=bias),
-                norm_layer(norm, c_out),
-                nn.ReLU(True),
-            ]
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=bias), norm_layer(norm, c_out), nn.ReLU(True)]
         layers.append(nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1))  # (B, C, R, R), raw
         self.net = nn.Sequential(*layers)
         self.channels, self.resolution, self.latent_dim = channels, resolution, latent_dim
