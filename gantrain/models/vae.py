@@ -111,10 +111,7 @@ class ConvDecoder(nn.Module):
 def _mlp_body(
     channels: int, resolution: int, latent_dim: int, hidden: Sequence[int], activation: str, encoder: bool
 ) -> tuple[list[int], list[nn.Module]]:
-    """Checked hidden sizes and the ``[Linear, act]`` layers from the input (image or latent) through them.
-
-    ``hidden``: a list, tuple or OmegaConf ListConfig of at least one int >= 1.
-    """
+    """Checked ``hidden`` sizes (a non-empty list of ints >= 1) and the ``[Linear, act]`` layers up to them."""
     checks.integer("channels", channels, 1)
     checks.integer("resolution", resolution, 4)
     checks.integer("latent_dim", latent_dim, 1)
@@ -132,8 +129,8 @@ class MLPEncoder(nn.Module):
     """Fully connected encoder: ``(B, channels, R, R)`` -> ``(B, 2 * latent_dim)`` = ``[mu, logvar]``.
 
     Flatten to ``C * R * R``, then ``[Linear(., h), act]`` for every width ``h`` in ``hidden``, then
-    ``Linear(hidden[-1], 2 * latent_dim)``. ``activation``: relu | tanh | softplus | elu.
-    Any ``resolution`` >= 4. ``hidden`` may be a list, tuple or OmegaConf ListConfig of ints >= 1.
+    ``Linear(hidden[-1], 2 * latent_dim)``. ``activation``: relu | tanh | softplus | elu. Any ``resolution`` >= 4;
+    ``hidden``: a list, tuple or OmegaConf ListConfig of ints >= 1.
     """
 
     def __init__(
@@ -196,12 +193,8 @@ class VAE(nn.Module):
         likelihood: what the decoder's raw output parameterises, over the pixels rescaled to [0, 1]
             (``x01 = (x + 1) / 2``): ``bernoulli`` (logits of x01) or ``gaussian`` (the mean of x01).
 
-    Attributes: ``channels``, ``resolution`` (from the decoder, else the encoder, else ``None``),
-    ``latent_dim``, ``latent_shape = (latent_dim,)`` (prior noise is ``(n, *latent_shape)`` from N(0, I)),
-    ``likelihood``, ``encoder``, ``decoder``.
-
-    ``forward(z)`` returns images in [-1, 1] (the likelihood's mean), so ``VAE`` works as the ``g`` of a
-    :class:`~gantrain.models.GenerativeModel`; the ELBO needs :meth:`encode`, :meth:`reparameterize` and :meth:`decode`.
+    ``channels``/``resolution`` come from the decoder, else the encoder, else ``None``; ``latent_shape`` is
+    ``(latent_dim,)``. ``forward(z)`` gives images in [-1, 1] (the likelihood's mean; see the module docstring).
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, latent_dim: int, likelihood: str = "bernoulli"):
@@ -241,8 +234,7 @@ class VAE(nn.Module):
     def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
         """A sample ``z = mu + exp(0.5 * logvar) * eps``, ``eps ~ N(0, I)``, same shape as ``mu``.
 
-        ``eps`` comes from ``torch.randn_like`` (the global training RNG: reproducible under
-        ``torch.manual_seed``); gradients flow to ``mu`` (1) and ``logvar`` (``0.5 * std * eps``).
+        ``eps`` from ``torch.randn_like`` (the global training RNG); gradients flow to ``mu`` and ``logvar``.
         """
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
@@ -251,10 +243,7 @@ class VAE(nn.Module):
         return self.decoder(z)
 
     def to_images(self, raw: torch.Tensor) -> torch.Tensor:
-        """Raw decoder output -> images in [-1, 1], the mean of p(x | z) mapped back to the data range.
-
-        ``bernoulli``: ``2 * sigmoid(logits) - 1``; ``gaussian``: ``2 * mean.clamp(0, 1) - 1``.
-        """
+        """Raw output -> mean of p(x | z) in [-1, 1]: ``2 * sigmoid(logits) - 1``, ``2 * mean.clamp(0, 1) - 1``."""
         if self.likelihood == "bernoulli":
             return 2.0 * torch.sigmoid(raw) - 1.0
         return 2.0 * raw.clamp(0.0, 1.0) - 1.0
@@ -266,8 +255,7 @@ class VAE(nn.Module):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, R, R)`` images in [-1, 1] -> reconstructions in [-1, 1] decoded from the posterior mean.
 
-        Deterministic (no sampling). It neither switches to eval mode nor disables autograd: for grids,
-        call it under ``torch.no_grad()`` with the model in eval mode.
+        Deterministic; it neither switches to eval mode nor disables autograd (do both for grids).
         """
         mu, _ = self.encode(x)
         return self.to_images(self.decode(mu))
