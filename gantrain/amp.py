@@ -1,11 +1,10 @@
 """Mixed precision pieces shared by the Trainer and the losses.
 
-The Trainer makes the running phase's :class:`torch.amp.GradScaler` the *active* scaler (a
-context, like :func:`gantrain.stats.collecting`), so a loss that needs input gradients inside its
-forward pass (gradient penalty, R1) can follow PyTorch's AMP recipe without knowing about
-precision: scale the output before ``torch.autograd.grad``, unscale the gradients, and compute
-the penalty from them under the surrounding autocast. With no scaler, or a disabled one
-(``precision=32`` / ``bf16-mixed``), the scale is 1 and the same code path runs.
+The Trainer makes the running phase's :class:`torch.amp.GradScaler` the *active* scaler (a context, like
+:func:`gantrain.stats.collecting`), so a loss that needs input gradients inside its forward pass (gradient penalty, R1)
+can follow PyTorch's AMP recipe without knowing about precision: scale the output before ``torch.autograd.grad``,
+unscale the gradients, and compute the penalty from them under the surrounding autocast. With no scaler, or a disabled
+one (``precision=32`` / ``bf16-mixed``), the scale is 1 and the same code path runs.
 
 A scaled input gradient can overflow in fp16 (the scaler grows its scale until something does):
 the penalty, and so the loss, is then inf/NaN although nothing diverged. :func:`input_gradient`

@@ -21,11 +21,10 @@ builds the same model from the same seed. Then:
   checkpoint; the data stream shards by rank (:class:`~gantrain.data.stream.BatchStream`);
 * a signal reaching any rank is agreed on with one small all-reduce after each step, so all ranks
   stop after the same step; rank 0 saves, and every rank exits with 128 + that signal's number;
-* only rank 0 logs, draws sample grids, evaluates and writes checkpoints; the others wait for it at
-  a barrier after each sample step and at the end. Evaluation (``evaluator`` in ``build()``) is
-  computed on rank 0 from its fixed-noise samples, so its metrics do not depend on the rank count at
-  all; a metric that wants to spread sampling over the ranks would gather between those barriers
-  (:meth:`RankBarriers.on_step_end`).
+* only rank 0 logs, draws sample grids, evaluates and writes checkpoints; the others wait for it at a barrier after each
+  sample step and at the end. Evaluation (``evaluator`` in ``build()``) is computed on rank 0 from its fixed-noise
+  samples, so its metrics do not depend on the rank count at all; a metric that wants to spread sampling over the ranks
+  would gather between those barriers (:meth:`RankBarriers.on_step_end`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """VAE likelihood terms, the ELBO and importance-weighted NLL estimates, as pure functions.
 
-Conventions: images ``x`` are in the data range [-1, 1], shape ``(B, C, H, W)``; likelihoods are
-always scored on ``x01 = (x + 1) / 2`` in [0, 1], so that nats compare with the literature's
-(binarized-)MNIST numbers. Every density returns one value per sample ``(B,)``, summed over pixels
-or latent dimensions, in nats. A decoder output ``raw`` is either Bernoulli logits of ``x01`` or the
-Gaussian mean of ``x01``.
+Conventions: images ``x`` are in the data range [-1, 1], shape ``(B, C, H, W)``; likelihoods are always scored on
+``x01 = (x + 1) / 2`` in [0, 1], so that nats compare with the literature's (binarized-)MNIST numbers. Every density
+returns one value per sample ``(B,)``, summed over pixels or latent dimensions, in nats. A decoder output ``raw`` is
+either Bernoulli logits of ``x01`` or the Gaussian mean of ``x01``.
 
 A VAE here is anything with ``encode(x) -> (mu, logvar)`` (each ``(B, D)``), ``decode(z) -> raw``,
 ``likelihood in {"bernoulli", "gaussian"}`` and ``latent_dim``; :func:`evaluate_nll` also uses

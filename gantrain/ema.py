@@ -1,9 +1,8 @@
 """Exponential moving average of a network's weights (Karras et al. 2020, stylegan2-ada style).
 
-The decay is given as a half-life in *images*, so it does not depend on the batch size:
-after a step that consumed ``n`` images, ``beta = 0.5 ** (n / half_life_images)`` and
-``ema = beta * ema + (1 - beta) * weights``. Buffers (BatchNorm statistics, spectral-norm
-vectors) are copied, not averaged.
+The decay is given as a half-life in *images*, so it does not depend on the batch size: after a step that consumed ``n``
+images, ``beta = 0.5 ** (n / half_life_images)`` and ``ema = beta * ema + (1 - beta) * weights``. Buffers (BatchNorm
+statistics, spectral-norm vectors) are copied, not averaged.
 """
 
 from __future__ import annotations

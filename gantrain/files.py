@@ -65,10 +65,9 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], fsync: bool = True) -> Path:
     """Run ``write`` on a temp file in ``path``'s folder, then ``os.replace`` it onto ``path``.
 
-    The folder is created if needed. On any error the temp file is removed and an existing
-    ``path`` is left as it was; a full disk or a folder we may not write raises :class:`WriteError`
-    (one line: the path, the reason, the space free). ``fsync=False`` skips the flush to disk
-    (many small files).
+    The folder is created if needed. On any error the temp file is removed and an existing ``path`` is left as it was; a
+    full disk or a folder we may not write raises :class:`WriteError` (one line: the path, the reason, the space free).
+    ``fsync=False`` skips the flush to disk (many small files).
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")

@@ -1,9 +1,8 @@
 """Optimizer building blocks: one network's update rule, LR schedules, Lookahead, and torch's foreach/fused kernels.
 
-Nothing here reads the config. ``optim.<net>`` instantiates a :class:`NetworkOptim` (its sub-nodes:
-``optimizer``, a ``_partial_`` torch optimizer; ``schedule``; ``lookahead``; and the clipping keys);
-the entry point calls :meth:`NetworkOptim.build` with the network's parameters and hands the
-resulting :class:`Update` to the objective.
+Nothing here reads the config. ``optim.<net>`` instantiates a :class:`NetworkOptim` (its sub-nodes: ``optimizer``, a
+``_partial_`` torch optimizer; ``schedule``; ``lookahead``; and the clipping keys); the entry point calls
+:meth:`NetworkOptim.build` with the network's parameters and hands the resulting :class:`Update` to the objective.
 
 Error messages name the key relative to the network's node (``schedule.kind=...``,
 ``lookahead.k=...``, ``implementation=...``); the entry point puts ``optim.<net>.`` in front.
@@ -72,11 +71,10 @@ class Schedule:
     * ``exponential``: ``ExponentialLR(gamma)``, the LR times ``gamma`` every step;
     * ``linear``: ``LinearLR`` from the base LR down to zero over the post-warm-up steps.
 
-    ``warmup_steps`` = W > 0 puts a linear warm-up in front of any kind: optimizer step ``i < W``
-    (0-based) runs at ``base_lr * (i + 1) / W``, so step ``W - 1`` runs at the full LR; the main
-    schedule then starts at step W (its step ``t = i - W``) with a horizon of
-    ``max(total_steps - W, 1)`` steps. ``min_lr`` is used by ``cosine`` only, ``step_size`` by
-    ``step`` only, ``gamma`` by ``step`` and ``exponential`` only.
+    ``warmup_steps`` = W > 0 puts a linear warm-up in front of any kind: optimizer step ``i < W`` (0-based) runs at
+    ``base_lr * (i + 1) / W``, so step ``W - 1`` runs at the full LR; the main schedule then starts at step W (its step
+    ``t = i - W``) with a horizon of ``max(total_steps - W, 1)`` steps. ``min_lr`` is used by ``cosine`` only,
+    ``step_size`` by ``step`` only, ``gamma`` by ``step`` and ``exponential`` only.
     """
 
     kind: str = "constant"
@@ -140,16 +138,14 @@ class Schedule:
 class Lookahead(Optimizer):
     """Lookahead (Zhang et al. 2019, "Lookahead Optimizer: k steps forward, 1 step back").
 
-    The wrapped ``base`` optimizer updates the (fast) parameters as usual; every ``k``-th step
-    the slow weights move ``alpha`` of the way towards them, ``slow += alpha * (fast - slow)``,
-    and the fast weights restart from there. Slow weights start as copies of the parameters at
-    construction.
+    The wrapped ``base`` optimizer updates the (fast) parameters as usual; every ``k``-th step the slow weights move
+    ``alpha`` of the way towards them, ``slow += alpha * (fast - slow)``, and the fast weights restart from there. Slow
+    weights start as copies of the parameters at construction.
 
-    ``param_groups``, ``state`` and ``defaults`` are the base optimizer's own objects, so torch LR
-    schedulers, ``zero_grad``, gradient clipping over ``param_groups`` and ``GradScaler``
-    (``unscale_``/``step``) act on the base. GradScaler takes its ordinary path here (unscale,
-    then ``step()`` unless it found infs), also around a fused base optimizer; a skipped step does
-    not count towards ``k``.
+    ``param_groups``, ``state`` and ``defaults`` are the base optimizer's own objects, so torch LR schedulers,
+    ``zero_grad``, gradient clipping over ``param_groups`` and ``GradScaler`` (``unscale_``/``step``) act on the base.
+    GradScaler takes its ordinary path here (unscale, then ``step()`` unless it found infs), also around a fused base
+    optimizer; a skipped step does not count towards ``k``.
     """
 
     def __init__(self, base: Optimizer, k: int = 5, alpha: float = 0.5) -> None:
@@ -286,9 +282,8 @@ def implementation_kwargs(
 ) -> dict[str, bool]:
     """The ``foreach``/``fused`` keyword arguments that select ``implementation`` of ``optimizer_cls``.
 
-    * ``auto``: on CUDA ``{"fused": True}`` where the class has a fused implementation (Adam,
-      AdamW, SGD, Adagrad), else ``{"foreach": True}`` where it has a foreach one, else ``{}``;
-      on other devices ``{}`` (torch's default);
+    * ``auto``: on CUDA ``{"fused": True}`` where the class has a fused implementation (Adam, AdamW, SGD, Adagrad), else
+      ``{"foreach": True}`` where it has a foreach one, else ``{}``; on other devices ``{}`` (torch's default);
     * ``default``: ``{}``;
     * ``foreach`` / ``fused``: that flag; ConfigError if the class or (``fused``) the device has none.
 

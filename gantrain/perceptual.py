@@ -1,10 +1,9 @@
 """A fixed, pretrained VGG16 feature extractor for perceptual terms (shared by GAN and VAE objectives).
 
 Weights come from torchvision's normal download into the torch hub cache
-(``~/.cache/torch/hub/checkpoints/vgg16-397923af.pth``) when online, or from a local file
-(``weights_path``). The network is frozen (``requires_grad=False``), stays in eval mode whatever
-``.train()`` is called with, and belongs to no optimizer: gradients flow through it to its input
-only.
+(``~/.cache/torch/hub/checkpoints/vgg16-397923af.pth``) when online, or from a local file (``weights_path``). The
+network is frozen (``requires_grad=False``), stays in eval mode whatever ``.train()`` is called with, and belongs to no
+optimizer: gradients flow through it to its input only.
 """
 
 from __future__ import annotations

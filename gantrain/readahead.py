@@ -1,11 +1,10 @@
 """Reading a step's batches before the step starts, so a file that cannot be read stops a run at a step boundary.
 
-Data read from disk during training (``data=folder`` with ``in_memory=false``) can fail hours in: a
-file whose pixel data is corrupt. Drawn inside a step, after the first phase already took its
-optimizer step, the error would leave no consistent state to save. :class:`ReadAhead` draws the
-next step's batches at the end of each step instead; if one cannot be read, the step just
-completed is checkpointed and the run stops with one line naming the file, to be continued with
-``trainer.resume=auto`` once the file is replaced (or with the data's skip option).
+Data read from disk during training (``data=folder`` with ``in_memory=false``) can fail hours in: a file whose pixel
+data is corrupt. Drawn inside a step, after the first phase already took its optimizer step, the error would leave no
+consistent state to save. :class:`ReadAhead` draws the next step's batches at the end of each step instead; if one
+cannot be read, the step just completed is checkpointed and the run stops with one line naming the file, to be continued
+with ``trainer.resume=auto`` once the file is replaced (or with the data's skip option).
 
 The stream never draws from the global RNGs and its order is a pure function of its position, so
 drawing batches earlier changes nothing a run computes: a resumed run is still bit-identical.

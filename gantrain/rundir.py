@@ -1,11 +1,10 @@
 """The run directory: one run at a time (an exclusive lock), default names unique per launch, the configs
 saved there, its ``train.log`` and the command that resumes it.
 
-A run holds ``<run_dir>/.lock`` (``fcntl.flock``) from before it checks or writes anything until
-it exits; the kernel drops the lock when the process dies, however it dies, so there is no stale
-lock to clean up. A second process on the same directory stops at once with one line naming the
-holder. The lock file itself is never deleted (deleting a locked file lets a third process lock a
-new one beside it).
+A run holds ``<run_dir>/.lock`` (``fcntl.flock``) from before it checks or writes anything until it exits; the kernel
+drops the lock when the process dies, however it dies, so there is no stale lock to clean up. A second process on the
+same directory stops at once with one line naming the holder. The lock file itself is never deleted (deleting a locked
+file lets a third process lock a new one beside it).
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
 """Run logging in one callback, :class:`RunLog`: TensorBoard, tqdm, console lines, sample PNGs, evaluation results.
 
-Every ``log_every_n_steps`` it drains the
-stats that losses ``report``-ed (plus images/s and the fp16 scales) into TensorBoard scalars, the bar's
-postfix and :attr:`RunLog.stats`; after each evaluation (:class:`gantrain.metrics.Evaluation`) it logs
-its results with one console line; every ``sample_every_n_steps`` it draws sample grids,
-with the EMA weights swapped in, and a background thread encodes them (PNG files, TensorBoard images)
-while training goes on; it does both once more at the end (unless that step's grid was just written).
-Only rank 0 writes anything.
+Every ``log_every_n_steps`` it drains the stats that losses ``report``-ed (plus images/s and the fp16 scales) into
+TensorBoard scalars, the bar's postfix and :attr:`RunLog.stats`; after each evaluation
+(:class:`gantrain.metrics.Evaluation`) it logs its results with one console line; every ``sample_every_n_steps`` it
+draws sample grids, with the EMA weights swapped in, and a background thread encodes them (PNG files, TensorBoard
+images) while training goes on; it does both once more at the end (unless that step's grid was just written). Only rank
+0 writes anything.
 
 The console shows a tqdm bar when it is a terminal and ``progress_bar`` is on. Otherwise (a cluster
 log, ``> out.txt 2>&1``, ``progress_bar=false``) a plain progress line is logged instead, at most one

@@ -263,9 +263,8 @@ def _name_width(num: int) -> int:
 
 
 def _check_output(out: Path, kind: OutputKind, num: int, shape: tuple[int, ...], allocating: bool) -> None:
-    """GantrainError unless ``num`` samples of ``shape`` can be written as ``kind``: images for a PNG
-    output; a .pt that fits on the disk and, when it is still to be ``allocating``, in memory; a grid
-    no larger than PIL opens."""
+    """GantrainError unless ``num`` samples of ``shape`` can be written as ``kind``: images for a PNG output; a .pt that
+    fits on the disk and, when it is still to be ``allocating``, in memory; a grid no larger than PIL opens."""
     if kind != "pt" and len(shape) != 3:
         raise GantrainError(
             f"'{out}': these samples have shape {(num, *shape)}, not images (N, C, H, W); write a .pt file "

@@ -1,9 +1,8 @@
 """One stats sink for the whole package.
 
-Anything that wants a number in TensorBoard and in the progress bar calls ``report(name, value)``
-with a slash-separated name (``loss/D``, ``loss/D/gp``, ``D(x)``). The Trainer owns the
-:class:`Collector` that receives the values and drains it at logging time, so losses and models
-never hold a writer. Outside a training run ``report`` is a no-op.
+Anything that wants a number in TensorBoard and in the progress bar calls ``report(name, value)`` with a slash-separated
+name (``loss/D``, ``loss/D/gp``, ``D(x)``). The Trainer owns the :class:`Collector` that receives the values and drains
+it at logging time, so losses and models never hold a writer. Outside a training run ``report`` is a no-op.
 """
 
 from __future__ import annotations

@@ -78,11 +78,10 @@ def folder_labels(files: list[Path], root: Path) -> torch.Tensor | None:
 class _ImageFiles(Dataset):
     """Image files opened lazily by PIL; item i is files[i] as a (C, R, R) tensor, `labels` their classes or None.
 
-    A file that cannot be decoded (a PNG whose header and checksums are fine but whose pixel data
-    is not, which `verify()` cannot see) stops the run with a `DataError` naming it, or with
-    `skip_corrupt` is replaced by the next readable file in file order (wrapping around), with one
-    warning per file and process: the same replacement in every run, so the data order and a resume
-    stay as they were (the replacement keeps the corrupt file's label).
+    A file that cannot be decoded (a PNG whose header and checksums are fine but whose pixel data is not, which
+    `verify()` cannot see) stops the run with a `DataError` naming it, or with `skip_corrupt` is replaced by the next
+    readable file in file order (wrapping around), with one warning per file and process: the same replacement in every
+    run, so the data order and a resume stay as they were (the replacement keeps the corrupt file's label).
     """
 
     def __init__(self, files: list[Path], channels: int, resolution: int, root: Path, skip_corrupt: bool = False):
@@ -129,11 +128,10 @@ class _ImageFiles(Dataset):
 class ImageFolder(ImageData):
     """Every image under a folder, recursively (.png, .jpg, .jpeg, .webp, .bmp; any case).
 
-    Files are sorted by relative path for a deterministic order, converted to grey ("L") or
-    "RGB" to match `channels`, resized on the short side and center-cropped to R x R. Every
-    file's structure is checked once when `dataset()` is built, so a broken file fails the run at
-    start rather than hours in; one whose pixel data only fails when decoded stops the run when
-    it is first drawn, naming it (see `skip_corrupt`).
+    Files are sorted by relative path for a deterministic order, converted to grey ("L") or "RGB" to match `channels`,
+    resized on the short side and center-cropped to R x R. Every file's structure is checked once when `dataset()` is
+    built, so a broken file fails the run at start rather than hours in; one whose pixel data only fails when decoded
+    stops the run when it is first drawn, naming it (see `skip_corrupt`).
 
     Args:
         path: the folder; relative paths are resolved against the launch directory.

@@ -109,11 +109,10 @@ class TorchvisionImages(ImageData):
             raised from `dataset()` as one `DataError` that points to offline alternatives.
         **common: `ImageData` arguments (batch_size, channels, resolution, ...).
 
-    For MNIST/Fashion-MNIST only the requested split's IDX files are needed, gzipped or not, in
-    `<root>/MNIST/raw` (`FashionMNIST`) as torchvision lays them out or directly in `<root>/raw`;
-    they are read in place (`read_idx`) and nothing is written next to them. Only when neither
-    folder holds them does torchvision download (into `<root>/MNIST/raw`). At the native 28 px
-    nothing is resized: pixel byte k becomes k / 127.5 - 1 (to float rounding).
+    For MNIST/Fashion-MNIST only the requested split's IDX files are needed, gzipped or not, in `<root>/MNIST/raw`
+    (`FashionMNIST`) as torchvision lays them out or directly in `<root>/raw`; they are read in place (`read_idx`) and
+    nothing is written next to them. Only when neither folder holds them does torchvision download (into
+    `<root>/MNIST/raw`). At the native 28 px nothing is resized: pixel byte k becomes k / 127.5 - 1 (to float rounding).
     """
 
     NAMES = tuple(sorted(_CLASSES))

@@ -143,13 +143,12 @@ class BatchStream:
     The stream never draws from the global torch/numpy/python RNGs, so it cannot perturb a
     bit-exact resume of the training loop.
 
-    With `binarize=True` (data.binarize=dynamic) every batch is binarized afresh (see `binarize`)
-    after it reaches `device`, with uniforms from a generator on that device seeded with
-    `derive_seed("binarize/dynamic", seed, epoch, batch, rank)`: a pure function of the batch's
-    position, so a resumed stream yields bit-identical batches and the in-memory and streaming
-    paths agree. The noise is drawn on the batch's device (Philox on CUDA, no host work or copy
-    per step), so a CPU and a CUDA run binarize differently; a run and its resume on the same
-    kind of device do not.
+    With `binarize=True` (data.binarize=dynamic) every batch is binarized afresh (see `binarize`) after it reaches
+    `device`, with uniforms from a generator on that device seeded with
+    `derive_seed("binarize/dynamic", seed, epoch, batch, rank)`: a pure function of the batch's position, so a resumed
+    stream yields bit-identical batches and the in-memory and streaming paths agree. The noise is drawn on the batch's
+    device (Philox on CUDA, no host work or copy per step), so a CPU and a CUDA run binarize differently; a run and its
+    resume on the same kind of device do not.
 
     Args:
         dataset: items are (C, R, R) float tensors.

@@ -2,9 +2,8 @@
 file of the original FID code, ``weights-inception-2015-12-05-6726825d.pth``, and its bilinear resize
 to 299 x 299), so that FIDs compare with published numbers computed the same way.
 
-Weights come from the torch hub cache (``~/.cache/torch/hub/checkpoints/``, filled by the first use
-online) or from an explicit ``weights_path``; offline without either, building it fails with one
-line naming both.
+Weights come from the torch hub cache (``~/.cache/torch/hub/checkpoints/``, filled by the first use online) or from an
+explicit ``weights_path``; offline without either, building it fails with one line naming both.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """DCGAN (Radford et al. 2016): transposed-conv generator and strided-conv discriminator.
 
-At 32 px the generator goes 1 -> 4 -> 8 -> 16 -> 32 with widths 4*ngf, 2*ngf, ngf (256, 128, 64);
-each extra doubling of the resolution adds one layer in front (64 px: 512, 256, 128, 64).
-The discriminator mirrors it. Kernel 4, stride 2, padding 1 throughout. The discriminator's last
-layer is a :class:`~gantrain.models.layers.DiscriminatorHead` on the flattened ``(4ndf, 4, 4)`` map
-(a Linear on the 4x4 map computes the same functions as the paper's final 4x4 conv).
+At 32 px the generator goes 1 -> 4 -> 8 -> 16 -> 32 with widths 4*ngf, 2*ngf, ngf (256, 128, 64); each extra doubling of
+the resolution adds one layer in front (64 px: 512, 256, 128, 64). The discriminator mirrors it. Kernel 4, stride 2,
+padding 1 throughout. The discriminator's last layer is a :class:`~gantrain.models.layers.DiscriminatorHead` on the
+flattened ``(4ndf, 4, 4)`` map (a Linear on the 4x4 map computes the same functions as the paper's final 4x4 conv).
 """
 
 from __future__ import annotations

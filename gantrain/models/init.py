@@ -40,13 +40,11 @@ def _refresh_spectral_norm(m: nn.Module) -> None:
 def initialize(module: nn.Module, scheme: str) -> nn.Module:
     """Re-initialise every conv/linear weight of ``module`` in place; biases to 0.
 
-    ``normal_0.02`` is Radford et al.'s DCGAN init (weights N(0, 0.02), norm gains N(1, 0.02));
-    the others use torch's ``xavier_normal_``, ``kaiming_normal_`` (LeakyReLU 0.2) and
-    ``orthogonal_`` with norm gains at 1; ``torch`` leaves PyTorch's per-layer defaults.
-    A spectrally normalised weight has its unnormalised
-    ``parametrizations.weight.original`` initialised (and its power iteration re-run).
-    Parameters of other layers (e.g. :class:`~gantrain.models.layers.MinibatchDiscrimination`'s ``T``)
-    keep their own init.
+    ``normal_0.02`` is Radford et al.'s DCGAN init (weights N(0, 0.02), norm gains N(1, 0.02)); the others use torch's
+    ``xavier_normal_``, ``kaiming_normal_`` (LeakyReLU 0.2) and ``orthogonal_`` with norm gains at 1; ``torch`` leaves
+    PyTorch's per-layer defaults. A spectrally normalised weight has its unnormalised
+    ``parametrizations.weight.original`` initialised (and its power iteration re-run). Parameters of other layers (e.g.
+    :class:`~gantrain.models.layers.MinibatchDiscrimination`'s ``T``) keep their own init.
     """
     checks.choice("init", scheme, INIT_SCHEMES)  # the argument of the GAN that calls this
     if scheme == "torch":  # keep every layer's own PyTorch default init (the usual choice for VAEs)

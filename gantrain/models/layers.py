@@ -1,8 +1,7 @@
 """Building blocks shared by the model families: norms, discriminator heads, spectral norm.
 
-Every discriminator ends in a :class:`DiscriminatorHead` (optional minibatch statistics, then one
-linear unit) and can wrap all of its conv/linear weights with spectral norm via
-:func:`apply_spectral_norm`.
+Every discriminator ends in a :class:`DiscriminatorHead` (optional minibatch statistics, then one linear unit) and can
+wrap all of its conv/linear weights with spectral norm via :func:`apply_spectral_norm`.
 """
 
 from __future__ import annotations

@@ -7,10 +7,9 @@ in [0, 1]: Bernoulli logits or Gaussian means (``VAE.likelihood``). ``VAE.forwar
 images in [-1, 1], so a VAE can stand in for a generator ``g`` wherever samples are drawn from
 ``g(z)`` with ``z ~ N(0, I)`` of shape ``(n, *g.latent_shape)`` (e.g. :meth:`gantrain.models.GenerativeModel.sample`).
 
-Families: :class:`ConvEncoder` / :class:`ConvDecoder` mirror the DCGAN discriminator / generator shapes
-(32 or 64 px); :class:`MLPEncoder` / :class:`MLPDecoder` are fully connected (e.g. the classic
-784-400-40 MNIST VAE). All layers keep torch's default init; a container may re-initialise them
-(:func:`gantrain.models.initialize`).
+Families: :class:`ConvEncoder` / :class:`ConvDecoder` mirror the DCGAN discriminator / generator shapes (32 or 64 px);
+:class:`MLPEncoder` / :class:`MLPDecoder` are fully connected (e.g. the classic 784-400-40 MNIST VAE). All layers keep
+torch's default init; a container may re-initialise them (:func:`gantrain.models.initialize`).
 """
 
 from __future__ import annotations
@@ -37,10 +36,9 @@ class ConvEncoder(nn.Module):
     """Strided-conv encoder: ``(B, channels, R, R)`` images in [-1, 1] -> ``(B, 2 * latent_dim)`` = ``[mu, logvar]``.
 
     The DCGAN discriminator's body (kernel 4, stride 2, padding 1): at 32 px
-    ``Conv(C, ndf) LReLU(0.2) -> Conv(ndf, 2ndf) [norm] LReLU -> Conv(2ndf, 4ndf) [norm] LReLU``
-    gives ``(B, 4ndf, 4, 4)``; 64 px adds one more layer (widths ndf, 2ndf, 4ndf, 8ndf). Then flatten and
-    ``Linear(width * 16, 2 * latent_dim)``. The first conv has no norm, and a conv right before a norm
-    has no bias.
+    ``Conv(C, ndf) LReLU(0.2) -> Conv(ndf, 2ndf) [norm] LReLU -> Conv(2ndf, 4ndf) [norm] LReLU`` gives
+    ``(B, 4ndf, 4, 4)``; 64 px adds one more layer (widths ndf, 2ndf, 4ndf, 8ndf). Then flatten and
+    ``Linear(width * 16, 2 * latent_dim)``. The first conv has no norm, and a conv right before a norm has no bias.
 
     ``norm``: ``none`` (default; each sample's ELBO is then independent of the rest of the batch),
     ``batch``, ``layer`` (GroupNorm(1, C)) or ``instance``.
