@@ -172,9 +172,8 @@ def shared_run_dir(group: Group, run_dir: str | Path) -> Path:
 
 
 class PhaseLoss(nn.Module):
-    """A phase's network with its loss as ``forward``: what DDP wraps, so one DDP forward covers every call
-    into the network the loss makes. Registers the network as its only submodule (DDP's parameters and
-    buffers are the network's; a phase's loss that reaches other networks steps them in their own phase)."""
+    """A phase's network with its loss as ``forward``: what DDP wraps (see the module docstring). The network is its
+    only submodule (a loss that reaches other networks steps them in their own phase)."""
 
     def __init__(self, network: nn.Module, loss):
         super().__init__()
@@ -239,13 +238,11 @@ def callbacks(group: Group, seed: int, settings: DDPSettings) -> tuple[Callback,
 
 
 class RankSync(Callback):
-    """First callback: each step's stop agreement, the buffer broadcast after each phase, the EMA check before
-    each checkpoint. Also what the signal handlers talk to under DDP (:meth:`request_stop`).
+    """First callback: each step's stop agreement, the buffer broadcast after each phase, the EMA check before each
+    checkpoint; what the signal handlers talk to under DDP (:meth:`request_stop`).
 
-    The unused-parameter trap: DDP without ``find_unused_parameters`` waits for a gradient of every
-    parameter it wraps; a phase whose loss leaves one without (a loss that is only R1: the last bias of
-    D is not in ``grad_x D``) would silently skip averaging that parameter's bucket. Each phase's
-    gradients are checked for that after its step, and the run stops with one line naming it."""
+    DDP without ``find_unused_parameters`` silently skips averaging a parameter its phase's loss gives no gradient
+    (a loss that is only R1: D's last bias is not in ``grad_x D``); so the run stops with one line naming it."""
 
     def __init__(self, group: Group, find_unused: bool):
         self.group, self.find_unused = group, find_unused

@@ -270,18 +270,16 @@ def evaluate_nll(
         batches: tensors ``(B, C, H, W)`` in [-1, 1] (a ``(x, y)`` tuple/list uses its first item);
             moved to the device of ``vae``'s parameters.
         k, chunk: importance samples per image and samples per decoder pass (:func:`log_weights`).
-        log_likelihood: ``(raw, x01) -> (N,)``. Default from ``vae.likelihood``: ``"bernoulli"`` ->
-            :func:`bernoulli_log_prob`; ``"gaussian"`` -> :func:`gaussian_log_prob` with the per-image
-            :func:`optimal_log_sigma`. A model trained with a fixed or learned sigma must pass its
-            own (e.g. ``likelihood_fn("gaussian", sigma)``).
+        log_likelihood: ``(raw, x01) -> (N,)``; default ``likelihood_fn(vae.likelihood)`` (gaussian: per-image
+            optimal sigma). A model trained with a fixed or learned sigma must pass its own.
         progress: a tqdm bar over batches (quiet off-terminal); False hides it.
         generator: for all importance noise (default: the global RNG).
 
     Returns ``{"elbo", "elbo_mc", "nll_iwae", "images"}``:
         elbo: mean of ``log p(x01|z_1) - KL(q(z|x) || p(z))``, z_1 the first importance sample, analytic KL;
         elbo_mc: mean of :func:`elbo_estimate` over the k samples (all terms Monte-Carlo);
-        nll_iwae: mean of ``-`` :func:`iwae_bound` -- the k-sample NLL estimate (an upper bound in
-            expectation); ``nll_iwae <= -elbo_mc`` always;
+        nll_iwae: mean of ``-`` :func:`iwae_bound`, the k-sample NLL estimate (an upper bound in expectation);
+            ``nll_iwae <= -elbo_mc`` always;
         images: the number of images.
 
     Runs under ``torch.no_grad`` in eval mode; the module's previous train/eval mode is restored.

@@ -135,9 +135,8 @@ class ImageFolder(ImageData):
 
     Args:
         path: the folder; relative paths are resolved against the launch directory.
-        skip_corrupt: instead of stopping, train on the next readable file (in file order) in place of
-            each file that cannot be read, with a warning naming it; the dataset keeps its size and
-            order, so a run stays reproducible and resumable.
+        skip_corrupt: instead of stopping, train on the next readable file (in file order) in place of each one
+            that cannot be read, with a warning naming it; size and order stay, so runs stay reproducible.
         **common: `ImageData` arguments (batch_size, channels, resolution, ...).
 
     Labels: when every image lies in a first-level subfolder (``path/cat/1.png``, ``path/dog/a/2.png``), that

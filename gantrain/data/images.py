@@ -50,14 +50,13 @@ class ImageData(DataOption, abc.ABC):
         channels: 1 (grey) or 3 (RGB); images are converted to this.
         resolution: output side length R (images are R x R), >= 4.
         num_workers: DataLoader worker processes, >= 0.
-        in_memory: stack the whole dataset into one tensor on the training device (fast for
-            small datasets) instead of decoding batches on the fly.
-        binarize: "none", "static" or "dynamic": stochastic binarization (see `binarize`), pixels
-            become -1 or +1. "static": once, with a fixed seed (`STATIC_SEED`; the same binarized
-            dataset in every run). "dynamic": every batch the stream yields is binarized afresh
-            from (stream seed, epoch, batch), reproducibly and resumably (see `BatchStream`).
-        holdout: hold out the last `holdout` images of the dataset (in file order) for evaluation:
-            the training stream never sees them and `heldout()` returns them.
+        in_memory: stack the whole dataset into one tensor on the training device (fast for small datasets)
+            instead of decoding batches on the fly.
+        binarize: "none", "static" or "dynamic" stochastic binarization (`binarize`) to -1 or +1. "static": once,
+            with a fixed seed (`STATIC_SEED`: the same dataset in every run); "dynamic": every batch afresh from
+            (stream seed, epoch, batch), reproducibly and resumably (`BatchStream`).
+        holdout: the last `holdout` images (in file order) are held out for evaluation: the training stream never
+            sees them and `heldout()` returns them.
     """
 
     images = True

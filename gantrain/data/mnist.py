@@ -102,11 +102,10 @@ class TorchvisionImages(ImageData):
 
     Args:
         name: "mnist", "fashion_mnist" or "cifar10".
-        root: folder holding (or receiving) torchvision's files; relative paths are resolved
-            against the directory the run was launched from.
+        root: folder holding (or receiving) torchvision's files, relative to the launch directory.
         split: "train" or "test".
-        download: let torchvision fetch missing files. Any failure to find or fetch them is
-            raised from `dataset()` as one `DataError` that points to offline alternatives.
+        download: let torchvision fetch missing files; failing to find or fetch them raises one `DataError` from
+            `dataset()`, pointing to offline alternatives.
         **common: `ImageData` arguments (batch_size, channels, resolution, ...).
 
     For MNIST/Fashion-MNIST only the requested split's IDX files are needed, gzipped or not, in `<root>/MNIST/raw`
