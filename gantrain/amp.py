@@ -6,10 +6,9 @@ can follow PyTorch's AMP recipe without knowing about precision: scale the outpu
 unscale the gradients, and compute the penalty from them under the surrounding autocast. With no scaler, or a disabled
 one (``precision=32`` / ``bf16-mixed``), the scale is 1 and the same code path runs.
 
-A scaled input gradient can overflow in fp16 (the scaler grows its scale until something does):
-the penalty, and so the loss, is then inf/NaN although nothing diverged. :func:`input_gradient`
-records such overflows in the list :func:`scaling` yields, so the Trainer leaves those steps to the
-scaler (skipped, the scale backed off) instead of treating them as a non-finite loss.
+A scaled input gradient can overflow in fp16 (the scaler grows its scale until something does), making the loss
+inf/NaN although nothing diverged. :func:`input_gradient` records such overflows in the list :func:`scaling` yields,
+so the Trainer leaves those steps to the scaler (skipped, scale backed off) instead of calling the loss non-finite.
 """
 
 from __future__ import annotations

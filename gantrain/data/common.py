@@ -8,9 +8,8 @@ from gantrain.errors import GantrainError
 
 
 class DataOption:
-    """What every `data=` option declares (a user's own option subclasses this); the build reads these, it never
-    probes. Every option has ``batch_size``, ``stream(seed, device, rank=0, world_size=1)``, ``render(samples)``
-    and ``to_data_units(samples)``.
+    """What every `data=` option declares (a user's own subclasses this); the build reads these, it never probes.
+    Every option has ``batch_size``, ``stream(seed, device, rank=0, world_size=1)``, ``render``, ``to_data_units``.
 
     ``images``: its samples are images, so FID/KID/PR apply (they read ``training_dataset()``);
     ``channels``/``resolution`` (images) or ``dim`` (vectors): the sample shape a model must be built for;

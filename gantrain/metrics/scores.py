@@ -1,10 +1,9 @@
 """Features of images and the scores between two feature sets, computed by torch-fidelity.
 
-torch-fidelity is the library behind the numbers: its FID is the TTUR reference computation
-(``fid_features_to_statistics``/``fid_statistics_to_metric``), its KID the unbiased polynomial-kernel
-MMD over random subsets of Binkowski et al. 2018, its precision/recall the k-nearest-neighbour
-manifolds of Kynkäänniemi et al. 2019. Nothing here re-derives them: this module only feeds them
-feature matrices (in float64, so two runs on the same features agree to rounding).
+torch-fidelity computes them: FID the TTUR reference way (``fid_features_to_statistics``/``fid_statistics_to_metric``),
+KID as the unbiased polynomial-kernel MMD over random subsets (Binkowski et al. 2018), precision/recall from
+k-nearest-neighbour manifolds (Kynkäänniemi et al. 2019). This module only feeds it feature matrices (in float64,
+so two runs on the same features agree to rounding).
 """
 
 from __future__ import annotations
