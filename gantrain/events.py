@@ -41,8 +41,8 @@ class Callback:
         return {}
 
     def on_evaluation(self, trainer: Trainer, values: dict[str, float], best: dict | None) -> None:
-        """An evaluation ran at ``trainer.step``: its ``values`` and the monitored best so far (emitted by
-        :class:`gantrain.metrics.loop.Evaluation`; ``best`` is ``{monitor, mode, value, step}`` or None)."""
+        """An evaluation ran at ``trainer.step`` (:class:`gantrain.metrics.loop.Evaluation`): ``values``, and ``best``
+        so far, ``{monitor, mode, value, step}`` or None."""
 
     def on_fit_start(self, trainer: Trainer) -> None:
         """``fit()`` begins (resume restores the state here, before anything is logged)."""
