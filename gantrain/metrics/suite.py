@@ -1,8 +1,7 @@
 """The ``metrics`` config group: which scores, how many samples, against which images, in which features.
 
-Reference features (of the training data, or of ``reference``, a folder) are computed once and cached
-in ``cache_dir`` under a key made of the images (the data config, or the folder's file list) and the
-extractor (its class and a hash of its weights), so they are recomputed when either changes.
+Reference features (of the training data or the ``reference`` folder) are cached in ``cache_dir`` under a key of
+the images (data config or file list) and the extractor (class, weights hash): recomputed when either changes.
 """
 
 from __future__ import annotations

@@ -84,8 +84,7 @@ class DBlock(nn.Module):
 class Generator(nn.Module):
     """SNGAN ResNet generator: ``(B, nz)`` noise -> ``(B, channels, R, R)`` images in [-1, 1] (Tanh).
 
-    ``dropout`` > 0 adds ``Dropout2d(dropout)`` after every hidden ReLU (both ReLUs of each block and
-    the final one), active in train mode only.
+    ``dropout`` > 0 adds ``Dropout2d(dropout)`` after every hidden ReLU (blocks and final), in train mode only.
     """
 
     def __init__(self, nz: int = 128, ngf: int = 128, channels: int = 3, resolution: int = 32, dropout: float = 0.0):
@@ -115,9 +114,9 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """SNGAN ResNet discriminator: ``(B, channels, R, R)`` -> ``(B,)`` logits.
 
-    ``features(x)`` is the globally sum-pooled last activation ``(B, ndf)``; ``forward(x) == head(features(x))``.
-    ``norm`` (default none, as in SNGAN) goes before every ReLU inside the blocks; WGAN-GP critics must
-    not use ``batch``. ``spectral_norm`` wraps every conv/linear weight, head included.
+    ``features(x)``: the sum-pooled last activation ``(B, ndf)``; ``forward(x) == head(features(x))``. ``norm``
+    (default none, as in SNGAN) goes before every ReLU in the blocks (WGAN-GP critics: not ``batch``);
+    ``spectral_norm`` wraps every conv/linear weight, head included.
     """
 
     def __init__(
