@@ -132,8 +132,7 @@ def _size_of(write: Callable[[BinaryIO], None]) -> int | None:
 def replace_marked_section(path: str | Path, tag: str, body: str) -> Path:
     """Replace the text between ``<!-- TAG:begin -->`` and ``<!-- TAG:end -->`` in a markdown file.
 
-    Benchmark scripts write their tables into the docs this way; the markers are appended at the
-    end when the file (or the section) does not exist yet. The file is rewritten atomically.
+    Benchmark scripts write their tables into the docs this way; missing markers (or file) are appended. Atomic.
     """
     import re
 

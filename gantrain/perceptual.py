@@ -69,9 +69,7 @@ def _vgg16_features(layer: str, weights: str, weights_path: str | None) -> nn.Se
 class VGG16Features(nn.Module):
     """Images in [-1, 1] ``(B, 1|3, H, W)`` -> VGG16 activations after ``layer`` (ImageNet-normalised input).
 
-    Grey images are repeated to 3 channels. ``weights='random'`` keeps torchvision's random init
-    (for tests; meaningless as a perceptual metric). Errors name the argument (``weights_path=...``);
-    the entry point puts the config path in front.
+    Grey images are repeated to 3 channels. ``weights='random'`` keeps torchvision's random init (for tests only).
     """
 
     def __init__(self, layer: str = "relu3_3", weights: str = "imagenet", weights_path: str | None = None):

@@ -52,9 +52,8 @@ class ImageData(DataOption, abc.ABC):
         num_workers: DataLoader worker processes, >= 0.
         in_memory: stack the whole dataset into one tensor on the training device (fast for small datasets)
             instead of decoding batches on the fly.
-        binarize: "none", "static" or "dynamic" stochastic binarization (`binarize`) to -1 or +1. "static": once,
-            with a fixed seed (`STATIC_SEED`: the same dataset in every run); "dynamic": every batch afresh from
-            (stream seed, epoch, batch), reproducibly and resumably (`BatchStream`).
+        binarize: "none", "static" (once, with `STATIC_SEED`: the same in every run) or "dynamic" (every batch afresh,
+            reproducibly: `BatchStream`) stochastic binarization to -1 or +1 (`binarize`).
         holdout: the last `holdout` images (in file order) are held out for evaluation: the training stream never
             sees them and `heldout()` returns them.
     """
@@ -122,8 +121,7 @@ class ImageData(DataOption, abc.ABC):
     def heldout(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The last `holdout` images of the dataset, in order, as one (N, C, R, R) float32 tensor.
 
-        With binarize "static" or "dynamic" they are binarized with the fixed static seed (the
-        same images, bit for bit, in every run and whatever the training seed).
+        Binarized ("static" or "dynamic") with the fixed static seed: bit for bit the same whatever the run's seed.
         """
         if self.holdout == 0:
             checks.fail("holdout", 0, ">= 1 for held-out images", "train with data.holdout=N")
@@ -161,8 +159,8 @@ class ImageData(DataOption, abc.ABC):
 class Digits(ImageData):
     """scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no network), upsampled to `resolution`.
 
-    Pixel values 0..16 are scaled to [0, 1], resized (bilinear, antialiased) to R x R, then
-    mapped to [-1, 1]; `channels=3` repeats the grey channel. Labels: the digit 0..9.
+    Pixels 0..16 -> [0, 1], resized (bilinear, antialiased) to R x R, -> [-1, 1]; `channels=3` repeats the grey.
+    Labels: the digit 0..9.
     """
 
     num_classes = 10

@@ -41,8 +41,7 @@ _NATIVE_CHANNELS = {"mnist": 1, "fashion_mnist": 1, "cifar10": 3}
 def read_idx(path: str | os.PathLike, magic: int) -> torch.Tensor:
     """An IDX file of unsigned bytes (MNIST's format), gzipped or not, as a uint8 tensor; read-only.
 
-    Header: big-endian int32 `magic` (2049 labels, 2051 images), then one int32 per dimension.
-    A wrong magic or a size that does not match the header is a `DataError` naming the file.
+    Header: big-endian int32 `magic` (2049 labels, 2051 images), one int32 per dimension; else a `DataError`.
     """
     path = str(path)
     try:
@@ -67,8 +66,7 @@ def read_idx(path: str | os.PathLike, magic: int) -> torch.Tensor:
 def idx_files(root: str | os.PathLike, folder: str, split: str) -> tuple[Path, Path] | None:
     """(images, labels) IDX files of `split` ("train" or "t10k"), or None if no folder holds both.
 
-    Looks in torchvision's `<root>/<folder>/raw` first, then in `<root>/raw`; in each, an unpacked
-    file is preferred over its `.gz` archive.
+    Looks in torchvision's `<root>/<folder>/raw`, then `<root>/raw`; an unpacked file wins over its `.gz`.
     """
     for raw in (Path(root, folder, "raw"), Path(root, "raw")):
         found = []
@@ -108,10 +106,8 @@ class TorchvisionImages(ImageData):
             `dataset()`, pointing to offline alternatives.
         **common: `ImageData` arguments (batch_size, channels, resolution, ...).
 
-    For MNIST/Fashion-MNIST only the requested split's IDX files are needed, gzipped or not, in `<root>/MNIST/raw`
-    (`FashionMNIST`) as torchvision lays them out or directly in `<root>/raw`; they are read in place (`read_idx`) and
-    nothing is written next to them. Only when neither folder holds them does torchvision download (into
-    `<root>/MNIST/raw`). At the native 28 px nothing is resized: pixel byte k becomes k / 127.5 - 1 (to float rounding).
+    MNIST/Fashion-MNIST need only the split's IDX files (`idx_files`), read in place (nothing written next to them);
+    only when no folder holds them does torchvision download (into `<root>/MNIST/raw`). At 28 px nothing is resized: pixel byte k becomes k / 127.5 - 1 (to float rounding).
     """
 
     NAMES = tuple(sorted(_CLASSES))

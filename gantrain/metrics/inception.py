@@ -28,7 +28,7 @@ def cached_weights() -> Path:
 class InceptionFeatures(nn.Module):
     """Images in [-1, 1] ``(B, 1|3, H, W)`` -> the 2048 pool features of the FID Inception v3.
 
-    Images are quantised to uint8 as in a PNG (grey repeated to RGB); the network resizes them to 299 px. Frozen, in eval mode.
+    Quantised to uint8 as in a PNG (grey repeated to RGB), resized to 299 px by the network; frozen, in eval mode.
 
     Args:
         weights_path: the weights file (``weights-inception-2015-12-05-6726825d.pth``); null: torch's hub
