@@ -107,7 +107,8 @@ class TorchvisionImages(ImageData):
         **common: `ImageData` arguments (batch_size, channels, resolution, ...).
 
     MNIST/Fashion-MNIST need only the split's IDX files (`idx_files`), read in place (nothing written next to them);
-    only when no folder holds them does torchvision download (into `<root>/MNIST/raw`). At 28 px nothing is resized: pixel byte k becomes k / 127.5 - 1 (to float rounding).
+    only when no folder holds them does torchvision download (into `<root>/MNIST/raw`). At 28 px nothing is resized:
+    pixel byte k becomes k / 127.5 - 1 (to float rounding).
     """
 
     NAMES = tuple(sorted(_CLASSES))
