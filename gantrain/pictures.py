@@ -39,7 +39,7 @@ def reconstruction_grid(vae: nn.Module, x: torch.Tensor, per_row: int = 4) -> to
 def interpolation_strip(vae: nn.Module, x: torch.Tensor, steps: int = 10) -> torch.Tensor:
     """Decoded straight lines between the posterior means of consecutive pairs of ``x``: one row per pair.
 
-    ``x`` ``(2P, C, H, W)`` in [-1, 1] -> ``(3, H', W')`` in [0, 1]; row ``p``: image ``2p`` to ``2p + 1``, ``steps`` steps.
+    ``x`` ``(2P, C, H, W)`` in [-1, 1] -> ``(3, H', W')`` in [0, 1]; row ``p``: image ``2p`` to ``2p + 1`` in ``steps``.
     """
     mu, _ = vae.encode(x)
     start, end = mu[0::2], mu[1::2]  # (P, D)
