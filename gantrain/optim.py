@@ -32,8 +32,7 @@ log = logging.getLogger(__name__)
 class Update:
     """How one network's optimizer steps (``optim.<net>``, see :class:`NetworkOptim`); a phase holds it.
 
-    ``schedule``: the LR schedule (None = constant); ``gradient_clip_val``/``_algorithm``: this
-    network's clipping (None = the trainer's setting; a value of 0 = no clipping for it).
+    ``schedule`` None: constant LR; clipping None: the trainer's setting (a value of 0: no clipping for it).
     """
 
     optimizer: Optimizer
@@ -92,13 +91,9 @@ class Schedule:
         checks.number("min_lr", self.min_lr, ge=0)
 
     def build(self, optimizer: Optimizer, total_steps: int) -> lrs.LRScheduler:
-        """A torch scheduler for ``optimizer``, to be stepped once after each of its ``total_steps`` steps.
-
-        The LR that optimizer step ``i`` uses (``optimizer.param_groups[g]["lr"]`` just before its
-        ``i``-th ``step()``) follows the class docstring. Always returns a scheduler, even for
-        ``constant`` without warm-up, so the caller can call ``step()``/``state_dict()`` uniformly.
-        Stepping past ``total_steps`` continues torch's own scheduler (``cosine`` rises again).
-        """
+        """A torch scheduler for ``optimizer``, stepped once after each of its ``total_steps`` steps (LRs: the class
+        docstring). Always a scheduler, even ``constant`` without warm-up, so ``step()``/``state_dict()`` work
+        uniformly. Past ``total_steps`` torch's own scheduler continues (``cosine`` rises again)."""
         if not _is_int(total_steps) or total_steps < 0:
             raise ValueError(f"Schedule.build: total_steps={total_steps!r} must be an integer >= 0")
         warmup = self.warmup_steps
@@ -142,10 +137,9 @@ class Lookahead(Optimizer):
     ``alpha`` of the way towards them, ``slow += alpha * (fast - slow)``, and the fast weights restart from there. Slow
     weights start as copies of the parameters at construction.
 
-    ``param_groups``, ``state`` and ``defaults`` are the base optimizer's own objects, so torch LR schedulers,
-    ``zero_grad``, gradient clipping over ``param_groups`` and ``GradScaler`` (``unscale_``/``step``) act on the base.
-    GradScaler takes its ordinary path here (unscale, then ``step()`` unless it found infs), also around a fused base
-    optimizer; a skipped step does not count towards ``k``.
+    ``param_groups``, ``state`` and ``defaults`` are the base optimizer's own objects, so LR schedulers, ``zero_grad``,
+    clipping and ``GradScaler`` (ordinary path, also around a fused base) act on the base; a skipped step does not
+    count towards ``k``.
     """
 
     def __init__(self, base: Optimizer, k: int = 5, alpha: float = 0.5) -> None:
@@ -324,11 +318,8 @@ def make_optimizer(
     implementation: str = "auto",
     **kwargs: Any,
 ) -> Optimizer:
-    """``factory(params, **kwargs, **implementation_kwargs(...))`` (Lookahead is :func:`lookahead`'s job).
-
-    ``factory``: a ``functools.partial`` of a ``torch.optim`` class (what Hydra's ``_partial_: true``
-    instantiates to) or the class itself; ``kwargs``: e.g. ``lr``.
-    """
+    """``factory(params, **kwargs, **implementation_kwargs(...))``; ``factory``: a ``torch.optim`` class or a
+    ``functools.partial`` of one (Hydra's ``_partial_: true``). Lookahead is :func:`lookahead`'s job."""
     optimizer_cls = factory.func if isinstance(factory, functools.partial) else factory
     if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Optimizer)):
         raise ConfigError(
@@ -367,12 +358,10 @@ class NetworkOptim:
         optimizer: a ``torch.optim`` class or a ``functools.partial`` of one (Hydra's ``_partial_``),
             without parameters and learning rate.
         lr: the base learning rate (what ``schedule`` scales).
-        schedule: the LR schedule, stepped once per optimizer step of this network.
-        lookahead: wraps the optimizer (:func:`lookahead`; ``k=0`` leaves it alone).
+        schedule: the LR schedule, stepped once per optimizer step; lookahead: :func:`lookahead` (``k=0``: none).
         gradient_clip_val: None: the trainer's ``gradient_clip_val``; 0: no clipping for this network.
         gradient_clip_algorithm: None: the trainer's; ``norm`` | ``value``.
-        implementation: ``auto`` (fused/foreach on CUDA where torch has them) | ``default`` |
-            ``foreach`` | ``fused`` (:func:`implementation_kwargs`).
+        implementation: ``auto`` | ``default`` | ``foreach`` | ``fused`` (:func:`implementation_kwargs`).
     """
 
     def __init__(
