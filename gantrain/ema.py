@@ -21,8 +21,7 @@ log = logging.getLogger("gantrain.checkpoint")
 class EMA:
     """A frozen, eval-mode copy of ``module`` that tracks its weights (``half_life_images`` > 0).
 
-    ``swapped()`` temporarily loads the averaged weights into ``module`` itself, so samplers and
-    evaluators that hold a reference to the live network use the average without knowing of it.
+    ``swapped()`` temporarily loads the average into ``module`` itself: samplers holding it use it unknowingly.
     """
 
     def __init__(self, module: nn.Module, half_life_images: float, name: str = ""):

@@ -74,11 +74,9 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """DCGAN discriminator: ``(B, channels, R, R)`` -> ``(B,)`` logits (no sigmoid: losses take logits).
 
-    ``norm`` picks the hidden-layer normalisation; WGAN-GP critics must not use ``batch`` (the
-    penalty is per sample, BatchNorm mixes samples). The first layer has no norm, as in the paper.
-    ``features(x)`` returns the last hidden activation ``(B, 4ndf, 4, 4)`` for feature-matching losses;
-    ``forward(x) == head(features(x))``. ``spectral_norm`` wraps every conv/linear weight (Miyato et al.
-    2018); ``minibatch_std`` / ``minibatch_kernels`` switch on the head's minibatch statistics.
+    ``norm``: the hidden layers' (not the first's, as in the paper); WGAN-GP critics must not use ``batch`` (the
+    penalty is per sample). ``features(x)``: the last hidden activation ``(B, 4ndf, 4, 4)``; ``forward(x) ==
+    head(features(x))``. ``spectral_norm`` wraps every conv/linear weight; ``minibatch_*``: the head's statistics.
     """
 
     def __init__(

@@ -24,9 +24,8 @@ def _raw_weight(m: nn.Module) -> torch.Tensor:
 def _refresh_spectral_norm(m: nn.Module) -> None:
     """Re-run the power iteration of a spectral-norm parametrization for the re-initialised weight.
 
-    Its singular-vector estimates ``u``, ``v`` were converged (15 iterations) for the weight it was
-    registered on; left stale, the first training steps would divide by a too-small sigma.
-    Torch does the same 15 iterations at registration.
+    ``u``, ``v`` were converged (15 iterations, as torch does at registration) for the old weight; left stale, the
+    first training steps would divide by a too-small sigma.
     """
     if not parametrize.is_parametrized(m, "weight"):
         return
