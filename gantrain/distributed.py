@@ -1,30 +1,24 @@
 """Data-parallel training: PyTorch's DistributedDataParallel, launched by ``torchrun`` or SLURM (submitit).
 
-Nothing here runs in a one-process run: :func:`init_from_env` returns the one-rank :data:`SINGLE` group
-and ``build()`` adds no wrapper, callback or collective.
+In a one-process run :func:`init_from_env` returns the one-rank :data:`SINGLE` group and ``build()`` adds no
+wrapper, callback or collective. With ``torchrun --nproc_per_node=N`` (or N SLURM tasks) every process composes
+the same config and builds the same model from the same seed. Then:
 
-With ``torchrun --nproc_per_node=N`` (or N SLURM tasks) every process composes the same config and
-builds the same model from the same seed. Then:
-
-* each trained network is wrapped once in :class:`~torch.nn.parallel.DistributedDataParallel`, with all
-  of its parameters trainable at wrap time (DDP registers its gradient hooks only on those), as
-  stylegan2-ada-pytorch does; the Trainer's phase loop then toggles ``requires_grad`` as in one process.
-  What is wrapped is the network *with its phase's loss* (:class:`PhaseLoss`): DDP's forward is the
-  whole loss computation, so every call into the network inside it (``encode``/``decode``, a penalty's
-  ``autograd.grad`` double backward, a G step through a frozen D) is covered by the one wrapper;
-* gradients are all-reduced (averaged) once per optimizer step: the Trainer runs every micro-batch but
-  the last through :meth:`Phase.no_sync_loss <gantrain.phase.Phase>` (DDP's ``no_sync``);
-* buffers (BatchNorm statistics, spectral-norm vectors) and the EMA's are broadcast from rank 0 after
-  each phase's step, so every rank holds the same state at every step boundary;
-* each rank draws its own noise: at the start of each step the global RNGs are seeded from
-  (seed, rank, step), so the noise is a pure function of those and a resume needs only rank 0's
-  checkpoint; the data stream shards by rank (:class:`~gantrain.data.stream.BatchStream`);
-* a signal reaching any rank is agreed on with one small all-reduce after each step, so all ranks
-  stop after the same step; rank 0 saves, and every rank exits with 128 + that signal's number;
-* only rank 0 logs, draws sample grids, evaluates and writes checkpoints; the others wait for it at a barrier after each
-  sample step and at the end. Evaluation (``evaluator`` in ``build()``) is computed on rank 0 from its fixed-noise
-  samples, so its metrics do not depend on the rank count at all; a metric that wants to spread sampling over the ranks
-  would gather between those barriers (:meth:`RankBarriers.on_step_end`).
+* each trained network is wrapped once in :class:`~torch.nn.parallel.DistributedDataParallel`, all of its parameters
+  trainable at wrap time (DDP hooks only those; as stylegan2-ada-pytorch; the phase loop then toggles ``requires_grad``
+  as usual), *with its phase's loss* (:class:`PhaseLoss`): DDP's forward is the whole loss, so every call into the
+  network inside it (``encode``/``decode``, a penalty's double backward, a G step through a frozen D) is covered by the
+  one wrapper;
+* gradients are all-reduced once per optimizer step: every micro-batch but the last runs through
+  :meth:`Phase.no_sync_loss <gantrain.phase.Phase>` (DDP's ``no_sync``);
+* buffers (BatchNorm, spectral norm) and the EMA's are broadcast from rank 0 after each phase's step;
+* each step the global RNGs are seeded from (seed, rank, step), so a resume needs only rank 0's checkpoint; the
+  data stream shards by rank (:class:`~gantrain.data.stream.BatchStream`);
+* a signal reaching any rank is agreed on by an all-reduce after each step: all stop after the same step, rank 0
+  saves, every rank exits with 128 + the signal's number;
+* only rank 0 logs, draws sample grids, evaluates (from its fixed noise: metrics do not depend on the rank count)
+  and writes checkpoints; the others wait at a barrier after each sample step and at the end (a metric spreading
+  sampling over the ranks would gather between them: :meth:`RankBarriers.on_step_end`).
 """
 
 from __future__ import annotations
@@ -89,11 +83,8 @@ class Group:
         return box[0]
 
     def check_all(self, error: BaseException | None) -> None:
-        """Raise on every rank if any rank failed (``error``): its own error, or the first failed rank's line.
-
-        A rank that refused to start (the run directory in use, a bad config) would otherwise leave the
-        others waiting at their first collective.
-        """
+        """Raise on every rank if any rank failed (``error``): its own error, or the first failed rank's line (else a
+        rank that refused to start would leave the others waiting at their first collective)."""
         if not self.distributed:
             if error is not None:
                 raise error
@@ -117,10 +108,9 @@ SINGLE = Group()
 def init_from_env(device_spec: str = "auto") -> Group:
     """The process group ``torchrun`` or SLURM describes in the environment, initialized (once); else :data:`SINGLE`.
 
-    ``torchrun`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``. Under SLURM
-    (``srun``, hydra-submitit-launcher) with more than one task, submitit's
-    ``TorchDistributedEnvironment`` derives them from ``SLURM_PROCID``, ``SLURM_NTASKS``, the node list
-    and the job id. Backends: gloo for CPU tensors, NCCL for CUDA ones; each rank uses GPU ``LOCAL_RANK``.
+    ``torchrun`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``; under SLURM with several
+    tasks submitit's ``TorchDistributedEnvironment`` derives them from ``SLURM_PROCID``, ``SLURM_NTASKS``, the node
+    list and the job id. gloo for CPU tensors, NCCL for CUDA ones; each rank uses GPU ``LOCAL_RANK``.
     """
     if dist.is_available() and dist.is_initialized():
         return current()
@@ -185,8 +175,7 @@ class PhaseLoss(nn.Module):
 
 
 class _Unsynced:
-    """``ddp(batch, step)`` inside ``ddp.no_sync()``: the backward of this loss accumulates without an all-reduce
-    (DDP decides at forward time whether the next backward syncs)."""
+    """``ddp(batch, step)`` inside ``ddp.no_sync()`` (DDP decides at forward time whether the backward syncs)."""
 
     def __init__(self, ddp: DistributedDataParallel):
         self.ddp = ddp
