@@ -13,9 +13,8 @@ callbacks run in list order at each event. A callback may read the trainer's pub
   not ``max_steps``) and ``request_stop(reason)``;
 * ``collector`` (the stats ``report``-ed since the last drain) and ``state`` (the registry a checkpoint saves).
 
-Callbacks keep their own state and reach each other through events (``trainer.emit``), not through the trainer.
-Callbacks must not change the trained state (weights, optimizers, RNGs) except to resume in
-``on_fit_start``, or a resumed run would no longer equal an uninterrupted one.
+Callbacks keep their own state and reach each other through events (``trainer.emit``), not through the trainer;
+they must not change the trained state (weights, optimizers, RNGs) except to resume in ``on_fit_start``.
 """
 
 from __future__ import annotations

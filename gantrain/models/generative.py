@@ -33,8 +33,7 @@ class GenerativeModel(nn.Module):
 
     ``None`` for ``resolution``, ``channels``, ``dim`` or ``latent_dim`` skips that check.
 
-    Attributes: ``g``, ``d`` (None without one), ``resolution``, ``channels``, ``dim`` as given, and ``encodes``:
-    ``g`` is a :class:`~gantrain.models.vae.VAE` (it encodes images, so held-out images have an ELBO).
+    ``encodes``: ``g`` is a :class:`~gantrain.models.vae.VAE` (held-out images have an ELBO).
     """
 
     def __init__(
