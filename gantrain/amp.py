@@ -36,20 +36,16 @@ def scaling(scaler: "torch.amp.GradScaler") -> Iterator[list[torch.Tensor]]:
 
 
 def loss_scale(like: torch.Tensor) -> torch.Tensor:
-    """The active scaler's current scale as a 0-d tensor on ``like``'s device (1 when none is enabled).
-
-    Read as a tensor (``scaler.scale(ones)``), so it costs no host synchronisation.
-    """
+    """The active scaler's current scale as a 0-d tensor on ``like``'s device (1 when none is enabled). Read as a tensor
+    (``scaler.scale(ones)``), so it costs no host synchronisation."""
     one = torch.ones((), device=like.device, dtype=torch.float32)
     return one if _active is None else _active.scale(one)
 
 
 def input_gradient(output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``∇_x output.sum()`` with ``create_graph=True``, loss-scaled under fp16 and unscaled again.
-
-    Scaling keeps small fp16 gradients from flushing to zero in the backward pass; an overflow
-    becomes inf in the result, then in the loss, and the scaler skips that optimizer step.
-    """
+    """``∇_x output.sum()`` with ``create_graph=True``, loss-scaled under fp16 and unscaled again. Scaling keeps small
+    fp16 gradients from flushing to zero in the backward pass; an overflow becomes inf in the result, then in the loss,
+    and the scaler skips that optimizer step."""
     scale = loss_scale(output)
     (grad,) = torch.autograd.grad(output.sum() * scale, x, create_graph=True)
     if _active is not None and _active.is_enabled():  # overflowed: a finite output, a non-finite scaled gradient

@@ -107,11 +107,9 @@ SINGLE = Group()
 
 def init_from_env(device_spec: str = "auto") -> Group:
     """The process group ``torchrun`` or SLURM describes in the environment, initialized (once); else :data:`SINGLE`.
-
     ``torchrun`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``; under SLURM with several
-    tasks submitit's ``TorchDistributedEnvironment`` derives them from ``SLURM_PROCID``, ``SLURM_NTASKS``, the node
-    list and the job id. gloo for CPU tensors, NCCL for CUDA ones; each rank uses GPU ``LOCAL_RANK``.
-    """
+    tasks submitit's ``TorchDistributedEnvironment`` derives them from ``SLURM_PROCID``, ``SLURM_NTASKS``, the node list
+    and the job id. gloo for CPU tensors, NCCL for CUDA ones; each rank uses GPU ``LOCAL_RANK``."""
     if dist.is_available() and dist.is_initialized():
         return current()
     if "RANK" not in os.environ and _slurm_tasks() > 1:

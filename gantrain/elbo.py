@@ -36,9 +36,7 @@ LogLikelihood = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # ------------------------------------------------------------------------------------ KL terms
 def gaussian_kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, 1)) per latent dimension, ``(B, D)`` (Kingma & Welling 2014, App. B).
-
-    ``0.5 * (exp(logvar) + mu^2 - 1 - logvar)``; >= 0, and 0 exactly at ``mu = 0, logvar = 0``.
-    """
+    ``0.5 * (exp(logvar) + mu^2 - 1 - logvar)``; >= 0, and 0 exactly at ``mu = 0, logvar = 0``."""
     return 0.5 * (torch.exp(logvar) + mu * mu - 1.0 - logvar)
 
 
@@ -49,22 +47,18 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------ decoder likelihoods (on x01 in [0, 1])
 def bernoulli_log_prob(logits: torch.Tensor, x01: torch.Tensor) -> torch.Tensor:
-    """``sum_pixels x log sigmoid(l) + (1 - x) log sigmoid(-l)``, ``(B,)``, from logits ``(B, ...)``.
-
-    Through ``binary_cross_entropy_with_logits``, so finite for any logit (e.g. ±80). For binary
-    ``x01`` it is the Bernoulli log-likelihood; for grey levels in [0, 1] it is the (negative)
-    continuous cross-entropy, which is not a normalised density of ``x01``.
-    """
+    """``sum_pixels x log sigmoid(l) + (1 - x) log sigmoid(-l)``, ``(B,)``, from logits ``(B, ...)``. Through
+    ``binary_cross_entropy_with_logits``, so finite for any logit (e.g. ±80). For binary ``x01`` it is the Bernoulli
+    log-likelihood; for grey levels in [0, 1] it is the (negative) continuous cross-entropy, which is not a normalised
+    density of ``x01``."""
     return -F.binary_cross_entropy_with_logits(logits, x01, reduction="none").flatten(1).sum(1)
 
 
 def gaussian_log_prob(mean: torch.Tensor, x01: torch.Tensor, log_sigma: float | torch.Tensor) -> torch.Tensor:
     """``sum_pixels log N(x01; mean, sigma^2)``, ``(B,)``, for ``mean``/``x01`` of shape ``(B, C, H, W)``.
-
-    ``log_sigma``: a float, a 0-d tensor (one sigma shared by every pixel) or a per-image tensor
-    broadcastable to ``(B, 1, 1, 1)`` (e.g. :func:`optimal_log_sigma`). Working in log sigma keeps
-    small sigmas exact: ``-0.5 log 2pi - log sigma - 0.5 (x - mean)^2 exp(-2 log sigma)``.
-    """
+    ``log_sigma``: a float, a 0-d tensor (one sigma shared by every pixel) or a per-image tensor broadcastable to
+    ``(B, 1, 1, 1)`` (e.g. :func:`optimal_log_sigma`). Working in log sigma keeps small sigmas exact:
+    ``-0.5 log 2pi - log sigma - 0.5 (x - mean)^2 exp(-2 log sigma)``."""
     log_sigma = torch.as_tensor(log_sigma, dtype=mean.dtype, device=mean.device)
     per_pixel = -0.5 * LOG_2PI - log_sigma - 0.5 * (x01 - mean) ** 2 * torch.exp(-2.0 * log_sigma)
     return per_pixel.flatten(1).sum(1)
@@ -107,11 +101,9 @@ def likelihood_fn(kind: str, sigma: float | None = None) -> LogLikelihood:
 
 # ---------------------------------------------------------------------------- latent densities
 def likelihood_of_loss(loss: Mapping) -> LogLikelihood:
-    """The log-likelihood of a trained VAE's one likelihood term, from its saved ``loss`` config.
-
-    ``loss.bce`` -> Bernoulli; ``loss.gaussian`` -> Gaussian with its ``sigma``. GantrainError when
-    the run had none (perceptual only, or a GAN) or both, since then no NLL is defined.
-    """
+    """The log-likelihood of a trained VAE's one likelihood term, from its saved ``loss`` config. ``loss.bce`` ->
+    Bernoulli; ``loss.gaussian`` -> Gaussian with its ``sigma``. GantrainError when the run had none (perceptual only,
+    or a GAN) or both, since then no NLL is defined."""
     active = [name for name in ("bce", "gaussian") if (loss.get(name) or {}).get("weight", 0) > 0]
     if len(active) != 1:
         raise GantrainError(
@@ -137,10 +129,8 @@ def log_normal_diag(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> 
 # ----------------------------------------------------------------------- training-time weights
 def kl_weight(step: int, beta: float = 1.0, warmup_steps: int = 0) -> float:
     """Linear KL warm-up (Bowman et al. 2016; Sønderby et al. 2016): the weight of the KL term.
-
-    ``beta * min(1, step / warmup_steps)`` (0 at step 0, ``beta`` from step ``warmup_steps`` on), or ``beta``
-    throughout when ``warmup_steps == 0``. ``step``: optimizer steps taken before this one (0 for the first).
-    """
+    ``beta * min(1, step / warmup_steps)`` (0 at step 0, ``beta`` from step ``warmup_steps`` on), or ``beta`` throughout
+    when ``warmup_steps == 0``. ``step``: optimizer steps taken before this one (0 for the first)."""
     if beta < 0:
         checks.fail("beta", beta, ">= 0")
     if warmup_steps < 0:  # named as the loss config names it
@@ -154,11 +144,9 @@ def kl_weight(step: int, beta: float = 1.0, warmup_steps: int = 0) -> float:
 
 def free_bits_kl(kl_per_dim: torch.Tensor, free_bits: float) -> torch.Tensor:
     """Free bits (Kingma et al. 2016, App. C.8), a 0-d tensor: batch-level (the training term), not per sample.
-
     ``sum_d max(free_bits, mean_batch kl_per_dim[:, d])`` for ``kl_per_dim`` ``(B, D)``, ``free_bits`` in nats per
-    latent dimension: a dimension below the threshold contributes the constant ``free_bits`` and gets no gradient,
-    so the encoder is not pushed to collapse it onto the prior. ``free_bits == 0``: the batch mean of the summed KL.
-    """
+    latent dimension: a dimension below the threshold contributes the constant ``free_bits`` and gets no gradient, so
+    the encoder is not pushed to collapse it onto the prior. ``free_bits == 0``: the batch mean of the summed KL."""
     if free_bits < 0:
         checks.fail("free_bits", free_bits, ">= 0", "nats per latent dimension; 0 = off")
     if free_bits == 0:
@@ -184,11 +172,9 @@ def _importance_terms(
     chunk: int | None,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log p(target|z_i), log p(z_i) - log q(z_i|x))``, each ``(k, B)``, for ``z_i ~ q(z|x)``.
-
-    All ``k * B * D`` standard normals are drawn in one call before any decoding, so the samples
-    (hence the results) do not depend on ``chunk``.
-    """
+    """``(log p(target|z_i), log p(z_i) - log q(z_i|x))``, each ``(k, B)``, for ``z_i ~ q(z|x)``. All ``k * B * D``
+    standard normals are drawn in one call before any decoding, so the samples (hence the results) do not depend on
+    ``chunk``."""
     b, d = mu.shape
     eps = torch.randn((k, b, d), generator=generator, dtype=mu.dtype, device=mu.device)  # (k, B, D)
     std = torch.exp(0.5 * logvar)
@@ -242,10 +228,8 @@ def log_weights(
 
 def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
     """The k-sample importance-weighted bound (Burda et al. 2016, eq. 8), ``(k, B) -> (B,)``.
-
-    ``logsumexp_i log_w_i - log k``: a lower bound on ``log p(x)`` that is non-decreasing in ``k``
-    in expectation and converges to ``log p(x)``; equals :func:`elbo_estimate` at ``k = 1``.
-    """
+    ``logsumexp_i log_w_i - log k``: a lower bound on ``log p(x)`` that is non-decreasing in ``k`` in expectation and
+    converges to ``log p(x)``; equals :func:`elbo_estimate` at ``k = 1``."""
     return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
 
 

@@ -19,10 +19,8 @@ log = logging.getLogger("gantrain.checkpoint")
 
 
 class EMA:
-    """A frozen, eval-mode copy of ``module`` that tracks its weights (``half_life_images`` > 0).
-
-    ``swapped()`` temporarily loads the average into ``module`` itself: samplers holding it use it unknowingly.
-    """
+    """A frozen, eval-mode copy of ``module`` that tracks its weights (``half_life_images`` > 0). ``swapped()``
+    temporarily loads the average into ``module`` itself: samplers holding it use it unknowingly."""
 
     def __init__(self, module: nn.Module, half_life_images: float, name: str = ""):
         self.module, self.name = module, name  # name: the network's in the model ("g"), saved with the weights

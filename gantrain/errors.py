@@ -12,10 +12,8 @@ class GantrainError(ValueError):
 
 
 class ConfigError(GantrainError):
-    """A config value that is out of range or not one of the allowed choices.
-
-    ``key``: the argument the message starts with, relative to the raising object (None: it names a file, say).
-    """
+    """A config value that is out of range or not one of the allowed choices. ``key``: the argument the message starts
+    with, relative to the raising object (None: it names a file, say)."""
 
     def __init__(self, message: str, key: str | None = None):
         super().__init__(message)

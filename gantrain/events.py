@@ -27,12 +27,10 @@ if TYPE_CHECKING:
 
 
 class Callback:
-    """No-op base: override any of the events (pytorch-ignite's events, Lightning's hooks, only six).
-
-    A callback with state of its own that a resumed run needs sets ``state_key`` (its name in the checkpoint) and
-    implements ``state_dict()``/``load_state_dict()``; the Trainer registers it (:mod:`gantrain.state`).
-    ``results()``: what it contributes to ``fit()``'s return value (the last logged stats, evaluation values).
-    """
+    """No-op base: override any of the events (pytorch-ignite's events, Lightning's hooks, only six). A callback with
+    state of its own that a resumed run needs sets ``state_key`` (its name in the checkpoint) and implements
+    ``state_dict()``/``load_state_dict()``; the Trainer registers it (:mod:`gantrain.state`). ``results()``: what it
+    contributes to ``fit()``'s return value (the last logged stats, evaluation values)."""
 
     state_key: str | None = None
 

@@ -30,10 +30,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Update:
-    """How one network's optimizer steps (``optim.<net>``, see :class:`NetworkOptim`); a phase holds it.
-
-    ``schedule`` None: constant LR; clipping None: the trainer's setting (a value of 0: no clipping for it).
-    """
+    """How one network's optimizer steps (``optim.<net>``, see :class:`NetworkOptim`); a phase holds it. ``schedule``
+    None: constant LR; clipping None: the trainer's setting (a value of 0: no clipping for it)."""
 
     optimizer: Optimizer
     schedule: Optional["Schedule"] = None

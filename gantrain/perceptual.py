@@ -67,10 +67,8 @@ def _vgg16_features(layer: str, weights: str, weights_path: str | None) -> nn.Se
 
 
 class VGG16Features(nn.Module):
-    """Images in [-1, 1] ``(B, 1|3, H, W)`` -> VGG16 activations after ``layer`` (ImageNet-normalised input).
-
-    Grey images are repeated to 3 channels. ``weights='random'`` keeps torchvision's random init (for tests only).
-    """
+    """Images in [-1, 1] ``(B, 1|3, H, W)`` -> VGG16 activations after ``layer`` (ImageNet-normalised input). Grey
+    images are repeated to 3 channels. ``weights='random'`` keeps torchvision's random init (for tests only)."""
 
     def __init__(self, layer: str = "relu3_3", weights: str = "imagenet", weights_path: str | None = None):
         super().__init__()
@@ -94,10 +92,8 @@ class VGG16Features(nn.Module):
 
 
 class PerceptualMatching(GeneratorTerm):
-    """Feature matching in a fixed pretrained network: ``weight * ||E phi(x) - E phi(G(z))||^2``, phi = VGG16.
-
-    With ``weight=0`` (off) nothing is loaded. Args as :class:`VGG16Features`; config key ``loss.perceptual``.
-    """
+    """Feature matching in a fixed pretrained network: ``weight * ||E phi(x) - E phi(G(z))||^2``, phi = VGG16. With
+    ``weight=0`` (off) nothing is loaded. Args as :class:`VGG16Features`; config key ``loss.perceptual``."""
 
     def __init__(
         self, weight: float = 0.0, layer: str = "relu3_3", weights: str = "imagenet", weights_path: str | None = None

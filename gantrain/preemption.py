@@ -36,11 +36,9 @@ class Received:
 
 @contextmanager
 def stop_on_signals(trainer) -> Iterator[Received]:
-    """Inside the block, SIGTERM/SIGINT/SIGUSR1 make ``trainer`` stop after its step in flight.
-
-    Handlers can only be installed from the main thread; elsewhere (a thread-pool sweep launcher)
-    the block runs with the signals' previous behaviour.
-    """
+    """Inside the block, SIGTERM/SIGINT/SIGUSR1 make ``trainer`` stop after its step in flight. Handlers can only be
+    installed from the main thread; elsewhere (a thread-pool sweep launcher) the block runs with the signals' previous
+    behaviour."""
     received = Received()
 
     def handler(signum, frame) -> None:

@@ -58,11 +58,9 @@ def drawn_ahead(stream: Any) -> Any:
 
 class ReadAhead(Callback):
     """For data streamed from files: read each step's batches before it starts; checkpoint and stop when one fails.
-
     ``drawn``: the data stream (:func:`drawn_ahead`); ``save``: :meth:`~gantrain.checkpoint.Checkpointing.save`;
-    ``path``: where, for the message. Goes after the callbacks that resume and log (so it starts at the resumed
-    position and the step it stops after is logged).
-    """
+    ``path``: where, for the message. Goes after the callbacks that resume and log (so it starts at the resumed position
+    and the step it stops after is logged)."""
 
     def __init__(self, drawn: DrawnAhead, save: Callable[[Any], None], path: Any):
         self.drawn, self.save, self.path = drawn, save, path

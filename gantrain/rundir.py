@@ -38,11 +38,9 @@ class RunDirectoryInUse(GantrainError):
 
 
 class RunDirectoryLock:
-    """Exclusive lock on a run directory for the life of a run (``with RunDirectoryLock(d) as lock:``).
-
-    Entering creates the directory if needed and takes the lock or raises :class:`RunDirectoryInUse`, writing nothing
-    else; :meth:`claim`, once the run passed its checks, records PID and host for the next process's message.
-    """
+    """Exclusive lock on a run directory for the life of a run (``with RunDirectoryLock(d) as lock:``). Entering creates
+    the directory if needed and takes the lock or raises :class:`RunDirectoryInUse`, writing nothing else;
+    :meth:`claim`, once the run passed its checks, records PID and host for the next process's message."""
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)

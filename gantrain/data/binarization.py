@@ -13,11 +13,9 @@ STATIC_SEED = 0
 
 
 def binarize(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Stochastic binarization (Salakhutdinov & Murray 2008) of images in [-1, 1].
-
-    Pixel x becomes +1 with probability (x + 1) / 2, else -1 (black and white stay). The uniforms come from
-    `generator` alone (on `images`' device), never from the global RNG.
-    """
+    """Stochastic binarization (Salakhutdinov & Murray 2008) of images in [-1, 1]. Pixel x becomes +1 with probability
+    (x + 1) / 2, else -1 (black and white stay). The uniforms come from `generator` alone (on `images`' device), never
+    from the global RNG."""
     u = torch.rand(images.shape, generator=generator, device=images.device, dtype=images.dtype)  # [0, 1)
     return (u < (images + 1) / 2).to(images.dtype).mul_(2).sub_(1)
 

@@ -33,10 +33,8 @@ class DataError(GantrainError):
 
 
 def derive_seed(*parts: int | str) -> int:
-    """A 63-bit generator seed that is a pure function of `parts`, e.g. ``("order", seed, epoch)``.
-
-    The blake2b digest of their text: distinct tuples give unrelated seeds (no `seed + k` overlaps), the same in
-    every process, platform and Python version (unlike `hash()`). Every seeded generator in gantrain.data uses it.
-    """
+    """A 63-bit generator seed that is a pure function of `parts`, e.g. ``("order", seed, epoch)``. The blake2b digest
+    of their text: distinct tuples give unrelated seeds (no `seed + k` overlaps), the same in every process, platform
+    and Python version (unlike `hash()`). Every seeded generator in gantrain.data uses it."""
     digest = hashlib.blake2b("/".join(str(p) for p in parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)

@@ -46,10 +46,8 @@ def pil_to_tensor(resolution: int, channels: int):
 
 
 def image_files(root: str | os.PathLike) -> list[Path]:
-    """Every image file under `root` (recursive), sorted by relative path for a stable order.
-
-    Matches `IMAGE_EXTENSIONS` case-insensitively; hidden files and folders (macOS `._x.png`, `.git`) are skipped.
-    """
+    """Every image file under `root` (recursive), sorted by relative path for a stable order. Matches `IMAGE_EXTENSIONS`
+    case-insensitively; hidden files and folders (macOS `._x.png`, `.git`) are skipped."""
     root = Path(root)
     found = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -72,12 +70,10 @@ def folder_labels(files: list[Path], root: Path) -> torch.Tensor | None:
 
 
 class _ImageFiles(Dataset):
-    """Image files opened lazily by PIL; item i is files[i] as a (C, R, R) tensor, `labels` their classes or None.
-
-    A file that cannot be decoded (pixel data `verify()` cannot see) stops the run with a `DataError` naming it, or
-    with `skip_corrupt` is replaced by the next readable file (wrapping around; it keeps the corrupt one's label),
-    with one warning per file and process: the same replacement in every run, so order and resume stay as they were.
-    """
+    """Image files opened lazily by PIL; item i is files[i] as a (C, R, R) tensor, `labels` their classes or None. A
+    file that cannot be decoded (pixel data `verify()` cannot see) stops the run with a `DataError` naming it, or with
+    `skip_corrupt` is replaced by the next readable file (wrapping around; it keeps the corrupt one's label), with one
+    warning per file and process: the same replacement in every run, so order and resume stay as they were."""
 
     def __init__(self, files: list[Path], channels: int, resolution: int, root: Path, skip_corrupt: bool = False):
         self.files, self.root, self.skip_corrupt = files, root, skip_corrupt

@@ -119,10 +119,8 @@ class ImageData(DataOption, abc.ABC):
         return None if labels is None else labels[:n_train]
 
     def heldout(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The last `holdout` images of the dataset, in order, as one (N, C, R, R) float32 tensor.
-
-        Binarized ("static" or "dynamic") with the fixed static seed: bit for bit the same whatever the run's seed.
-        """
+        """The last `holdout` images of the dataset, in order, as one (N, C, R, R) float32 tensor. Binarized ("static"
+        or "dynamic") with the fixed static seed: bit for bit the same whatever the run's seed."""
         if self.holdout == 0:
             checks.fail("holdout", 0, ">= 1 for held-out images", "train with data.holdout=N")
         full, n_train = self._split()
@@ -157,11 +155,9 @@ class ImageData(DataOption, abc.ABC):
 
 
 class Digits(ImageData):
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no network), upsampled to `resolution`.
-
-    Pixels 0..16 -> [0, 1], resized (bilinear, antialiased) to R x R, -> [-1, 1]; `channels=3` repeats the grey.
-    Labels: the digit 0..9.
-    """
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no network), upsampled to `resolution`. Pixels
+    0..16 -> [0, 1], resized (bilinear, antialiased) to R x R, -> [-1, 1]; `channels=3` repeats the grey. Labels: the
+    digit 0..9."""
 
     num_classes = 10
 

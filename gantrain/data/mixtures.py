@@ -37,12 +37,10 @@ _SAMPLE_BLUE = (0, 60, 255)
 
 
 def mode_metrics(samples: torch.Tensor, centers: torch.Tensor, std: float) -> tuple[int, float]:
-    """(modes covered, percent of high-quality samples) of `samples` (N, 2) against `centers` (K, 2).
-
-    A sample is high quality if the Euclidean distance to its nearest centre is <= 3 * std; a mode is covered if
-    it is the nearest centre of at least one high-quality sample. Non-finite samples are never high quality.
-    N = 0 gives (0, 0.0). Computed in float64 on the samples' device.
-    """
+    """(modes covered, percent of high-quality samples) of `samples` (N, 2) against `centers` (K, 2). A sample is high
+    quality if the Euclidean distance to its nearest centre is <= 3 * std; a mode is covered if it is the nearest centre
+    of at least one high-quality sample. Non-finite samples are never high quality. N = 0 gives (0, 0.0). Computed in
+    float64 on the samples' device."""
     assert samples.dim() == 2 and samples.shape[1] == centers.shape[1], (
         f"expected samples of shape (N, {centers.shape[1]}), got {tuple(samples.shape)}"
     )
@@ -205,12 +203,10 @@ class Mixture(DataOption, abc.ABC):
 
     def render(self, samples: torch.Tensor, size: int = 512) -> torch.Tensor:
         """Scatter plot of model `samples` (N, 2) over the mode centres as a (3, size, size) float image in [0, 1].
-
-        White background; light grey axes through 0; each centre is a pale red disc with a red edge of radius
-        3 * std (the high-quality zone, at least 2 px); samples are 2x2 px blue dots over the discs, whose 1 px
-        edges are drawn again on top. The range is fixed per mixture (`plot_box`): samples outside it are clamped
-        to the border, non-finite ones skipped. +y points up.
-        """
+        White background; light grey axes through 0; each centre is a pale red disc with a red edge of radius 3 * std
+        (the high-quality zone, at least 2 px); samples are 2x2 px blue dots over the discs, whose 1 px edges are drawn
+        again on top. The range is fixed per mixture (`plot_box`): samples outside it are clamped to the border,
+        non-finite ones skipped. +y points up."""
         from PIL import Image, ImageDraw
 
         assert samples.dim() == 2 and samples.shape[1] == 2, f"expected (N, 2) samples, got {tuple(samples.shape)}"
@@ -257,11 +253,8 @@ class Mixture(DataOption, abc.ABC):
 
 
 class Ring(Mixture):
-    """`num_modes` Gaussians with centres (radius * cos a_k, radius * sin a_k), a_k = 2*pi*k/num_modes.
-
-    Defaults are the ring8 benchmark: 8 modes on the unit circle, std 0.01. The plot is padded by
-    0.5 * radius around the centres.
-    """
+    """`num_modes` Gaussians with centres (radius * cos a_k, radius * sin a_k), a_k = 2*pi*k/num_modes. Defaults are the
+    ring8 benchmark: 8 modes on the unit circle, std 0.01. The plot is padded by 0.5 * radius around the centres."""
 
     def __init__(
         self,
@@ -289,11 +282,9 @@ class Ring(Mixture):
 
 
 class Grid(Mixture):
-    """size x size Gaussians with centres spacing * (i - (size - 1) / 2) on each axis, i = 0..size-1.
-
-    Defaults are the grid25 benchmark: centres {-4, -2, 0, 2, 4}^2, std 0.05. Centre k is
-    (x_i, y_j) with k = i * size + j. The plot is padded by 0.5 * spacing around the centres.
-    """
+    """size x size Gaussians with centres spacing * (i - (size - 1) / 2) on each axis, i = 0..size-1. Defaults are the
+    grid25 benchmark: centres {-4, -2, 0, 2, 4}^2, std 0.05. Centre k is (x_i, y_j) with k = i * size + j. The plot is
+    padded by 0.5 * spacing around the centres."""
 
     def __init__(
         self,

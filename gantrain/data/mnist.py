@@ -39,10 +39,8 @@ _NATIVE_CHANNELS = {"mnist": 1, "fashion_mnist": 1, "cifar10": 3}
 
 
 def read_idx(path: str | os.PathLike, magic: int) -> torch.Tensor:
-    """An IDX file of unsigned bytes (MNIST's format), gzipped or not, as a uint8 tensor; read-only.
-
-    Header: big-endian int32 `magic` (2049 labels, 2051 images), one int32 per dimension; else a `DataError`.
-    """
+    """An IDX file of unsigned bytes (MNIST's format), gzipped or not, as a uint8 tensor; read-only. Header: big-endian
+    int32 `magic` (2049 labels, 2051 images), one int32 per dimension; else a `DataError`."""
     path = str(path)
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
@@ -64,10 +62,8 @@ def read_idx(path: str | os.PathLike, magic: int) -> torch.Tensor:
 
 
 def idx_files(root: str | os.PathLike, folder: str, split: str) -> tuple[Path, Path] | None:
-    """(images, labels) IDX files of `split` ("train" or "t10k"), or None if no folder holds both.
-
-    Looks in torchvision's `<root>/<folder>/raw`, then `<root>/raw`; an unpacked file wins over its `.gz`.
-    """
+    """(images, labels) IDX files of `split` ("train" or "t10k"), or None if no folder holds both. Looks in
+    torchvision's `<root>/<folder>/raw`, then `<root>/raw`; an unpacked file wins over its `.gz`."""
     for raw in (Path(root, folder, "raw"), Path(root, "raw")):
         found = []
         for kind in ("images-idx3", "labels-idx1"):

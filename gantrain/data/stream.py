@@ -20,9 +20,7 @@ _PROGRESS_MIN_ITEMS = 5_000
 
 class TensorImages(Dataset):
     """Images already in memory: item i is `images[i]`, a (C, R, R) tensor; `labels`: their (N,) int64 classes or None.
-
-    `BatchStream` and `ImageData.heldout` use the tensor as it is, without a loading pass.
-    """
+    `BatchStream` and `ImageData.heldout` use the tensor as it is, without a loading pass."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None):
         assert images.dim() == 4, f"expected (N, C, R, R) images, got shape {tuple(images.shape)}"
@@ -109,10 +107,8 @@ class _Order:
 
 
 class _BatchIndices:
-    """Endless batch sampler for a DataLoader: index lists from (epoch, batch) onwards.
-
-    Holds the `_Order`, not the stream: a reference cycle would leave workers to the GC (shutdown stalls seconds).
-    """
+    """Endless batch sampler for a DataLoader: index lists from (epoch, batch) onwards. Holds the `_Order`, not the
+    stream: a reference cycle would leave workers to the GC (shutdown stalls seconds)."""
 
     def __init__(self, order: _Order, epoch: int, batch: int):
         self.order, self.epoch, self.batch = order, epoch, batch

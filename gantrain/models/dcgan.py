@@ -28,10 +28,8 @@ def _n_doublings(resolution: int) -> int:
 
 
 class Generator(nn.Module):
-    """DCGAN generator: ``(B, nz, 1, 1)`` noise -> ``(B, channels, R, R)`` images in [-1, 1] (Tanh).
-
-    ``dropout`` > 0 adds ``Dropout2d(dropout)`` after every hidden ReLU (active in train mode only).
-    """
+    """DCGAN generator: ``(B, nz, 1, 1)`` noise -> ``(B, channels, R, R)`` images in [-1, 1] (Tanh). ``dropout`` > 0
+    adds ``Dropout2d(dropout)`` after every hidden ReLU (active in train mode only)."""
 
     def __init__(
         self,
@@ -72,12 +70,10 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """DCGAN discriminator: ``(B, channels, R, R)`` -> ``(B,)`` logits (no sigmoid: losses take logits).
-
-    ``norm``: the hidden layers' (not the first's, as in the paper); WGAN-GP critics must not use ``batch`` (the
-    penalty is per sample). ``features(x)``: the last hidden activation ``(B, 4ndf, 4, 4)``; ``forward(x) ==
-    head(features(x))``. ``spectral_norm`` wraps every conv/linear weight; ``minibatch_*``: the head's statistics.
-    """
+    """DCGAN discriminator: ``(B, channels, R, R)`` -> ``(B,)`` logits (no sigmoid: losses take logits). ``norm``: the
+    hidden layers' (not the first's, as in the paper); WGAN-GP critics must not use ``batch`` (the penalty is per
+    sample). ``features(x)``: the last hidden activation ``(B, 4ndf, 4, 4)``; ``forward(x) == head(features(x))``.
+    ``spectral_norm`` wraps every conv/linear weight; ``minibatch_*``: the head's statistics."""
 
     def __init__(
         self,

@@ -22,11 +22,9 @@ SPECTRAL_NORM_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
 
 def norm_layer(norm: str, channels: int, dims: int = 2) -> nn.Module:
-    """Normalisation over ``channels`` feature maps (``dims=2``) or features (``dims=1``).
-
-    ``batch``: BatchNorm2d / 1d. ``layer``: GroupNorm(1, C) over (C, H, W), the LayerNorm WGAN-GP recommends for
-    critics / LayerNorm. ``instance``: InstanceNorm2d with affine gains (2-D only). ``none``: Identity.
-    """
+    """Normalisation over ``channels`` feature maps (``dims=2``) or features (``dims=1``). ``batch``: BatchNorm2d / 1d.
+    ``layer``: GroupNorm(1, C) over (C, H, W), the LayerNorm WGAN-GP recommends for critics / LayerNorm. ``instance``:
+    InstanceNorm2d with affine gains (2-D only). ``none``: Identity."""
     if dims not in (1, 2):
         raise ValueError(f"dims must be 1 or 2, got {dims}")
     checks.choice("norm", norm, NORMS if dims == 2 else NORMS_1D)
@@ -49,13 +47,10 @@ def _group_size(batch: int, wanted: int) -> int:
 
 
 class MinibatchStdDev(nn.Module):
-    """Minibatch standard deviation (Karras et al. 2018, ProGAN, section 3).
-
-    The batch is cut into consecutive groups of ``G`` samples, ``G`` the largest divisor of the batch size
-    <= ``group_size``. Per group, the (biased) standard deviation of every feature over the group, averaged over
-    the features, is appended to each of its samples as one constant feature map ``(B, C, H, W) -> (B, C+1, H, W)``
-    or one feature ``(B, F) -> (B, F+1)``.
-    """
+    """Minibatch standard deviation (Karras et al. 2018, ProGAN, section 3). The batch is cut into consecutive groups of
+    ``G`` samples, ``G`` the largest divisor of the batch size <= ``group_size``. Per group, the (biased) standard
+    deviation of every feature over the group, averaged over the features, is appended to each of its samples as one
+    constant feature map ``(B, C, H, W) -> (B, C+1, H, W)`` or one feature ``(B, F) -> (B, F+1)``."""
 
     def __init__(self, group_size: int):
         super().__init__()
@@ -116,11 +111,9 @@ class MinibatchDiscrimination(nn.Module):
 
 
 class DiscriminatorHead(nn.Module):
-    """The last layers of every discriminator: ``h (B, *in_shape) -> (B,)`` logits.
-
-    :class:`MinibatchStdDev` (if ``minibatch_std`` > 0, its group size) as ``mbstd``, flatten,
-    :class:`MinibatchDiscrimination` (if ``minibatch_kernels`` > 0) as ``mbdisc`` (None when off), ``linear``.
-    """
+    """The last layers of every discriminator: ``h (B, *in_shape) -> (B,)`` logits. :class:`MinibatchStdDev` (if
+    ``minibatch_std`` > 0, its group size) as ``mbstd``, flatten, :class:`MinibatchDiscrimination` (if
+    ``minibatch_kernels`` > 0) as ``mbdisc`` (None when off), ``linear``."""
 
     def __init__(
         self, in_shape: tuple[int, ...], minibatch_std: int = 0, minibatch_kernels: int = 0, kernel_dim: int = 16

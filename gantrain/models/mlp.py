@@ -14,10 +14,8 @@ from gantrain.models.layers import NORMS_1D, DiscriminatorHead, apply_spectral_n
 
 
 class Generator(nn.Module):
-    """``(B, nz)`` noise -> ``(B, out_dim)`` samples.
-
-    ``depth`` x (Linear, [norm], ReLU[, Dropout]), then Linear. ``norm``: batch | layer | none (PacGAN's: batch).
-    """
+    """``(B, nz)`` noise -> ``(B, out_dim)`` samples. ``depth`` x (Linear, [norm], ReLU[, Dropout]), then Linear.
+    ``norm``: batch | layer | none (PacGAN's: batch)."""
 
     def __init__(
         self, nz: int = 2, width: int = 256, depth: int = 3, out_dim: int = 2, dropout: float = 0.0, norm: str = "none"
@@ -47,11 +45,9 @@ class Generator(nn.Module):
 
 class Discriminator(nn.Module):
     """``(B, in_dim)`` -> ``(B,)`` logits: body of ``depth`` x (Linear, [norm], LeakyReLU(0.2)), then the head.
-
     ``features(x)``: the body's last activation ``(B, width)``; ``forward(x) == head(features(x))``. ``norm``: batch |
-    layer | none (a bias before a norm is dropped). ``pack``: PacGAN (Lin et al. 2018): D judges ``pack``
-    concatenated samples at once, outputs ``(B / pack,)`` (B a multiple of ``pack``); losses work unchanged.
-    """
+    layer | none (a bias before a norm is dropped). ``pack``: PacGAN (Lin et al. 2018): D judges ``pack`` concatenated
+    samples at once, outputs ``(B / pack,)`` (B a multiple of ``pack``); losses work unchanged."""
 
     def __init__(
         self,

@@ -68,14 +68,12 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Transposed-conv decoder: ``(B, latent_dim)`` -> raw ``(B, channels, R, R)`` (no output activation).
-
-    The DCGAN generator with a Linear stem: at 32 px ``Linear(latent_dim, 4ngf * 4 * 4)``, reshape to
-    ``(B, 4ngf, 4, 4)``, ``[norm] ReLU -> ConvT(4ngf, 2ngf) [norm] ReLU -> ConvT(2ngf, ngf) [norm] ReLU ->
-    ConvT(ngf, C)`` (kernel 4, stride 2, padding 1: 4 -> 8 -> 16 -> 32); 64 px starts at 8ngf and adds one
-    layer. The output is Bernoulli logits or Gaussian means of the pixels in [0, 1], as the :class:`VAE`'s
-    ``likelihood`` says. ``norm``: ``none`` (default) or ``batch``; a layer right before a norm has no bias.
-    """
+    """Transposed-conv decoder: ``(B, latent_dim)`` -> raw ``(B, channels, R, R)`` (no output activation). The DCGAN
+    generator with a Linear stem: at 32 px ``Linear(latent_dim, 4ngf * 4 * 4)``, reshape to ``(B, 4ngf, 4, 4)``,
+    ``[norm] ReLU -> ConvT(4ngf, 2ngf) [norm] ReLU -> ConvT(2ngf, ngf) [norm] ReLU -> ConvT(ngf, C)`` (kernel 4, stride
+    2, padding 1: 4 -> 8 -> 16 -> 32); 64 px starts at 8ngf and adds one layer. The output is Bernoulli logits or
+    Gaussian means of the pixels in [0, 1], as the :class:`VAE`'s ``likelihood`` says. ``norm``: ``none`` (default) or
+    ``batch``; a layer right before a norm has no bias."""
 
     def __init__(
         self, channels: int = 1, resolution: int = 32, ngf: int = 64, latent_dim: int = 32, norm: str = "none"
@@ -124,12 +122,10 @@ def _mlp_body(
 
 
 class MLPEncoder(nn.Module):
-    """Fully connected encoder: ``(B, channels, R, R)`` -> ``(B, 2 * latent_dim)`` = ``[mu, logvar]``.
-
-    Flatten to ``C * R * R``, then ``[Linear(., h), act]`` for every width ``h`` in ``hidden``, then
+    """Fully connected encoder: ``(B, channels, R, R)`` -> ``(B, 2 * latent_dim)`` = ``[mu, logvar]``. Flatten to
+    ``C * R * R``, then ``[Linear(., h), act]`` for every width ``h`` in ``hidden``, then
     ``Linear(hidden[-1], 2 * latent_dim)``. ``activation``: relu | tanh | softplus | elu. Any ``resolution`` >= 4;
-    ``hidden``: a list, tuple or OmegaConf ListConfig of ints >= 1.
-    """
+    ``hidden``: a list, tuple or OmegaConf ListConfig of ints >= 1."""
 
     def __init__(
         self,
@@ -152,10 +148,8 @@ class MLPEncoder(nn.Module):
 
 class MLPDecoder(nn.Module):
     """Fully connected decoder: ``(B, latent_dim)`` -> raw ``(B, channels, R, R)`` (no output activation).
-
-    ``[Linear(., h), act]`` for every width ``h`` in ``hidden``, then ``Linear(hidden[-1], C * R * R)``
-    reshaped to ``(B, C, R, R)``. Same arguments and checks as :class:`MLPEncoder`.
-    """
+    ``[Linear(., h), act]`` for every width ``h`` in ``hidden``, then ``Linear(hidden[-1], C * R * R)`` reshaped to
+    ``(B, C, R, R)``. Same arguments and checks as :class:`MLPEncoder`."""
 
     def __init__(
         self,
@@ -215,11 +209,9 @@ class VAE(nn.Module):
         self.likelihood = likelihood
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, C, R, R)`` images in [-1, 1] -> posterior ``(mu, logvar)``, each ``(B, latent_dim)``.
-
-        ``logvar`` is clamped to [-30, 20] (std in [3e-7, 2.2e4]) so that ``exp`` in the reparameterisation
-        and the KL term cannot overflow or underflow; outside that range its gradient is zero.
-        """
+        """``(B, C, R, R)`` images in [-1, 1] -> posterior ``(mu, logvar)``, each ``(B, latent_dim)``. ``logvar`` is
+        clamped to [-30, 20] (std in [3e-7, 2.2e4]) so that ``exp`` in the reparameterisation and the KL term cannot
+        overflow or underflow; outside that range its gradient is zero."""
         h = self.encoder(x)
         if h.dim() != 2 or h.shape[1] != 2 * self.latent_dim:
             raise ValueError(
@@ -230,10 +222,8 @@ class VAE(nn.Module):
 
     @staticmethod
     def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """A sample ``z = mu + exp(0.5 * logvar) * eps``, ``eps ~ N(0, I)``, same shape as ``mu``.
-
-        ``eps`` from ``torch.randn_like`` (the global training RNG); gradients flow to ``mu`` and ``logvar``.
-        """
+        """A sample ``z = mu + exp(0.5 * logvar) * eps``, ``eps ~ N(0, I)``, same shape as ``mu``. ``eps`` from
+        ``torch.randn_like`` (the global training RNG); gradients flow to ``mu`` and ``logvar``."""
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -252,8 +242,6 @@ class VAE(nn.Module):
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, R, R)`` images in [-1, 1] -> reconstructions in [-1, 1] decoded from the posterior mean.
-
-        Deterministic; it neither switches to eval mode nor disables autograd (do both for grids).
-        """
+        Deterministic; it neither switches to eval mode nor disables autograd (do both for grids)."""
         mu, _ = self.encode(x)
         return self.to_images(self.decode(mu))
