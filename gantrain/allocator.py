@@ -1,13 +1,10 @@
 """Keep the memory a training step frees for the next step (glibc's malloc, Linux).
 
-By default glibc hands freed blocks above a moving threshold back to the kernel, so the activations
-and gradients of every step come back as fresh pages that the kernel faults in and zeroes: a DCGAN
-step on the CPU faults in about 70 MB that way (``ru_minflt``), some 10% of its time on a 2-core VM.
-With blocks up to 32 MiB taken from the heap and the heap not trimmed below 1 GiB of free space, a
-step reuses the pages of the previous one (no faults after the first steps). The price is that the
-process keeps up to that much freed memory instead of returning it. The entry point sets this once;
-setting glibc's own ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` (or ``MALLOC_TOP_PAD_``) in
-the environment keeps their values instead.
+By default glibc returns freed blocks above a moving threshold to the kernel, so every step's activations and
+gradients come back as fresh pages faulted in and zeroed: ~70 MB per DCGAN CPU step (``ru_minflt``), some 10% of
+its time on a 2-core VM. Taking blocks up to 32 MiB from the heap and not trimming it below 1 GiB free, a step
+reuses the previous one's pages, at the price of keeping that much freed memory. The entry point sets this once;
+glibc's own ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` (or ``MALLOC_TOP_PAD_``) in the environment win.
 """
 
 from __future__ import annotations

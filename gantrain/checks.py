@@ -2,9 +2,8 @@
 
     <key>=<value>: must be <what is allowed>[ (<hint>)]
 
-An object checks its *own* arguments and names only them (``weight``, ``encoder.norm``); the entry
-point puts the config path in front (``loss.gp.`` from Hydra's ``full_key``), so the same class
-gives the right key wherever a config places it. Each function returns the checked value.
+An object checks its *own* arguments and names only them (``weight``, ``encoder.norm``); the entry point puts the
+config path in front (``loss.gp.``, see :mod:`gantrain.errors`). Each function returns the checked value.
 """
 
 from __future__ import annotations

@@ -1,31 +1,24 @@
 """Data-parallel training: PyTorch's DistributedDataParallel, launched by ``torchrun`` or SLURM (submitit).
 
-Nothing here runs in a one-process run: :func:`init_from_env` returns the one-rank :data:`SINGLE` group
-and ``build()`` adds no wrapper, callback or collective.
+In a one-process run :func:`init_from_env` returns the one-rank :data:`SINGLE` group and ``build()`` adds no
+wrapper, callback or collective. With ``torchrun --nproc_per_node=N`` (or N SLURM tasks) every process composes
+the same config and builds the same model from the same seed. Then:
 
-With ``torchrun --nproc_per_node=N`` (or N SLURM tasks) every process composes the same config and
-builds the same model from the same seed. Then:
-
-* each trained network is wrapped once in :class:`~torch.nn.parallel.DistributedDataParallel`, with all
-  of its parameters trainable at wrap time (DDP registers its gradient hooks only on those), as
-  stylegan2-ada-pytorch does; the Trainer's phase loop then toggles ``requires_grad`` as in one process.
-  What is wrapped is the network *with its phase's loss* (:class:`PhaseLoss`): DDP's forward is the
-  whole loss computation, so every call into the network inside it (``encode``/``decode``, a penalty's
-  ``autograd.grad`` double backward, a G step through a frozen D) is covered by the one wrapper;
-* gradients are all-reduced (averaged) once per optimizer step: the Trainer runs every micro-batch but
-  the last through :meth:`Phase.no_sync_loss <gantrain.phase.Phase>` (DDP's ``no_sync``);
-* buffers (BatchNorm statistics, spectral-norm vectors) and the EMA's are broadcast from rank 0 after
-  each phase's step, so every rank holds the same state at every step boundary;
-* each rank draws its own noise: at the start of each step the global RNGs are seeded from
-  (seed, rank, step), so the noise is a pure function of those and a resume needs only rank 0's
-  checkpoint; the data stream shards by rank (:class:`~gantrain.data.stream.BatchStream`);
-* a signal reaching any rank is agreed on with one small all-reduce after each step, so all ranks
-  stop after the same step; rank 0 saves, and every rank exits with 128 + that signal's number;
-* only rank 0 logs, draws sample grids, evaluates and writes checkpoints; the others wait for it at
-  a barrier after each sample step and at the end. Evaluation (``evaluator`` in ``build()``) is
-  computed on rank 0 from its fixed-noise samples, so its metrics do not depend on the rank count at
-  all; a metric that wants to spread sampling over the ranks would gather between those barriers
-  (:meth:`RankBarriers.on_step_end`).
+* each trained network is wrapped once in :class:`~torch.nn.parallel.DistributedDataParallel`, all of its parameters
+  trainable at wrap time (DDP hooks only those; as stylegan2-ada-pytorch; the phase loop then toggles ``requires_grad``
+  as usual), *with its phase's loss* (:class:`PhaseLoss`): DDP's forward is the whole loss, so every call into the
+  network inside it (``encode``/``decode``, a penalty's double backward, a G step through a frozen D) is covered by the
+  one wrapper;
+* gradients are all-reduced once per optimizer step: every micro-batch but the last runs through
+  :meth:`Phase.no_sync_loss <gantrain.phase.Phase>` (DDP's ``no_sync``);
+* buffers (BatchNorm, spectral norm) and the EMA's are broadcast from rank 0 after each phase's step;
+* each step the global RNGs are seeded from (seed, rank, step), so a resume needs only rank 0's checkpoint; the
+  data stream shards by rank (:class:`~gantrain.data.stream.BatchStream`);
+* a signal reaching any rank is agreed on by an all-reduce after each step: all stop after the same step, rank 0
+  saves, every rank exits with 128 + the signal's number;
+* only rank 0 logs, draws sample grids, evaluates (from its fixed noise: metrics do not depend on the rank count)
+  and writes checkpoints; the others wait at a barrier after each sample step and at the end (a metric spreading
+  sampling over the ranks would gather between them: :meth:`RankBarriers.on_step_end`).
 """
 
 from __future__ import annotations
@@ -90,11 +83,8 @@ class Group:
         return box[0]
 
     def check_all(self, error: BaseException | None) -> None:
-        """Raise on every rank if any rank failed (``error``): its own error, or the first failed rank's line.
-
-        A rank that refused to start (the run directory in use, a bad config) would otherwise leave the
-        others waiting at their first collective.
-        """
+        """Raise on every rank if any rank failed (``error``): its own error, or the first failed rank's line (else a
+        rank that refused to start would leave the others waiting at their first collective)."""
         if not self.distributed:
             if error is not None:
                 raise error
@@ -117,12 +107,9 @@ SINGLE = Group()
 
 def init_from_env(device_spec: str = "auto") -> Group:
     """The process group ``torchrun`` or SLURM describes in the environment, initialized (once); else :data:`SINGLE`.
-
-    ``torchrun`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``. Under SLURM
-    (``srun``, hydra-submitit-launcher) with more than one task, submitit's
-    ``TorchDistributedEnvironment`` derives them from ``SLURM_PROCID``, ``SLURM_NTASKS``, the node list
-    and the job id. Backends: gloo for CPU tensors, NCCL for CUDA ones; each rank uses GPU ``LOCAL_RANK``.
-    """
+    ``torchrun`` sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``; under SLURM with several
+    tasks submitit's ``TorchDistributedEnvironment`` derives them from ``SLURM_PROCID``, ``SLURM_NTASKS``, the node list
+    and the job id. gloo for CPU tensors, NCCL for CUDA ones; each rank uses GPU ``LOCAL_RANK``."""
     if dist.is_available() and dist.is_initialized():
         return current()
     if "RANK" not in os.environ and _slurm_tasks() > 1:
@@ -173,9 +160,8 @@ def shared_run_dir(group: Group, run_dir: str | Path) -> Path:
 
 
 class PhaseLoss(nn.Module):
-    """A phase's network with its loss as ``forward``: what DDP wraps, so one DDP forward covers every call
-    into the network the loss makes. Registers the network as its only submodule (DDP's parameters and
-    buffers are the network's; a phase's loss that reaches other networks steps them in their own phase)."""
+    """A phase's network with its loss as ``forward``: what DDP wraps (see the module docstring). The network is its
+    only submodule (a loss that reaches other networks steps them in their own phase)."""
 
     def __init__(self, network: nn.Module, loss):
         super().__init__()
@@ -187,8 +173,7 @@ class PhaseLoss(nn.Module):
 
 
 class _Unsynced:
-    """``ddp(batch, step)`` inside ``ddp.no_sync()``: the backward of this loss accumulates without an all-reduce
-    (DDP decides at forward time whether the next backward syncs)."""
+    """``ddp(batch, step)`` inside ``ddp.no_sync()`` (DDP decides at forward time whether the backward syncs)."""
 
     def __init__(self, ddp: DistributedDataParallel):
         self.ddp = ddp
@@ -240,13 +225,11 @@ def callbacks(group: Group, seed: int, settings: DDPSettings) -> tuple[Callback,
 
 
 class RankSync(Callback):
-    """First callback: each step's stop agreement, the buffer broadcast after each phase, the EMA check before
-    each checkpoint. Also what the signal handlers talk to under DDP (:meth:`request_stop`).
+    """First callback: each step's stop agreement, the buffer broadcast after each phase, the EMA check before each
+    checkpoint; what the signal handlers talk to under DDP (:meth:`request_stop`).
 
-    The unused-parameter trap: DDP without ``find_unused_parameters`` waits for a gradient of every
-    parameter it wraps; a phase whose loss leaves one without (a loss that is only R1: the last bias of
-    D is not in ``grad_x D``) would silently skip averaging that parameter's bucket. Each phase's
-    gradients are checked for that after its step, and the run stops with one line naming it."""
+    DDP without ``find_unused_parameters`` silently skips averaging a parameter its phase's loss gives no gradient
+    (a loss that is only R1: D's last bias is not in ``grad_x D``); so the run stops with one line naming it."""
 
     def __init__(self, group: Group, find_unused: bool):
         self.group, self.find_unused = group, find_unused

@@ -1,22 +1,18 @@
 """VAE likelihood terms, the ELBO and importance-weighted NLL estimates, as pure functions.
 
-Conventions: images ``x`` are in the data range [-1, 1], shape ``(B, C, H, W)``; likelihoods are
-always scored on ``x01 = (x + 1) / 2`` in [0, 1], so that nats compare with the literature's
-(binarized-)MNIST numbers. Every density returns one value per sample ``(B,)``, summed over pixels
-or latent dimensions, in nats. A decoder output ``raw`` is either Bernoulli logits of ``x01`` or the
-Gaussian mean of ``x01``.
+Conventions: images ``x`` are in the data range [-1, 1], shape ``(B, C, H, W)``; likelihoods are always scored on
+``x01 = (x + 1) / 2`` in [0, 1], so that nats compare with the literature's (binarized-)MNIST numbers. Every density
+returns one value per sample ``(B,)``, summed over pixels or latent dimensions, in nats. A decoder output ``raw`` is
+either Bernoulli logits of ``x01`` or the Gaussian mean of ``x01``.
 
 A VAE here is anything with ``encode(x) -> (mu, logvar)`` (each ``(B, D)``), ``decode(z) -> raw``,
 ``likelihood in {"bernoulli", "gaussian"}`` and ``latent_dim``; :func:`evaluate_nll` also uses
 ``nn.Module``'s ``train``/``eval``/``parameters``.
 
-References:
-    Kingma & Welling 2014, "Auto-Encoding Variational Bayes" (ELBO, reparameterisation).
-    Burda et al. 2016, "Importance Weighted Autoencoders" (the k-sample bound).
-    Bowman et al. 2016, "Generating Sentences from a Continuous Space"; Sønderby et al. 2016,
-    "Ladder Variational Autoencoders" (KL warm-up).
-    Kingma et al. 2016, "Improved Variational Inference with Inverse Autoregressive Flow" (free bits).
-    Rybkin et al. 2021, "Simple and Effective VAE Training with Calibrated Decoders" (sigma-VAE).
+References (cited by the functions): Kingma & Welling 2014, "Auto-Encoding Variational Bayes"; Burda et al.
+2016, "Importance Weighted Autoencoders"; Bowman et al. 2016, "Generating Sentences from a Continuous Space";
+Sønderby et al. 2016, "Ladder Variational Autoencoders"; Kingma et al. 2016, "Improved Variational Inference
+with Inverse Autoregressive Flow"; Rybkin et al. 2021, "Simple and Effective VAE Training with Calibrated Decoders".
 """
 
 from __future__ import annotations
@@ -37,15 +33,10 @@ LogLikelihood = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``log_likelihood(raw, target) -> (N,)``: log p(target | decoder output ``raw``), summed per sample."""
 
 
-# ----------------------------------------------------------------------------------------------
-# KL terms
-
-
+# ------------------------------------------------------------------------------------ KL terms
 def gaussian_kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, 1)) per latent dimension, ``(B, D)`` (Kingma & Welling 2014, App. B).
-
-    ``0.5 * (exp(logvar) + mu^2 - 1 - logvar)``; >= 0, and 0 exactly at ``mu = 0, logvar = 0``.
-    """
+    ``0.5 * (exp(logvar) + mu^2 - 1 - logvar)``; >= 0, and 0 exactly at ``mu = 0, logvar = 0``."""
     return 0.5 * (torch.exp(logvar) + mu * mu - 1.0 - logvar)
 
 
@@ -54,27 +45,20 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return gaussian_kl_per_dim(mu, logvar).sum(-1)
 
 
-# ----------------------------------------------------------------------------------------------
-# decoder likelihoods (on x01 in [0, 1])
-
-
+# ------------------------------------------------------ decoder likelihoods (on x01 in [0, 1])
 def bernoulli_log_prob(logits: torch.Tensor, x01: torch.Tensor) -> torch.Tensor:
-    """``sum_pixels x log sigmoid(l) + (1 - x) log sigmoid(-l)``, ``(B,)``, from logits ``(B, ...)``.
-
-    Through ``binary_cross_entropy_with_logits``, so finite for any logit (e.g. ±80). For binary
-    ``x01`` it is the Bernoulli log-likelihood; for grey levels in [0, 1] it is the (negative)
-    continuous cross-entropy, which is not a normalised density of ``x01``.
-    """
+    """``sum_pixels x log sigmoid(l) + (1 - x) log sigmoid(-l)``, ``(B,)``, from logits ``(B, ...)``. Through
+    ``binary_cross_entropy_with_logits``, so finite for any logit (e.g. ±80). For binary ``x01`` it is the Bernoulli
+    log-likelihood; for grey levels in [0, 1] it is the (negative) continuous cross-entropy, which is not a normalised
+    density of ``x01``."""
     return -F.binary_cross_entropy_with_logits(logits, x01, reduction="none").flatten(1).sum(1)
 
 
 def gaussian_log_prob(mean: torch.Tensor, x01: torch.Tensor, log_sigma: float | torch.Tensor) -> torch.Tensor:
     """``sum_pixels log N(x01; mean, sigma^2)``, ``(B,)``, for ``mean``/``x01`` of shape ``(B, C, H, W)``.
-
-    ``log_sigma``: a float, a 0-d tensor (one sigma shared by every pixel) or a per-image tensor
-    broadcastable to ``(B, 1, 1, 1)`` (e.g. :func:`optimal_log_sigma`). Working in log sigma keeps
-    small sigmas exact: ``-0.5 log 2pi - log sigma - 0.5 (x - mean)^2 exp(-2 log sigma)``.
-    """
+    ``log_sigma``: a float, a 0-d tensor (one sigma shared by every pixel) or a per-image tensor broadcastable to
+    ``(B, 1, 1, 1)`` (e.g. :func:`optimal_log_sigma`). Working in log sigma keeps small sigmas exact:
+    ``-0.5 log 2pi - log sigma - 0.5 (x - mean)^2 exp(-2 log sigma)``."""
     log_sigma = torch.as_tensor(log_sigma, dtype=mean.dtype, device=mean.device)
     per_pixel = -0.5 * LOG_2PI - log_sigma - 0.5 * (x01 - mean) ** 2 * torch.exp(-2.0 * log_sigma)
     return per_pixel.flatten(1).sum(1)
@@ -87,10 +71,9 @@ def optimal_log_sigma(mean: torch.Tensor, x01: torch.Tensor, min_log_sigma: floa
     would otherwise give ``-inf``). Plugged into :func:`gaussian_log_prob` it gives the highest
     log-likelihood over all sigmas shared by an image's pixels.
 
-    The gradient flows through sigma, as in the paper (no ``detach``). Above the floor this changes
-    nothing for the gradient w.r.t. ``mean``: sigma* is a stationary point of the log-likelihood in
-    sigma (envelope theorem), so d/d mean is the same as with sigma held fixed at sigma*. The floor is
-    applied to the MSE before the log, so a zero residual gives a zero gradient, never NaN.
+    The gradient flows through sigma, as in the paper (no ``detach``); above the floor d/d mean equals that at a
+    fixed sigma = sigma* (a stationary point in sigma: envelope theorem). The floor is applied to the MSE before
+    the log, so a zero residual gives a zero gradient, never NaN.
     """
     mse = ((x01 - mean) ** 2).flatten(1).mean(1)  # (B,)
     log_sigma = 0.5 * torch.log(mse.clamp_min(math.exp(2.0 * min_log_sigma)))
@@ -116,16 +99,11 @@ def likelihood_fn(kind: str, sigma: float | None = None) -> LogLikelihood:
     return lambda raw, x01: gaussian_log_prob(raw, x01, log_sigma)
 
 
-# ----------------------------------------------------------------------------------------------
-# latent densities
-
-
+# ---------------------------------------------------------------------------- latent densities
 def likelihood_of_loss(loss: Mapping) -> LogLikelihood:
-    """The log-likelihood of a trained VAE's one likelihood term, from its saved ``loss`` config.
-
-    ``loss.bce`` -> Bernoulli; ``loss.gaussian`` -> Gaussian with its ``sigma``. GantrainError when
-    the run had none (perceptual only, or a GAN) or both, since then no NLL is defined.
-    """
+    """The log-likelihood of a trained VAE's one likelihood term, from its saved ``loss`` config. ``loss.bce`` ->
+    Bernoulli; ``loss.gaussian`` -> Gaussian with its ``sigma``. GantrainError when the run had none (perceptual only,
+    or a GAN) or both, since then no NLL is defined."""
     active = [name for name in ("bce", "gaussian") if (loss.get(name) or {}).get("weight", 0) > 0]
     if len(active) != 1:
         raise GantrainError(
@@ -148,17 +126,11 @@ def log_normal_diag(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> 
     return -0.5 * ((z - mu) ** 2 * torch.exp(-logvar) + logvar + LOG_2PI).sum(-1)
 
 
-# ----------------------------------------------------------------------------------------------
-# training-time weights
-
-
+# ----------------------------------------------------------------------- training-time weights
 def kl_weight(step: int, beta: float = 1.0, warmup_steps: int = 0) -> float:
     """Linear KL warm-up (Bowman et al. 2016; Sønderby et al. 2016): the weight of the KL term.
-
-    ``beta * min(1, step / warmup_steps)`` when ``warmup_steps > 0`` -- 0 at step 0, ``beta`` from
-    step ``warmup_steps`` on; ``beta`` throughout when ``warmup_steps == 0``. ``step`` is the number
-    of optimizer steps taken before this one (0 for the first).
-    """
+    ``beta * min(1, step / warmup_steps)`` (0 at step 0, ``beta`` from step ``warmup_steps`` on), or ``beta`` throughout
+    when ``warmup_steps == 0``. ``step``: optimizer steps taken before this one (0 for the first)."""
     if beta < 0:
         checks.fail("beta", beta, ">= 0")
     if warmup_steps < 0:  # named as the loss config names it
@@ -171,14 +143,10 @@ def kl_weight(step: int, beta: float = 1.0, warmup_steps: int = 0) -> float:
 
 
 def free_bits_kl(kl_per_dim: torch.Tensor, free_bits: float) -> torch.Tensor:
-    """Free bits (Kingma et al. 2016, "Improved Variational Inference with IAF", App. C.8), a 0-d tensor.
-
-    ``sum_d max(free_bits, mean_batch kl_per_dim[:, d])`` for ``kl_per_dim`` ``(B, D)``, with
-    ``free_bits`` in nats per latent dimension: a dimension whose batch-mean KL is below the
-    threshold contributes the constant ``free_bits`` and gets no gradient, so the encoder is not
-    pushed to collapse it onto the prior. ``free_bits == 0`` gives the plain batch mean of the summed
-    KL. Unlike the other functions this is batch-level (the training term), not per sample.
-    """
+    """Free bits (Kingma et al. 2016, App. C.8), a 0-d tensor: batch-level (the training term), not per sample.
+    ``sum_d max(free_bits, mean_batch kl_per_dim[:, d])`` for ``kl_per_dim`` ``(B, D)``, ``free_bits`` in nats per
+    latent dimension: a dimension below the threshold contributes the constant ``free_bits`` and gets no gradient, so
+    the encoder is not pushed to collapse it onto the prior. ``free_bits == 0``: the batch mean of the summed KL."""
     if free_bits < 0:
         checks.fail("free_bits", free_bits, ">= 0", "nats per latent dimension; 0 = off")
     if free_bits == 0:
@@ -186,10 +154,7 @@ def free_bits_kl(kl_per_dim: torch.Tensor, free_bits: float) -> torch.Tensor:
     return kl_per_dim.mean(0).clamp_min(free_bits).sum()
 
 
-# ----------------------------------------------------------------------------------------------
-# importance sampling
-
-
+# ------------------------------------------------------------------------- importance sampling
 def _check_k_chunk(k: int, chunk: int | None) -> None:
     if k < 1:
         checks.fail("k", k, ">= 1", "number of importance samples")
@@ -207,11 +172,9 @@ def _importance_terms(
     chunk: int | None,
     generator: torch.Generator | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log p(target|z_i), log p(z_i) - log q(z_i|x))``, each ``(k, B)``, for ``z_i ~ q(z|x)``.
-
-    All ``k * B * D`` standard normals are drawn in one call before any decoding, so the samples
-    (hence the results) do not depend on ``chunk``.
-    """
+    """``(log p(target|z_i), log p(z_i) - log q(z_i|x))``, each ``(k, B)``, for ``z_i ~ q(z|x)``. All ``k * B * D``
+    standard normals are drawn in one call before any decoding, so the samples (hence the results) do not depend on
+    ``chunk``."""
     b, d = mu.shape
     eps = torch.randn((k, b, d), generator=generator, dtype=mu.dtype, device=mu.device)  # (k, B, D)
     std = torch.exp(0.5 * logvar)
@@ -247,15 +210,13 @@ def log_weights(
         k: importance samples per image.
         log_likelihood: ``(raw, t) -> (N,)`` scoring the decoder output against the target ``t``
             repeated per sample (``N = samples * B``), e.g. :func:`likelihood_fn`.
-        chunk: decode at most ``chunk`` of the k samples per pass (``chunk * B`` images at once);
-            None = all ``k * B`` in one pass. Does not change the result: all noise is drawn first.
-        target: what the likelihood scores; default ``x01 = (x + 1) / 2`` (the convention of this
-            module). Pass ``target=x`` for a model whose likelihood lives on ``x`` itself.
-        generator: for the ``k * B * D`` standard normals (default: the global RNG).
+        chunk: decode at most ``chunk`` of the k samples per pass; None = all ``k * B`` images in one pass.
+        target: what the likelihood scores; default ``x01 = (x + 1) / 2`` (this module's convention);
+            ``target=x`` for a model whose likelihood lives on ``x`` itself.
+        generator: for the ``k * B * D`` standard normals (default: the global RNG). ``z_i`` is formed here,
+            not by ``vae.reparameterize``, so this stream alone fixes the samples, whatever ``chunk``.
 
-    ``z_i = mu + exp(logvar / 2) * eps_i`` is formed here rather than by ``vae.reparameterize``, so
-    that the random stream is fixed by ``generator`` and independent of ``chunk``. Gradients are
-    kept (reparameterised); wrap the call in ``torch.no_grad()`` for evaluation.
+    Gradients are kept (reparameterised); wrap the call in ``torch.no_grad()`` for evaluation.
     """
     _check_k_chunk(k, chunk)
     if target is None:
@@ -267,10 +228,8 @@ def log_weights(
 
 def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
     """The k-sample importance-weighted bound (Burda et al. 2016, eq. 8), ``(k, B) -> (B,)``.
-
-    ``logsumexp_i log_w_i - log k``: a lower bound on ``log p(x)`` that is non-decreasing in ``k``
-    in expectation and converges to ``log p(x)``; equals :func:`elbo_estimate` at ``k = 1``.
-    """
+    ``logsumexp_i log_w_i - log k``: a lower bound on ``log p(x)`` that is non-decreasing in ``k`` in expectation and
+    converges to ``log p(x)``; equals :func:`elbo_estimate` at ``k = 1``."""
     return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
 
 
@@ -295,19 +254,16 @@ def evaluate_nll(
         batches: tensors ``(B, C, H, W)`` in [-1, 1] (a ``(x, y)`` tuple/list uses its first item);
             moved to the device of ``vae``'s parameters.
         k, chunk: importance samples per image and samples per decoder pass (:func:`log_weights`).
-        log_likelihood: ``(raw, x01) -> (N,)``. Default from ``vae.likelihood``: ``"bernoulli"`` ->
-            :func:`bernoulli_log_prob`; ``"gaussian"`` -> :func:`gaussian_log_prob` with the per-image
-            :func:`optimal_log_sigma`. A model trained with a fixed or learned sigma must pass its
-            own (e.g. ``likelihood_fn("gaussian", sigma)``).
+        log_likelihood: ``(raw, x01) -> (N,)``; default ``likelihood_fn(vae.likelihood)`` (gaussian: per-image
+            optimal sigma). A model trained with a fixed or learned sigma must pass its own.
         progress: a tqdm bar over batches (quiet off-terminal); False hides it.
         generator: for all importance noise (default: the global RNG).
 
     Returns ``{"elbo", "elbo_mc", "nll_iwae", "images"}``:
-        elbo: mean of ``log p(x01|z_1) - KL(q(z|x) || p(z))`` -- one-sample reconstruction term (the
-            first importance sample) plus the analytic Gaussian KL;
+        elbo: mean of ``log p(x01|z_1) - KL(q(z|x) || p(z))``, z_1 the first importance sample, analytic KL;
         elbo_mc: mean of :func:`elbo_estimate` over the k samples (all terms Monte-Carlo);
-        nll_iwae: mean of ``-`` :func:`iwae_bound` -- the k-sample NLL estimate (an upper bound in
-            expectation); ``nll_iwae <= -elbo_mc`` always;
+        nll_iwae: mean of ``-`` :func:`iwae_bound`, the k-sample NLL estimate (an upper bound in expectation);
+            ``nll_iwae <= -elbo_mc`` always;
         images: the number of images.
 
     Runs under ``torch.no_grad`` in eval mode; the module's previous train/eval mode is restored.

@@ -1,9 +1,8 @@
 """Exponential moving average of a network's weights (Karras et al. 2020, stylegan2-ada style).
 
-The decay is given as a half-life in *images*, so it does not depend on the batch size:
-after a step that consumed ``n`` images, ``beta = 0.5 ** (n / half_life_images)`` and
-``ema = beta * ema + (1 - beta) * weights``. Buffers (BatchNorm statistics, spectral-norm
-vectors) are copied, not averaged.
+The decay is given as a half-life in *images*, so it does not depend on the batch size: after a step that consumed ``n``
+images, ``beta = 0.5 ** (n / half_life_images)`` and ``ema = beta * ema + (1 - beta) * weights``. Buffers (BatchNorm
+statistics, spectral-norm vectors) are copied, not averaged.
 """
 
 from __future__ import annotations
@@ -20,11 +19,8 @@ log = logging.getLogger("gantrain.checkpoint")
 
 
 class EMA:
-    """A frozen, eval-mode copy of ``module`` that tracks its weights (``half_life_images`` > 0).
-
-    ``swapped()`` temporarily loads the averaged weights into ``module`` itself, so samplers and
-    evaluators that hold a reference to the live network use the average without knowing of it.
-    """
+    """A frozen, eval-mode copy of ``module`` that tracks its weights (``half_life_images`` > 0). ``swapped()``
+    temporarily loads the average into ``module`` itself: samplers holding it use it unknowingly."""
 
     def __init__(self, module: nn.Module, half_life_images: float, name: str = ""):
         self.module, self.name = module, name  # name: the network's in the model ("g"), saved with the weights

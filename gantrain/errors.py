@@ -1,8 +1,7 @@
 """User-facing errors. Each message names the key or path, what was wrong and what is allowed.
 
-The entry point prints these as one line instead of a traceback; invariants stay ``assert``s.
-:mod:`gantrain.checks` raises them in one format; an object names its own argument only, and
-:meth:`ConfigError.within` puts the config path of the node that built it in front.
+The entry point prints these as one line instead of a traceback; invariants stay ``assert``s. :mod:`gantrain.checks`
+raises them; :meth:`ConfigError.within` puts the config path of the node that built the object in front.
 """
 
 from __future__ import annotations
@@ -13,11 +12,8 @@ class GantrainError(ValueError):
 
 
 class ConfigError(GantrainError):
-    """A config value that is out of range or not one of the allowed choices.
-
-    ``key``: the argument the message starts with, relative to the object that raised it (None
-    when the message is already complete, e.g. it names a file, not a key).
-    """
+    """A config value that is out of range or not one of the allowed choices. ``key``: the argument the message starts
+    with, relative to the raising object (None: it names a file, say)."""
 
     def __init__(self, message: str, key: str | None = None):
         super().__init__(message)

@@ -13,9 +13,8 @@ callbacks run in list order at each event. A callback may read the trainer's pub
   not ``max_steps``) and ``request_stop(reason)``;
 * ``collector`` (the stats ``report``-ed since the last drain) and ``state`` (the registry a checkpoint saves).
 
-Callbacks keep their own state and reach each other through events (``trainer.emit``), not through the trainer.
-Callbacks must not change the trained state (weights, optimizers, RNGs) except to resume in
-``on_fit_start``, or a resumed run would no longer equal an uninterrupted one.
+Callbacks keep their own state and reach each other through events (``trainer.emit``), not through the trainer;
+they must not change the trained state (weights, optimizers, RNGs) except to resume in ``on_fit_start``.
 """
 
 from __future__ import annotations
@@ -28,12 +27,10 @@ if TYPE_CHECKING:
 
 
 class Callback:
-    """No-op base: override any of the events (pytorch-ignite's events, Lightning's hooks, only six).
-
-    A callback with state of its own that a resumed run needs sets ``state_key`` (its name in the checkpoint) and
-    implements ``state_dict()``/``load_state_dict()``; the Trainer registers it (:mod:`gantrain.state`).
-    ``results()``: what it contributes to ``fit()``'s return value (the last logged stats, evaluation values).
-    """
+    """No-op base: override any of the events (pytorch-ignite's events, Lightning's hooks, only six). A callback with
+    state of its own that a resumed run needs sets ``state_key`` (its name in the checkpoint) and implements
+    ``state_dict()``/``load_state_dict()``; the Trainer registers it (:mod:`gantrain.state`). ``results()``: what it
+    contributes to ``fit()``'s return value (the last logged stats, evaluation values)."""
 
     state_key: str | None = None
 
@@ -41,8 +38,8 @@ class Callback:
         return {}
 
     def on_evaluation(self, trainer: Trainer, values: dict[str, float], best: dict | None) -> None:
-        """An evaluation ran at ``trainer.step``: its ``values`` and the monitored best so far (emitted by
-        :class:`gantrain.metrics.loop.Evaluation`; ``best`` is ``{monitor, mode, value, step}`` or None)."""
+        """An evaluation ran at ``trainer.step`` (:class:`gantrain.metrics.loop.Evaluation`): ``values``, and ``best``
+        so far, ``{monitor, mode, value, step}`` or None."""
 
     def on_fit_start(self, trainer: Trainer) -> None:
         """``fit()`` begins (resume restores the state here, before anything is logged)."""

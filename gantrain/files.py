@@ -63,13 +63,10 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], fsync: bool = True) -> Path:
-    """Run ``write`` on a temp file in ``path``'s folder, then ``os.replace`` it onto ``path``.
-
-    The folder is created if needed. On any error the temp file is removed and an existing
-    ``path`` is left as it was; a full disk or a folder we may not write raises :class:`WriteError`
-    (one line: the path, the reason, the space free). ``fsync=False`` skips the flush to disk
-    (many small files).
-    """
+    """Run ``write`` on a temp file in ``path``'s folder, then ``os.replace`` it onto ``path``. The folder is created if
+    needed. On any error the temp file is removed and an existing ``path`` is left as it was; a full disk or a folder we
+    may not write raises :class:`WriteError` (one line: the path, the reason, the space free). ``fsync=False`` skips the
+    flush to disk (many small files)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
@@ -131,11 +128,8 @@ def _size_of(write: Callable[[BinaryIO], None]) -> int | None:
 
 
 def replace_marked_section(path: str | Path, tag: str, body: str) -> Path:
-    """Replace the text between ``<!-- TAG:begin -->`` and ``<!-- TAG:end -->`` in a markdown file.
-
-    Benchmark scripts write their tables into the docs this way; the markers are appended at the
-    end when the file (or the section) does not exist yet. The file is rewritten atomically.
-    """
+    """Replace the text between ``<!-- TAG:begin -->`` and ``<!-- TAG:end -->`` in a markdown file. Benchmark scripts
+    write their tables into the docs this way; missing markers (or file) are appended. Atomic."""
     import re
 
     path = Path(path)

@@ -1,11 +1,10 @@
 """Hydra's and OmegaConf's errors about a user's config as one :class:`~gantrain.errors.ConfigError` line.
 
-Hydra prints its composition errors over several lines (and the job's OmegaConf errors with a
-traceback); :func:`config_error` says the same in gantrain's format, ``key[=value]: what was wrong``
-plus what is allowed: the options of a group, the keys of a node and, for a key that is not
-there, the same name elsewhere in the config (``optim.g.betas`` -> ``optim.g.optimizer.betas``).
-:func:`user_error`, the one way an exception becomes that line (the entry point, the build, the
-run's log file and the scripts use it), calls it for every exception that is not already a
+Hydra prints its composition errors over several lines (and the job's OmegaConf errors with a traceback);
+:func:`config_error` says the same in gantrain's format, ``key[=value]: what was wrong`` plus what is allowed: the
+options of a group, the keys of a node and, for a key that is not there, the same name elsewhere in the config
+(``optim.g.betas`` -> ``optim.g.optimizer.betas``). :func:`user_error`, the one way an exception becomes that line (the
+entry point, the build, the run's log file and the scripts use it), calls it for every exception that is not already a
 :class:`~gantrain.errors.GantrainError`; :func:`within` names the config node an object was built from.
 """
 
@@ -47,13 +46,10 @@ TYPE_NAMES = {"Integer": "an integer", "Float": "a number", "Boolean": "true or 
 
 
 def user_error(e: BaseException, node: str = "") -> GantrainError | None:
-    """The user-input error behind ``e``, if any, its key put under the config node that raised it.
-
-    Hydra wraps errors raised while instantiating and names the node (``full_key: loss.gp``);
-    ``node`` is the fallback for errors raised outside ``instantiate``. Hydra's errors about the
-    command line and config files (an unknown key or option, a value of the wrong type) become one
-    line too (:func:`config_error`).
-    """
+    """The user-input error behind ``e``, if any, its key put under the config node that raised it. Hydra wraps errors
+    raised while instantiating and names the node (``full_key: loss.gp``); ``node`` is the fallback for errors raised
+    outside ``instantiate``. Hydra's errors about the command line and config files (an unknown key or option, a value
+    of the wrong type) become one line too (:func:`config_error`)."""
     while e is not None and not isinstance(e, GantrainError):
         if isinstance(e, OSError) and e.errno in FULL | NOT_WRITABLE and e.filename:
             e = write_error(e, e.filename)  # a full disk, a read-only run directory
@@ -91,10 +87,8 @@ def within(node: str, fn, *args, **kwargs):
 
 
 def config_error(e: BaseException, node: str = "") -> ConfigError | None:
-    """The user's config mistake behind a Hydra or OmegaConf exception, or None (not one of those: a bug).
-
-    ``node``: the config node being read, named when OmegaConf's error has no ``full_key``.
-    """
+    """The user's config mistake behind a Hydra or OmegaConf exception, or None (not one of those: a bug). ``node``: the
+    config node being read, named when OmegaConf's error has no ``full_key``."""
     if isinstance(e, OverrideParseException):
         grammar = re.search(r"https://\S+", e.message)
         first = e.message.splitlines()[0]

@@ -1,9 +1,8 @@
 """Optimizer building blocks: one network's update rule, LR schedules, Lookahead, and torch's foreach/fused kernels.
 
-Nothing here reads the config. ``optim.<net>`` instantiates a :class:`NetworkOptim` (its sub-nodes:
-``optimizer``, a ``_partial_`` torch optimizer; ``schedule``; ``lookahead``; and the clipping keys);
-the entry point calls :meth:`NetworkOptim.build` with the network's parameters and hands the
-resulting :class:`Update` to the objective.
+Nothing here reads the config. ``optim.<net>`` instantiates a :class:`NetworkOptim` (its sub-nodes: ``optimizer``, a
+``_partial_`` torch optimizer; ``schedule``; ``lookahead``; and the clipping keys); the entry point calls
+:meth:`NetworkOptim.build` with the network's parameters and hands the resulting :class:`Update` to the objective.
 
 Error messages name the key relative to the network's node (``schedule.kind=...``,
 ``lookahead.k=...``, ``implementation=...``); the entry point puts ``optim.<net>.`` in front.
@@ -31,11 +30,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Update:
-    """How one network's optimizer steps (``optim.<net>``, see :class:`NetworkOptim`); a phase holds it.
-
-    ``schedule``: the LR schedule (None = constant); ``gradient_clip_val``/``_algorithm``: this
-    network's clipping (None = the trainer's setting; a value of 0 = no clipping for it).
-    """
+    """How one network's optimizer steps (``optim.<net>``, see :class:`NetworkOptim`); a phase holds it. ``schedule``
+    None: constant LR; clipping None: the trainer's setting (a value of 0: no clipping for it)."""
 
     optimizer: Optimizer
     schedule: Optional["Schedule"] = None
@@ -72,11 +68,10 @@ class Schedule:
     * ``exponential``: ``ExponentialLR(gamma)``, the LR times ``gamma`` every step;
     * ``linear``: ``LinearLR`` from the base LR down to zero over the post-warm-up steps.
 
-    ``warmup_steps`` = W > 0 puts a linear warm-up in front of any kind: optimizer step ``i < W``
-    (0-based) runs at ``base_lr * (i + 1) / W``, so step ``W - 1`` runs at the full LR; the main
-    schedule then starts at step W (its step ``t = i - W``) with a horizon of
-    ``max(total_steps - W, 1)`` steps. ``min_lr`` is used by ``cosine`` only, ``step_size`` by
-    ``step`` only, ``gamma`` by ``step`` and ``exponential`` only.
+    ``warmup_steps`` = W > 0 puts a linear warm-up in front of any kind: optimizer step ``i < W`` (0-based) runs at
+    ``base_lr * (i + 1) / W``, so step ``W - 1`` runs at the full LR; the main schedule then starts at step W (its step
+    ``t = i - W``) with a horizon of ``max(total_steps - W, 1)`` steps. ``min_lr`` is used by ``cosine`` only,
+    ``step_size`` by ``step`` only, ``gamma`` by ``step`` and ``exponential`` only.
     """
 
     kind: str = "constant"
@@ -94,13 +89,9 @@ class Schedule:
         checks.number("min_lr", self.min_lr, ge=0)
 
     def build(self, optimizer: Optimizer, total_steps: int) -> lrs.LRScheduler:
-        """A torch scheduler for ``optimizer``, to be stepped once after each of its ``total_steps`` steps.
-
-        The LR that optimizer step ``i`` uses (``optimizer.param_groups[g]["lr"]`` just before its
-        ``i``-th ``step()``) follows the class docstring. Always returns a scheduler, even for
-        ``constant`` without warm-up, so the caller can call ``step()``/``state_dict()`` uniformly.
-        Stepping past ``total_steps`` continues torch's own scheduler (``cosine`` rises again).
-        """
+        """A torch scheduler for ``optimizer``, stepped once after each of its ``total_steps`` steps (LRs: the class
+        docstring). Always a scheduler, even ``constant`` without warm-up, so ``step()``/``state_dict()`` work
+        uniformly. Past ``total_steps`` torch's own scheduler continues (``cosine`` rises again)."""
         if not _is_int(total_steps) or total_steps < 0:
             raise ValueError(f"Schedule.build: total_steps={total_steps!r} must be an integer >= 0")
         warmup = self.warmup_steps
@@ -140,16 +131,13 @@ class Schedule:
 class Lookahead(Optimizer):
     """Lookahead (Zhang et al. 2019, "Lookahead Optimizer: k steps forward, 1 step back").
 
-    The wrapped ``base`` optimizer updates the (fast) parameters as usual; every ``k``-th step
-    the slow weights move ``alpha`` of the way towards them, ``slow += alpha * (fast - slow)``,
-    and the fast weights restart from there. Slow weights start as copies of the parameters at
-    construction.
+    The wrapped ``base`` optimizer updates the (fast) parameters as usual; every ``k``-th step the slow weights move
+    ``alpha`` of the way towards them, ``slow += alpha * (fast - slow)``, and the fast weights restart from there. Slow
+    weights start as copies of the parameters at construction.
 
-    ``param_groups``, ``state`` and ``defaults`` are the base optimizer's own objects, so torch LR
-    schedulers, ``zero_grad``, gradient clipping over ``param_groups`` and ``GradScaler``
-    (``unscale_``/``step``) act on the base. GradScaler takes its ordinary path here (unscale,
-    then ``step()`` unless it found infs), also around a fused base optimizer; a skipped step does
-    not count towards ``k``.
+    ``param_groups``, ``state`` and ``defaults`` are the base optimizer's own objects, so LR schedulers, ``zero_grad``,
+    clipping and ``GradScaler`` (ordinary path, also around a fused base) act on the base; a skipped step does not
+    count towards ``k``.
     """
 
     def __init__(self, base: Optimizer, k: int = 5, alpha: float = 0.5) -> None:
@@ -286,9 +274,8 @@ def implementation_kwargs(
 ) -> dict[str, bool]:
     """The ``foreach``/``fused`` keyword arguments that select ``implementation`` of ``optimizer_cls``.
 
-    * ``auto``: on CUDA ``{"fused": True}`` where the class has a fused implementation (Adam,
-      AdamW, SGD, Adagrad), else ``{"foreach": True}`` where it has a foreach one, else ``{}``;
-      on other devices ``{}`` (torch's default);
+    * ``auto``: on CUDA ``{"fused": True}`` where the class has a fused implementation (Adam, AdamW, SGD, Adagrad), else
+      ``{"foreach": True}`` where it has a foreach one, else ``{}``; on other devices ``{}`` (torch's default);
     * ``default``: ``{}``;
     * ``foreach`` / ``fused``: that flag; ConfigError if the class or (``fused``) the device has none.
 
@@ -329,11 +316,8 @@ def make_optimizer(
     implementation: str = "auto",
     **kwargs: Any,
 ) -> Optimizer:
-    """``factory(params, **kwargs, **implementation_kwargs(...))`` (Lookahead is :func:`lookahead`'s job).
-
-    ``factory``: a ``functools.partial`` of a ``torch.optim`` class (what Hydra's ``_partial_: true``
-    instantiates to) or the class itself; ``kwargs``: e.g. ``lr``.
-    """
+    """``factory(params, **kwargs, **implementation_kwargs(...))``; ``factory``: a ``torch.optim`` class or a
+    ``functools.partial`` of one (Hydra's ``_partial_: true``). Lookahead is :func:`lookahead`'s job."""
     optimizer_cls = factory.func if isinstance(factory, functools.partial) else factory
     if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Optimizer)):
         raise ConfigError(
@@ -372,12 +356,10 @@ class NetworkOptim:
         optimizer: a ``torch.optim`` class or a ``functools.partial`` of one (Hydra's ``_partial_``),
             without parameters and learning rate.
         lr: the base learning rate (what ``schedule`` scales).
-        schedule: the LR schedule, stepped once per optimizer step of this network.
-        lookahead: wraps the optimizer (:func:`lookahead`; ``k=0`` leaves it alone).
+        schedule: the LR schedule, stepped once per optimizer step; lookahead: :func:`lookahead` (``k=0``: none).
         gradient_clip_val: None: the trainer's ``gradient_clip_val``; 0: no clipping for this network.
         gradient_clip_algorithm: None: the trainer's; ``norm`` | ``value``.
-        implementation: ``auto`` (fused/foreach on CUDA where torch has them) | ``default`` |
-            ``foreach`` | ``fused`` (:func:`implementation_kwargs`).
+        implementation: ``auto`` | ``default`` | ``foreach`` | ``fused`` (:func:`implementation_kwargs`).
     """
 
     def __init__(

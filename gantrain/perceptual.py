@@ -1,10 +1,9 @@
 """A fixed, pretrained VGG16 feature extractor for perceptual terms (shared by GAN and VAE objectives).
 
 Weights come from torchvision's normal download into the torch hub cache
-(``~/.cache/torch/hub/checkpoints/vgg16-397923af.pth``) when online, or from a local file
-(``weights_path``). The network is frozen (``requires_grad=False``), stays in eval mode whatever
-``.train()`` is called with, and belongs to no optimizer: gradients flow through it to its input
-only.
+(``~/.cache/torch/hub/checkpoints/vgg16-397923af.pth``) when online, or from a local file (``weights_path``). The
+network is frozen (``requires_grad=False``), stays in eval mode whatever ``.train()`` is called with, and belongs to no
+optimizer: gradients flow through it to its input only.
 """
 
 from __future__ import annotations
@@ -68,12 +67,8 @@ def _vgg16_features(layer: str, weights: str, weights_path: str | None) -> nn.Se
 
 
 class VGG16Features(nn.Module):
-    """Images in [-1, 1] ``(B, 1|3, H, W)`` -> VGG16 activations after ``layer`` (ImageNet-normalised input).
-
-    Grey images are repeated to 3 channels. ``weights='random'`` keeps torchvision's random init
-    (for tests; meaningless as a perceptual metric). Errors name the argument (``weights_path=...``);
-    the entry point puts the config path in front.
-    """
+    """Images in [-1, 1] ``(B, 1|3, H, W)`` -> VGG16 activations after ``layer`` (ImageNet-normalised input). Grey
+    images are repeated to 3 channels. ``weights='random'`` keeps torchvision's random init (for tests only)."""
 
     def __init__(self, layer: str = "relu3_3", weights: str = "imagenet", weights_path: str | None = None):
         super().__init__()
@@ -97,10 +92,8 @@ class VGG16Features(nn.Module):
 
 
 class PerceptualMatching(GeneratorTerm):
-    """Feature matching in a fixed pretrained network: ``weight * ||E phi(x) - E phi(G(z))||^2``, phi = VGG16.
-
-    With ``weight=0`` (off) nothing is loaded. Args as :class:`VGG16Features`; config key ``loss.perceptual``.
-    """
+    """Feature matching in a fixed pretrained network: ``weight * ||E phi(x) - E phi(G(z))||^2``, phi = VGG16. With
+    ``weight=0`` (off) nothing is loaded. Args as :class:`VGG16Features`; config key ``loss.perceptual``."""
 
     def __init__(
         self, weight: float = 0.0, layer: str = "relu3_3", weights: str = "imagenet", weights_path: str | None = None

@@ -23,18 +23,14 @@ __all__ = ["Phase", "Update"]
 @dataclass
 class Phase:
     """One kind of optimizer step: ``loss(batch, step)`` is minimised w.r.t. ``module`` by ``update``'s optimizer.
-
-    ``batch`` is the :class:`~gantrain.batch.Batch` the data stream yields; ``step`` is the number of optimizer
-    steps this phase has taken before (lazy regularisers use it). ``update``: the network's
-    :class:`~gantrain.optim.Update` (its optimizer, LR schedule, stepped after each of its optimizer steps, and
-    clipping: None = the trainer's setting, 0 = none for this phase); a bare optimizer stands for an Update with
-    neither. ``interval``: run on iterations ``interval-1, 2*interval-1, ...`` (so a G phase with interval
-    ``n_critic`` follows ``n_critic`` D updates). ``counts_as_step``: this phase's optimizer steps are the ones
-    ``trainer.max_steps`` counts (exactly one phase has it). ``after_step``: called (no grad) after each
-    optimizer step, e.g. weight clipping. ``no_sync_loss``: the loss for the micro-batches of an accumulation
-    window but the last, whose gradients are not yet all-reduced across ranks (set by
-    :func:`gantrain.distributed.replicate`; None = ``loss``).
-    """
+    ``batch`` is the :class:`~gantrain.batch.Batch` the data stream yields; ``step`` is the number of optimizer steps
+    this phase has taken before (lazy regularisers use it). ``update``: the network's :class:`~gantrain.optim.Update`; a
+    bare optimizer stands for one without schedule or clipping. ``interval``: run on iterations
+    ``interval-1, 2*interval-1, ...`` (so a G phase with interval ``n_critic`` follows ``n_critic`` D updates).
+    ``counts_as_step``: this phase's optimizer steps are the ones ``trainer.max_steps`` counts (exactly one phase has
+    it). ``after_step``: called (no grad) after each optimizer step, e.g. weight clipping. ``no_sync_loss``: the loss
+    for the micro-batches of an accumulation window but the last, whose gradients are not yet all-reduced across ranks
+    (set by :func:`gantrain.distributed.replicate`; None = ``loss``)."""
 
     name: str
     module: nn.Module

@@ -14,10 +14,8 @@ from torch import nn
 
 
 def sample_grid(images: torch.Tensor) -> torch.Tensor:
-    """``(N, C, H, W)`` in [-1, 1] -> one ``(3, H', W')`` grid in [0, 1], ``ceil(sqrt(N))`` images per row.
-
-    The one layout for every sample grid: the Trainer's periodic grids and ``sample.py --out x.png``.
-    """
+    """``(N, C, H, W)`` in [-1, 1] -> one ``(3, H', W')`` grid in [0, 1], ``ceil(sqrt(N))`` images per row. The one
+    layout for every sample grid: the Trainer's periodic grids and ``sample.py --out x.png``."""
     from torchvision.utils import make_grid  # imported when used: torchvision takes ~1.5 s to import
 
     return make_grid(images, nrow=math.ceil(math.sqrt(images.shape[0])), normalize=True, value_range=(-1, 1))
@@ -25,10 +23,8 @@ def sample_grid(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruction_grid(vae: nn.Module, x: torch.Tensor, per_row: int = 4) -> torch.Tensor:
-    """Inputs beside their reconstructions (posterior mean, decoded): ``(3, H', W')`` in [0, 1].
-
-    ``x`` ``(N, C, H, W)`` in [-1, 1]; each row holds ``per_row`` (input, reconstruction) pairs.
-    """
+    """Inputs beside their reconstructions (posterior mean, decoded): ``(3, H', W')`` in [0, 1]. ``x`` ``(N, C, H, W)``
+    in [-1, 1]; each row holds ``per_row`` (input, reconstruction) pairs."""
     pairs = torch.stack([x, vae.reconstruct(x).to(x.dtype)], dim=1).flatten(0, 1)  # (2N, C, H, W): x0, r0, x1, ...
     from torchvision.utils import make_grid
 
@@ -37,11 +33,8 @@ def reconstruction_grid(vae: nn.Module, x: torch.Tensor, per_row: int = 4) -> to
 
 @torch.no_grad()
 def interpolation_strip(vae: nn.Module, x: torch.Tensor, steps: int = 10) -> torch.Tensor:
-    """Decoded straight lines between the posterior means of consecutive pairs of ``x``: one row per pair.
-
-    ``x`` ``(2P, C, H, W)`` in [-1, 1] -> ``(3, H', W')`` in [0, 1]; row ``p`` runs from image ``2p``
-    (left) to image ``2p + 1`` (right) in ``steps`` equal steps of the latent.
-    """
+    """Decoded straight lines between the posterior means of consecutive pairs of ``x``: one row per pair. ``x``
+    ``(2P, C, H, W)`` in [-1, 1] -> ``(3, H', W')`` in [0, 1]; row ``p``: image ``2p`` to ``2p + 1`` in ``steps``."""
     mu, _ = vae.encode(x)
     start, end = mu[0::2], mu[1::2]  # (P, D)
     t = torch.linspace(0, 1, steps, device=mu.device, dtype=mu.dtype).view(1, steps, 1)

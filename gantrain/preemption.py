@@ -1,11 +1,10 @@
 """Stopping on a signal without losing work: SIGTERM (a scheduler's kill, ``kill``), SIGINT (Ctrl-C) and
 SIGUSR1 (SLURM's ``--signal=USR1@120``, sent before the time limit).
 
-The handler only asks the trainer to stop (:meth:`~gantrain.trainer.Trainer.request_stop`): the step in
-flight finishes, ``on_fit_end`` writes the checkpoint at that step, and the entry point exits with
-128 + the signal number, the code a shell reports for a process killed by that signal (143, 130, 138),
-so schedulers and wrappers read it as "stopped by SIGTERM". Further signals while stopping are
-noted and ignored: the checkpoint being written is not cut off (it is written atomically anyway).
+The handler only asks the trainer to stop (:meth:`~gantrain.trainer.Trainer.request_stop`): the step in flight
+finishes, ``on_fit_end`` writes the checkpoint at that step, and the entry point exits with 128 + the signal number
+(143, 130, 138: what a shell reports for a process killed by that signal). Further signals while stopping are
+ignored: the checkpoint being written is not cut off (it is written atomically anyway).
 """
 
 from __future__ import annotations
@@ -37,11 +36,9 @@ class Received:
 
 @contextmanager
 def stop_on_signals(trainer) -> Iterator[Received]:
-    """Inside the block, SIGTERM/SIGINT/SIGUSR1 make ``trainer`` stop after its step in flight.
-
-    Handlers can only be installed from the main thread; elsewhere (a thread-pool sweep launcher)
-    the block runs with the signals' previous behaviour.
-    """
+    """Inside the block, SIGTERM/SIGINT/SIGUSR1 make ``trainer`` stop after its step in flight. Handlers can only be
+    installed from the main thread; elsewhere (a thread-pool sweep launcher) the block runs with the signals' previous
+    behaviour."""
     received = Received()
 
     def handler(signum, frame) -> None:

@@ -1,14 +1,12 @@
 """Reading a step's batches before the step starts, so a file that cannot be read stops a run at a step boundary.
 
-Data read from disk during training (``data=folder`` with ``in_memory=false``) can fail hours in: a
-file whose pixel data is corrupt. Drawn inside a step, after the first phase already took its
-optimizer step, the error would leave no consistent state to save. :class:`ReadAhead` draws the
-next step's batches at the end of each step instead; if one cannot be read, the step just
-completed is checkpointed and the run stops with one line naming the file, to be continued with
-``trainer.resume=auto`` once the file is replaced (or with the data's skip option).
+Data read from disk during training (``data=folder`` with ``in_memory=false``) can fail hours in: a file whose pixel
+data is corrupt. Drawn inside a step, after the first phase already took its optimizer step, the error would leave no
+consistent state to save. :class:`ReadAhead` draws the next step's batches at the end of each step instead; if one
+cannot be read, the step just completed is checkpointed and the run stops with one line naming the file, to be continued
+with ``trainer.resume=auto`` once the file is replaced (or with the data's skip option).
 
-The stream never draws from the global RNGs and its order is a pure function of its position, so
-drawing batches earlier changes nothing a run computes: a resumed run is still bit-identical.
+The stream's order is a pure function of its position (no global RNG), so drawing early changes nothing computed.
 """
 
 from __future__ import annotations
@@ -60,11 +58,9 @@ def drawn_ahead(stream: Any) -> Any:
 
 class ReadAhead(Callback):
     """For data streamed from files: read each step's batches before it starts; checkpoint and stop when one fails.
-
-    ``drawn``: the trainer's data stream (:func:`drawn_ahead`); ``save``: writes a checkpoint of the trainer
-    (:meth:`~gantrain.checkpoint.Checkpointing.save`); ``path``: where, for the message. Put it after the
-    callbacks that resume and log, so the step it stops after is logged and it starts from the resumed position.
-    """
+    ``drawn``: the data stream (:func:`drawn_ahead`); ``save``: :meth:`~gantrain.checkpoint.Checkpointing.save`;
+    ``path``: where, for the message. Goes after the callbacks that resume and log (so it starts at the resumed position
+    and the step it stops after is logged)."""
 
     def __init__(self, drawn: DrawnAhead, save: Callable[[Any], None], path: Any):
         self.drawn, self.save, self.path = drawn, save, path

@@ -1,11 +1,10 @@
 """The run directory: one run at a time (an exclusive lock), default names unique per launch, the configs
 saved there, its ``train.log`` and the command that resumes it.
 
-A run holds ``<run_dir>/.lock`` (``fcntl.flock``) from before it checks or writes anything until
-it exits; the kernel drops the lock when the process dies, however it dies, so there is no stale
-lock to clean up. A second process on the same directory stops at once with one line naming the
-holder. The lock file itself is never deleted (deleting a locked file lets a third process lock a
-new one beside it).
+A run holds ``<run_dir>/.lock`` (``fcntl.flock``) from before it checks or writes anything until it exits; the kernel
+drops the lock when the process dies, however it dies, so there is no stale lock to clean up. A second process on the
+same directory stops at once with one line naming the holder. The lock file itself is never deleted (deleting a locked
+file lets a third process lock a new one beside it).
 """
 
 from __future__ import annotations
@@ -39,12 +38,9 @@ class RunDirectoryInUse(GantrainError):
 
 
 class RunDirectoryLock:
-    """Exclusive lock on a run directory for the life of a run (``with RunDirectoryLock(d) as lock:``).
-
-    Entering creates the directory if needed and takes the lock or raises :class:`RunDirectoryInUse`;
-    it writes nothing else. Call :meth:`claim` once the run has passed its checks: it records this
-    process (PID and host) in the lock file for the next process's message.
-    """
+    """Exclusive lock on a run directory for the life of a run (``with RunDirectoryLock(d) as lock:``). Entering creates
+    the directory if needed and takes the lock or raises :class:`RunDirectoryInUse`, writing nothing else;
+    :meth:`claim`, once the run passed its checks, records PID and host for the next process's message."""
 
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
@@ -108,9 +104,8 @@ def run_name(overrides: str, prefix: str = "") -> str:
 
 
 class CreateRunDirectory(HydraCallback):
-    """Hydra callback (``hydra.callbacks`` in train.yaml): create the run (or sweep) directory before Hydra
-    does, so that a directory that cannot be created (no permission, a read-only or missing mount) is one
-    line and exit 1 instead of Hydra's traceback."""
+    """Hydra callback (``hydra.callbacks``): create the run (or sweep) directory before Hydra, so that one that cannot
+    be created is one line and exit 1, not Hydra's traceback."""
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
         self._create(config.hydra.run.dir, "hydra.run.dir")

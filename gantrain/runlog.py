@@ -1,17 +1,15 @@
 """Run logging in one callback, :class:`RunLog`: TensorBoard, tqdm, console lines, sample PNGs, evaluation results.
 
-Every ``log_every_n_steps`` it drains the
-stats that losses ``report``-ed (plus images/s and the fp16 scales) into TensorBoard scalars, the bar's
-postfix and :attr:`RunLog.stats`; after each evaluation (:class:`gantrain.metrics.Evaluation`) it logs
-its results with one console line; every ``sample_every_n_steps`` it draws sample grids,
-with the EMA weights swapped in, and a background thread encodes them (PNG files, TensorBoard images)
-while training goes on; it does both once more at the end (unless that step's grid was just written).
-Only rank 0 writes anything.
+Every ``log_every_n_steps`` it drains the stats that losses ``report``-ed (plus images/s and the fp16 scales) into
+TensorBoard scalars, the bar's postfix and :attr:`RunLog.stats`; after each evaluation
+(:class:`gantrain.metrics.Evaluation`) it logs its results with one console line; every ``sample_every_n_steps`` it
+draws sample grids, with the EMA weights swapped in, and a background thread encodes them (PNG files, TensorBoard
+images) while training goes on; it does both once more at the end (unless that step's grid was just written). Only rank
+0 writes anything.
 
-The console shows a tqdm bar when it is a terminal and ``progress_bar`` is on. Otherwise (a cluster
-log, ``> out.txt 2>&1``, ``progress_bar=false``) a plain progress line is logged instead, at most one
-per ``log_every_n_seconds``, so it lands in ``train.log`` too and redirected output holds no carriage returns.
-The last line of a finished run names where everything is.
+The console shows a tqdm bar when it is a terminal and ``progress_bar`` is on; otherwise (a cluster log,
+``> out.txt 2>&1``) a plain line at most every ``log_every_n_seconds``, which lands in ``train.log`` too and
+holds no carriage returns. The last line of a finished run names where everything is.
 """
 
 from __future__ import annotations
@@ -56,17 +54,14 @@ class RunLog(Callback):
     """Logs a run into ``run_dir`` (TensorBoard events, ``samples/step_0000200.png``, ...).
 
     Args:
-        sampler: returns the picture to log as ``samples`` (``(3, H, W)`` in [0, 1]: an image grid, a
-            scatter plot, ...), from fixed noise and without changing any state; or a dict of named
-            pictures (``samples``, ``reconstructions``, ...), each logged under its name.
+        sampler: returns the picture to log as ``samples`` (``(3, H, W)`` in [0, 1]), from fixed noise and
+            changing no state; or a dict of named pictures (``samples``, ``reconstructions``, ...).
         config: the resolved config, logged as text.
-        hparams: the hparams table's row (the overridden keys, the recipe, the seed); its metrics are
-            ``metric_tags``, logged as scalars under the same names.
+        hparams: the hparams table's row (overridden keys, recipe, seed); its metrics are ``metric_tags``.
         about: more text to log (the command line, the code's git commit), title -> text.
         is_main: rank 0 logs; other ranks only keep the last logged values (:meth:`results`).
         checkpoints: the run's :class:`~gantrain.checkpoint.Checkpointing`, whose files the last line names.
-        terminal: whether the console is a terminal (a bar, else plain lines); None asks
-            :func:`console_is_terminal` when the run starts.
+        terminal: whether the console is a terminal (a bar, else plain lines); None: :func:`console_is_terminal`.
         clock: seconds, for images/s, ETA and the plain lines' rate limit.
     """
 
@@ -190,8 +185,7 @@ class RunLog(Callback):
         log.info("step %d: %s", trainer.step, shown)
 
     def log_progress(self, trainer, final: bool = False) -> None:
-        """A plain progress line (no bar shown): the first, then at most one per ``log_every_n_seconds``,
-        and the final step's (unless nothing trained in this process)."""
+        """A plain progress line (no bar): the first, at most one per ``log_every_n_seconds``, and the final one."""
         now, (last_time, last_step) = self.clock(), self._line
         due = final or last_time is None or now - last_time >= trainer.settings.log_every_n_seconds
         if not self.plain_lines or not due or trainer.step == last_step:  # last_step starts at the first step
@@ -226,8 +220,7 @@ class RunLog(Callback):
         )
 
     def write_samples(self, trainer) -> None:
-        """Draw the sample pictures, which the background thread writes (after the previous ones: an error
-        there is raised here, or at the end)."""
+        """Draw the sample pictures for the background thread to write (its errors are raised here, or at the end)."""
         if not self.is_main or self.sampler is None:
             return
         with trainer.averaged_weights():
@@ -281,12 +274,9 @@ def standard_callbacks(
     world_size=1,
     read_ahead: DrawnAhead | None = None,
 ):
-    """What every ``python -m gantrain`` run attaches, in ``run_dir``: evaluation and ``best.ckpt``
-    (:class:`~gantrain.metrics.Evaluation`, when there is an ``evaluator``: returns ``{name: value}`` of the current
-    model, names among ``eval_tags``, without using the global RNG), resume and checkpoints
-    (:class:`~gantrain.checkpoint.Checkpointing`), run logging (:class:`RunLog`, which documents the others)
-    and, last, reading each step's batches ahead (:class:`~gantrain.readahead.ReadAhead`, for the trainer's data
-    stream ``read_ahead`` when it reads files: see :func:`gantrain.readahead.drawn_ahead`)."""
+    """What every ``python -m gantrain`` run attaches, in ``run_dir``: evaluation and ``best.ckpt`` (when an
+    ``evaluator`` returns ``{name: value}``, names among ``eval_tags``, without the global RNG), checkpoints,
+    :class:`RunLog` and, last, :class:`~gantrain.readahead.ReadAhead` for a ``read_ahead`` stream that reads files."""
     from gantrain.metrics.loop import Evaluation
 
     checkpointing = checkpoints or Checkpointing(

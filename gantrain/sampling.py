@@ -47,12 +47,10 @@ NOISE_BLOCK = 4096  # latents drawn at once by generate_batches (a few MB), what
 
 
 def output_kind(out: str | Path) -> OutputKind:
-    """What ``out`` names: ``"pt"`` (a tensor file), ``"png"`` (one grid image) or ``"dir"`` (one PNG per sample).
-
-    Only the suffixes ``.pt`` and ``.png`` (any case) make a file; every other path is a folder.
-    Raises :class:`GantrainError` when ``out`` already exists as the other kind of thing, so a
-    mistake is caught before any sampling work is done.
-    """
+    """What ``out`` names: ``"pt"`` (a tensor file), ``"png"`` (one grid image) or ``"dir"`` (one PNG per sample). Only
+    the suffixes ``.pt`` and ``.png`` (any case) make a file; every other path is a folder. Raises
+    :class:`GantrainError` when ``out`` already exists as the other kind of thing, so a mistake is caught before any
+    sampling work is done."""
     out = Path(out)
     kind: OutputKind = {".pt": "pt", ".png": "png"}.get(out.suffix.lower(), "dir")  # type: ignore[assignment]
     if kind == "dir" and out.exists() and not out.is_dir():
@@ -65,16 +63,12 @@ def output_kind(out: str | Path) -> OutputKind:
 def load_model(
     checkpoint_path: str | Path, device: torch.device | str = "cpu", what: str = "checkpoint", ema: bool = True
 ) -> nn.Module:
-    """The model saved in a gantrain training checkpoint, on ``device`` and in eval mode.
-
-    The model is rebuilt from the checkpoint's own resolved ``config["model"]``, so no config
-    files are needed. ``ema``: when the run kept an EMA of the generator (``trainer.ema``), the
-    generator gets the averaged weights (what the run's grids and evaluation showed); ``False``
-    keeps the raw trained weights. The run's data option is rebuilt too (cheaply: no data is
-    loaded), so :func:`generate` hands out samples in the data's own units (the 2-D mixtures' coordinates).
-    Raises :class:`CheckpointError` (naming ``what`` and the path) when the file is missing,
-    corrupt, not a gantrain checkpoint, or holds a model that cannot draw samples.
-    """
+    """The model saved in a gantrain training checkpoint, on ``device`` and in eval mode. The model is rebuilt from the
+    checkpoint's own resolved ``config["model"]`` (no config files needed). ``ema``: when the run kept an EMA of the
+    generator (``trainer.ema``), the generator gets the averaged weights (what the run's grids and evaluation showed);
+    ``False`` keeps the raw ones. The run's data option is rebuilt too (no data is loaded), so :func:`generate` hands
+    out samples in the data's own units. Raises :class:`CheckpointError` (naming ``what`` and the path) when the file is
+    missing, corrupt, not a gantrain checkpoint, or holds a model that cannot draw samples."""
     ckpt = ckpt_io.load(checkpoint_path, what=what)
     try:
         model = instantiate(ckpt["config"]["model"])
@@ -134,16 +128,13 @@ def generate_batches(
     batch_size: int = 256,
     progress: bool = True,
 ) -> Iterator[torch.Tensor]:
-    """:func:`generate`'s samples, ``batch_size`` at a time (the last batch may be smaller), whatever ``num`` is.
-
-    The latents come from one ``torch.Generator`` seeded with ``seed`` on ``device`` (default: where
-    the model's parameters are), drawn in blocks of ``NOISE_BLOCK`` samples as decoding needs them:
-    they depend on ``seed`` and ``device`` only, never on ``batch_size`` or the global RNG, and for
-    ``num <= NOISE_BLOCK`` they are ``model.noise(num, generator=...)`` drawn at once. So the
-    samples agree across batch sizes up to float rounding (~1e-9 on CPU: conv kernels may pick a
-    different algorithm per batch size), and are identical for identical arguments.
-    ``progress``: a tqdm bar over batches when there is more than one (quiet off-terminal).
-    """
+    """:func:`generate`'s samples, ``batch_size`` at a time (the last batch may be smaller), whatever ``num`` is. The
+    latents come from one ``torch.Generator`` seeded with ``seed`` on ``device`` (default: where the model's parameters
+    are), drawn in blocks of ``NOISE_BLOCK`` samples as decoding needs them: they depend on ``seed`` and ``device``
+    only, never on ``batch_size`` or the global RNG (for ``num <= NOISE_BLOCK`` they are
+    ``model.noise(num, generator=...)``). So the samples agree across batch sizes up to float rounding (~1e-9 on CPU:
+    conv kernels may pick another algorithm per batch size). ``progress``: a tqdm bar when there are several batches
+    (quiet off-terminal)."""
     checks.integer("num", num, at_least=1)
     checks.integer("batch_size", batch_size, at_least=1)
     if device is None:
@@ -155,13 +146,8 @@ def generate_batches(
     )
     z = next(blocks)  # (n, *latent_shape): drawn, not yet decoded
     starts = range(0, num, batch_size)
-    for start in tqdm(
-        starts,
-        desc="sampling",
-        unit="batch",
-        dynamic_ncols=True,
-        disable=None if progress and len(starts) > 1 else True,
-    ):
+    quiet = None if progress and len(starts) > 1 else True
+    for start in tqdm(starts, desc="sampling", unit="batch", dynamic_ncols=True, disable=quiet):
         b = min(batch_size, num - start)
         while z.shape[0] < b:
             z = torch.cat([z, next(blocks)])
@@ -178,13 +164,10 @@ def sample_to(
     batch_size: int = 256,
     progress: bool = True,
 ) -> list[Path]:
-    """:func:`generate` into :func:`write_samples`'s ``out`` for any ``num``; returns the files written.
-
-    A folder of PNGs is written batch by batch, so ``num`` is bounded by the disk only. A ``.pt``
-    (one tensor) and a ``.png`` (one grid) are checked against what they can hold (memory, free
-    disk, a grid an image viewer opens) after the first batch, before the rest is sampled:
-    :class:`GantrainError` if they cannot.
-    """
+    """:func:`generate` into :func:`write_samples`'s ``out`` for any ``num``; returns the files written. A folder of
+    PNGs is written batch by batch, so ``num`` is bounded by the disk only. A ``.pt`` (one tensor) and a ``.png`` (one
+    grid) are checked against what they can hold (memory, free disk, a grid an image viewer opens) after the first
+    batch, before the rest is sampled: :class:`GantrainError` if they cannot."""
     out = Path(out)
     kind = output_kind(out)
     # A folder shows the writing bar (one per image); a tensor or grid the sampling bar.
@@ -221,9 +204,8 @@ def write_samples(images: torch.Tensor, out: str | Path, progress: bool = True) 
     * anything else: a folder (created if needed) with ``000000.png``, ``000001.png``, ... one per
       sample (more digits from a million samples on), greyscale for 1 channel and RGB for 3.
 
-    Every file is written to a temp file beside it and then renamed over the target, so a failure
-    never leaves a half-written file where an older one was. Numbered PNGs beyond ``N`` left in the
-    folder by an earlier, larger run are kept, with a warning.
+    Every file is written to a temp file beside it, then renamed over the target: a failure never leaves a
+    half-written file. Numbered PNGs beyond ``N`` left by an earlier, larger run are kept, with a warning.
     """
     out = Path(out)
     kind = output_kind(out)
@@ -245,14 +227,8 @@ def write_numbered(batches: Iterable[torch.Tensor], out: Path, num: int, progres
     out.mkdir(parents=True, exist_ok=True)
     width = _name_width(num)
     paths: list[Path] = []
-    bar = tqdm(
-        total=num,
-        desc="writing",
-        unit="img",
-        dynamic_ncols=True,
-        disable=None if progress and num >= PROGRESS_MIN_FILES else True,
-    )
-    with bar:
+    quiet = None if progress and num >= PROGRESS_MIN_FILES else True
+    with tqdm(total=num, desc="writing", unit="img", dynamic_ncols=True, disable=quiet) as bar:
         for batch in batches:
             for p in to_uint8(batch):  # (H, W, C)
                 path = out / f"{len(paths):0{width}d}.png"
@@ -278,9 +254,8 @@ def _name_width(num: int) -> int:
 
 
 def _check_output(out: Path, kind: OutputKind, num: int, shape: tuple[int, ...], allocating: bool) -> None:
-    """GantrainError unless ``num`` samples of ``shape`` can be written as ``kind``: images for a PNG
-    output; a .pt that fits on the disk and, when it is still to be ``allocating``, in memory; a grid
-    no larger than PIL opens."""
+    """GantrainError unless ``num`` samples of ``shape`` can be written as ``kind``: images for a PNG output; a .pt that
+    fits on the disk and, when it is still to be ``allocating``, in memory; a grid no larger than PIL opens."""
     if kind != "pt" and len(shape) != 3:
         raise GantrainError(
             f"'{out}': these samples have shape {(num, *shape)}, not images (N, C, H, W); write a .pt file "

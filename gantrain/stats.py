@@ -1,9 +1,8 @@
 """One stats sink for the whole package.
 
-Anything that wants a number in TensorBoard and in the progress bar calls ``report(name, value)``
-with a slash-separated name (``loss/D``, ``loss/D/gp``, ``D(x)``). The Trainer owns the
-:class:`Collector` that receives the values and drains it at logging time, so losses and models
-never hold a writer. Outside a training run ``report`` is a no-op.
+Anything that wants a number in TensorBoard and in the progress bar calls ``report(name, value)`` with a slash-separated
+name (``loss/D``, ``loss/D/gp``, ``D(x)``). The Trainer owns the :class:`Collector` that receives the values and drains
+it at logging time, so losses and models never hold a writer. Outside a training run ``report`` is a no-op.
 """
 
 from __future__ import annotations
@@ -47,14 +46,13 @@ class _Series:
 class Collector:
     """Collects reported values between two ``drain()`` calls (means per name).
 
-    A report costs no device work, so a step between logging steps never waits for the device: a
-    scalar tensor is kept as a detached reference (no copy, no kernel), a number as a number.
-    ``drain()``, on a logging step, reduces them and reads them with one host sync. A tensor of more
-    than one element counts as its mean. A reported tensor must not be changed in place afterwards.
+    A report costs no device work (a scalar tensor is kept as a detached reference, a number as a number), so a
+    step between logging steps never waits for the device; ``drain()`` reduces them with one host sync. A tensor of
+    more than one element counts as its mean; a reported tensor must not be changed in place afterwards.
 
-    Between ``hold()`` and ``release(keep)`` the values wait, in report order, in the list ``hold()``
-    returns: the Trainer checks one optimizer step's loss terms there and logs them only if that step
-    is applied (the values of a skipped step would put a NaN into the means).
+    Between ``hold()`` and ``release(keep)`` the values wait, in report order, in the list ``hold()`` returns: the
+    Trainer checks one step's loss terms there and logs them only if the step is applied (a skipped one's NaN
+    would spoil the means).
     """
 
     def __init__(self) -> None:

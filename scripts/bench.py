@@ -358,8 +358,8 @@ def main() -> None:
             f"`{command.strip()}`: {args.rounds} rounds; ms per step of the whole process = (wall time of the long run "
             "- wall time of the short run) / (step difference), median over the rounds; ratio = gantrain / hand loop.",
             "",
-            "| recipe | steps (short, long) | `python -m gantrain` ms/step | hand loop ms/step | ratio | ratio per round "
-            "| info: hand loop with gantrain's allocator settings, ms/step | gantrain / it |",
+            "| recipe | steps (short, long) | `python -m gantrain` ms/step | hand loop ms/step | ratio "
+            "| ratio per round | info: hand loop with gantrain's allocator settings, ms/step | gantrain / it |",
             "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: |",
         ]
     )

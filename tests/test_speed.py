@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from gantrain import speed
+from gantrain.build import build
 from gantrain.errors import ConfigError
 from gantrain.losses import GradientPenalty, R1Penalty, WassersteinLoss
 from gantrain.models import dcgan
 from gantrain.objectives import GANObjective
-from gantrain.build import build
 from gantrain.train import train
 from gantrain.trainer import TrainerSettings
 from gantrain.vae_objective import VAEObjective

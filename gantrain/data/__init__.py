@@ -4,8 +4,7 @@
 - `folder`: `ImageFolder`, every image file under a folder;
 - `mnist`: `TorchvisionImages` (MNIST, Fashion-MNIST, CIFAR-10) and `read_idx`, our IDX reader;
 - `mixtures`: the 2-D Gaussian mixtures `Ring` (ring8) and `Grid` (grid25), points, not images;
-- `stream`: `BatchStream`, the resumable image stream whose order is a pure function of
-  (seed, epoch, rank);
+- `stream`: `BatchStream`, the resumable image stream whose order is a pure function of (seed, epoch, rank);
 - `binarization`: stochastic binarization (`binarize`); `common`: `DataOption` (what an option declares),
   `DataError` and `derive_seed`, the one seeding scheme.
 

@@ -13,12 +13,9 @@ STATIC_SEED = 0
 
 
 def binarize(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Stochastic binarization (Salakhutdinov & Murray 2008) of images in [-1, 1].
-
-    Pixel x becomes +1 with probability (x + 1) / 2 and -1 otherwise, so x01 = (x + 1) / 2 becomes
-    1 with probability x01: black (-1) and white (+1) pixels stay as they are. The uniforms come
-    from `generator` alone (it must live on `images`' device), never from the global RNG.
-    """
+    """Stochastic binarization (Salakhutdinov & Murray 2008) of images in [-1, 1]. Pixel x becomes +1 with probability
+    (x + 1) / 2, else -1 (black and white stay). The uniforms come from `generator` alone (on `images`' device), never
+    from the global RNG."""
     u = torch.rand(images.shape, generator=generator, device=images.device, dtype=images.dtype)  # [0, 1)
     return (u < (images + 1) / 2).to(images.dtype).mul_(2).sub_(1)
 
@@ -26,9 +23,8 @@ def binarize(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 def static_binarized(images: torch.Tensor, first_index: int) -> torch.Tensor:
     """The fixed binarization of dataset items first_index, first_index + 1, ... (stacked in `images`).
 
-    Item i always gets the uniforms of `torch.Generator().manual_seed(derive_seed("binarize/static",
-    STATIC_SEED, i))`, drawn on the CPU: the result depends only on the image and its index in the
-    full dataset (not on holdout, batch size, seed, device or load order).
+    Item i gets the CPU uniforms of `Generator().manual_seed(derive_seed("binarize/static", STATIC_SEED, i))`:
+    only the image and its index matter (not holdout, batch size, seed, device or load order).
     """
     out = torch.empty_like(images)
     gen = torch.Generator()

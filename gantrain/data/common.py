@@ -8,9 +8,8 @@ from gantrain.errors import GantrainError
 
 
 class DataOption:
-    """What every `data=` option declares (a user's own option subclasses this); the build reads these, it never
-    probes. Every option has ``batch_size``, ``stream(seed, device, rank=0, world_size=1)``, ``render(samples)``
-    and ``to_data_units(samples)``.
+    """What every `data=` option declares (a user's own subclasses this); the build reads these, it never probes.
+    Every option has ``batch_size``, ``stream(seed, device, rank=0, world_size=1)``, ``render``, ``to_data_units``.
 
     ``images``: its samples are images, so FID/KID/PR apply (they read ``training_dataset()``);
     ``channels``/``resolution`` (images) or ``dim`` (vectors): the sample shape a model must be built for;
@@ -34,12 +33,8 @@ class DataError(GantrainError):
 
 
 def derive_seed(*parts: int | str) -> int:
-    """A 63-bit generator seed that is a pure function of `parts`, e.g. ``("order", seed, epoch)``.
-
-    The blake2b digest of their text, so distinct tuples give unrelated seeds (no `seed + k`
-    overlaps between neighbouring runs or epochs) and the value is the same in every process,
-    platform and Python version (unlike `hash()`). Every generator in gantrain.data that depends
-    on the run's seed is seeded through this function, with a name as the first part.
-    """
+    """A 63-bit generator seed that is a pure function of `parts`, e.g. ``("order", seed, epoch)``. The blake2b digest
+    of their text: distinct tuples give unrelated seeds (no `seed + k` overlaps), the same in every process, platform
+    and Python version (unlike `hash()`). Every seeded generator in gantrain.data uses it."""
     digest = hashlib.blake2b("/".join(str(p) for p in parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)

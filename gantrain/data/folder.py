@@ -18,11 +18,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def absolute(path: str | os.PathLike) -> Path:
-    """`path` made absolute against the directory the user launched from.
-
-    Hydra may chdir into the run directory before our objects are built, so a relative
-    `data.path=imgs` must be resolved against Hydra's original cwd, not the current one.
-    """
+    """`path` made absolute against the launch directory (Hydra's original cwd: it may chdir into the run directory
+    before our objects are built)."""
     path = Path(path).expanduser()
     from hydra.core.hydra_config import HydraConfig  # local: keep `import gantrain.data` light
 
@@ -49,11 +46,8 @@ def pil_to_tensor(resolution: int, channels: int):
 
 
 def image_files(root: str | os.PathLike) -> list[Path]:
-    """Every image file under `root` (recursive), sorted by relative path for a stable order.
-
-    Matches `IMAGE_EXTENSIONS` case-insensitively. Hidden files and folders (names starting
-    with ".") are skipped: they are macOS `._x.png` resource forks, `.git`, notebook checkpoints.
-    """
+    """Every image file under `root` (recursive), sorted by relative path for a stable order. Matches `IMAGE_EXTENSIONS`
+    case-insensitively; hidden files and folders (macOS `._x.png`, `.git`) are skipped."""
     root = Path(root)
     found = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -76,14 +70,10 @@ def folder_labels(files: list[Path], root: Path) -> torch.Tensor | None:
 
 
 class _ImageFiles(Dataset):
-    """Image files opened lazily by PIL; item i is files[i] as a (C, R, R) tensor, `labels` their classes or None.
-
-    A file that cannot be decoded (a PNG whose header and checksums are fine but whose pixel data
-    is not, which `verify()` cannot see) stops the run with a `DataError` naming it, or with
-    `skip_corrupt` is replaced by the next readable file in file order (wrapping around), with one
-    warning per file and process: the same replacement in every run, so the data order and a resume
-    stay as they were (the replacement keeps the corrupt file's label).
-    """
+    """Image files opened lazily by PIL; item i is files[i] as a (C, R, R) tensor, `labels` their classes or None. A
+    file that cannot be decoded (pixel data `verify()` cannot see) stops the run with a `DataError` naming it, or with
+    `skip_corrupt` is replaced by the next readable file (wrapping around; it keeps the corrupt one's label), with one
+    warning per file and process: the same replacement in every run, so order and resume stay as they were."""
 
     def __init__(self, files: list[Path], channels: int, resolution: int, root: Path, skip_corrupt: bool = False):
         self.files, self.root, self.skip_corrupt = files, root, skip_corrupt
@@ -129,17 +119,14 @@ class _ImageFiles(Dataset):
 class ImageFolder(ImageData):
     """Every image under a folder, recursively (.png, .jpg, .jpeg, .webp, .bmp; any case).
 
-    Files are sorted by relative path for a deterministic order, converted to grey ("L") or
-    "RGB" to match `channels`, resized on the short side and center-cropped to R x R. Every
-    file's structure is checked once when `dataset()` is built, so a broken file fails the run at
-    start rather than hours in; one whose pixel data only fails when decoded stops the run when
-    it is first drawn, naming it (see `skip_corrupt`).
+    Files are sorted by relative path, converted to "L" or "RGB" to match `channels`, resized on the short side and
+    center-cropped to R x R. Every file's structure is checked when `dataset()` is built, so a broken file fails at
+    start rather than hours in; bad pixel data stops the run when first drawn (see `skip_corrupt`).
 
     Args:
         path: the folder; relative paths are resolved against the launch directory.
-        skip_corrupt: instead of stopping, train on the next readable file (in file order) in place of
-            each file that cannot be read, with a warning naming it; the dataset keeps its size and
-            order, so a run stays reproducible and resumable.
+        skip_corrupt: instead of stopping, train on the next readable file (in file order) in place of each one
+            that cannot be read, with a warning naming it; size and order stay, so runs stay reproducible.
         **common: `ImageData` arguments (batch_size, channels, resolution, ...).
 
     Labels: when every image lies in a first-level subfolder (``path/cat/1.png``, ``path/dog/a/2.png``), that

@@ -50,14 +50,12 @@ class ImageData(DataOption, abc.ABC):
         channels: 1 (grey) or 3 (RGB); images are converted to this.
         resolution: output side length R (images are R x R), >= 4.
         num_workers: DataLoader worker processes, >= 0.
-        in_memory: stack the whole dataset into one tensor on the training device (fast for
-            small datasets) instead of decoding batches on the fly.
-        binarize: "none", "static" or "dynamic": stochastic binarization (see `binarize`), pixels
-            become -1 or +1. "static": once, with a fixed seed (`STATIC_SEED`; the same binarized
-            dataset in every run). "dynamic": every batch the stream yields is binarized afresh
-            from (stream seed, epoch, batch), reproducibly and resumably (see `BatchStream`).
-        holdout: hold out the last `holdout` images of the dataset (in file order) for evaluation:
-            the training stream never sees them and `heldout()` returns them.
+        in_memory: stack the whole dataset into one tensor on the training device (fast for small datasets)
+            instead of decoding batches on the fly.
+        binarize: "none", "static" (once, with `STATIC_SEED`: the same in every run) or "dynamic" (every batch afresh,
+            reproducibly: `BatchStream`) stochastic binarization to -1 or +1 (`binarize`).
+        holdout: the last `holdout` images (in file order) are held out for evaluation: the training stream never
+            sees them and `heldout()` returns them.
     """
 
     images = True
@@ -121,11 +119,8 @@ class ImageData(DataOption, abc.ABC):
         return None if labels is None else labels[:n_train]
 
     def heldout(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The last `holdout` images of the dataset, in order, as one (N, C, R, R) float32 tensor.
-
-        With binarize "static" or "dynamic" they are binarized with the fixed static seed (the
-        same images, bit for bit, in every run and whatever the training seed).
-        """
+        """The last `holdout` images of the dataset, in order, as one (N, C, R, R) float32 tensor. Binarized ("static"
+        or "dynamic") with the fixed static seed: bit for bit the same whatever the run's seed."""
         if self.holdout == 0:
             checks.fail("holdout", 0, ">= 1 for held-out images", "train with data.holdout=N")
         full, n_train = self._split()
@@ -160,11 +155,9 @@ class ImageData(DataOption, abc.ABC):
 
 
 class Digits(ImageData):
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no network), upsampled to `resolution`.
-
-    Pixel values 0..16 are scaled to [0, 1], resized (bilinear, antialiased) to R x R, then
-    mapped to [-1, 1]; `channels=3` repeats the grey channel. Labels: the digit 0..9.
-    """
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 real images, no network), upsampled to `resolution`. Pixels
+    0..16 -> [0, 1], resized (bilinear, antialiased) to R x R, -> [-1, 1]; `channels=3` repeats the grey. Labels: the
+    digit 0..9."""
 
     num_classes = 10
 

@@ -5,11 +5,9 @@ As in VEEGAN (Srivastava et al., 2017) and PacGAN (Lin et al., 2018):
 - ring8: 8 Gaussians with centres at angle 2*pi*k/8 on a circle of radius 1, std 0.01;
 - grid25: 25 Gaussians with centres at {-4, -2, 0, 2, 4}^2, std 0.05.
 
-There is no fixed dataset: every batch is a fresh draw (a mode uniformly per sample, plus
-N(0, std^2 I) noise) from the stream's own generator. A generated sample is *high quality* if it
-lies within 3 std of its nearest centre, and a mode is *covered* if it is the nearest centre of
-at least one high-quality sample; `evaluate` reports both, `render` draws a scatter plot.
-These are points, not images: there are no `channels`, `resolution` or loader settings.
+There is no fixed dataset: every batch is a fresh draw (a mode uniformly per sample, plus N(0, std^2 I) noise)
+from the stream's own generator. `evaluate` reports covered modes and high-quality samples (`mode_metrics`),
+`render` draws a scatter plot. These are points, not images: no `channels`, `resolution` or loader settings.
 """
 
 from __future__ import annotations
@@ -39,13 +37,10 @@ _SAMPLE_BLUE = (0, 60, 255)
 
 
 def mode_metrics(samples: torch.Tensor, centers: torch.Tensor, std: float) -> tuple[int, float]:
-    """(modes covered, percent of high-quality samples) of `samples` (N, 2) against `centers` (K, 2).
-
-    A sample is high quality if the Euclidean distance to its nearest centre is <= 3 * std; a mode
-    is covered if it is the nearest centre of at least one high-quality sample. Non-finite samples
-    (NaN/inf) are never high quality. With N = 0 the result is (0, 0.0). Computed in float64 on
-    the samples' device.
-    """
+    """(modes covered, percent of high-quality samples) of `samples` (N, 2) against `centers` (K, 2). A sample is high
+    quality if the Euclidean distance to its nearest centre is <= 3 * std; a mode is covered if it is the nearest centre
+    of at least one high-quality sample. Non-finite samples are never high quality. N = 0 gives (0, 0.0). Computed in
+    float64 on the samples' device."""
     assert samples.dim() == 2 and samples.shape[1] == centers.shape[1], (
         f"expected samples of shape (N, {centers.shape[1]}), got {tuple(samples.shape)}"
     )
@@ -71,22 +66,15 @@ class MixtureStream:
     """Endless, resumable stream of `Batch`es drawn from a Gaussian mixture: x (batch_size, 2) float32 points,
     y (batch_size,) the index of the mode each was drawn from.
 
-    Samples come from the stream's own CPU `torch.Generator`, seeded with `derive_seed("mixture",
-    seed)`, never from the global torch/numpy/python RNGs, so drawing data cannot shift the
-    training loop's random stream. Each batch is drawn on the CPU (mode indices first, then the noise) and then moved to
-    `device`, so the values do not depend on the device.
+    Samples come from the stream's own CPU `torch.Generator`, seeded with `derive_seed("mixture", seed)`, never
+    from the global RNGs, so drawing data cannot shift the training loop's random stream. Each batch is drawn on
+    the CPU (mode indices first, then the noise), then moved to `device`: its values do not depend on the device.
     """
 
     in_memory = True  # generated: nothing to read ahead
 
     def __init__(
-        self,
-        centers: torch.Tensor,
-        std: float,
-        batch_size: int,
-        *,
-        seed: int,
-        device: torch.device | str = "cpu",
+        self, centers: torch.Tensor, std: float, batch_size: int, *, seed: int, device: torch.device | str = "cpu"
     ):
         self.batch_size = checks.integer("batch_size", batch_size, at_least=1)
         self.centers = centers.detach().to("cpu", torch.float32)  # (K, 2)
@@ -140,10 +128,9 @@ class Mixture(DataOption, abc.ABC):
         batch_size: points per batch, >= 1.
         std: standard deviation of every mode along each axis, > 0.
         num_eval_samples: generated points `evaluate` should be given, >= 1 (the caller draws them).
-        normalize: the model sees points divided by `scale` (the largest |coordinate| of a centre),
-            so both mixtures span [-1, 1] like image data and one recipe's learning rates and
-            penalty weights carry over; `evaluate` and `render` take the model's points and map them
-            back, so the metric and the plot are always in the mixture's own units.
+        normalize: the model sees points divided by `scale` (the largest |coordinate| of a centre), so both
+            mixtures span [-1, 1] like image data and one recipe's learning rates and penalty weights carry over;
+            `evaluate` and `render` map the model's points back: metric and plot are in the mixture's own units.
 
     Subclasses define the centres (`_make_centers`) and the plot margin (`_plot_margin`). A point's label is the
     index of the mode it was drawn from (`num_classes` = the number of modes).
@@ -200,10 +187,7 @@ class Mixture(DataOption, abc.ABC):
         return samples * self.scale
 
     def evaluate(self, samples: torch.Tensor) -> dict[str, float]:
-        """Mode-collapse metrics of generated `samples` (N, 2), see `mode_metrics`.
-
-        Returns `{"toy/modes": modes covered (0..K), "toy/hq": percent of high-quality samples (0..100)}`.
-        """
+        """`{"toy/modes": modes covered (0..K), "toy/hq": % high-quality}` of `samples` (N, 2), see `mode_metrics`."""
         modes, hq = mode_metrics(self.to_data_units(samples), self.centers, self.std)
         return {"toy/modes": float(modes), "toy/hq": hq}
 
@@ -219,13 +203,10 @@ class Mixture(DataOption, abc.ABC):
 
     def render(self, samples: torch.Tensor, size: int = 512) -> torch.Tensor:
         """Scatter plot of model `samples` (N, 2) over the mode centres as a (3, size, size) float image in [0, 1].
-
-        White background; light grey axes through 0; each centre is a pale red disc with a red edge of
-        radius 3 * std (the high-quality zone, at least 2 px); samples are 2x2 px blue dots drawn over the
-        discs, and the discs' 1 px red edges are drawn again over the samples.
-        The plotted range is fixed per mixture (`plot_box`): samples outside it are clamped to the
-        border, non-finite samples (NaN/inf) are skipped. +y points up.
-        """
+        White background; light grey axes through 0; each centre is a pale red disc with a red edge of radius 3 * std
+        (the high-quality zone, at least 2 px); samples are 2x2 px blue dots over the discs, whose 1 px edges are drawn
+        again on top. The range is fixed per mixture (`plot_box`): samples outside it are clamped to the border,
+        non-finite ones skipped. +y points up."""
         from PIL import Image, ImageDraw
 
         assert samples.dim() == 2 and samples.shape[1] == 2, f"expected (N, 2) samples, got {tuple(samples.shape)}"
@@ -272,11 +253,8 @@ class Mixture(DataOption, abc.ABC):
 
 
 class Ring(Mixture):
-    """`num_modes` Gaussians with centres (radius * cos a_k, radius * sin a_k), a_k = 2*pi*k/num_modes.
-
-    Defaults are the ring8 benchmark: 8 modes on the unit circle, std 0.01. The plot is padded by
-    0.5 * radius around the centres.
-    """
+    """`num_modes` Gaussians with centres (radius * cos a_k, radius * sin a_k), a_k = 2*pi*k/num_modes. Defaults are the
+    ring8 benchmark: 8 modes on the unit circle, std 0.01. The plot is padded by 0.5 * radius around the centres."""
 
     def __init__(
         self,
@@ -304,11 +282,9 @@ class Ring(Mixture):
 
 
 class Grid(Mixture):
-    """size x size Gaussians with centres spacing * (i - (size - 1) / 2) on each axis, i = 0..size-1.
-
-    Defaults are the grid25 benchmark: centres {-4, -2, 0, 2, 4}^2, std 0.05. Centre k is
-    (x_i, y_j) with k = i * size + j. The plot is padded by 0.5 * spacing around the centres.
-    """
+    """size x size Gaussians with centres spacing * (i - (size - 1) / 2) on each axis, i = 0..size-1. Defaults are the
+    grid25 benchmark: centres {-4, -2, 0, 2, 4}^2, std 0.05. Centre k is (x_i, y_j) with k = i * size + j. The plot is
+    padded by 0.5 * spacing around the centres."""
 
     def __init__(
         self,

@@ -39,11 +39,8 @@ _NATIVE_CHANNELS = {"mnist": 1, "fashion_mnist": 1, "cifar10": 3}
 
 
 def read_idx(path: str | os.PathLike, magic: int) -> torch.Tensor:
-    """An IDX file of unsigned bytes (MNIST's format), gzipped or not, as a uint8 tensor; read-only.
-
-    Header: big-endian int32 `magic` (2049 labels, 2051 images), then one int32 per dimension.
-    A wrong magic or a size that does not match the header is a `DataError` naming the file.
-    """
+    """An IDX file of unsigned bytes (MNIST's format), gzipped or not, as a uint8 tensor; read-only. Header: big-endian
+    int32 `magic` (2049 labels, 2051 images), one int32 per dimension; else a `DataError`."""
     path = str(path)
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
@@ -65,11 +62,8 @@ def read_idx(path: str | os.PathLike, magic: int) -> torch.Tensor:
 
 
 def idx_files(root: str | os.PathLike, folder: str, split: str) -> tuple[Path, Path] | None:
-    """(images, labels) IDX files of `split` ("train" or "t10k"), or None if no folder holds both.
-
-    Looks in torchvision's `<root>/<folder>/raw` first, then in `<root>/raw`; in each, an unpacked
-    file is preferred over its `.gz` archive.
-    """
+    """(images, labels) IDX files of `split` ("train" or "t10k"), or None if no folder holds both. Looks in
+    torchvision's `<root>/<folder>/raw`, then `<root>/raw`; an unpacked file wins over its `.gz`."""
     for raw in (Path(root, folder, "raw"), Path(root, "raw")):
         found = []
         for kind in ("images-idx3", "labels-idx1"):
@@ -102,18 +96,15 @@ class TorchvisionImages(ImageData):
 
     Args:
         name: "mnist", "fashion_mnist" or "cifar10".
-        root: folder holding (or receiving) torchvision's files; relative paths are resolved
-            against the directory the run was launched from.
+        root: folder holding (or receiving) torchvision's files, relative to the launch directory.
         split: "train" or "test".
-        download: let torchvision fetch missing files. Any failure to find or fetch them is
-            raised from `dataset()` as one `DataError` that points to offline alternatives.
+        download: let torchvision fetch missing files; failing to find or fetch them raises one `DataError` from
+            `dataset()`, pointing to offline alternatives.
         **common: `ImageData` arguments (batch_size, channels, resolution, ...).
 
-    For MNIST/Fashion-MNIST only the requested split's IDX files are needed, gzipped or not, in
-    `<root>/MNIST/raw` (`FashionMNIST`) as torchvision lays them out or directly in `<root>/raw`;
-    they are read in place (`read_idx`) and nothing is written next to them. Only when neither
-    folder holds them does torchvision download (into `<root>/MNIST/raw`). At the native 28 px
-    nothing is resized: pixel byte k becomes k / 127.5 - 1 (to float rounding).
+    MNIST/Fashion-MNIST need only the split's IDX files (`idx_files`), read in place (nothing written next to them);
+    only when no folder holds them does torchvision download (into `<root>/MNIST/raw`). At 28 px nothing is resized:
+    pixel byte k becomes k / 127.5 - 1 (to float rounding).
     """
 
     NAMES = tuple(sorted(_CLASSES))

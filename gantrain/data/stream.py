@@ -20,9 +20,7 @@ _PROGRESS_MIN_ITEMS = 5_000
 
 class TensorImages(Dataset):
     """Images already in memory: item i is `images[i]`, a (C, R, R) tensor; `labels`: their (N,) int64 classes or None.
-
-    `BatchStream` and `ImageData.heldout` use the tensor as it is, without a loading pass.
-    """
+    `BatchStream` and `ImageData.heldout` use the tensor as it is, without a loading pass."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None):
         assert images.dim() == 4, f"expected (N, C, R, R) images, got shape {tuple(images.shape)}"
@@ -42,11 +40,8 @@ def _loader_generator(seed: int) -> torch.Generator:
 
 
 def _batches(loader_iter):
-    """``loader_iter``'s batches; a DataError a worker process raised keeps its own one-line message.
-
-    PyTorch re-raises a worker's exception with the worker's whole traceback as its message, whose
-    last line is ``module.DataError: <the message>``.
-    """
+    """``loader_iter``'s batches; a worker's DataError keeps its one-line message (PyTorch re-raises it with the
+    worker's traceback as message, whose last line is ``module.DataError: <the message>``)."""
     while True:
         try:
             batch = next(loader_iter)
@@ -112,11 +107,8 @@ class _Order:
 
 
 class _BatchIndices:
-    """Endless batch sampler for a DataLoader: index lists from (epoch, batch) onwards.
-
-    Holds the `_Order`, not the stream: a stream <-> iterator reference cycle would leave
-    worker processes to the garbage collector, whose DataLoader shutdown can stall seconds.
-    """
+    """Endless batch sampler for a DataLoader: index lists from (epoch, batch) onwards. Holds the `_Order`, not the
+    stream: a reference cycle would leave workers to the GC (shutdown stalls seconds)."""
 
     def __init__(self, order: _Order, epoch: int, batch: int):
         self.order, self.epoch, self.batch = order, epoch, batch
@@ -140,16 +132,11 @@ class BatchStream:
     `batch_size` images, the ranks' batches are disjoint, and together they cover every image at
     most once per epoch. With world_size=1 a batch is simply `perm[b * batch_size:(b + 1) * batch_size]`.
 
-    The stream never draws from the global torch/numpy/python RNGs, so it cannot perturb a
-    bit-exact resume of the training loop.
+    The stream never draws from the global RNGs, so it cannot perturb a bit-exact resume of the training loop.
 
-    With `binarize=True` (data.binarize=dynamic) every batch is binarized afresh (see `binarize`)
-    after it reaches `device`, with uniforms from a generator on that device seeded with
-    `derive_seed("binarize/dynamic", seed, epoch, batch, rank)`: a pure function of the batch's
-    position, so a resumed stream yields bit-identical batches and the in-memory and streaming
-    paths agree. The noise is drawn on the batch's device (Philox on CUDA, no host work or copy
-    per step), so a CPU and a CUDA run binarize differently; a run and its resume on the same
-    kind of device do not.
+    `binarize=True` (data.binarize=dynamic) binarizes every batch afresh on `device` with uniforms from a generator
+    there seeded with `derive_seed("binarize/dynamic", seed, epoch, batch, rank)`: resumed streams and both paths
+    agree bit for bit. Philox on CUDA (no host work per step) differs from the CPU's: only same-kind devices agree.
 
     Args:
         dataset: items are (C, R, R) float tensors.
@@ -157,8 +144,7 @@ class BatchStream:
         seed: base seed of the order.
         device: where batches are returned.
         num_workers: DataLoader workers (decoding when streaming; the one-off load when in memory).
-        in_memory: stack the whole dataset on `device` once as `images` and index it (fast path),
-            or stream batches through a DataLoader.
+        in_memory: stack the dataset on `device` once as `images` and index it, else stream through a DataLoader.
         rank, world_size: this process's place in a data-parallel group.
         binarize: binarize every batch stochastically, afresh each time (images must be in [-1, 1]).
         labels: (N,) int64 class of each item, or None: gathered with the very indices of each batch's images (either

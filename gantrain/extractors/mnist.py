@@ -1,11 +1,9 @@
 """A small MNIST digit classifier whose penultimate layer is a feature space for FID/KID/precision-recall.
 
-The standard Inception features know ImageNet, not handwritten digits, and need a weights download;
-this network is trained offline in a few CPU minutes by ``scripts/mnist_classifier.py`` on the MNIST
-test images in ``../shared/data/mnist-t10k`` and selected with
-``metrics.extractor._target_=gantrain.extractors.mnist.MnistFeatures metrics.extractor.weights_path=PATH``.
-FIDs in its features ("classifier FID") compare runs scored with the same weights file only: they are
-not on the scale of published Inception FIDs.
+Inception features know ImageNet, not digits, and need a download; this network is trained offline in a few CPU
+minutes by ``scripts/mnist_classifier.py`` (on ``../shared/data/mnist-t10k``) and selected with
+``metrics.extractor._target_=gantrain.extractors.mnist.MnistFeatures metrics.extractor.weights_path=PATH``. Its
+"classifier FIDs" compare only runs scored with the same weights file, not published Inception FIDs.
 """
 
 from __future__ import annotations
@@ -77,12 +75,10 @@ def load_classifier(weights_path: str) -> MnistClassifier:
 
 
 class MnistFeatures(nn.Module):
-    """Images in [-1, 1] ``(N, 1|3, H, W)``, any side (28, 32, 64 px...) -> the classifier's penultimate
-    features ``(N, 128)``; frozen and always in eval mode.
+    """Images in [-1, 1] ``(N, 1|3, H, W)``, any side -> penultimate features ``(N, 128)``; frozen, in eval mode.
 
     Args:
-        weights_path: a file written by ``scripts/mnist_classifier.py``; relative paths are resolved
-            against the directory the command was launched from.
+        weights_path: written by ``scripts/mnist_classifier.py``; relative to the launch directory.
     """
 
     def __init__(self, weights_path: str = DEFAULT_WEIGHTS):

@@ -1,8 +1,7 @@
 """The evaluators of a run, in one place: what ``trainer.eval_every_n_steps`` computes (a new evaluator goes here).
 
-The build (:mod:`gantrain.build`) reads the config and hands over typed parts; :func:`evaluators` wires what the
-model and the data declare: the data's own metric (``data.metric_tags``: the 2-D mixtures' modes), ``metrics=``'s
-FID/KID/PR on samples and a VAE's held-out ELBO (``model.encodes`` and ``data.holdout``).
+The build hands over typed parts; :func:`evaluators` wires what the model and the data declare (``data.metric_tags``,
+``model.encodes`` and ``data.holdout``).
 """
 
 from __future__ import annotations
@@ -22,10 +21,10 @@ LOADING_KEYS = ("batch_size", "num_workers", "in_memory", "download", "skip_corr
 def evaluators(
     model, data, device: torch.device, seed: int, metrics, data_key: dict, loss: Mapping
 ) -> tuple[list[Callable[[], dict[str, float]]], list[str]]:
-    """(the evaluators of this run, the names they report): the data's own metric, ``metrics``' FID/KID/PR on
-    samples (None: no ``metrics=``; the reference features are computed, or read from the cache, now: before
-    training; ``data_key``: their cache key) and a VAE's held-out ELBO (``loss``: the run's resolved loss settings,
-    which name its likelihood). Each draws its own fixed noise: none touches the training RNG."""
+    """(the evaluators of this run, the names they report): the data's own metric (the 2-D mixtures' modes),
+    ``metrics``' FID/KID/PR on samples (None: no ``metrics=``; reference features are computed or read from the cache
+    now, before training, under ``data_key``) and a VAE's held-out ELBO (``loss``: the resolved loss settings, which
+    name its likelihood). Each draws its own fixed noise: none touches the training RNG."""
     evaluators: list[Callable[[], dict[str, Any]]] = []
     tags: list[str] = []
     if data.metric_tags:  # 2-D mixtures: modes covered, % high-quality samples

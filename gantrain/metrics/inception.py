@@ -1,10 +1,8 @@
-"""The standard FID feature extractor: torch-fidelity's port of the TensorFlow Inception v3 (the weights
-file of the original FID code, ``weights-inception-2015-12-05-6726825d.pth``, and its bilinear resize
-to 299 x 299), so that FIDs compare with published numbers computed the same way.
+"""The standard FID feature extractor: torch-fidelity's port of the TensorFlow Inception v3 (the original FID code's
+weights and bilinear resize to 299 x 299), so that FIDs compare with published numbers computed the same way.
 
-Weights come from the torch hub cache (``~/.cache/torch/hub/checkpoints/``, filled by the first use
-online) or from an explicit ``weights_path``; offline without either, building it fails with one
-line naming both.
+Weights come from the torch hub cache (``~/.cache/torch/hub/checkpoints/``, filled by the first use online) or from an
+explicit ``weights_path``; offline without either, building it fails with one line naming both.
 """
 
 from __future__ import annotations
@@ -30,8 +28,7 @@ def cached_weights() -> Path:
 class InceptionFeatures(nn.Module):
     """Images in [-1, 1] ``(B, 1|3, H, W)`` -> the 2048 pool features of the FID Inception v3.
 
-    Images are quantised to uint8 as a PNG of them would be (grey ones repeated to RGB); the network
-    resizes them to 299 px itself. Frozen, always in eval mode.
+    Quantised to uint8 as in a PNG (grey repeated to RGB), resized to 299 px by the network; frozen, in eval mode.
 
     Args:
         weights_path: the weights file (``weights-inception-2015-12-05-6726825d.pth``); null: torch's hub

@@ -1,10 +1,8 @@
 """In-loop evaluation: every ``trainer.eval_every_n_steps`` (and at the end of the run) the evaluators run
 with the EMA weights swapped in; ``trainer.monitor`` among their results keeps ``checkpoints/best.ckpt``.
 
-The best value, its step and the direction (``trainer.monitor_mode``) are the evaluation's own state (saved in
-every checkpoint as ``best``), so a resumed run keeps them; a resumed run does not evaluate again at the step it
-resumed from. Each evaluation's values reach the logging as the ``on_evaluation`` event. best.ckpt is written
-atomically and, like last.ckpt, never from weights with a NaN/inf (:meth:`gantrain.checkpoint.Checkpointing.write`).
+The best value, its step and ``trainer.monitor_mode`` are saved in every checkpoint as ``best`` (see
+:class:`Evaluation`). best.ckpt is written like last.ckpt (:meth:`gantrain.checkpoint.Checkpointing.write`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """Features of images and the scores between two feature sets, computed by torch-fidelity.
 
-torch-fidelity is the library behind the numbers: its FID is the TTUR reference computation
-(``fid_features_to_statistics``/``fid_statistics_to_metric``), its KID the unbiased polynomial-kernel
-MMD over random subsets of Binkowski et al. 2018, its precision/recall the k-nearest-neighbour
-manifolds of Kynkäänniemi et al. 2019. Nothing here re-derives them: this module only feeds them
-feature matrices (in float64, so two runs on the same features agree to rounding).
+torch-fidelity computes them: FID the TTUR reference way (``fid_features_to_statistics``/``fid_statistics_to_metric``),
+KID as the unbiased polynomial-kernel MMD over random subsets (Binkowski et al. 2018), precision/recall from
+k-nearest-neighbour manifolds (Kynkäänniemi et al. 2019). This module only feeds it feature matrices (in float64,
+so two runs on the same features agree to rounding).
 """
 
 from __future__ import annotations
@@ -20,12 +19,10 @@ WHICH = ("fid", "kid", "pr")  # what scores() can compute; "pr" is precision and
 def features(
     extractor: nn.Module, images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 100
 ) -> torch.Tensor:
-    """``extractor``'s features of every image, ``(N, D)`` float32 on the CPU (each output flattened).
-
-    ``images``: one ``(N, C, H, W)`` tensor (split into ``batch_size`` batches) or an iterable of
-    batches, in the data's range [-1, 1]; each batch moves to the extractor's device. The extractor
-    runs in eval mode without gradients; its previous mode is restored.
-    """
+    """``extractor``'s features of every image, ``(N, D)`` float32 on the CPU (each output flattened). ``images``: one
+    ``(N, C, H, W)`` tensor (split into ``batch_size`` batches) or an iterable of batches, in the data's range [-1, 1];
+    each batch moves to the extractor's device. The extractor runs in eval mode without gradients; its previous mode is
+    restored."""
     if isinstance(images, torch.Tensor):
         images = images.split(batch_size)
     device = next((p.device for p in extractor.parameters()), torch.device("cpu"))
@@ -53,11 +50,9 @@ def scores(
     pr_neighbourhood: int = 3,
     seed: int = 0,
 ) -> dict[str, float]:
-    """``{"fid", "kid", "precision", "recall"}`` (those asked for in ``which``) between two ``(N, D)`` feature sets.
-
-    KID is the mean over ``kid_subsets`` subsets of ``min(kid_subset_size, N_real, N_fake)`` features
-    each, drawn with ``seed``; precision/recall use the ``pr_neighbourhood``-th nearest neighbour.
-    """
+    """``{"fid", "kid", "precision", "recall"}`` (those asked for in ``which``) between two ``(N, D)`` feature sets. KID
+    is the mean over ``kid_subsets`` subsets of ``min(kid_subset_size, N_real, N_fake)`` features each, drawn with
+    ``seed``; precision/recall use the ``pr_neighbourhood``-th nearest neighbour."""
     from torch_fidelity import metric_fid, metric_kid, metric_prc  # imports torchvision: ~2 s, only when scoring
 
     unknown = [w for w in which if w not in WHICH]

@@ -1,8 +1,7 @@
 """The ``metrics`` config group: which scores, how many samples, against which images, in which features.
 
-Reference features (of the training data, or of ``reference``, a folder) are computed once and cached
-in ``cache_dir`` under a key made of the images (the data config, or the folder's file list) and the
-extractor (its class and a hash of its weights), so they are recomputed when either changes.
+Reference features (of the training data or the ``reference`` folder) are cached in ``cache_dir`` under a key of
+the images (data config or file list) and the extractor (class, weights hash): recomputed when either changes.
 """
 
 from __future__ import annotations
@@ -45,15 +44,13 @@ class Metrics:
     """FID, KID and precision/recall of a generator's samples against reference images.
 
     Args:
-        which: any of fid, kid, pr (precision and recall), logged as ``metrics/fid``, ``metrics/kid``,
-            ``metrics/precision``, ``metrics/recall``.
-        num_samples: generated images scored at each evaluation (published FIDs use 50,000; fewer
-            give a higher, noisier FID, comparable only at the same number).
+        which: any of fid, kid, pr (precision/recall), logged as ``metrics/fid``, ``/kid``, ``/precision``, ``/recall``.
+        num_samples: generated images scored at each evaluation (published FIDs use 50,000; fewer give a higher,
+            noisier FID, comparable only at the same number).
         num_reference: reference images (a fixed random subset when there are more).
         reference: a folder of images (searched recursively) to compare with; null: the training data.
-        extractor: the feature network, images in [-1, 1] -> (B, D); null: the FID Inception
-            (:class:`~gantrain.metrics.inception.InceptionFeatures`). Any ``nn.Module`` (``_target_``), e.g. a
-            domain classifier: the same scores in its features.
+        extractor: the feature network, images in [-1, 1] -> (B, D), any ``nn.Module`` (``_target_``), e.g. a
+            domain classifier; null: the FID Inception (:class:`~gantrain.metrics.inception.InceptionFeatures`).
         batch_size: images per forward pass of the generator and the extractor.
         kid_subset_size, kid_subsets: KID's subsets (capped at the number of samples).
         pr_neighbourhood: the k of precision/recall's k-nearest-neighbour balls.

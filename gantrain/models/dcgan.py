@@ -1,10 +1,9 @@
 """DCGAN (Radford et al. 2016): transposed-conv generator and strided-conv discriminator.
 
-At 32 px the generator goes 1 -> 4 -> 8 -> 16 -> 32 with widths 4*ngf, 2*ngf, ngf (256, 128, 64);
-each extra doubling of the resolution adds one layer in front (64 px: 512, 256, 128, 64).
-The discriminator mirrors it. Kernel 4, stride 2, padding 1 throughout. The discriminator's last
-layer is a :class:`~gantrain.models.layers.DiscriminatorHead` on the flattened ``(4ndf, 4, 4)`` map
-(a Linear on the 4x4 map computes the same functions as the paper's final 4x4 conv).
+At 32 px the generator goes 1 -> 4 -> 8 -> 16 -> 32 with widths 4*ngf, 2*ngf, ngf (256, 128, 64); each extra doubling of
+the resolution adds one layer in front (64 px: 512, 256, 128, 64). The discriminator mirrors it. Kernel 4, stride 2,
+padding 1 throughout. The discriminator's last layer is a :class:`~gantrain.models.layers.DiscriminatorHead` on the
+flattened ``(4ndf, 4, 4)`` map (a Linear on the 4x4 map computes the same functions as the paper's final 4x4 conv).
 """
 
 from __future__ import annotations
@@ -29,10 +28,8 @@ def _n_doublings(resolution: int) -> int:
 
 
 class Generator(nn.Module):
-    """DCGAN generator: ``(B, nz, 1, 1)`` noise -> ``(B, channels, R, R)`` images in [-1, 1] (Tanh).
-
-    ``dropout`` > 0 adds ``Dropout2d(dropout)`` after every hidden ReLU (active in train mode only).
-    """
+    """DCGAN generator: ``(B, nz, 1, 1)`` noise -> ``(B, channels, R, R)`` images in [-1, 1] (Tanh). ``dropout`` > 0
+    adds ``Dropout2d(dropout)`` after every hidden ReLU (active in train mode only)."""
 
     def __init__(
         self,
@@ -73,14 +70,10 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """DCGAN discriminator: ``(B, channels, R, R)`` -> ``(B,)`` logits (no sigmoid: losses take logits).
-
-    ``norm`` picks the hidden-layer normalisation; WGAN-GP critics must not use ``batch`` (the
-    penalty is per sample, BatchNorm mixes samples). The first layer has no norm, as in the paper.
-    ``features(x)`` returns the last hidden activation ``(B, 4ndf, 4, 4)`` for feature-matching losses;
-    ``forward(x) == head(features(x))``. ``spectral_norm`` wraps every conv/linear weight (Miyato et al.
-    2018); ``minibatch_std`` / ``minibatch_kernels`` switch on the head's minibatch statistics.
-    """
+    """DCGAN discriminator: ``(B, channels, R, R)`` -> ``(B,)`` logits (no sigmoid: losses take logits). ``norm``: the
+    hidden layers' (not the first's, as in the paper); WGAN-GP critics must not use ``batch`` (the penalty is per
+    sample). ``features(x)``: the last hidden activation ``(B, 4ndf, 4, 4)``; ``forward(x) == head(features(x))``.
+    ``spectral_norm`` wraps every conv/linear weight; ``minibatch_*``: the head's statistics."""
 
     def __init__(
         self,
@@ -102,11 +95,7 @@ class Discriminator(nn.Module):
         bias = norm == "none"
         layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, True)]
         for c_in, c_out in zip(widths, widths[1:]):
-            layers += [
-                nn.Conv2d(c_in, c_out, 4, 2, 1, bias=bias),
-                norm_layer(norm, c_out),
-                nn.LeakyReLU(0.2, True),
-            ]
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=bias), norm_layer(norm, c_out), nn.LeakyReLU(0.2, True)]
         self.body = nn.Sequential(*layers)  # (B, 4ndf, 4, 4)
         self.head = DiscriminatorHead((widths[-1], 4, 4), minibatch_std, minibatch_kernels, minibatch_kernel_dim)
         self.channels, self.resolution = channels, resolution

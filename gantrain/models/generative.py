@@ -21,20 +21,19 @@ class GenerativeModel(nn.Module):
     """A generator ``g`` and a discriminator/critic ``d`` that agree on one sample shape.
 
     Args:
-        g: maps noise ``(B, *g.latent_shape)`` to images ``(B, channels, resolution, resolution)``
-            (or to vectors ``(B, dim)`` for the MLP models).
-        d: maps samples to one logit/score per sample ``(B,)``; None for a VAE trained alone (its
-            encoder and decoder are ``g``, a :class:`gantrain.models.vae.VAE`).
-        resolution, channels: the image shape both networks were built for (checked here, so a
-            mismatched override fails at construction, not as a shape error mid-step). ``None`` (the
-            MLP models, which have no image shape) skips the check of that value.
+        g: maps noise ``(B, *g.latent_shape)`` to images ``(B, channels, resolution, resolution)`` (MLP models:
+            vectors ``(B, dim)``).
+        d: one logit/score per sample ``(B,)``; None for a VAE trained alone (``g``, a
+            :class:`gantrain.models.vae.VAE`).
+        resolution, channels: the image shape both networks were built for, checked here so that a mismatched
+            override fails at construction, not mid-step.
         init: weight init applied to both networks, see :data:`gantrain.models.INIT_SCHEMES`.
-        dim: the vector size of non-image samples (MLP models), checked against ``g.dim`` and
-            ``d.dim`` the same way; ``None`` skips the check.
-        latent_dim: the VAE's latent size, checked against ``g.latent_shape``; ``None`` skips the check.
+        dim: the vector size of non-image samples (MLP models), checked against ``g.dim`` and ``d.dim``.
+        latent_dim: the VAE's latent size, checked against ``g.latent_shape``.
 
-    Attributes: ``g``, ``d`` (None without one), ``resolution``, ``channels``, ``dim`` as given, and ``encodes``:
-    ``g`` is a :class:`~gantrain.models.vae.VAE` (it encodes images, so held-out images have an ELBO).
+    ``None`` for ``resolution``, ``channels``, ``dim`` or ``latent_dim`` skips that check.
+
+    ``encodes``: ``g`` is a :class:`~gantrain.models.vae.VAE` (held-out images have an ELBO).
     """
 
     def __init__(

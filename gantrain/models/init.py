@@ -22,12 +22,9 @@ def _raw_weight(m: nn.Module) -> torch.Tensor:
 
 
 def _refresh_spectral_norm(m: nn.Module) -> None:
-    """Re-run the power iteration of a spectral-norm parametrization for the re-initialised weight.
-
-    Its singular-vector estimates ``u``, ``v`` were converged (15 iterations) for the weight it was
-    registered on; left stale, the first training steps would divide by a too-small sigma.
-    Torch does the same 15 iterations at registration.
-    """
+    """Re-run the power iteration of a spectral-norm parametrization for the re-initialised weight. ``u``, ``v`` were
+    converged (15 iterations, as torch does at registration) for the old weight; left stale, the first training steps
+    would divide by a too-small sigma."""
     if not parametrize.is_parametrized(m, "weight"):
         return
     original = m.parametrizations.weight.original
@@ -38,16 +35,12 @@ def _refresh_spectral_norm(m: nn.Module) -> None:
 
 @torch.no_grad()
 def initialize(module: nn.Module, scheme: str) -> nn.Module:
-    """Re-initialise every conv/linear weight of ``module`` in place; biases to 0.
-
-    ``normal_0.02`` is Radford et al.'s DCGAN init (weights N(0, 0.02), norm gains N(1, 0.02));
-    the others use torch's ``xavier_normal_``, ``kaiming_normal_`` (LeakyReLU 0.2) and
-    ``orthogonal_`` with norm gains at 1; ``torch`` leaves PyTorch's per-layer defaults.
-    A spectrally normalised weight has its unnormalised
-    ``parametrizations.weight.original`` initialised (and its power iteration re-run).
-    Parameters of other layers (e.g. :class:`~gantrain.models.layers.MinibatchDiscrimination`'s ``T``)
-    keep their own init.
-    """
+    """Re-initialise every conv/linear weight of ``module`` in place; biases to 0. ``normal_0.02`` is Radford et al.'s
+    DCGAN init (weights N(0, 0.02), norm gains N(1, 0.02)); the others use torch's ``xavier_normal_``,
+    ``kaiming_normal_`` (LeakyReLU 0.2) and ``orthogonal_`` with norm gains at 1; ``torch`` leaves PyTorch's per-layer
+    defaults. A spectrally normalised weight has its unnormalised ``parametrizations.weight.original`` initialised (and
+    its power iteration re-run). Parameters of other layers (e.g.
+    :class:`~gantrain.models.layers.MinibatchDiscrimination`'s ``T``) keep their own init."""
     checks.choice("init", scheme, INIT_SCHEMES)  # the argument of the GAN that calls this
     if scheme == "torch":  # keep every layer's own PyTorch default init (the usual choice for VAEs)
         return module

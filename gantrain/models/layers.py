@@ -1,8 +1,7 @@
 """Building blocks shared by the model families: norms, discriminator heads, spectral norm.
 
-Every discriminator ends in a :class:`DiscriminatorHead` (optional minibatch statistics, then one
-linear unit) and can wrap all of its conv/linear weights with spectral norm via
-:func:`apply_spectral_norm`.
+Every discriminator ends in a :class:`DiscriminatorHead` (optional minibatch statistics, then one linear unit) and can
+wrap all of its conv/linear weights with spectral norm via :func:`apply_spectral_norm`.
 """
 
 from __future__ import annotations
@@ -23,12 +22,9 @@ SPECTRAL_NORM_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
 
 def norm_layer(norm: str, channels: int, dims: int = 2) -> nn.Module:
-    """Normalisation over ``channels`` feature maps (``dims=2``) or features (``dims=1``).
-
-    ``batch``: BatchNorm2d / BatchNorm1d. ``layer``: GroupNorm(1, C) over (C, H, W), the LayerNorm that
-    WGAN-GP recommends for critics / LayerNorm over the features. ``instance``: InstanceNorm2d with
-    affine gains (2-D only). ``none``: Identity. Anything else raises a :class:`ConfigError` naming ``norm``.
-    """
+    """Normalisation over ``channels`` feature maps (``dims=2``) or features (``dims=1``). ``batch``: BatchNorm2d / 1d.
+    ``layer``: GroupNorm(1, C) over (C, H, W), the LayerNorm WGAN-GP recommends for critics / LayerNorm. ``instance``:
+    InstanceNorm2d with affine gains (2-D only). ``none``: Identity."""
     if dims not in (1, 2):
         raise ValueError(f"dims must be 1 or 2, got {dims}")
     checks.choice("norm", norm, NORMS if dims == 2 else NORMS_1D)
@@ -51,14 +47,10 @@ def _group_size(batch: int, wanted: int) -> int:
 
 
 class MinibatchStdDev(nn.Module):
-    """Minibatch standard deviation (Karras et al. 2018, ProGAN, section 3).
-
-    The batch is cut into consecutive groups of ``G`` samples (samples ``0..G-1`` form the first
-    group), ``G`` being the largest divisor of the batch size that is <= ``group_size``. Per group,
-    the (biased) standard deviation of every feature over the group's samples is averaged over all
-    features into one number, which is appended to each of the group's samples as one extra
-    constant feature map ``(B, C, H, W) -> (B, C+1, H, W)`` or one extra feature ``(B, F) -> (B, F+1)``.
-    """
+    """Minibatch standard deviation (Karras et al. 2018, ProGAN, section 3). The batch is cut into consecutive groups of
+    ``G`` samples, ``G`` the largest divisor of the batch size <= ``group_size``. Per group, the (biased) standard
+    deviation of every feature over the group, averaged over the features, is appended to each of its samples as one
+    constant feature map ``(B, C, H, W) -> (B, C+1, H, W)`` or one feature ``(B, F) -> (B, F+1)``."""
 
     def __init__(self, group_size: int):
         super().__init__()
@@ -89,10 +81,9 @@ class MinibatchDiscrimination(nn.Module):
     ``b``, ``c_b(i, j) = exp(-||M_i,b - M_j,b||_1)`` and ``o(x_i)_b = sum_{j != i} c_b(i, j)``.
     Returns ``cat([x, o], 1)``: ``(B, in_features) -> (B, in_features + kernels)``.
 
-    ``T`` is drawn from N(0, s) with ``s = 1 / (kernel_dim * sqrt(in_features))``: for inputs of unit
-    scale the L1 distances then start near 1, where ``exp(-d)`` still has a gradient (a fixed 0.1
-    would give distances in the tens for wide inputs and ``c`` of ~0). :func:`gantrain.models.initialize`
-    leaves ``T`` alone and spectral norm does not wrap it.
+    ``T`` ~ N(0, s), ``s = 1 / (kernel_dim * sqrt(in_features))``: for unit-scale inputs the L1 distances start
+    near 1, where ``exp(-d)`` has a gradient (a fixed 0.1 gives ``c`` ~ 0 for wide inputs). Neither
+    :func:`gantrain.models.initialize` nor spectral norm touches ``T``.
     """
 
     def __init__(self, in_features: int, kernels: int, kernel_dim: int = 16):
@@ -120,12 +111,9 @@ class MinibatchDiscrimination(nn.Module):
 
 
 class DiscriminatorHead(nn.Module):
-    """The last layers of every discriminator: ``h (B, *in_shape) -> (B,)`` logits.
-
-    Order: :class:`MinibatchStdDev` (if ``minibatch_std`` > 0, its group size), flatten,
-    :class:`MinibatchDiscrimination` (if ``minibatch_kernels`` > 0, ``kernel_dim`` values each), ``Linear(., 1)``.
-    Attributes ``mbstd``, ``mbdisc`` (``None`` when off) and ``linear``.
-    """
+    """The last layers of every discriminator: ``h (B, *in_shape) -> (B,)`` logits. :class:`MinibatchStdDev` (if
+    ``minibatch_std`` > 0, its group size) as ``mbstd``, flatten, :class:`MinibatchDiscrimination` (if
+    ``minibatch_kernels`` > 0) as ``mbdisc`` (None when off), ``linear``."""
 
     def __init__(
         self, in_shape: tuple[int, ...], minibatch_std: int = 0, minibatch_kernels: int = 0, kernel_dim: int = 16
@@ -157,11 +145,9 @@ class DiscriminatorHead(nn.Module):
 
 # ----------------------------------------------------------------------------- spectral norm
 def apply_spectral_norm(module: nn.Module) -> list[nn.Module]:
-    """Spectrally normalise (Miyato et al. 2018) the ``weight`` of every Conv2d, ConvTranspose2d and
-    Linear inside ``module`` with torch's parametrization API; returns the modules it wrapped.
-
-    Modules already parametrized on ``weight`` are skipped, so calling it twice wraps nothing new.
-    The wrapped weight's trainable tensor is ``m.parametrizations.weight.original``.
+    """Spectrally normalise (Miyato et al. 2018) the ``weight`` of every Conv2d, ConvTranspose2d and Linear in
+    ``module`` (torch's parametrization API, trainable tensor ``m.parametrizations.weight.original``); returns the
+    modules it wrapped. Modules already parametrized on ``weight`` are skipped (calling it twice wraps nothing new).
     """
     targets = [
         m

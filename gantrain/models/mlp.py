@@ -14,20 +14,11 @@ from gantrain.models.layers import NORMS_1D, DiscriminatorHead, apply_spectral_n
 
 
 class Generator(nn.Module):
-    """``(B, nz)`` noise -> ``(B, out_dim)`` samples.
-
-    ``depth`` x (Linear, [norm], ReLU[, Dropout(dropout) if > 0]), then Linear; no output activation.
-    ``norm``: batch | layer | none on every hidden layer (PacGAN's toy generator uses BatchNorm).
-    """
+    """``(B, nz)`` noise -> ``(B, out_dim)`` samples. ``depth`` x (Linear, [norm], ReLU[, Dropout]), then Linear.
+    ``norm``: batch | layer | none (PacGAN's: batch)."""
 
     def __init__(
-        self,
-        nz: int = 2,
-        width: int = 256,
-        depth: int = 3,
-        out_dim: int = 2,
-        dropout: float = 0.0,
-        norm: str = "none",
+        self, nz: int = 2, width: int = 256, depth: int = 3, out_dim: int = 2, dropout: float = 0.0, norm: str = "none"
     ):
         super().__init__()
         for key, value in (("nz", nz), ("width", width), ("depth", depth), ("out_dim", out_dim)):
@@ -54,13 +45,9 @@ class Generator(nn.Module):
 
 class Discriminator(nn.Module):
     """``(B, in_dim)`` -> ``(B,)`` logits: body of ``depth`` x (Linear, [norm], LeakyReLU(0.2)), then the head.
-
-    ``features(x)`` is the body's last activation ``(B, width)``; ``forward(x) == head(features(x))``.
-    ``norm``: batch | layer | none on every hidden layer (a bias before a norm is dropped).
-    ``pack``: PacGAN (Lin et al. 2018): D judges ``pack`` samples at once, concatenated, so the
-    outputs are ``(B / pack,)``; the batch size must be a multiple of ``pack``. Every loss and
-    penalty works unchanged on the packed outputs (they average over them).
-    """
+    ``features(x)``: the body's last activation ``(B, width)``; ``forward(x) == head(features(x))``. ``norm``: batch |
+    layer | none (a bias before a norm is dropped). ``pack``: PacGAN (Lin et al. 2018): D judges ``pack`` concatenated
+    samples at once, outputs ``(B / pack,)`` (B a multiple of ``pack``); losses work unchanged."""
 
     def __init__(
         self,

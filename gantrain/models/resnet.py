@@ -47,12 +47,10 @@ class GBlock(nn.Module):
 
 
 class DBlock(nn.Module):
-    """Residual block ``[norm], ReLU, conv3x3, [norm], ReLU, conv3x3, [avgpool]``.
-
-    ``optimized``: the first block of D, which sees raw images: ``conv3x3, [norm], ReLU, conv3x3, avgpool``
-    with shortcut ``avgpool, conv1x1``. Otherwise the shortcut is ``conv1x1, avgpool`` when the block
-    downsamples or changes width, and the identity when it does neither.
-    """
+    """Residual block ``[norm], ReLU, conv3x3, [norm], ReLU, conv3x3, [avgpool]``. ``optimized``: the first block of D,
+    which sees raw images: ``conv3x3, [norm], ReLU, conv3x3, avgpool`` with shortcut ``avgpool, conv1x1``. Otherwise the
+    shortcut is ``conv1x1, avgpool`` when the block downsamples or changes width, and the identity when it does
+    neither."""
 
     def __init__(self, c_in: int, c_out: int, norm: str = "none", down: bool = True, optimized: bool = False):
         super().__init__()
@@ -82,11 +80,8 @@ class DBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    """SNGAN ResNet generator: ``(B, nz)`` noise -> ``(B, channels, R, R)`` images in [-1, 1] (Tanh).
-
-    ``dropout`` > 0 adds ``Dropout2d(dropout)`` after every hidden ReLU (both ReLUs of each block and
-    the final one), active in train mode only.
-    """
+    """SNGAN ResNet generator: ``(B, nz)`` noise -> ``(B, channels, R, R)`` images in [-1, 1] (Tanh). ``dropout`` > 0
+    adds ``Dropout2d(dropout)`` after every hidden ReLU (blocks and final), in train mode only."""
 
     def __init__(self, nz: int = 128, ngf: int = 128, channels: int = 3, resolution: int = 32, dropout: float = 0.0):
         super().__init__()
@@ -113,12 +108,10 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """SNGAN ResNet discriminator: ``(B, channels, R, R)`` -> ``(B,)`` logits.
-
-    ``features(x)`` is the globally sum-pooled last activation ``(B, ndf)``; ``forward(x) == head(features(x))``.
-    ``norm`` (default none, as in SNGAN) goes before every ReLU inside the blocks; WGAN-GP critics must
-    not use ``batch``. ``spectral_norm`` wraps every conv/linear weight, head included.
-    """
+    """SNGAN ResNet discriminator: ``(B, channels, R, R)`` -> ``(B,)`` logits. ``features(x)``: the sum-pooled last
+    activation ``(B, ndf)``; ``forward(x) == head(features(x))``. ``norm`` (default none, as in SNGAN) goes before every
+    ReLU in the blocks (WGAN-GP critics: not ``batch``); ``spectral_norm`` wraps every conv/linear weight, head
+    included."""
 
     def __init__(
         self,

@@ -7,10 +7,9 @@ in [0, 1]: Bernoulli logits or Gaussian means (``VAE.likelihood``). ``VAE.forwar
 images in [-1, 1], so a VAE can stand in for a generator ``g`` wherever samples are drawn from
 ``g(z)`` with ``z ~ N(0, I)`` of shape ``(n, *g.latent_shape)`` (e.g. :meth:`gantrain.models.GenerativeModel.sample`).
 
-Families: :class:`ConvEncoder` / :class:`ConvDecoder` mirror the DCGAN discriminator / generator shapes
-(32 or 64 px); :class:`MLPEncoder` / :class:`MLPDecoder` are fully connected (e.g. the classic
-784-400-40 MNIST VAE). All layers keep torch's default init; a container may re-initialise them
-(:func:`gantrain.models.initialize`).
+Families: :class:`ConvEncoder` / :class:`ConvDecoder` mirror the DCGAN discriminator / generator shapes (32 or 64 px);
+:class:`MLPEncoder` / :class:`MLPDecoder` are fully connected (e.g. the classic 784-400-40 MNIST VAE). All layers keep
+torch's default init; a container may re-initialise them (:func:`gantrain.models.initialize`).
 """
 
 from __future__ import annotations
@@ -37,10 +36,9 @@ class ConvEncoder(nn.Module):
     """Strided-conv encoder: ``(B, channels, R, R)`` images in [-1, 1] -> ``(B, 2 * latent_dim)`` = ``[mu, logvar]``.
 
     The DCGAN discriminator's body (kernel 4, stride 2, padding 1): at 32 px
-    ``Conv(C, ndf) LReLU(0.2) -> Conv(ndf, 2ndf) [norm] LReLU -> Conv(2ndf, 4ndf) [norm] LReLU``
-    gives ``(B, 4ndf, 4, 4)``; 64 px adds one more layer (widths ndf, 2ndf, 4ndf, 8ndf). Then flatten and
-    ``Linear(width * 16, 2 * latent_dim)``. The first conv has no norm, and a conv right before a norm
-    has no bias.
+    ``Conv(C, ndf) LReLU(0.2) -> Conv(ndf, 2ndf) [norm] LReLU -> Conv(2ndf, 4ndf) [norm] LReLU`` gives
+    ``(B, 4ndf, 4, 4)``; 64 px adds one more layer (widths ndf, 2ndf, 4ndf, 8ndf). Then flatten and
+    ``Linear(width * 16, 2 * latent_dim)``. The first conv has no norm, and a conv right before a norm has no bias.
 
     ``norm``: ``none`` (default; each sample's ELBO is then independent of the rest of the batch),
     ``batch``, ``layer`` (GroupNorm(1, C)) or ``instance``.
@@ -59,11 +57,7 @@ class ConvEncoder(nn.Module):
         bias = norm == "none"
         layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, True)]
         for c_in, c_out in zip(widths, widths[1:]):
-            layers += [
-                nn.Conv2d(c_in, c_out, 4, 2, 1, bias=bias),
-                norm_layer(norm, c_out),
-                nn.LeakyReLU(0.2, True),
-            ]
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=bias), norm_layer(norm, c_out), nn.LeakyReLU(0.2, True)]
         layers += [nn.Flatten(1), nn.Linear(widths[-1] * 4 * 4, 2 * latent_dim)]
         self.net = nn.Sequential(*layers)
         self.channels, self.resolution, self.latent_dim = channels, resolution, latent_dim
@@ -74,14 +68,12 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Transposed-conv decoder: ``(B, latent_dim)`` -> raw ``(B, channels, R, R)`` (no output activation).
-
-    The DCGAN generator with a Linear stem: at 32 px ``Linear(latent_dim, 4ngf * 4 * 4)``, reshape to
-    ``(B, 4ngf, 4, 4)``, ``[norm] ReLU -> ConvT(4ngf, 2ngf) [norm] ReLU -> ConvT(2ngf, ngf) [norm] ReLU ->
-    ConvT(ngf, C)`` (kernel 4, stride 2, padding 1: 4 -> 8 -> 16 -> 32); 64 px starts at 8ngf and adds one
-    layer. The output is Bernoulli logits or Gaussian means of the pixels in [0, 1], as the :class:`VAE`'s
-    ``likelihood`` says. ``norm``: ``none`` (default) or ``batch``; a layer right before a norm has no bias.
-    """
+    """Transposed-conv decoder: ``(B, latent_dim)`` -> raw ``(B, channels, R, R)`` (no output activation). The DCGAN
+    generator with a Linear stem: at 32 px ``Linear(latent_dim, 4ngf * 4 * 4)``, reshape to ``(B, 4ngf, 4, 4)``,
+    ``[norm] ReLU -> ConvT(4ngf, 2ngf) [norm] ReLU -> ConvT(2ngf, ngf) [norm] ReLU -> ConvT(ngf, C)`` (kernel 4, stride
+    2, padding 1: 4 -> 8 -> 16 -> 32); 64 px starts at 8ngf and adds one layer. The output is Bernoulli logits or
+    Gaussian means of the pixels in [0, 1], as the :class:`VAE`'s ``likelihood`` says. ``norm``: ``none`` (default) or
+    ``batch``; a layer right before a norm has no bias."""
 
     def __init__(
         self, channels: int = 1, resolution: int = 32, ngf: int = 64, latent_dim: int = 32, norm: str = "none"
@@ -101,11 +93,7 @@ class ConvDecoder(nn.Module):
             nn.ReLU(True),
         ]
         for c_in, c_out in zip(widths, widths[1:]):
-            layers += [
-                nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=bias),
-                norm_layer(norm, c_out),
-                nn.ReLU(True),
-            ]
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=bias), norm_layer(norm, c_out), nn.ReLU(True)]
         layers.append(nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1))  # (B, C, R, R), raw
         self.net = nn.Sequential(*layers)
         self.channels, self.resolution, self.latent_dim = channels, resolution, latent_dim
@@ -119,10 +107,7 @@ class ConvDecoder(nn.Module):
 def _mlp_body(
     channels: int, resolution: int, latent_dim: int, hidden: Sequence[int], activation: str, encoder: bool
 ) -> tuple[list[int], list[nn.Module]]:
-    """Checked hidden sizes and the ``[Linear, act]`` layers from the input (image or latent) through them.
-
-    ``hidden``: a list, tuple or OmegaConf ListConfig of at least one int >= 1.
-    """
+    """Checked ``hidden`` sizes (a non-empty list of ints >= 1) and the ``[Linear, act]`` layers up to them."""
     checks.integer("channels", channels, 1)
     checks.integer("resolution", resolution, 4)
     checks.integer("latent_dim", latent_dim, 1)
@@ -137,12 +122,10 @@ def _mlp_body(
 
 
 class MLPEncoder(nn.Module):
-    """Fully connected encoder: ``(B, channels, R, R)`` -> ``(B, 2 * latent_dim)`` = ``[mu, logvar]``.
-
-    Flatten to ``C * R * R``, then ``[Linear(., h), act]`` for every width ``h`` in ``hidden``, then
-    ``Linear(hidden[-1], 2 * latent_dim)``. ``activation``: relu | tanh | softplus | elu.
-    Any ``resolution`` >= 4. ``hidden`` may be a list, tuple or OmegaConf ListConfig of ints >= 1.
-    """
+    """Fully connected encoder: ``(B, channels, R, R)`` -> ``(B, 2 * latent_dim)`` = ``[mu, logvar]``. Flatten to
+    ``C * R * R``, then ``[Linear(., h), act]`` for every width ``h`` in ``hidden``, then
+    ``Linear(hidden[-1], 2 * latent_dim)``. ``activation``: relu | tanh | softplus | elu. Any ``resolution`` >= 4;
+    ``hidden``: a list, tuple or OmegaConf ListConfig of ints >= 1."""
 
     def __init__(
         self,
@@ -165,10 +148,8 @@ class MLPEncoder(nn.Module):
 
 class MLPDecoder(nn.Module):
     """Fully connected decoder: ``(B, latent_dim)`` -> raw ``(B, channels, R, R)`` (no output activation).
-
-    ``[Linear(., h), act]`` for every width ``h`` in ``hidden``, then ``Linear(hidden[-1], C * R * R)``
-    reshaped to ``(B, C, R, R)``. Same arguments and checks as :class:`MLPEncoder`.
-    """
+    ``[Linear(., h), act]`` for every width ``h`` in ``hidden``, then ``Linear(hidden[-1], C * R * R)`` reshaped to
+    ``(B, C, R, R)``. Same arguments and checks as :class:`MLPEncoder`."""
 
     def __init__(
         self,
@@ -204,12 +185,8 @@ class VAE(nn.Module):
         likelihood: what the decoder's raw output parameterises, over the pixels rescaled to [0, 1]
             (``x01 = (x + 1) / 2``): ``bernoulli`` (logits of x01) or ``gaussian`` (the mean of x01).
 
-    Attributes: ``channels``, ``resolution`` (from the decoder, else the encoder, else ``None``),
-    ``latent_dim``, ``latent_shape = (latent_dim,)`` (prior noise is ``(n, *latent_shape)`` from N(0, I)),
-    ``likelihood``, ``encoder``, ``decoder``.
-
-    ``forward(z)`` returns images in [-1, 1] (the likelihood's mean), so ``VAE`` works as the ``g`` of a
-    :class:`~gantrain.models.GenerativeModel`; the ELBO needs :meth:`encode`, :meth:`reparameterize` and :meth:`decode`.
+    ``channels``/``resolution`` come from the decoder, else the encoder, else ``None``; ``latent_shape`` is
+    ``(latent_dim,)``. ``forward(z)`` gives images in [-1, 1] (the likelihood's mean; see the module docstring).
     """
 
     # what trainer.compile compiles (gantrain.speed): the ELBO calls encode()/decode(), not forward()
@@ -235,11 +212,9 @@ class VAE(nn.Module):
         self.likelihood = likelihood
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, C, R, R)`` images in [-1, 1] -> posterior ``(mu, logvar)``, each ``(B, latent_dim)``.
-
-        ``logvar`` is clamped to [-30, 20] (std in [3e-7, 2.2e4]) so that ``exp`` in the reparameterisation
-        and the KL term cannot overflow or underflow; outside that range its gradient is zero.
-        """
+        """``(B, C, R, R)`` images in [-1, 1] -> posterior ``(mu, logvar)``, each ``(B, latent_dim)``. ``logvar`` is
+        clamped to [-30, 20] (std in [3e-7, 2.2e4]) so that ``exp`` in the reparameterisation and the KL term cannot
+        overflow or underflow; outside that range its gradient is zero."""
         h = self.encoder(x)
         if h.dim() != 2 or h.shape[1] != 2 * self.latent_dim:
             raise ValueError(
@@ -250,11 +225,8 @@ class VAE(nn.Module):
 
     @staticmethod
     def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        """A sample ``z = mu + exp(0.5 * logvar) * eps``, ``eps ~ N(0, I)``, same shape as ``mu``.
-
-        ``eps`` comes from ``torch.randn_like`` (the global training RNG: reproducible under
-        ``torch.manual_seed``); gradients flow to ``mu`` (1) and ``logvar`` (``0.5 * std * eps``).
-        """
+        """A sample ``z = mu + exp(0.5 * logvar) * eps``, ``eps ~ N(0, I)``, same shape as ``mu``. ``eps`` from
+        ``torch.randn_like`` (the global training RNG); gradients flow to ``mu`` and ``logvar``."""
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -262,10 +234,7 @@ class VAE(nn.Module):
         return self.decoder(z)
 
     def to_images(self, raw: torch.Tensor) -> torch.Tensor:
-        """Raw decoder output -> images in [-1, 1], the mean of p(x | z) mapped back to the data range.
-
-        ``bernoulli``: ``2 * sigmoid(logits) - 1``; ``gaussian``: ``2 * mean.clamp(0, 1) - 1``.
-        """
+        """Raw output -> mean of p(x | z) in [-1, 1]: ``2 * sigmoid(logits) - 1``, ``2 * mean.clamp(0, 1) - 1``."""
         if self.likelihood == "bernoulli":
             return 2.0 * torch.sigmoid(raw) - 1.0
         return 2.0 * raw.clamp(0.0, 1.0) - 1.0
@@ -276,9 +245,6 @@ class VAE(nn.Module):
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, R, R)`` images in [-1, 1] -> reconstructions in [-1, 1] decoded from the posterior mean.
-
-        Deterministic (no sampling). It neither switches to eval mode nor disables autograd: for grids,
-        call it under ``torch.no_grad()`` with the model in eval mode.
-        """
+        Deterministic; it neither switches to eval mode nor disables autograd (do both for grids)."""
         mu, _ = self.encode(x)
         return self.to_images(self.decode(mu))
