@@ -119,7 +119,13 @@ def init_from_env(device_spec: str = "auto") -> Group:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size <= 1:
         return SINGLE
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    rank, local_rank = int(os.environ.get("RANK", -1)), int(os.environ.get("LOCAL_RANK", 0))
+    if not 0 <= rank < world_size:  # else the group would wait for ranks that never come, silently, for hours
+        shown = f"RANK={os.environ['RANK']}" if "RANK" in os.environ else "RANK is not set"
+        raise ConfigError(
+            f"{shown} with WORLD_SIZE={world_size}: each process needs a RANK from 0 to {world_size - 1}; launch "
+            f"with torchrun --nproc_per_node={world_size}, which sets both, or unset WORLD_SIZE for one process"
+        )
     cuda = device_spec != "cpu" and not device_spec.startswith("mps") and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)  # "cuda" now means this rank's GPU (trainer.device=auto or cuda)

@@ -92,6 +92,26 @@ def test_two_ranks_equal_one_process_every_recipe(tmp_path):
     assert "d.head.linear.bias" not in ref["r1_only"]["grads"]  # no gradient in one process either: Adam skips it
 
 
+@pytest.mark.parametrize(
+    ("env", "shown"), [({"RANK": "3", "WORLD_SIZE": "2"}, "RANK=3"), ({"WORLD_SIZE": "2"}, "RANK is not set")]
+)
+def test_a_rank_outside_the_world_size_is_one_line_not_a_hang(tmp_path, env, shown):
+    """RANK=3 WORLD_SIZE=2 used to wait for the missing ranks in init_process_group, silently, for hours."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    run = subprocess.run(
+        [PYTHON, "-m", "gantrain", *TINY, *TINY_WIDTH["ngf"], f"hydra.run.dir={tmp_path / 'run'}"],
+        env={**clean, "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), **env},
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    line = (
+        f"{shown} with WORLD_SIZE=2: each process needs a RANK from 0 to 1; launch with torchrun --nproc_per_node=2, "
+        "which sets both, or unset WORLD_SIZE for one process"
+    )
+    assert run.returncode == 1 and "Traceback" not in run.stderr + run.stdout, run.stderr[-2000:]
+    assert line in run.stderr + run.stdout
+    assert not any((tmp_path / "run").glob("*"))  # nothing written (Hydra may have made the empty directory)
+
+
 def test_a_checkpoint_resumes_only_with_its_rank_count(tmp_path):
     check_world_size(2, 2, tmp_path / "last.ckpt")
     with pytest.raises(CheckpointError) as e:
