@@ -1,7 +1,8 @@
 """Building a run from a composed config: instantiate -> model, objective, updates, phases, data, stream,
 evaluators, callbacks -> the :class:`~gantrain.trainer.Trainer`.
 
-With the entry point (:mod:`gantrain.train`, which composes), this is the only code that reads the config. What a
+With the entry point (:mod:`gantrain.train`, which composes), this is the only code that reads the config
+(:func:`gantrain.provenance.hparams_row`, which it calls, reads the overridden keys for the hparams table). What a
 part offers is what it declares: the objective its ``networks``, the model its networks, sample shape and
 ``encodes``, the data option what :class:`~gantrain.data.common.DataOption` lists.
 """

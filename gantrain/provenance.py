@@ -18,7 +18,7 @@ def hparams_row(cfg: DictConfig) -> dict[str, Any]:
     the swept ones: an override every job shares is no column), with their values as they ran."""
     row: dict[str, Any] = {"experiment": cfg.experiment_name, "seed": cfg.seed}
     # what a float32 matmul/convolution computes with (speed.apply set both for this run): a column in every run
-    row["trainer.matmul_precision"] = OmegaConf.select(cfg, "trainer.matmul_precision", default="highest")
+    row["trainer.matmul_precision"] = cfg.trainer.matmul_precision  # its default lives in TrainerSettings alone
     row["cudnn.benchmark"] = bool(torch.backends.cudnn.benchmark)
     if not HydraConfig.initialized():
         return row

@@ -17,7 +17,7 @@ import torch
 from gantrain.cadence import Cadence
 from gantrain.errors import CheckpointError
 from gantrain.settings import TrainerSettings
-from gantrain.state import Each, Mismatch, Model, TrainingState
+from gantrain.state import Each, Mismatch, Model, Optimizers, TrainingState
 from tests.conftest import REPO, TINY, TINY_WIDTH
 
 PACKAGE = REPO / "gantrain"
@@ -109,7 +109,9 @@ def test_the_registry_restores_in_order_and_names_what_does_not_fit(caplog):
     wrong.register("model", Model(other))
     with pytest.raises(CheckpointError, match=r"^trainer.resume: checkpoint 'x' does not fit this model: "):
         wrong.load_state_dict(saved, "checkpoint 'x'")
-    assert issubclass(Mismatch, Exception)
+    phases = [SimpleNamespace(name="D", optimizer=torch.optim.SGD(net.parameters(), lr=0.1))]
+    with pytest.raises(Mismatch, match=r"^has no optimizer state for phases \['D'\]$"):
+        Optimizers(phases).load_state_dict({})
 
 
 def test_the_cadence_says_which_phases_run_and_when_callbacks_write():
