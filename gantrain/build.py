@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gantrain import distributed, speed
 from gantrain.checkpoint import Checkpointing
@@ -67,6 +67,10 @@ def assemble(cfg: DictConfig, run_dir: str | Path, group: distributed.Group = di
     seed_everything(cfg.seed)
     settings = within("trainer", instantiate, cfg.trainer)
     device = resolve_device(settings.device)
+    data = within("data", instantiate, cfg.data)
+    if cfg.model.get("conditional"):  # the networks are built for the data's classes; the saved config says how many
+        with open_dict(cfg):
+            cfg.model.num_classes = data.num_classes
     model = within("model", instantiate, cfg.model).to(device)  # device placement happens here and only here
     objective = within("loss", instantiate, cfg.loss).to(device)  # fixed networks inside terms (VGG) move too
     networks = objective.networks
@@ -86,11 +90,12 @@ def assemble(cfg: DictConfig, run_dir: str | Path, group: distributed.Group = di
     build_update = lambda n: instantiate(cfg.optim[n]).build(nets[n].parameters(), device)  # noqa: E731
     updates = {name: within(f"optim.{name}", build_update, name) for name in networks}
     phases = within("loss", objective.phases, model, updates, n_critic=settings.n_critic)
-    data = within("data", instantiate, cfg.data)
     check_fit(model, data)
     model.to_data_units = data.to_data_units  # what generate() hands out: the data's own units
     # reads the dataset (holdout, batch size); a data option that cannot be split between ranks says so
     stream = within("data", data.stream, seed=cfg.seed, device=device, rank=group.rank, world_size=group.world_size)
+    if model.conditional and model.fake_labels == "data":
+        model.class_weights = stream.class_counts  # of the whole training set, the same on every rank
     # trainer.compile/channels_last/matmul_precision; before DDP, which keeps the parameters' memory format
     stream = within("trainer", speed.apply, settings, model, objective, stream, device)
     if group.distributed:

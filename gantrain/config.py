@@ -70,17 +70,20 @@ def network_optim(optimizer: type) -> type:
 
 
 def gan_objective(adversarial: type, target: type = GANObjective, **nodes: Any) -> type:
-    """A GAN objective with every composable term in its slot (each off at its signature's weight 0)."""
-    return schema(
-        target,
-        adversarial=schema(adversarial),
-        gp=schema(losses.GradientPenalty),
-        r1=schema(losses.R1Penalty),
-        weight_clip=schema(losses.WeightClip),
-        fm=schema(losses.FeatureMatching),
-        perceptual=schema(PerceptualMatching),
-        **nodes,
+    """A GAN objective with every composable term its ``target`` takes in its slot (each off at its signature's
+    weight 0)."""
+    terms = dict(
+        gp=losses.GradientPenalty,
+        r1=losses.R1Penalty,
+        r2=losses.R2Penalty,
+        aux=losses.AuxiliaryClassifier,
+        weight_clip=losses.WeightClip,
+        fm=losses.FeatureMatching,
+        perceptual=PerceptualMatching,
     )
+    takes = inspect.signature(target).parameters
+    slots = {name: schema(cls) for name, cls in terms.items() if name in takes}
+    return schema(target, adversarial=schema(adversarial), **slots, **nodes)
 
 
 def vae_model(encoder: type, decoder: type, d: Any = None) -> type:
@@ -123,6 +126,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "wgan_gp": gan_objective(losses.WassersteinLoss),
         "hinge": gan_objective(losses.HingeLoss),
         "lsgan": gan_objective(losses.LeastSquaresLoss),
+        "ragan": gan_objective(losses.RelativisticAverageLoss),
+        "rpgan": gan_objective(losses.RelativisticPairingLoss),
         "vae": schema(VAEObjective, **VAE_TERMS),
         "vae_gaussian": schema(VAEObjective, **VAE_TERMS),
         "vaegan": gan_objective(losses.BCELoss, target=VAEGANObjective),

@@ -21,12 +21,19 @@ from gantrain import amp, checks
 
 
 class AdversarialLoss:
-    """Base: the discriminator's loss on (real, fake) outputs and the generator's loss on fake outputs."""
+    """Base: the discriminator's loss on (real, fake) outputs and the generator's loss on fake outputs.
+
+    ``g_reads_real``: the generator's loss also reads D's outputs on the real batch, ``g_loss(fake, real)``
+    (relativistic losses). The G phase then computes them under the frozen D, without a graph (no gradient can
+    reach D, and none flows to G through them). Otherwise ``g_loss(fake)``.
+    """
+
+    g_reads_real: bool = False
 
     def d_loss(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def g_loss(self, fake: torch.Tensor) -> torch.Tensor:
+    def g_loss(self, fake: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def score(self, out: torch.Tensor) -> torch.Tensor:
@@ -114,6 +121,47 @@ class LeastSquaresLoss(AdversarialLoss):
         return 0.5 * ((fake - self.c) ** 2).mean()
 
 
+class RelativisticAverageLoss(AdversarialLoss):
+    """RaGAN (Jolicoeur-Martineau 2019, "The relativistic discriminator", RaSGAN): D judges whether a real sample is
+    more realistic than the average fake, and a fake less realistic than the average real. With ``C`` the raw outputs
+    and ``σ`` the logistic function, as in the paper's code (each side halved):
+
+    D: ``½(-E log σ(C(x) - E C(G(z))) - E log(1 - σ(C(G(z)) - E C(x))))``;
+    G: ``½(-E log σ(C(G(z)) - E C(x)) - E log(1 - σ(C(x) - E C(G(z)))))``: the roles swapped, so G's loss reads D's
+    outputs on the real batch (``g_reads_real``).
+    """
+
+    g_reads_real = True
+
+    @staticmethod
+    def _loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``a`` judged more realistic than the average ``b``, ``b`` less than the average ``a``."""
+        ones, zeros = torch.ones_like(a), torch.zeros_like(b)
+        more = F.binary_cross_entropy_with_logits(a - b.mean(), ones)
+        less = F.binary_cross_entropy_with_logits(b - a.mean(), zeros)
+        return 0.5 * (more + less)
+
+    def d_loss(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        return self._loss(real, fake)
+
+    def g_loss(self, fake: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        return self._loss(fake, real)
+
+
+class RelativisticPairingLoss(AdversarialLoss):
+    """RpGAN (Jolicoeur-Martineau 2019; the loss of R3GAN, Huang et al. 2024): each real sample is paired with the
+    fake of the same batch position. D: ``E softplus(C(G(z_i)) - C(x_i))``; G: ``E softplus(C(x_i) - C(G(z_i)))``,
+    which reads D's outputs on the real batch (``g_reads_real``). With R1 and R2 it converges locally (R3GAN, §3)."""
+
+    g_reads_real = True
+
+    def d_loss(self, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        return F.softplus(fake - real).mean()
+
+    def g_loss(self, fake: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        return F.softplus(real - fake).mean()
+
+
 # ----------------------------------------------------------------------------------------------
 # penalties on D
 
@@ -129,6 +177,7 @@ class Penalty:
     """
 
     every: int = 1
+    labels: str = "real"  # a conditional D is called with the real batch's labels ("fake": the fakes' labels)
     per_sample_gradient: bool = False  # True: needs D(x_i) to depend on x_i only (no BatchNorm in D)
     double_backward: bool = False  # True: D's loss backpropagates through D's input gradient (keeps D eager)
 
@@ -202,6 +251,16 @@ class R1Penalty(Penalty):
         return 0.5 * self.gamma * sq.mean()
 
 
+class R2Penalty(R1Penalty):
+    """R2 (Mescheder et al. 2018; with R1 the regulariser of R3GAN, Huang et al. 2024): ``gamma / 2 *
+    E[||grad_x D(G(z))||^2]`` on the generated batch; a conditional D sees the fakes' labels."""
+
+    labels = "fake"
+
+    def __call__(self, d: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        return super().__call__(d, fake, real)
+
+
 class WeightClip(Penalty):
     """Original WGAN (Arjovsky et al. 2017): clamp every D parameter to ``[-clip, clip]`` after each D step."""
 
@@ -220,6 +279,33 @@ class WeightClip(Penalty):
 
 
 # ----------------------------------------------------------------------------------------------
+# the auxiliary classifier (ACGAN)
+
+
+class AuxiliaryClassifier:
+    """ACGAN (Odena et al. 2017): D's auxiliary head ``d.classify(features)`` predicts each sample's class.
+    D's loss adds ``weight * (CE(real logits, real labels) + CE(fake logits, fake labels))``, G's adds
+    ``weight * CE(fake logits, fake labels)``: both maximise the log-likelihood of the right class (the paper's L_C).
+    ``weight`` 0 turns it off (logged as ``loss/D/aux``, ``loss/G/aux``)."""
+
+    def __init__(self, weight: float = 0.0):
+        checks.number("weight", weight, ge=0, hint="0 = off; ACGAN uses 1")
+        self.weight = weight
+
+    @property
+    def active(self) -> bool:
+        return self.weight > 0
+
+    def d_loss(
+        self, real_logits: torch.Tensor, real_y: torch.Tensor, fake_logits: torch.Tensor, fake_y: torch.Tensor
+    ) -> torch.Tensor:
+        return self.weight * (F.cross_entropy(real_logits, real_y) + F.cross_entropy(fake_logits, fake_y))
+
+    def g_loss(self, fake_logits: torch.Tensor, fake_y: torch.Tensor) -> torch.Tensor:
+        return self.weight * F.cross_entropy(fake_logits, fake_y)
+
+
+# ----------------------------------------------------------------------------------------------
 # generator-side terms
 
 
@@ -231,6 +317,16 @@ class FeatureDiscriminator(Protocol):
     head: nn.Module
 
     def features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class ClassifyingDiscriminator(FeatureDiscriminator, Protocol):
+    """A :class:`FeatureDiscriminator` that can carry an ACGAN auxiliary classifier: ``classifier`` (None when it
+    was built without one) and ``classify(h) -> (B, num_classes)`` class logits from ``features(x)``."""
+
+    classifier: nn.Module | None
+
+    def classify(self, h: torch.Tensor) -> torch.Tensor: ...
 
 
 class GeneratorTerm(nn.Module):

@@ -18,12 +18,15 @@ from gantrain.batch import Batch
 from gantrain.errors import ConfigError
 from gantrain.losses import (
     AdversarialLoss,
+    AuxiliaryClassifier,
+    ClassifyingDiscriminator,
     FeatureDiscriminator,
     FeatureMatching,
     GeneratorTerm,
     GradientPenalty,
     Penalty,
     R1Penalty,
+    R2Penalty,
     WeightClip,
 )
 from gantrain.models import GenerativeModel
@@ -42,21 +45,22 @@ class SharedFakes:
     phase's k micro-batches leave k fakes and G's k micro-batches take them in order, so G trains on
     exactly what D saw (their k graphs live through D's step: turn reuse off when memory is tight). A
     fake is taken only in the iteration that made it (``step``: both phases' step count, equal at
-    n_critic 1) and only for a batch of its size; otherwise G generates afresh.
+    n_critic 1) and only for a batch of its size; otherwise G generates afresh. A conditional model's fakes
+    travel with the labels they were generated for.
     """
 
     def __init__(self) -> None:
         self.step = -1
-        self.fakes: deque[torch.Tensor] = deque()
+        self.fakes: deque[tuple[torch.Tensor, torch.Tensor | None]] = deque()
 
-    def put(self, step: int, fake: torch.Tensor) -> None:
+    def put(self, step: int, fake: torch.Tensor, y: torch.Tensor | None = None) -> None:
         if step != self.step:  # a new iteration: whatever was left is stale
             self.fakes.clear()
             self.step = step
-        self.fakes.append(fake)
+        self.fakes.append((fake, y))
 
-    def take(self, step: int, n: int) -> torch.Tensor | None:
-        if step == self.step and self.fakes and self.fakes[0].shape[0] == n:
+    def take(self, step: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        if step == self.step and self.fakes and self.fakes[0][0].shape[0] == n:
             return self.fakes.popleft()
         self.fakes.clear()
         return None
@@ -88,6 +92,12 @@ class GANObjective(nn.Module):
     Reports ``loss/D`` (total), ``loss/D/adv``, ``loss/D/<penalty>``, ``loss/G`` (total),
     ``loss/G/adv``, ``loss/G/<term>``, ``D(x)`` and ``D(G(z))``.
 
+    A conditional model's D sees each batch's labels: the data's for reals, the prior's for fakes; a penalty calls
+    D with the labels of the batch it differentiates (``Penalty.labels``: R1 and GP the real ones, R2 the fakes').
+    ``aux`` (ACGAN): D's auxiliary classifier head, on the shared features of one D body pass. An adversarial loss
+    whose G side reads D's real outputs (``g_reads_real``: RaGAN, RpGAN) gets them in the G phase, computed
+    without a graph under the frozen D.
+
     ``reuse_fakes``: when G steps right after every D step (n_critic 1) and has no generator terms
     (which are defined on a fresh batch), the G step reuses the D step's generated batch, as
     pytorch/examples' DCGAN does (:class:`SharedFakes`): one generator forward per iteration instead of
@@ -101,18 +111,21 @@ class GANObjective(nn.Module):
         adversarial: AdversarialLoss,
         gp: GradientPenalty | None = None,
         r1: R1Penalty | None = None,
+        r2: R2Penalty | None = None,
         weight_clip: WeightClip | None = None,
         fm: FeatureMatching | None = None,
         perceptual: GeneratorTerm | None = None,
+        aux: AuxiliaryClassifier | None = None,
         reuse_fakes: bool = True,
         **terms: Penalty | GeneratorTerm | None,
     ):
         super().__init__()
         self.adversarial = adversarial
         self.reuse_fakes = reuse_fakes
+        self.aux = aux if aux is not None and aux.active else None
         self.penalties: dict[str, Penalty] = {}
         g_terms: dict[str, GeneratorTerm] = {}
-        terms = dict(gp=gp, r1=r1, weight_clip=weight_clip, fm=fm, perceptual=perceptual, **terms)
+        terms = dict(gp=gp, r1=r1, r2=r2, weight_clip=weight_clip, fm=fm, perceptual=perceptual, **terms)
         for name, term in terms.items():
             if term is None or not term.active:
                 continue
@@ -145,6 +158,19 @@ class GANObjective(nn.Module):
                 f"head(h); {type(model.d).__name__} has not",
                 key=name,
             )
+        if self.aux is not None:
+            if not model.conditional:
+                raise ConfigError(
+                    "aux.weight: the auxiliary classifier predicts classes, and this model is unconditional; "
+                    "set model.conditional=true (on data with labels) or loss.aux.weight=0",
+                    key="aux.weight",
+                )
+            if not isinstance(model.d, ClassifyingDiscriminator) or model.d.classifier is None:
+                raise ConfigError(
+                    f"aux.weight: needs D's auxiliary classifier head, and {type(model.d).__name__} has none; "
+                    "set model.d.aux_classifier=true",
+                    key="aux.weight",
+                )
         shared = SharedFakes() if self.reuse_fakes and n_critic == 1 and not self.g_terms else None
         d_loss, g_loss = partial(self.d_loss, model, shared=shared), partial(self.g_loss, model, shared=shared)
         return [
@@ -175,22 +201,32 @@ class GANObjective(nn.Module):
         """D's loss on a real batch; ``step`` (D steps so far) schedules lazy penalties. With ``shared`` the
         generated batch keeps its graph there for the G step; D sees it detached either way."""
         d, x, real = model.d, self.adversarial.d_input, batch.x
-        z = model.prior(len(batch), real.device).z
+        latents = model.prior(len(batch), real.device)
         if shared is None:
-            fake = model.g(z).detach()  # no gradient may reach G
+            fake = model.generate(latents).detach()  # no gradient may reach G
         else:
             with trainable(model.g):
-                fake = model.g(z)
-            shared.put(step, fake)
+                fake = model.generate(latents)
+            shared.put(step, fake, latents.y)
             fake = fake.detach()  # D's backward stops here: G's .grad stays untouched
         real_in, fake_in = x(real), x(fake)
-        real_out, fake_out = d(real_in), d(fake_in)
+        real_labels, fake_labels = model.labels(batch.y), model.labels(latents.y)
+        if self.aux is None:
+            real_out, fake_out = d(real_in, **real_labels), d(fake_in, **fake_labels)
+        else:  # one D body pass serves both heads
+            real_h, fake_h = d.features(real_in), d.features(fake_in)
+            real_out, fake_out = d.head(real_h, **real_labels), d.head(fake_h, **fake_labels)
         loss = self.adversarial.d_loss(real_out, fake_out)
         report("loss/D/adv", loss)
+        if self.aux is not None:
+            aux = self.aux.d_loss(d.classify(real_h), batch.y, d.classify(fake_h), latents.y)
+            report("loss/D/aux", aux)
+            loss = loss + aux
         for name, penalty in self.penalties.items():
             if step % penalty.every:
                 continue
-            term = penalty(d, real_in, fake_in)
+            labels = fake_labels if penalty.labels == "fake" else real_labels
+            term = penalty(partial(d, **labels) if labels else d, real_in, fake_in)
             if term is None:  # a constraint (weight clipping), not a loss term
                 continue
             report(f"loss/D/{name}", term)
@@ -208,17 +244,30 @@ class GANObjective(nn.Module):
         self, model: GenerativeModel, batch: Batch, step: int = 0, shared: SharedFakes | None = None
     ) -> torch.Tensor:
         """G's loss; the batch the D step generated in this iteration if ``shared`` holds it, else a fresh one."""
-        d, real = model.d, batch.x
-        fake = None if shared is None else shared.take(step, len(batch))
-        if fake is None:
-            fake = model.g(model.prior(len(batch), real.device).z)
-        if self.g_terms:  # one D body pass serves the adversarial term and feature matching
-            fake_features = d.features(self.adversarial.d_input(fake))
-            fake_out = d.head(fake_features)
+        d, x, real = model.d, self.adversarial.d_input, batch.x
+        taken = None if shared is None else shared.take(step, len(batch))
+        if taken is None:
+            latents = model.prior(len(batch), real.device)
+            fake, fake_y = model.generate(latents), latents.y
         else:
-            fake_features, fake_out = None, d(self.adversarial.d_input(fake))
-        loss = self.adversarial.g_loss(fake_out)
+            fake, fake_y = taken
+        fake_labels = model.labels(fake_y)
+        if self.g_terms or self.aux is not None:  # one D body pass serves every term
+            fake_features = d.features(x(fake))
+            fake_out = d.head(fake_features, **fake_labels)
+        else:
+            fake_features, fake_out = None, d(x(fake), **fake_labels)
+        if self.adversarial.g_reads_real:  # D is frozen in this phase; no graph: nothing flows back through them
+            with torch.no_grad():
+                real_out = d(x(real), **model.labels(batch.y))
+            loss = self.adversarial.g_loss(fake_out, real_out)
+        else:
+            loss = self.adversarial.g_loss(fake_out)
         report("loss/G/adv", loss)
+        if self.aux is not None:
+            aux = self.aux.g_loss(d.classify(fake_features), fake_y)
+            report("loss/G/aux", aux)
+            loss = loss + aux
         for name, term in self.g_terms.items():
             value = term(d, real, fake, fake_features)
             report(f"loss/G/{name}", value)

@@ -106,21 +106,14 @@ def test_every_registered_schema_has_an_option_file():
 
 
 # ----------------------------------------------------------------------------- user code outside the repo
-USER_LOSS = '''
-import torch.nn.functional as F
+def readme_user_loss() -> str:
+    """The README's own-loss example ("Your own loss or model, outside the repository"), as written there."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Your own loss or model, outside the repository") :]
+    return re.search(r"```python\n(# ~/mygan/mygan/losses.py.*?)```", section, re.S).group(1)
 
-from gantrain.losses import AdversarialLoss
 
-
-class RelativisticLoss(AdversarialLoss):
-    """Relativistic average GAN (Jolicoeur-Martineau 2019), from logits."""
-
-    def d_loss(self, real, fake):
-        return F.softplus(-(real - fake.mean())).mean() + F.softplus(fake - real.mean()).mean()
-
-    def g_loss(self, fake):
-        return F.softplus(-fake).mean()
-'''
+USER_LOSS = readme_user_loss()
 USER_MODEL = """
 import torch
 from torch import nn
@@ -209,6 +202,50 @@ def test_user_loss_and_model_from_outside_the_repository(tmp_path, group, args):
         assert resolved["model"]["g"]["_target_"] == "mygan.nets.TinyGenerator"
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "samples" / "step_0000002.png").is_file()
     assert f"finished at step 2: run directory {run.resolve()}," in r.stdout + r.stderr
+
+
+def test_the_readme_ragan_example_logs_ragan_computed_by_hand_from_d_logits(tmp_path, monkeypatch):
+    """The README's RelativisticLoss, imported from a package outside the repository, through the objective's D and
+    G steps: the logged loss/D/adv and loss/G/adv equal RaGAN computed by hand from the logits D produced."""
+    import torch
+    import torch.nn.functional as F
+
+    from gantrain.batch import Batch
+    from gantrain.models import GenerativeModel
+    from gantrain.models.dcgan import Discriminator, Generator
+    from gantrain.objectives import GANObjective
+    from gantrain.stats import Collector, collecting
+
+    user_project(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from mygan.losses import RelativisticLoss
+
+    torch.manual_seed(0)
+    model = GenerativeModel(
+        Generator(nz=4, ngf=4, channels=1, resolution=8), Discriminator(ndf=4, channels=1, resolution=8), 8, 1
+    )
+    logits: list[torch.Tensor] = []
+    model.d.register_forward_hook(lambda module, args, out: logits.append(out.detach().clone()))
+    objective = GANObjective(RelativisticLoss())
+    real = Batch(torch.rand(6, 1, 8, 8) * 2 - 1)
+    with collecting(Collector()) as c:
+        objective.d_loss(model, real)
+        d_stats = c.drain()
+        real_d, fake_d = logits[0], logits[1]
+        logits.clear()
+        objective.g_loss(model, real)
+        g_stats = c.drain()
+    fake_g, real_g = logits  # G's loss: D on the fakes, then (read by g_loss) on the reals
+    assert len(logits) == 2
+
+    def ragan(a: torch.Tensor, b: torch.Tensor) -> float:  # a judged more realistic than b on average
+        more = sum(F.softplus(-(x - b.mean())).item() for x in a) / len(a)
+        less = sum(F.softplus(y - a.mean()).item() for y in b) / len(b)
+        return more + less
+
+    assert d_stats["loss/D/adv"] == pytest.approx(ragan(real_d, fake_d), rel=1e-5)
+    assert g_stats["loss/G/adv"] == pytest.approx(ragan(fake_g, real_g), rel=1e-5)
+    assert g_stats["loss/G/adv"] != pytest.approx(F.softplus(-fake_g).mean().item(), rel=1e-3)  # not the plain NS loss
 
 
 # ----------------------------------------------------------------------------- an installed wheel

@@ -96,6 +96,11 @@ class MixtureStream:
         self.batches += 1
         return Batch(batch, modes).to(self.device)
 
+    @property
+    def class_counts(self) -> torch.Tensor:
+        """Every mode is drawn with equal probability: equal weights (``model.fake_labels=data``)."""
+        return torch.ones(self.centers.shape[0])
+
     def state_dict(self) -> dict:
         """`{"generator": uint8 CPU tensor (the generator state), "batches": batches drawn}`."""
         return {"generator": self.generator.get_state(), "batches": self.batches}

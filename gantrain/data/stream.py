@@ -235,6 +235,11 @@ class BatchStream:
         """The epoch the next batch comes from."""
         return self._epoch
 
+    @property
+    def class_counts(self) -> torch.Tensor | None:
+        """How many training items each class has (float, for ``model.fake_labels=data``); None without labels."""
+        return None if self.labels is None else torch.bincount(self.labels.cpu()).float()
+
     def state_dict(self) -> dict:
         """Position in the stream: `{"epoch": e, "batch": b}`, b batches of epoch e consumed."""
         return {"epoch": self._epoch, "batch": self._batch}

@@ -13,7 +13,6 @@ from gantrain.errors import ConfigError
 from gantrain.models.init import initialize
 from gantrain.models.vae import VAE
 
-
 FAKE_LABELS = ("uniform", "data")
 
 
@@ -39,7 +38,8 @@ class GenerativeModel(nn.Module):
 
     Class-conditional (``conditional=True``): G and D take the data's labels, ``num_classes`` of them (filled from
     ``data.num_classes`` by the build; each network declares its own ``num_classes``, checked here). Fakes are
-    generated for labels drawn ``uniform``\ ly, or with the data's class frequencies (``fake_labels=data``).
+    generated for labels drawn uniformly (``fake_labels=uniform``), or with the data's class frequencies
+    (``fake_labels=data``).
 
     ``encodes``: ``g`` is a :class:`~gantrain.models.vae.VAE` (held-out images have an ELBO).
     """
