@@ -8,6 +8,7 @@ Families: :mod:`~gantrain.models.dcgan`, :mod:`~gantrain.models.resnet` (SNGAN) 
 from gantrain.models.generative import GenerativeModel
 from gantrain.models.init import INIT_SCHEMES, initialize
 from gantrain.models.layers import (
+    ConditionalBatchNorm,
     DiscriminatorHead,
     MinibatchDiscrimination,
     MinibatchStdDev,
@@ -21,6 +22,7 @@ __all__ = [
     "GAN",
     "GenerativeModel",
     "INIT_SCHEMES",
+    "ConditionalBatchNorm",
     "DiscriminatorHead",
     "MinibatchDiscrimination",
     "MinibatchStdDev",

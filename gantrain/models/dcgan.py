@@ -4,6 +4,8 @@ At 32 px the generator goes 1 -> 4 -> 8 -> 16 -> 32 with widths 4*ngf, 2*ngf, ng
 the resolution adds one layer in front (64 px: 512, 256, 128, 64). The discriminator mirrors it. Kernel 4, stride 2,
 padding 1 throughout. The discriminator's last layer is a :class:`~gantrain.models.layers.DiscriminatorHead` on the
 flattened ``(4ndf, 4, 4)`` map (a Linear on the 4x4 map computes the same functions as the paper's final 4x4 conv).
+Class-conditional (``num_classes`` > 0): G's BatchNorms become :class:`~gantrain.models.layers.ConditionalBatchNorm`,
+D gets a projection term and/or an auxiliary classifier in its head.
 """
 
 from __future__ import annotations
@@ -14,7 +16,17 @@ import torch
 from torch import nn
 
 from gantrain import checks
-from gantrain.models.layers import NORMS, DiscriminatorHead, apply_spectral_norm, norm_layer
+from gantrain.errors import ConfigError
+from gantrain.models.layers import (
+    NORMS,
+    DiscriminatorHead,
+    HeadedDiscriminator,
+    apply_spectral_norm,
+    check_labels,
+    norm_layer,
+    norm_or_conditional,
+    run,
+)
 
 D_NORMS = NORMS
 G_NORMS = ("batch", "none")
@@ -29,7 +41,8 @@ def _n_doublings(resolution: int) -> int:
 
 class Generator(nn.Module):
     """DCGAN generator: ``(B, nz, 1, 1)`` noise -> ``(B, channels, R, R)`` images in [-1, 1] (Tanh). ``dropout`` > 0
-    adds ``Dropout2d(dropout)`` after every hidden ReLU (active in train mode only)."""
+    adds ``Dropout2d(dropout)`` after every hidden ReLU (active in train mode only). ``num_classes`` > 0: every
+    BatchNorm is class-conditional and ``forward(z, y)`` takes int64 labels ``(B,)`` (needs ``norm=batch``)."""
 
     def __init__(
         self,
@@ -39,11 +52,18 @@ class Generator(nn.Module):
         resolution: int = 32,
         norm: str = "batch",
         dropout: float = 0.0,
+        num_classes: int = 0,
     ):
         super().__init__()
         for key, value in (("nz", nz), ("ngf", ngf), ("channels", channels)):
             checks.integer(key, value, at_least=1)
         checks.choice("norm", norm, G_NORMS)
+        self.num_classes = checks.integer("num_classes", num_classes, 0)
+        if num_classes and norm != "batch":
+            raise ConfigError(
+                f"norm={norm}: a conditional DCGAN generator takes its labels through its BatchNorms; use norm=batch",
+                key="norm",
+            )
         checks.number("dropout", dropout, ge=0, lt=1, hint="0 turns dropout off")
         n = _n_doublings(resolution)
         widths = [ngf * 2 ** (n - 1 - i) for i in range(n)]  # e.g. [256, 128, 64] at 32 px
@@ -54,26 +74,29 @@ class Generator(nn.Module):
 
         layers: list[nn.Module] = [
             nn.ConvTranspose2d(nz, widths[0], 4, 1, 0, bias=bias),
-            norm_layer(norm, widths[0]),
+            norm_or_conditional(norm, widths[0], num_classes),
             *act(),
         ]  # (B, 4ngf, 4, 4)
         for c_in, c_out in zip(widths, widths[1:]):
-            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=bias), norm_layer(norm, c_out)]
+            cbn = norm_or_conditional(norm, c_out, num_classes)
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=bias), cbn]
             layers += act()
         layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1), nn.Tanh()]  # (B, C, R, R)
         self.net = nn.Sequential(*layers)
         self.nz, self.channels, self.resolution = nz, channels, resolution
         self.latent_shape = (nz, 1, 1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        check_labels("this generator", self.num_classes, y)
+        return run(self.net, z, y)
 
 
-class Discriminator(nn.Module):
+class Discriminator(HeadedDiscriminator):
     """DCGAN discriminator: ``(B, channels, R, R)`` -> ``(B,)`` logits (no sigmoid: losses take logits). ``norm``: the
     hidden layers' (not the first's, as in the paper); WGAN-GP critics must not use ``batch`` (the penalty is per
     sample). ``features(x)``: the last hidden activation ``(B, 4ndf, 4, 4)``; ``forward(x) == head(features(x))``.
-    ``spectral_norm`` wraps every conv/linear weight; ``minibatch_*``: the head's statistics."""
+    ``spectral_norm`` wraps every conv/linear/embedding weight; ``minibatch_*``: the head's statistics. ``num_classes``,
+    ``projection``, ``aux_classifier``: the head's class conditioning (``forward(x, y)``, ``classify(h)``)."""
 
     def __init__(
         self,
@@ -85,6 +108,9 @@ class Discriminator(nn.Module):
         minibatch_std: int = 0,
         minibatch_kernels: int = 0,
         minibatch_kernel_dim: int = 16,
+        num_classes: int = 0,
+        projection: bool = True,
+        aux_classifier: bool = False,
     ):
         super().__init__()
         checks.integer("ndf", ndf, at_least=1)
@@ -97,13 +123,18 @@ class Discriminator(nn.Module):
         for c_in, c_out in zip(widths, widths[1:]):
             layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=bias), norm_layer(norm, c_out), nn.LeakyReLU(0.2, True)]
         self.body = nn.Sequential(*layers)  # (B, 4ndf, 4, 4)
-        self.head = DiscriminatorHead((widths[-1], 4, 4), minibatch_std, minibatch_kernels, minibatch_kernel_dim)
+        self.head = DiscriminatorHead(
+            (widths[-1], 4, 4),
+            minibatch_std,
+            minibatch_kernels,
+            minibatch_kernel_dim,
+            num_classes,
+            projection,
+            aux_classifier,
+        )
         self.channels, self.resolution = channels, resolution
         if spectral_norm:
             apply_spectral_norm(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))  # (B,)

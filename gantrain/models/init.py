@@ -40,7 +40,8 @@ def initialize(module: nn.Module, scheme: str) -> nn.Module:
     ``kaiming_normal_`` (LeakyReLU 0.2) and ``orthogonal_`` with norm gains at 1; ``torch`` leaves PyTorch's per-layer
     defaults. A spectrally normalised weight has its unnormalised ``parametrizations.weight.original`` initialised (and
     its power iteration re-run). Parameters of other layers (e.g.
-    :class:`~gantrain.models.layers.MinibatchDiscrimination`'s ``T``) keep their own init."""
+    :class:`~gantrain.models.layers.MinibatchDiscrimination`'s ``T``, and every ``nn.Embedding``: conditional BatchNorm
+    gains at 1 and biases at 0, projection and label embeddings) keep their own init."""
     checks.choice("init", scheme, INIT_SCHEMES)  # the argument of the GAN that calls this
     if scheme == "torch":  # keep every layer's own PyTorch default init (the usual choice for VAEs)
         return module

@@ -8,6 +8,8 @@ Widths are constant (``ngf`` in G, ``ndf`` in D). Resolutions 32 (the paper's) a
 * D: "optimized" first block ``conv3x3, ReLU, conv3x3, avgpool`` + shortcut ``avgpool, conv1x1`` (R -> R/2);
   down-blocks ``ReLU, conv3x3, ReLU, conv3x3, avgpool`` + shortcut ``conv1x1, avgpool`` down to 8x8; two
   blocks at 8x8 with identity shortcuts; ReLU; sum over H, W -> ``features (B, ndf)`` -> head.
+* Class-conditional (``num_classes`` > 0), as in Miyato & Koyama 2018: every BN of G is a
+  :class:`~gantrain.models.layers.ConditionalBatchNorm`; D's head adds the projection term (and/or an ACGAN classifier).
 """
 
 from __future__ import annotations
@@ -17,7 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from gantrain import checks
-from gantrain.models.layers import NORMS, DiscriminatorHead, apply_spectral_norm, norm_layer
+from gantrain.models.layers import (
+    NORMS,
+    DiscriminatorHead,
+    HeadedDiscriminator,
+    apply_spectral_norm,
+    call,
+    check_labels,
+    norm_layer,
+    norm_or_conditional,
+    run,
+)
 
 RESOLUTIONS = (32, 64)
 
@@ -31,18 +43,18 @@ def _up(x: torch.Tensor) -> torch.Tensor:
 
 
 class GBlock(nn.Module):
-    """Residual up-block: ``(B, c_in, H, W) -> (B, c_out, 2H, 2W)``."""
+    """Residual up-block: ``(B, c_in, H, W) -> (B, c_out, 2H, 2W)``; conditional BNs when ``num_classes`` > 0."""
 
-    def __init__(self, c_in: int, c_out: int, dropout: float = 0.0):
+    def __init__(self, c_in: int, c_out: int, dropout: float = 0.0, num_classes: int = 0):
         super().__init__()
-        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, 1, 1)
-        self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.bn1, self.conv1 = norm_or_conditional("batch", c_in, num_classes), nn.Conv2d(c_in, c_out, 3, 1, 1)
+        self.bn2, self.conv2 = norm_or_conditional("batch", c_out, num_classes), nn.Conv2d(c_out, c_out, 3, 1, 1)
         self.shortcut = nn.Conv2d(c_in, c_out, 1, 1, 0)
         self.drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_up(self.drop(F.relu(self.bn1(x)))))
-        h = self.conv2(self.drop(F.relu(self.bn2(h))))
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(_up(self.drop(F.relu(call(self.bn1, x, y)))))
+        h = self.conv2(self.drop(F.relu(call(self.bn2, h, y))))
         return h + self.shortcut(_up(x))
 
 
@@ -81,19 +93,29 @@ class DBlock(nn.Module):
 
 class Generator(nn.Module):
     """SNGAN ResNet generator: ``(B, nz)`` noise -> ``(B, channels, R, R)`` images in [-1, 1] (Tanh). ``dropout`` > 0
-    adds ``Dropout2d(dropout)`` after every hidden ReLU (blocks and final), in train mode only."""
+    adds ``Dropout2d(dropout)`` after every hidden ReLU (blocks and final), in train mode only. ``num_classes`` > 0:
+    conditional BatchNorms, ``forward(z, y)`` with int64 labels ``(B,)``."""
 
-    def __init__(self, nz: int = 128, ngf: int = 128, channels: int = 3, resolution: int = 32, dropout: float = 0.0):
+    def __init__(
+        self,
+        nz: int = 128,
+        ngf: int = 128,
+        channels: int = 3,
+        resolution: int = 32,
+        dropout: float = 0.0,
+        num_classes: int = 0,
+    ):
         super().__init__()
         checks.integer("nz", nz, 1)
         checks.integer("ngf", ngf, 1)
+        self.num_classes = checks.integer("num_classes", num_classes, 0)
         checks.number("dropout", dropout, ge=0, lt=1, hint="0 turns dropout off")
         n = _n_up(resolution)
         self.ngf = ngf
         self.linear = nn.Linear(nz, 4 * 4 * ngf)
-        self.blocks = nn.Sequential(*(GBlock(ngf, ngf, dropout) for _ in range(n)))
+        self.blocks = nn.Sequential(*(GBlock(ngf, ngf, dropout, num_classes) for _ in range(n)))
         self.out = nn.Sequential(
-            nn.BatchNorm2d(ngf),
+            norm_or_conditional("batch", ngf, num_classes),
             nn.ReLU(),
             *([nn.Dropout2d(dropout)] if dropout > 0 else []),
             nn.Conv2d(ngf, channels, 3, 1, 1),
@@ -102,16 +124,20 @@ class Generator(nn.Module):
         self.nz, self.channels, self.resolution = nz, channels, resolution
         self.latent_shape = (nz,)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        check_labels("this generator", self.num_classes, y)
         h = self.linear(z.flatten(1)).view(-1, self.ngf, 4, 4)
-        return self.out(self.blocks(h))
+        for block in self.blocks:
+            h = block(h, y)
+        return run(self.out, h, y)
 
 
-class Discriminator(nn.Module):
+class Discriminator(HeadedDiscriminator):
     """SNGAN ResNet discriminator: ``(B, channels, R, R)`` -> ``(B,)`` logits. ``features(x)``: the sum-pooled last
     activation ``(B, ndf)``; ``forward(x) == head(features(x))``. ``norm`` (default none, as in SNGAN) goes before every
-    ReLU in the blocks (WGAN-GP critics: not ``batch``); ``spectral_norm`` wraps every conv/linear weight, head
-    included."""
+    ReLU in the blocks (WGAN-GP critics: not ``batch``); ``spectral_norm`` wraps every conv/linear/embedding weight,
+    head included. ``num_classes``, ``projection``, ``aux_classifier``: the head's class conditioning (``forward(x,
+    y)``, ``classify(h)``; SNGAN-projection is ``spectral_norm`` with ``projection``)."""
 
     def __init__(
         self,
@@ -123,6 +149,9 @@ class Discriminator(nn.Module):
         minibatch_std: int = 0,
         minibatch_kernels: int = 0,
         minibatch_kernel_dim: int = 16,
+        num_classes: int = 0,
+        projection: bool = True,
+        aux_classifier: bool = False,
     ):
         super().__init__()
         checks.choice("norm", norm, NORMS)
@@ -132,13 +161,12 @@ class Discriminator(nn.Module):
         blocks += [DBlock(ndf, ndf, norm, down=True) for _ in range(n - 2)]  # ... -> 8
         blocks += [DBlock(ndf, ndf, norm, down=False) for _ in range(2)]
         self.blocks = nn.Sequential(*blocks)
-        self.head = DiscriminatorHead((ndf,), minibatch_std, minibatch_kernels, minibatch_kernel_dim)
+        self.head = DiscriminatorHead(
+            (ndf,), minibatch_std, minibatch_kernels, minibatch_kernel_dim, num_classes, projection, aux_classifier
+        )
         self.ndf, self.channels, self.resolution = ndf, channels, resolution
         if spectral_norm:
             apply_spectral_norm(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.blocks(x)).sum(dim=(2, 3))  # (B, ndf)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
