@@ -176,9 +176,20 @@ def test_discriminator_configuration_errors():
         mlp.Discriminator(pack=2, num_classes=3)
     with pytest.raises(ConfigError, match="aux_classifier=true needs class labels"):
         resnet.Discriminator(ndf=4, aux_classifier=True)
-    with pytest.raises(ConfigError, match="norm=none: a conditional DCGAN generator") as err:
-        dcgan.Generator(ngf=4, norm="none", num_classes=3)
-    assert err.value.within("model.g").key == "model.g.norm"
+
+
+
+def test_a_batchnorm_free_conditional_dcgan_generator_concatenates_a_label_embedding_to_the_noise():
+    torch.manual_seed(0)
+    g = dcgan.Generator(nz=6, ngf=4, channels=1, resolution=8, norm="none", num_classes=3)
+    assert g.embed.weight.shape == (3, 3) and g.net[0].in_channels == 6 + 3
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in g.modules())
+    z, y = torch.randn(4, 6, 1, 1), torch.tensor([0, 1, 2, 1])
+    by_hand = g.net(torch.cat([z, g.embed.weight[y][:, :, None, None]], dim=1))
+    torch.testing.assert_close(g(z, y), by_hand)
+    assert not torch.allclose(g(z, y), g(z, (y + 1) % 3))
+    # per sample: a sample's image does not depend on the rest of its batch (micro-batches equal one batch)
+    torch.testing.assert_close(g(z[:2], y[:2]), g(z, y)[:2])
 
 
 # ----------------------------------------------------------------------------- generators

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from gantrain import checks
-from gantrain.errors import ConfigError
 from gantrain.models.layers import (
     NORMS,
     DiscriminatorHead,
@@ -41,8 +40,10 @@ def _n_doublings(resolution: int) -> int:
 
 class Generator(nn.Module):
     """DCGAN generator: ``(B, nz, 1, 1)`` noise -> ``(B, channels, R, R)`` images in [-1, 1] (Tanh). ``dropout`` > 0
-    adds ``Dropout2d(dropout)`` after every hidden ReLU (active in train mode only). ``num_classes`` > 0: every
-    BatchNorm is class-conditional and ``forward(z, y)`` takes int64 labels ``(B,)`` (needs ``norm=batch``)."""
+    adds ``Dropout2d(dropout)`` after every hidden ReLU (active in train mode only). ``num_classes`` > 0:
+    ``forward(z, y)`` takes int64 labels ``(B,)``; with ``norm=batch`` every BatchNorm is class-conditional, with
+    ``norm=none`` a learned label embedding of ``label_dim`` (None: min(num_classes, 16)) values is concatenated to the
+    noise (the cGAN of Mirza & Osindero 2014), so that G has no batch statistics."""
 
     def __init__(
         self,
@@ -53,17 +54,16 @@ class Generator(nn.Module):
         norm: str = "batch",
         dropout: float = 0.0,
         num_classes: int = 0,
+        label_dim: int | None = None,
     ):
         super().__init__()
         for key, value in (("nz", nz), ("ngf", ngf), ("channels", channels)):
             checks.integer(key, value, at_least=1)
         checks.choice("norm", norm, G_NORMS)
         self.num_classes = checks.integer("num_classes", num_classes, 0)
-        if num_classes and norm != "batch":
-            raise ConfigError(
-                f"norm={norm}: a conditional DCGAN generator takes its labels through its BatchNorms; use norm=batch",
-                key="norm",
-            )
+        embedded = num_classes > 0 and norm == "none"  # labels join the noise; with BatchNorm they condition it
+        label_dim = (min(num_classes, 16) if label_dim is None else label_dim) if embedded else 0
+        checks.integer("label_dim", label_dim, 0 if not embedded else 1)
         checks.number("dropout", dropout, ge=0, lt=1, hint="0 turns dropout off")
         n = _n_doublings(resolution)
         widths = [ngf * 2 ** (n - 1 - i) for i in range(n)]  # e.g. [256, 128, 64] at 32 px
@@ -73,7 +73,7 @@ class Generator(nn.Module):
             return [nn.ReLU(True)] + ([nn.Dropout2d(dropout)] if dropout > 0 else [])
 
         layers: list[nn.Module] = [
-            nn.ConvTranspose2d(nz, widths[0], 4, 1, 0, bias=bias),
+            nn.ConvTranspose2d(nz + label_dim, widths[0], 4, 1, 0, bias=bias),
             norm_or_conditional(norm, widths[0], num_classes),
             *act(),
         ]  # (B, 4ngf, 4, 4)
@@ -85,9 +85,12 @@ class Generator(nn.Module):
         self.net = nn.Sequential(*layers)
         self.nz, self.channels, self.resolution = nz, channels, resolution
         self.latent_shape = (nz, 1, 1)
+        self.embed = nn.Embedding(num_classes, label_dim) if embedded else None
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         check_labels("this generator", self.num_classes, y)
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(y)[:, :, None, None]], dim=1)  # (B, nz + label_dim, 1, 1)
         return run(self.net, z, y)
 
 
