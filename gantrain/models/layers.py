@@ -208,8 +208,7 @@ class DiscriminatorHead(nn.Module):
         if self.projection:
             self.embed = nn.Embedding(num_classes, features)
             nn.init.xavier_uniform_(self.embed.weight)
-        if aux_classifier:
-            self.classifier = nn.Linear(features, num_classes)
+        self.classifier = nn.Linear(features, num_classes) if aux_classifier else None
 
     def forward(self, h: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         check_labels("this discriminator", self.num_classes, y, needed=self.projection)
@@ -226,7 +225,7 @@ class DiscriminatorHead(nn.Module):
 
     def classify(self, h: torch.Tensor) -> torch.Tensor:
         """ACGAN's class logits ``(B, num_classes)`` from features ``h``."""
-        if not hasattr(self, "classifier"):
+        if self.classifier is None:
             raise ValueError("this discriminator has no auxiliary classifier: build it with aux_classifier=true")
         return self.classifier(h.flatten(1))
 
@@ -243,6 +242,11 @@ class HeadedDiscriminator(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.head.num_classes
+
+    @property
+    def classifier(self) -> nn.Module | None:
+        """ACGAN's auxiliary classifier (None: built without ``aux_classifier``)."""
+        return self.head.classifier
 
     def classify(self, h: torch.Tensor) -> torch.Tensor:
         return self.head.classify(h)
