@@ -31,6 +31,7 @@ from gantrain.losses import (
 )
 from gantrain.models import GenerativeModel
 from gantrain.phase import Phase, Update
+from gantrain.pictures import samples_picture
 from gantrain.state import Stateful
 from gantrain.stats import report
 
@@ -191,9 +192,10 @@ class GANObjective(nn.Module):
         return {"d": terms} if terms else {}
 
     def sampler(self, model: GenerativeModel, render: Callable, noise: torch.Tensor, data) -> Callable[[], Pictures]:
-        """What a run shows at each sample step: ``samples`` of the fixed ``noise``, drawn by ``render``
-        (an image grid, a scatter plot). ``data``: the batch stream, for objectives that show real data."""
-        return lambda: {"samples": render(model.sample(noise))}
+        """What a run shows at each sample step: ``samples`` of the fixed ``noise``, drawn by ``render`` (an image grid,
+        a scatter plot; a conditional model's: one row per class, :func:`~gantrain.pictures.class_rows`). ``data``: the
+        batch stream, for objectives that show real data."""
+        return lambda: {"samples": samples_picture(model, render, noise)}
 
     def d_loss(
         self, model: GenerativeModel, batch: Batch, step: int = 0, shared: SharedFakes | None = None

@@ -7,18 +7,49 @@ Python-API sampling, :mod:`gantrain.sampling`, writes its PNGs with them too).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 
-def sample_grid(images: torch.Tensor) -> torch.Tensor:
-    """``(N, C, H, W)`` in [-1, 1] -> one ``(3, H', W')`` grid in [0, 1], ``ceil(sqrt(N))`` images per row. The one
-    layout for every sample grid: the Trainer's periodic grids and ``sample.py --out x.png``."""
+def sample_grid(images: torch.Tensor, per_row: int | None = None) -> torch.Tensor:
+    """``(N, C, H, W)`` in [-1, 1] -> one ``(3, H', W')`` grid in [0, 1], ``per_row`` images per row (None:
+    ``ceil(sqrt(N))``). The one layout for every sample grid: the Trainer's periodic grids and ``sample.py --out
+    x.png``; a conditional model's training grid has one row per class (:func:`class_rows`)."""
     from torchvision.utils import make_grid  # imported when used: torchvision takes ~1.5 s to import
 
-    return make_grid(images, nrow=math.ceil(math.sqrt(images.shape[0])), normalize=True, value_range=(-1, 1))
+    nrow = math.ceil(math.sqrt(images.shape[0])) if per_row is None else per_row
+    return make_grid(images, nrow=nrow, normalize=True, value_range=(-1, 1))
+
+
+def class_rows(num_classes: int, num_samples: int) -> tuple[torch.Tensor, int]:
+    """(the fixed labels of a conditional model's sample grid, its row length): one row per class shown.
+
+    ``rows = min(num_classes, isqrt(num_samples))`` rows of ``per_row = num_samples // rows`` samples each, so the grid
+    stays about square; the labels ``(rows * per_row,)`` int64 are row-major (row ``r``'s class ``per_row`` times), for
+    the first ``rows * per_row`` of the fixed noise. When there are more classes than rows, the rows show classes
+    evenly spaced from the first to the last: row ``r`` is class ``round(r * (num_classes - 1) / (rows - 1))``. E.g.
+    10 classes, 64 samples: 8 rows of 8, classes 0 1 3 4 5 6 8 9; 16 samples: 4 rows of 4, classes 0 3 6 9; 100
+    samples: all 10 classes in rows of 10. Deterministic (no RNG)."""
+    rows = min(num_classes, math.isqrt(num_samples))
+    if rows < 1:
+        raise ValueError(f"class_rows: no row for {num_classes} classes and {num_samples} samples")
+    shown = torch.arange(rows)
+    if 1 < rows < num_classes:  # round(r * (K - 1) / (rows - 1)) in integers: half rounds up
+        shown = (2 * shown * (num_classes - 1) + rows - 1) // (2 * (rows - 1))
+    per_row = num_samples // rows
+    return shown.repeat_interleave(per_row), per_row
+
+
+def samples_picture(model: nn.Module, render: Callable, noise: torch.Tensor) -> torch.Tensor:
+    """The training-time picture of a model's samples from the fixed ``noise``: ``render(model.sample(noise))``, or for
+    a conditional model one row per class (:func:`class_rows`), drawn with ``render(samples, per_row=...)``."""
+    if not model.conditional:
+        return render(model.sample(noise))
+    labels, per_row = class_rows(model.num_classes, noise.shape[0])
+    return render(model.sample(noise[: len(labels)], labels.to(noise.device)), per_row=per_row)
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@
 
     model = load_model("outputs/run/checkpoints/last.ckpt", "cpu")
     images = generate(model, 64, seed=0)          # (64, C, H, W) float32 on CPU, in [-1, 1]
+    threes = generate(model, 8, labels=3)         # a conditional model: class 3 (labels=[3, 5]: 3, 5, 3, ...)
     write_samples(images, "samples.png")          # .pt tensor | .png grid | anything else: a folder of PNGs
     sample_to(model, "samples/", 10**6)           # any number, in batches (a folder is written as it goes)
 
@@ -18,7 +19,7 @@ import logging
 import math
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from itertools import chain
 from pathlib import Path
@@ -35,13 +36,15 @@ from tqdm.auto import tqdm
 from gantrain import checkpoint as ckpt_io
 from gantrain import checks
 from gantrain.checkpoint import CheckpointError
-from gantrain.errors import GantrainError
+from gantrain.errors import ConfigError, GantrainError
 from gantrain.files import atomic_write
+from gantrain.models.generative import GenerativeModel
 from gantrain.pictures import sample_grid, to_uint8, unit_to_uint8
 
 log = logging.getLogger(__name__)
 
 OutputKind = Literal["pt", "png", "dir"]
+Labels = int | Sequence[int] | None  # the classes of a conditional model's samples, cycled through
 PROGRESS_MIN_FILES = 256  # a folder of fewer PNGs is written too fast for a bar to help
 NOISE_BLOCK = 4096  # latents drawn at once by generate_batches (a few MB), whatever the number of samples
 
@@ -102,16 +105,19 @@ def generate(
     device: torch.device | str | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    labels: Labels = None,
 ) -> torch.Tensor:
     """``num`` samples, float32 on CPU, in the data's own units (``model.to_data_units``): images
-    ``(num, C, H, W)`` in [-1, 1], 2-D mixture points ``(num, 2)`` in the mixture's coordinates.
+    ``(num, C, H, W)`` in [-1, 1], 2-D mixture points ``(num, 2)`` in the mixture's coordinates; ``labels``: the
+    classes of a conditional model's samples (see :func:`generate_batches`).
 
     All of :func:`generate_batches` in one tensor (so ``num`` is bounded by memory; a folder of PNGs
     is written batch by batch by :func:`sample_to`).
     """
     out: torch.Tensor | None = None
     start = 0
-    for x in generate_batches(model, num, seed=seed, device=device, batch_size=batch_size, progress=progress):
+    batches = generate_batches(model, num, seed, device, batch_size, progress, labels)
+    for x in batches:
         if out is None:  # allocate once the image shape is known; no second copy from torch.cat
             out = torch.empty((num, *x.shape[1:]), dtype=torch.float32)
         out[start : start + x.shape[0]] = x
@@ -127,6 +133,7 @@ def generate_batches(
     device: torch.device | str | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    labels: Labels = None,
 ) -> Iterator[torch.Tensor]:
     """:func:`generate`'s samples, ``batch_size`` at a time (the last batch may be smaller), whatever ``num`` is. The
     latents come from one ``torch.Generator`` seeded with ``seed`` on ``device`` (default: where the model's parameters
@@ -134,9 +141,14 @@ def generate_batches(
     only, never on ``batch_size`` or the global RNG (for ``num <= NOISE_BLOCK`` they are
     ``model.noise(num, generator=...)``). So the samples agree across batch sizes up to float rounding (~1e-9 on CPU:
     conv kernels may pick another algorithm per batch size). ``progress``: a tqdm bar when there are several batches
-    (quiet off-terminal)."""
+    (quiet off-terminal).
+
+    ``labels`` (a conditional model): a class or a list of classes; sample ``i`` gets ``labels[i % len(labels)]``
+    (None: every class in turn, ``i % num_classes``). The noise is the same as without labels. A class given to an
+    unconditional model, or out of range: :class:`~gantrain.errors.ConfigError` before anything is sampled."""
     checks.integer("num", num, at_least=1)
     checks.integer("batch_size", batch_size, at_least=1)
+    cycle = class_cycle(model, labels)
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
@@ -151,8 +163,24 @@ def generate_batches(
         b = min(batch_size, num - start)
         while z.shape[0] < b:
             z = torch.cat([z, next(blocks)])
-        yield model.to_data_units(model.sample(z[:b])).float().cpu()  # (b, C, H, W)
+        if cycle is None:
+            x = model.sample(z[:b])  # (b, C, H, W)
+        else:
+            x = model.sample(z[:b], cycle[torch.arange(start, start + b) % len(cycle)].to(device))
+        yield model.to_data_units(x).float().cpu()
         z = z[b:]
+
+
+def class_cycle(model: nn.Module, labels: Labels = None, what: str = "labels") -> torch.Tensor | None:
+    """The classes a model's samples cycle through (sample ``i``: ``cycle[i % len(cycle)]``): ``labels`` as int64,
+    every class ``0..num_classes-1`` for a conditional model without ``labels``, None for an unconditional one.
+    :class:`~gantrain.errors.ConfigError` (naming ``what``) for a class it cannot take."""
+    if not isinstance(model, GenerativeModel):  # a user's own model with noise()/sample(): no labels
+        if labels is None:
+            return None
+        raise ConfigError(f"{what}: {type(model).__name__} takes no class labels; drop {what}")
+    cycle = model.check_labels(labels, what)
+    return torch.arange(model.num_classes) if cycle is None and model.conditional else cycle
 
 
 def sample_to(
@@ -163,6 +191,7 @@ def sample_to(
     device: torch.device | str | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    labels: Labels = None,
 ) -> list[Path]:
     """:func:`generate` into :func:`write_samples`'s ``out`` for any ``num``; returns the files written. A folder of
     PNGs is written batch by batch, so ``num`` is bounded by the disk only. A ``.pt`` (one tensor) and a ``.png`` (one
@@ -172,7 +201,7 @@ def sample_to(
     kind = output_kind(out)
     # A folder shows the writing bar (one per image); a tensor or grid the sampling bar.
     bar = progress and kind != "dir"
-    batches = generate_batches(model, num, seed=seed, device=device, batch_size=batch_size, progress=bar)
+    batches = generate_batches(model, num, seed, device, batch_size, bar, labels)
     first = next(batches)
     _check_output(out, kind, num, tuple(first.shape[1:]), allocating=True)
     if kind == "dir":

@@ -96,7 +96,7 @@ class TrainerSettings:
     ddp: DDPSettings = field(default_factory=DDPSettings)  # used only under torchrun/SLURM (gantrain.distributed)
     eval_every_n_steps: int = 0  # evaluation (metrics=, the 2-D mixtures' toy/*, a VAE's held-out ELBO); 0: at the end
     monitor: str = "loss/G"  # what a run returns to a sweeper: an evaluated value's best (metrics/fid), else the last
-    monitor_mode: str = "auto"  # min | max | auto (max for elbo, precision, recall, toy/modes, toy/hq; else min)
+    monitor_mode: str = "auto"  # min | max | auto (max: elbo, precision, recall, class_accuracy, toy/*)
 
     def __post_init__(self) -> None:
         if not isinstance(self.ema, EMASettings):  # a mapping from the config

@@ -29,7 +29,7 @@ from gantrain.losses import (
 from gantrain.objectives import GANObjective, Pictures
 from gantrain.perceptual import VGG16Features
 from gantrain.phase import Phase, Update
-from gantrain.pictures import interpolation_strip, reconstruction_grid
+from gantrain.pictures import interpolation_strip, reconstruction_grid, samples_picture
 from gantrain.state import Stateful
 from gantrain.stats import report
 
@@ -179,7 +179,8 @@ class VAEObjective(nn.Module):
         return [Phase.of("VAE", model.g, updates["g"], partial(self.loss, model.g), counts_as_step=True)]
 
     def sampler(self, model: nn.Module, render: Callable, noise: torch.Tensor, data) -> Callable[[], Pictures]:
-        """Prior samples from the fixed ``noise``, the first 16 images beside their reconstructions, interpolations."""
+        """Prior samples from the fixed ``noise`` (a conditional model's: one row per class, see
+        :func:`~gantrain.pictures.class_rows`), the first 16 images beside their reconstructions, interpolations."""
         return partial(vae_pictures, model, render, noise, first_images(data))
 
     def negative_elbo_parts(self, vae: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -288,7 +289,7 @@ def vae_pictures(model: nn.Module, render: Callable, noise: torch.Tensor, real: 
     model.g.eval()
     try:
         return {
-            "samples": render(model.sample(noise)),  # prior samples from the fixed z
+            "samples": samples_picture(model, render, noise),  # prior samples from the fixed z (per class)
             "reconstructions": reconstruction_grid(model.g, real),
             "interpolation": interpolation_strip(model.g, real[:8]),
         }

@@ -10,6 +10,10 @@ GAN (any model without an encoder): ``--num`` samples of the generator (the EMA 
 them, else ``--no-ema``'s raw ones) against the run's training data or ``--reference FOLDER``, in the run's
 ``metrics`` settings (``metrics=fid``'s defaults when it had none), changed with ``--metrics KEY=VALUE``
 as on the training command line without the ``metrics.`` prefix (``extractor._target_=mypkg.Net``).
+A class-conditional checkpoint's samples have balanced labels (sample i of class i % num_classes), and it gets
+``intra_fid`` (the per-class FID against the reference images of that class, averaged) and, scored with a classifier
+of its classes (``extractor._target_=gantrain.extractors.mnist.MnistFeatures``), ``class_accuracy`` (% of samples
+classified as their label).
 
 The held-out images are the last ``data.holdout`` images of the run's own data config (train with
 ``data.holdout=N``), binarized with the fixed seed of static binarization when the run binarized.
@@ -151,7 +155,6 @@ def _is_vae(ckpt: dict) -> bool:
 def evaluate_samples(args: argparse.Namespace, ckpt: dict, data_cfg: DictConfig, device) -> dict:
     """FID/KID/PR of ``--num`` samples of the checkpoint's generator against its data or ``--reference``."""
     from gantrain.metrics.evaluators import LOADING_KEYS
-    from gantrain.metrics.suite import TAGS
     from gantrain.train import compose_config
 
     saved = ckpt["config"].get("metrics")
@@ -191,7 +194,7 @@ def evaluate_samples(args: argparse.Namespace, ckpt: dict, data_cfg: DictConfig,
     out = {name.removeprefix("metrics/"): value for name, value in result.items()}
     reference = metrics.reference or "the run's training data"
     extractor = type(metrics.extractor).__name__
-    tags = [t.removeprefix("metrics/") for w in metrics.which for t in TAGS[w]]
+    tags = [t.removeprefix("metrics/") for t in metrics.tags_for(model)]
     weights = "raw" if args.no_ema or not ckpt.get("ema") else "EMA"
     about = {"step": ckpt["step"], "weights": weights, "num": metrics.num_samples, "reference": reference}
     return {**{t: out[t] for t in tags}, **about, "extractor": extractor}
@@ -215,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif "nll_iwae" not in result:
         print(f"{args.checkpoint} (step {result['step']}, {result['weights']} weights): {result['num']} samples vs "
               f"{result['reference']}, {result['extractor']} features")  # fmt: skip
-        for name in ("fid", "kid", "precision", "recall"):
+        for name in ("fid", "kid", "precision", "recall", "intra_fid", "class_accuracy"):
             if name in result:
                 print(f"  {name:<10} {result[name]:.6g}")
     else:

@@ -1,6 +1,7 @@
 """Write samples from a gantrain training checkpoint.
 
     python scripts/sample.py --checkpoint outputs/RUN/checkpoints/last.ckpt --num 64 --out grid.png
+    python scripts/sample.py --checkpoint ... --num 16 --class 3 --out threes.png   # a conditional model's class 3
 
 A thin front end to :mod:`gantrain.sampling`; user mistakes end as one ``sample.py: error: ...``
 line on stderr with exit status 2, not a traceback. Any ``--num`` is sampled ``--batch-size`` at a
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gantrain.errors import GantrainError
-from gantrain.sampling import existing_outputs, load_model, output_kind, sample_to
+from gantrain.sampling import class_cycle, existing_outputs, load_model, output_kind, sample_to
 from gantrain.trainer import resolve_device
 
 
@@ -56,6 +57,15 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--batch-size", type=int, default=256, metavar="B", help="samples decoded at once (>= 1; default: %(default)s)"
+    )
+    parser.add_argument(
+        "--class",
+        dest="classes",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="a conditional checkpoint's class to sample (several: --class 3 5, taken in turn: 3, 5, 3, ...); "
+        "default: every class in turn, sample i of class i %% num_classes. The noise does not depend on it",
     )
     parser.add_argument(
         "--force",
@@ -100,7 +110,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except GantrainError as e:
         parser.error(" ".join(str(e).split()))  # one line, even when a torch error inside spans several
     try:
-        paths = sample_to(model, out, args.num, seed=args.seed, device=device, batch_size=args.batch_size)
+        class_cycle(model, args.classes, what="--class")  # an unconditional model, a class out of range
+    except GantrainError as e:
+        parser.error(str(e))
+    try:
+        paths = sample_to(model, out, args.num, args.seed, device, args.batch_size, labels=args.classes)
     except GantrainError as e:  # e.g. 4-channel samples as PNG, a .pt larger than memory
         parser.error(f"--out: {e}")
     except OSError as e:  # a full disk, no permission

@@ -143,11 +143,12 @@ class ImageData(DataOption, abc.ABC):
             labels=self.training_labels(),
         )
 
-    def render(self, samples: torch.Tensor) -> torch.Tensor:
-        """Generated images ``(N, C, R, R)`` in [-1, 1] -> the sample grid ``(3, H, W)`` in [0, 1]."""
+    def render(self, samples: torch.Tensor, per_row: int | None = None) -> torch.Tensor:
+        """Generated images ``(N, C, R, R)`` in [-1, 1] -> the sample grid ``(3, H, W)`` in [0, 1], ``per_row`` images
+        per row (None: ``ceil(sqrt(N))``; a conditional model's grid: one row per class)."""
         from gantrain.pictures import sample_grid
 
-        return sample_grid(samples.float().cpu())
+        return sample_grid(samples.float().cpu(), per_row)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

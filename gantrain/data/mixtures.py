@@ -206,8 +206,9 @@ class Mixture(DataOption, abc.ABC):
         x, y = float(mid[0]), float(mid[1])
         return x - half, x + half, y - half, y + half
 
-    def render(self, samples: torch.Tensor, size: int = 512) -> torch.Tensor:
-        """Scatter plot of model `samples` (N, 2) over the mode centres as a (3, size, size) float image in [0, 1].
+    def render(self, samples: torch.Tensor, size: int = 512, per_row: int | None = None) -> torch.Tensor:
+        """Scatter plot of model `samples` (N, 2) over the mode centres as a (3, size, size) float image in [0, 1]
+        (`per_row`, a conditional model's grid layout, does not apply to a scatter plot: ignored).
         White background; light grey axes through 0; each centre is a pale red disc with a red edge of radius 3 * std
         (the high-quality zone, at least 2 px); samples are 2x2 px blue dots over the discs, whose 1 px edges are drawn
         again on top. The range is fixed per mixture (`plot_box`): samples outside it are clamped to the border,

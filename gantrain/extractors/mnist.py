@@ -75,11 +75,15 @@ def load_classifier(weights_path: str) -> MnistClassifier:
 
 
 class MnistFeatures(nn.Module):
-    """Images in [-1, 1] ``(N, 1|3, H, W)``, any side -> penultimate features ``(N, 128)``; frozen, in eval mode.
+    """Images in [-1, 1] ``(N, 1|3, H, W)``, any side -> penultimate features ``(N, 128)``; frozen, in eval mode. A
+    :class:`~gantrain.extractors.Classifier` of the 10 digits too (``classify``: the logits), so a conditional model
+    scored with it gets ``metrics/class_accuracy``.
 
     Args:
         weights_path: written by ``scripts/mnist_classifier.py``; relative to the launch directory.
     """
+
+    num_classes = 10
 
     def __init__(self, weights_path: str = DEFAULT_WEIGHTS):
         super().__init__()
@@ -94,3 +98,8 @@ class MnistFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net.features(to_classifier_input(images))
+
+    @torch.no_grad()
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """The digit logits ``(N, 10)`` of images as :meth:`forward` takes them."""
+        return self.net(to_classifier_input(images))

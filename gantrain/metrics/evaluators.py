@@ -33,8 +33,10 @@ def evaluators(
         tags += data.metric_tags
     if metrics is not None:
         within("metrics", metrics.reference_features, data, data_key)
+        if "metrics/intra_fid" in metrics.tags_for(model):  # a conditional model: labelled reference, checked now
+            within("metrics", metrics.reference_labels, data, data_key, model.num_classes)
         evaluators.append(lambda: metrics.evaluate(model, data, data_key))
-        tags += metrics.tags
+        tags += metrics.tags_for(model)
     if model.encodes and data.holdout > 0:
         heldout = within("data", data.heldout, device)
         likelihood = elbo.likelihood_of_loss(loss)

@@ -19,8 +19,8 @@ from gantrain.settings import EvaluationSettings
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "min", "max")
-# Metrics where higher is better (the last part of the name); everything else (fid, kid, losses) is minimised.
-MAXIMIZED = ("elbo", "precision", "recall", "modes", "hq")
+# Metrics where higher is better (the last part of the name); the rest (fid, intra_fid, kid, losses) is minimised.
+MAXIMIZED = ("elbo", "precision", "recall", "class_accuracy", "modes", "hq")
 
 
 def direction(monitor: str, mode: str = "auto") -> str:

@@ -76,3 +76,16 @@ def scores(
         )
         out["precision"], out["recall"] = prc[metric_prc.KEY_METRIC_PRECISION], prc[metric_prc.KEY_METRIC_RECALL]
     return out
+
+
+def intra_fid(real: torch.Tensor, real_labels: torch.Tensor, fake: torch.Tensor, fake_labels: torch.Tensor) -> float:
+    """Intra-FID (Miyato & Koyama 2018): the FID between the ``fake`` and the ``real`` features of each class, averaged
+    over the classes of ``fake_labels``. ``*_labels``: the ``(N,)`` class of each feature row; every class needs at
+    least 2 rows on both sides (a covariance), else ValueError."""
+    fids = []
+    for c in fake_labels.unique().tolist():
+        r, f = real[real_labels == c], fake[fake_labels == c]
+        if min(len(r), len(f)) < 2:
+            raise ValueError(f"intra_fid: class {c} has {len(r)} reference and {len(f)} generated images; needs >= 2")
+        fids.append(scores(r, f, ["fid"])["fid"])
+    return sum(fids) / len(fids)

@@ -1,7 +1,16 @@
 """The ``metrics`` config group: which scores, how many samples, against which images, in which features.
 
-Reference features (of the training data or the ``reference`` folder) are cached in ``cache_dir`` under a key of
-the images (data config or file list) and the extractor (class, weights hash): recomputed when either changes.
+Reference features (of the training data or the ``reference`` folder) are cached with their class labels in
+``cache_dir`` under a key of the images (data config or file list) and the extractor (class, weights hash):
+recomputed when either changes.
+
+A class-conditional model is scored on ``num_samples`` samples of balanced labels (sample ``i`` of class
+``i % num_classes``: ``num_samples // num_classes`` per class) and gets, beside the scores of all its samples,
+``metrics/intra_fid`` (with ``fid``): the mean over classes of the FID between its samples of a class and the reference
+images of that class (labelled by the data, or a ``reference`` folder's class subfolders; with MNIST t10k about 1,000
+per class, 5,000 samples give 500 per class), and, with an extractor that is a
+:class:`~gantrain.extractors.Classifier` of as many classes (``MnistFeatures``), ``metrics/class_accuracy``: the %
+of samples it classifies as their label.
 """
 
 from __future__ import annotations
@@ -18,12 +27,16 @@ import torch
 from torch import nn
 
 from gantrain import checks
+from gantrain.errors import ConfigError
+from gantrain.extractors import Classifier
 from gantrain.files import atomic_write
-from gantrain.metrics.scores import WHICH, features, scores
+from gantrain.metrics.scores import WHICH, features, intra_fid, scores
+from gantrain.models.generative import GenerativeModel
 
 log = logging.getLogger(__name__)
 
 TAGS = {"fid": ["metrics/fid"], "kid": ["metrics/kid"], "pr": ["metrics/precision", "metrics/recall"]}
+CACHE_FORMAT = 2  # part of the cache key: 2 caches the labels with the features (1 did not)
 
 
 def default_cache_dir() -> Path:
@@ -94,11 +107,21 @@ class Metrics:
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.seed = checks.integer("seed", seed)
         self._real: torch.Tensor | None = None
+        self._real_labels: torch.Tensor | None = None
 
     @property
     def tags(self) -> list[str]:
         """The names :meth:`evaluate` returns (``metrics/fid``, ...)."""
         return [tag for w in self.which for tag in TAGS[w]]
+
+    def tags_for(self, model: nn.Module) -> list[str]:
+        """The names :meth:`evaluate` returns for ``model``: :attr:`tags`, and for a conditional model
+        ``metrics/intra_fid`` (with ``fid``) and ``metrics/class_accuracy`` (an extractor that classifies its
+        classes)."""
+        if not _conditional(model):
+            return self.tags
+        classifies = isinstance(self.extractor, Classifier) and self.extractor.num_classes == model.num_classes
+        return self.tags + ["metrics/intra_fid"] * ("fid" in self.which) + ["metrics/class_accuracy"] * classifies
 
     def to(self, device: torch.device | str) -> Metrics:
         self.extractor.to(device)
@@ -109,27 +132,55 @@ class Metrics:
         config, part of the cache key); from the cache when the images and the extractor are unchanged."""
         if self._real is not None:
             return self._real
-        images, about = self._reference_images(data, data_key)
+        images, labels, about = self._reference_images(data, data_key)
         about = {**about, "num_reference": self.num_reference, "extractor": fingerprint(self.extractor)}
+        about["format"] = CACHE_FORMAT
         key = hashlib.sha256(json.dumps(about, sort_keys=True, default=str).encode()).hexdigest()[:24]
         path = self.cache_dir / f"{key}.pt"
         if path.is_file():
             try:
-                self._real = torch.load(path, map_location="cpu", weights_only=True)["features"]
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                self._real, self._real_labels = saved["features"], saved.get("labels")
                 log.info("metrics: reference features from the cache %s", path)
                 return self._real
             except Exception as e:  # noqa: BLE001 - a broken cache entry is recomputed
                 log.warning("metrics: cannot read the cached features %s (%s); recomputing them", path, e)
         log.info("metrics: computing the features of %d reference images (cached in %s)", len(images), path)
-        self._real = features(self.extractor, _batches(images, self.batch_size))
+        self._real, self._real_labels = features(self.extractor, _batches(images, self.batch_size)), labels
+        entry = {"features": self._real, "labels": labels, "about": about}
         try:
-            atomic_write(path, lambda f: torch.save({"features": self._real, "about": about}, f), fsync=False)
+            atomic_write(path, lambda f: torch.save(entry, f), fsync=False)
         except OSError as e:  # a read-only or full cache: evaluate anyway
             log.warning("metrics: cannot cache the reference features in %s (%s)", path, e)
         return self._real
 
-    def _reference_images(self, data: Any, data_key: dict | None) -> tuple[Sequence[torch.Tensor], dict]:
-        """(the reference images as a dataset of (C, R, R) tensors, what identifies them)."""
+    def reference_labels(self, data: Any, data_key: dict | None, num_classes: int) -> torch.Tensor:
+        """The ``(N,)`` classes of :meth:`reference_features`' images, checked for the intra-FID of a model of
+        ``num_classes`` classes: :class:`ConfigError` in one line when the reference has no labels or other classes,
+        or a class has fewer than 2 reference or generated images."""
+        self.reference_features(data, data_key)
+        labels, where = self._real_labels, f"'{self.reference}'" if self.reference else "the training data"
+        if labels is None:
+            raise ConfigError(
+                f"reference={self.reference}: intra_fid compares each class's samples with its reference images, and "
+                f"{where} has no class labels (a folder needs one subfolder per class); or drop fid from which",
+                key="reference",
+            )
+        counts = torch.bincount(labels, minlength=num_classes)
+        if len(counts) > num_classes or counts.min() < 2 or self.num_samples < 2 * num_classes:
+            raise ConfigError(
+                f"num_samples={self.num_samples}: intra_fid needs >= 2 images of each of the model's {num_classes} "
+                f"classes on both sides; this gives {self.num_samples // num_classes} per class, and {where} has "
+                f"{counts.tolist()} reference images per class",
+                key="num_samples",
+            )
+        return labels
+
+    def _reference_images(
+        self, data: Any, data_key: dict | None
+    ) -> tuple[Sequence[torch.Tensor], torch.Tensor | None, dict]:
+        """(the reference images as a dataset of (C, R, R) tensors, their (N,) classes or None, what identifies
+        them)."""
         if not data.images:
             checks.fail("metrics", "on", f"used with image data; {type(data).__name__} has no images")
         if self.reference is not None:
@@ -141,25 +192,44 @@ class Metrics:
                 dataset = folder.dataset()
             except DataError as e:  # names data.path; here it is metrics.reference
                 raise DataError(str(e).replace("data.path", "metrics.reference")) from None
+            labels = folder.training_labels()
             files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in image_files(self.reference)]
             about = {"folder": self.reference, "files": hashlib.sha256(str(files).encode()).hexdigest()}
             about.update(resolution=data.resolution, channels=data.channels)
         else:
             dataset, about = data.training_dataset(), {"data": data_key or repr(vars(data))}
+            labels = data.training_labels()
         n = len(dataset)
         if n > self.num_reference:  # a fixed random subset: the first images of a folder may be one class
-            picked = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: self.num_reference]
-            dataset = _Subset(dataset, sorted(picked.tolist()))
-        return dataset, about
+            picked = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: self.num_reference].sort().values
+            dataset, labels = _Subset(dataset, picked.tolist()), None if labels is None else labels[picked]
+        return dataset, labels, about
 
     def generated_features(
-        self, sample: Callable[[torch.Tensor], torch.Tensor], noise: Callable, device
+        self,
+        sample: Callable[..., torch.Tensor],
+        noise: Callable,
+        device,
+        labels: torch.Tensor | None = None,
+        predicted: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Features of ``num_samples`` images ``sample(z)``, ``z = noise(n, device, generator)`` from the fixed seed."""
+        """Features of ``num_samples`` images ``sample(z)``, ``z = noise(n, device, generator)`` from the fixed seed;
+        with ``labels`` ``(num_samples,)``, ``sample(z, y)`` with each batch's labels. ``predicted``: a list that gets
+        the extractor's class (a :class:`~gantrain.extractors.Classifier`'s argmax) of each batch."""
         generator = torch.Generator(device).manual_seed(self.seed)
         sizes = [self.batch_size] * (self.num_samples // self.batch_size)
         sizes += [self.num_samples % self.batch_size] if self.num_samples % self.batch_size else []
-        return features(self.extractor, (sample(noise(n, device, generator=generator)) for n in sizes))
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+
+        def batches() -> Iterator[torch.Tensor]:
+            for start, n in zip(starts, sizes):
+                z = noise(n, device, generator=generator)
+                x = sample(z) if labels is None else sample(z, labels[start : start + n].to(device))
+                if predicted is not None:
+                    predicted.append(self.extractor.classify(x.to(_device(self.extractor))).argmax(1).cpu())
+                yield x
+
+        return features(self.extractor, batches())
 
     def scores(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:
         """:func:`~gantrain.metrics.scores.scores` with these settings, named ``metrics/<name>``."""
@@ -176,10 +246,31 @@ class Metrics:
 
     def evaluate(self, model: nn.Module, data: Any, data_key: dict | None = None) -> dict[str, float]:
         """The scores of ``model``'s samples (``model.noise``/``model.sample``, as it is now: swap EMA weights in
-        before) against the reference."""
+        before) against the reference; a conditional model's with balanced labels, and :meth:`tags_for`'s
+        intra-FID and class accuracy."""
         real = self.reference_features(data, data_key)
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        return self.scores(real, self.generated_features(model.sample, model.noise, device))
+        device = _device(model)
+        if not _conditional(model):
+            return self.scores(real, self.generated_features(model.sample, model.noise, device))
+        tags = self.tags_for(model)
+        labels = torch.arange(self.num_samples) % model.num_classes  # balanced: num_samples // K per class
+        predicted: list[torch.Tensor] | None = [] if "metrics/class_accuracy" in tags else None
+        fake = self.generated_features(model.sample, model.noise, device, labels, predicted)
+        out = self.scores(real, fake)
+        if "metrics/intra_fid" in tags:
+            real_labels = self.reference_labels(data, data_key, model.num_classes)
+            out["metrics/intra_fid"] = intra_fid(real, real_labels, fake, labels)
+        if predicted is not None:
+            out["metrics/class_accuracy"] = 100 * (torch.cat(predicted) == labels).double().mean().item()
+        return out
+
+
+def _conditional(model: nn.Module) -> bool:
+    return isinstance(model, GenerativeModel) and model.conditional
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
 class _Subset:
