@@ -24,16 +24,19 @@ def sample_grid(images: torch.Tensor, per_row: int | None = None) -> torch.Tenso
     return make_grid(images, nrow=nrow, normalize=True, value_range=(-1, 1))
 
 
+MIN_PER_ROW = 4  # samples of one class in a row of a conditional run's grid, before classes are left out
+
+
 def class_rows(num_classes: int, num_samples: int) -> tuple[torch.Tensor, int]:
     """(the fixed labels of a conditional model's sample grid, its row length): one row per class shown.
 
-    ``rows = min(num_classes, isqrt(num_samples))`` rows of ``per_row = num_samples // rows`` samples each, so the grid
-    stays about square; the labels ``(rows * per_row,)`` int64 are row-major (row ``r``'s class ``per_row`` times), for
-    the first ``rows * per_row`` of the fixed noise. When there are more classes than rows, the rows show classes
-    evenly spaced from the first to the last: row ``r`` is class ``round(r * (num_classes - 1) / (rows - 1))``. E.g.
-    10 classes, 64 samples: 8 rows of 8, classes 0 1 3 4 5 6 8 9; 16 samples: 4 rows of 4, classes 0 3 6 9; 100
-    samples: all 10 classes in rows of 10. Deterministic (no RNG)."""
-    rows = min(num_classes, math.isqrt(num_samples))
+    ``rows = min(num_classes, num_samples // MIN_PER_ROW)`` rows (at least one) of ``per_row = num_samples // rows``
+    samples each, so every class gets a row when each row can still show ``MIN_PER_ROW`` samples; the labels
+    ``(rows * per_row,)`` int64 are row-major (row ``r``'s class ``per_row`` times), for the first ``rows * per_row`` of
+    the fixed noise. When there are more classes than rows, the rows show classes evenly spaced from the first to the
+    last: row ``r`` is class ``round(r * (num_classes - 1) / (rows - 1))``. E.g. 10 classes, 64 samples: 10 rows of 6;
+    16 samples: 4 rows of 4, classes 0 3 6 9; 25 classes, 64 samples: 16 rows of 4. Deterministic (no RNG)."""
+    rows = min(num_classes, num_samples // MIN_PER_ROW) or min(num_classes, num_samples)
     if rows < 1:
         raise ValueError(f"class_rows: no row for {num_classes} classes and {num_samples} samples")
     shown = torch.arange(rows)

@@ -163,11 +163,12 @@ def test_cli_samples_the_classes_asked_for(capsys, tmp_path, cond_ckpt):
 @pytest.mark.parametrize(
     "num_classes, num_samples, per_row, shown",
     [
-        (10, 64, 8, [0, 1, 3, 4, 5, 6, 8, 9]),
+        (10, 64, 6, list(range(10))),  # 60 of the 64 drawn
         (10, 16, 4, [0, 3, 6, 9]),
         (10, 100, 10, list(range(10))),
         (10, 128, 12, list(range(10))),  # 120 of the 128 drawn
-        (25, 64, 8, [0, 3, 7, 10, 14, 17, 21, 24]),
+        (25, 64, 4, [0, 2, 3, 5, 6, 8, 10, 11, 13, 14, 16, 18, 19, 21, 22, 24]),
+        (10, 2, 1, [0, 9]),  # fewer samples than a full row: one sample per row
         (25, 16, 4, [0, 8, 16, 24]),
         (8, 2500, 312, list(range(8))),
     ],
