@@ -7,7 +7,9 @@ either Bernoulli logits of ``x01`` or the Gaussian mean of ``x01``.
 
 A VAE here is anything with ``encode(x) -> (mu, logvar)`` (each ``(B, D)``), ``decode(z) -> raw``,
 ``likelihood in {"bernoulli", "gaussian"}`` and ``latent_dim``; :func:`evaluate_nll` also uses
-``nn.Module``'s ``train``/``eval``/``parameters``.
+``nn.Module``'s ``train``/``eval``/``parameters``. A conditional VAE (Sohn et al. 2015; ``num_classes > 0``) has
+``encode(x, y)`` and ``decode(z, y)``: the functions below take the labels ``y`` ``(B,)`` and pass them on, and the
+ELBO/NLL are then of ``log p(x | y)``.
 
 References (cited by the functions): Kingma & Welling 2014, "Auto-Encoding Variational Bayes"; Burda et al.
 2016, "Importance Weighted Autoencoders"; Bowman et al. 2016, "Generating Sentences from a Continuous Space";
@@ -171,10 +173,11 @@ def _importance_terms(
     log_likelihood: LogLikelihood,
     chunk: int | None,
     generator: torch.Generator | None,
+    y: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log p(target|z_i), log p(z_i) - log q(z_i|x))``, each ``(k, B)``, for ``z_i ~ q(z|x)``. All ``k * B * D``
     standard normals are drawn in one call before any decoding, so the samples (hence the results) do not depend on
-    ``chunk``."""
+    ``chunk``. ``y``: a conditional VAE's labels ``(B,)``, decoded with every sample."""
     b, d = mu.shape
     eps = torch.randn((k, b, d), generator=generator, dtype=mu.dtype, device=mu.device)  # (k, B, D)
     std = torch.exp(0.5 * logvar)
@@ -187,7 +190,8 @@ def _importance_terms(
     for start in range(0, k, step):
         zc = z[start : start + step]  # (c, B, D)
         c = zc.shape[0]
-        raw = vae.decode(zc.reshape(c * b, d))  # (c*B, C, H, W)
+        zc = zc.reshape(c * b, d)
+        raw = vae.decode(zc) if y is None else vae.decode(zc, y.repeat(c))  # (c*B, C, H, W); y.repeat matches zc
         tgt = target.unsqueeze(0).expand(c, *target.shape).reshape(c * b, *target.shape[1:])
         parts.append(log_likelihood(raw, tgt).view(c, b))
     return torch.cat(parts, 0), log_prior_ratio
@@ -201,6 +205,7 @@ def log_weights(
     chunk: int | None = None,
     target: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Importance log-weights ``log p(t|z_i) + log p(z_i) - log q(z_i|x)``, ``(k, B)``, ``z_i ~ q(z|x)``.
 
@@ -215,14 +220,15 @@ def log_weights(
             ``target=x`` for a model whose likelihood lives on ``x`` itself.
         generator: for the ``k * B * D`` standard normals (default: the global RNG). ``z_i`` is formed here,
             not by ``vae.reparameterize``, so this stream alone fixes the samples, whatever ``chunk``.
+        y: a conditional VAE's labels ``(B,)`` (given to ``encode`` and ``decode``); None for an unconditional one.
 
     Gradients are kept (reparameterised); wrap the call in ``torch.no_grad()`` for evaluation.
     """
     _check_k_chunk(k, chunk)
     if target is None:
         target = (x + 1) / 2
-    mu, logvar = vae.encode(x)
-    log_lik, log_prior_ratio = _importance_terms(vae, mu, logvar, target, k, log_likelihood, chunk, generator)
+    mu, logvar = vae.encode(x) if y is None else vae.encode(x, y)
+    log_lik, log_prior_ratio = _importance_terms(vae, mu, logvar, target, k, log_likelihood, chunk, generator, y)
     return log_lik + log_prior_ratio
 
 
@@ -251,8 +257,9 @@ def evaluate_nll(
     """ELBO and importance-weighted NLL of ``vae`` over every image in ``batches``, in nats per image.
 
     Args:
-        batches: tensors ``(B, C, H, W)`` in [-1, 1] (a ``(x, y)`` tuple/list uses its first item);
-            moved to the device of ``vae``'s parameters.
+        batches: tensors ``(B, C, H, W)`` in [-1, 1] (a ``(x, y)`` tuple/list uses its first item, and its labels
+            ``y`` when ``vae`` is conditional, ``vae.num_classes > 0``, which needs them); moved to the device of
+            ``vae``'s parameters.
         k, chunk: importance samples per image and samples per decoder pass (:func:`log_weights`).
         log_likelihood: ``(raw, x01) -> (N,)``; default ``likelihood_fn(vae.likelihood)`` (gaussian: per-image
             optimal sigma). A model trained with a fixed or learned sigma must pass its own.
@@ -282,12 +289,16 @@ def evaluate_nll(
         for batch in tqdm(
             batches, total=total, desc="evaluating NLL", unit="batch", disable=None if progress else True
         ):
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+            if not getattr(vae, "num_classes", 0):
+                y = None
+            elif y is None:
+                raise GantrainError(f"evaluate_nll: the VAE is conditional on {vae.num_classes} classes: give (x, y)")
             if device is not None:
-                x = x.to(device)
+                x, y = x.to(device), None if y is None else y.to(device)
             x01 = (x + 1) / 2
-            mu, logvar = vae.encode(x)
-            log_lik, log_prior_ratio = _importance_terms(vae, mu, logvar, x01, k, log_likelihood, chunk, generator)
+            mu, logvar = vae.encode(x) if y is None else vae.encode(x, y)
+            log_lik, log_prior_ratio = _importance_terms(vae, mu, logvar, x01, k, log_likelihood, chunk, generator, y)
             log_w = log_lik + log_prior_ratio  # (k, B)
             sums["elbo"] += (log_lik[0] - gaussian_kl(mu, logvar)).double().sum().item()
             sums["elbo_mc"] += elbo_estimate(log_w).double().sum().item()

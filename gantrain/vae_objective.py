@@ -183,14 +183,18 @@ class VAEObjective(nn.Module):
         :func:`~gantrain.pictures.class_rows`), the first 16 images beside their reconstructions, interpolations."""
         return partial(vae_pictures, model, render, noise, first_images(data))
 
-    def negative_elbo_parts(self, vae: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(decoder output, mu, logvar) for a batch, with one reparameterised sample."""
-        mu, logvar = vae.encode(x)
-        return vae.decode(vae.reparameterize(mu, logvar)), mu, logvar
+    def negative_elbo_parts(
+        self, vae: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(decoder output, mu, logvar) for a batch, with one reparameterised sample; ``y``: a conditional VAE's
+        labels (Sohn et al. 2015: q(z | x, y), p(x | z, y)), None for an unconditional one."""
+        labels = () if y is None else (y,)  # an unconditional VAE's encode/decode are called as before
+        mu, logvar = vae.encode(x, *labels)
+        return vae.decode(vae.reparameterize(mu, logvar), *labels), mu, logvar
 
     def loss(self, vae: nn.Module, batch: Batch, step: int = 0) -> torch.Tensor:
         x = batch.x
-        raw, mu, logvar = self.negative_elbo_parts(vae, x)
+        raw, mu, logvar = self.negative_elbo_parts(vae, x, vae_labels(vae, batch))
         recon, nll = torch.zeros((), device=x.device), []
         for name, term in self.terms.items():
             cost = term(vae, raw, x)  # (B,)
@@ -261,13 +265,14 @@ class VAEGANObjective(GANObjective):
 
     def vae_loss(self, model: nn.Module, batch: Batch, step: int = 0) -> torch.Tensor:
         vae, d, x, real = model.g, model.d, self.adversarial.d_input, batch.x
-        mu, logvar = vae.encode(real)
-        recon_images = vae.to_images(vae.decode(vae.reparameterize(mu, logvar)))
+        labels = model.labels(batch.y)
+        mu, logvar = vae.encode(real, **labels)
+        recon_images = vae.to_images(vae.decode(vae.reparameterize(mu, logvar), **labels))
         with torch.no_grad():
             real_features = d.features(x(real))
         diff = d.features(x(recon_images)) - real_features
         recon = 0.5 * _full(diff).pow(2).flatten(1).sum(1).mean()
-        prior_images = vae(model.prior(len(batch), real.device).z)
+        prior_images = model.generate(model.prior(len(batch), real.device))  # D itself sees no labels yet
         adv = self.adversarial.g_loss(d(x(prior_images)))
         kl_term, kl = self.kl.term(mu, logvar, step)
         loss = self.feature_weight * recon + kl_term + adv
@@ -276,6 +281,16 @@ class VAEGANObjective(GANObjective):
         report("loss/G/adv", adv)
         report("loss/G", loss)
         return loss
+
+
+def vae_labels(vae: nn.Module, batch: Batch) -> torch.Tensor | None:
+    """The batch's labels for a conditional VAE (``vae.num_classes > 0``), None for an unconditional one (which
+    ignores the labels a dataset carries)."""
+    if not getattr(vae, "num_classes", 0):
+        return None
+    if batch.y is None:
+        raise ValueError(f"this VAE is conditional on {vae.num_classes} classes but the batch has no labels")
+    return batch.y
 
 
 def first_images(stream, n: int = 16) -> torch.Tensor:

@@ -135,6 +135,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
         hint = " (if the run used paths relative to another directory, pass e.g. --data root=/abs/path)"
         raise GantrainError(f"--data: {err}" + (hint if isinstance(err, DataError) else "")) from None
     batches = heldout.split(args.batch_size)
+    if model.conditional:  # the ELBO of log p(x | y): each held-out image with its label
+        batches = list(zip(batches, data.heldout_labels().split(args.batch_size)))
     result = elbo.evaluate_nll(
         vae,
         batches,

@@ -127,6 +127,13 @@ class ImageData(DataOption, abc.ABC):
         held = _images_between(full, n_train, len(full), binarized=self.binarize != "none")
         return stack(held, torch.device(device), self.num_workers, seed=0)
 
+    def heldout_labels(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """The (holdout,) int64 classes of `heldout()`'s images (a conditional VAE's held-out ELBO), None when the
+        data has none."""
+        full, n_train = self._split()
+        labels = getattr(full, "labels", None)
+        return None if labels is None else labels[n_train:].to(device)
+
     def stream(self, seed: int, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1) -> BatchStream:
         """The endless, resumable batch stream the Trainer draws from (training images only); under DDP this
         rank's shard of each batch."""

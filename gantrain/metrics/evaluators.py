@@ -39,11 +39,14 @@ def evaluators(
         tags += metrics.tags_for(model)
     if model.encodes and data.holdout > 0:
         heldout = within("data", data.heldout, device)
+        labels = data.heldout_labels(device) if model.conditional else None  # a conditional VAE's ELBO: log p(x | y)
         likelihood = elbo.likelihood_of_loss(loss)
 
         def heldout_elbo() -> dict[str, float]:
             generator = torch.Generator(device).manual_seed(seed + 2)
             batches = heldout.split(data.batch_size)
+            if labels is not None:
+                batches = list(zip(batches, labels.split(data.batch_size)))
             nll = elbo.evaluate_nll(
                 model.g, batches, k=1, log_likelihood=likelihood, progress=False, generator=generator
             )
