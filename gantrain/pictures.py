@@ -56,26 +56,35 @@ def samples_picture(model: nn.Module, render: Callable, noise: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def reconstruction_grid(vae: nn.Module, x: torch.Tensor, per_row: int = 4) -> torch.Tensor:
+def reconstruction_grid(
+    vae: nn.Module, x: torch.Tensor, per_row: int = 4, y: torch.Tensor | None = None
+) -> torch.Tensor:
     """Inputs beside their reconstructions (posterior mean, decoded): ``(3, H', W')`` in [0, 1]. ``x`` ``(N, C, H, W)``
-    in [-1, 1]; each row holds ``per_row`` (input, reconstruction) pairs."""
-    pairs = torch.stack([x, vae.reconstruct(x).to(x.dtype)], dim=1).flatten(0, 1)  # (2N, C, H, W): x0, r0, x1, ...
+    in [-1, 1] (``y``: their labels, for a conditional VAE); each row holds ``per_row`` (input, reconstruction)
+    pairs."""
+    recon = vae.reconstruct(x) if y is None else vae.reconstruct(x, y)
+    pairs = torch.stack([x, recon.to(x.dtype)], dim=1).flatten(0, 1)  # (2N, C, H, W): x0, r0, x1, ...
     from torchvision.utils import make_grid
 
     return make_grid(pairs.float().cpu(), nrow=2 * per_row, normalize=True, value_range=(-1, 1))
 
 
 @torch.no_grad()
-def interpolation_strip(vae: nn.Module, x: torch.Tensor, steps: int = 10) -> torch.Tensor:
+def interpolation_strip(
+    vae: nn.Module, x: torch.Tensor, steps: int = 10, y: torch.Tensor | None = None
+) -> torch.Tensor:
     """Decoded straight lines between the posterior means of consecutive pairs of ``x``: one row per pair. ``x``
-    ``(2P, C, H, W)`` in [-1, 1] -> ``(3, H', W')`` in [0, 1]; row ``p``: image ``2p`` to ``2p + 1`` in ``steps``."""
-    mu, _ = vae.encode(x)
+    ``(2P, C, H, W)`` in [-1, 1] -> ``(3, H', W')`` in [0, 1]; row ``p``: image ``2p`` to ``2p + 1`` in ``steps``.
+    A conditional VAE (``y``: the labels of ``x``) encodes each image with its label and decodes row ``p`` with image
+    ``2p``'s label: the strip moves in z with the class held."""
+    mu, _ = vae.encode(x) if y is None else vae.encode(x, y)
     start, end = mu[0::2], mu[1::2]  # (P, D)
     t = torch.linspace(0, 1, steps, device=mu.device, dtype=mu.dtype).view(1, steps, 1)
     z = (start[:, None] + t * (end - start)[:, None]).flatten(0, 1)  # (P * steps, D)
+    images = vae(z) if y is None else vae(z, y[0::2].repeat_interleave(steps))
     from torchvision.utils import make_grid
 
-    return make_grid(vae(z).float().cpu(), nrow=steps, normalize=True, value_range=(-1, 1))
+    return make_grid(images.float().cpu(), nrow=steps, normalize=True, value_range=(-1, 1))
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

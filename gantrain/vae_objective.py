@@ -293,20 +293,26 @@ def vae_labels(vae: nn.Module, batch: Batch) -> torch.Tensor | None:
     return batch.y
 
 
-def first_images(stream, n: int = 16) -> torch.Tensor:
-    """The stream's first ``n`` training images ``(n, C, H, W)``, on its device: the fixed reconstruction inputs."""
-    return torch.stack([stream.dataset[i] for i in range(min(n, len(stream.dataset)))]).to(stream.device)
+def first_images(stream, n: int = 16) -> Batch:
+    """The stream's first ``n`` training images ``(n, C, H, W)`` and their labels (None without), on its device: the
+    fixed reconstruction inputs."""
+    n = min(n, len(stream.dataset))
+    labels = None if stream.labels is None else stream.labels[:n].to(stream.device)
+    return Batch(torch.stack([stream.dataset[i] for i in range(n)]).to(stream.device), labels)
 
 
-def vae_pictures(model: nn.Module, render: Callable, noise: torch.Tensor, real: torch.Tensor) -> Pictures:
-    """A VAE's pictures, in eval mode: prior samples, ``real`` beside its reconstructions, interpolations."""
+def vae_pictures(model: nn.Module, render: Callable, noise: torch.Tensor, real: Batch) -> Pictures:
+    """A VAE's pictures, in eval mode: prior samples, ``real`` beside its reconstructions, interpolations (a
+    conditional VAE reconstructs each image with its label, and interpolates with the first image's label)."""
     was_training = model.g.training
     model.g.eval()
     try:
         return {
             "samples": samples_picture(model, render, noise),  # prior samples from the fixed z (per class)
-            "reconstructions": reconstruction_grid(model.g, real),
-            "interpolation": interpolation_strip(model.g, real[:8]),
+            "reconstructions": reconstruction_grid(model.g, real.x, **model.labels(real.y)),
+            "interpolation": interpolation_strip(
+                model.g, real.x[:8], **model.labels(real.y[:8] if model.conditional else None)
+            ),
         }
     finally:
         model.g.train(was_training)

@@ -178,7 +178,6 @@ def test_discriminator_configuration_errors():
         resnet.Discriminator(ndf=4, aux_classifier=True)
 
 
-
 def test_a_batchnorm_free_conditional_dcgan_generator_concatenates_a_label_embedding_to_the_noise():
     torch.manual_seed(0)
     g = dcgan.Generator(nz=6, ngf=4, channels=1, resolution=8, norm="none", num_classes=3)
