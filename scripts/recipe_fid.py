@@ -45,12 +45,16 @@ from gantrain.errors import GantrainError
 from gantrain.extractors.mnist import DEFAULT_WEIGHTS, MnistFeatures
 from gantrain.files import atomic_write, replace_marked_section
 from gantrain.metrics import features, scores
+from gantrain.metrics.scores import intra_fid
 from gantrain.metrics.suite import fingerprint
 from gantrain.models import GenerativeModel
 from gantrain.sampling import generate, load_model
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGE_RECIPES = ["dcgan", "wgan_gp", "wgan", "hinge_sngan", "lsgan", "vae", "vaegan", "vae_mlp", "vae_mnist"]
+IMAGE_RECIPES = [
+    "dcgan", "wgan_gp", "wgan", "hinge_sngan", "lsgan", "r3gan", "vae", "vaegan", "vae_mlp", "vae_mnist",
+    "cgan_pd", "acgan", "cvae",
+]  # fmt: skip
 HAND = "hand-written DCGAN loop"
 _LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+\]")
 
@@ -194,9 +198,19 @@ class Scorer:
             self.real[resolution] = features(self.extractor, mnist_t10k(self.data, resolution))
         return self.real[resolution]
 
-    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+    def __call__(self, model: GenerativeModel) -> dict[str, float]:
+        """FID, KID, precision/recall; for a conditional model also the class accuracy (%: samples the classifier
+        labels as the class they were generated for) and intra-FID, on balanced labels (sample i: class i % 10)."""
         fake = generate(model, self.num, seed=0, device="cpu", progress=False)
-        return scores(self.real_features(fake.shape[-1]), features(self.extractor, fake))
+        real, fake_features = self.real_features(fake.shape[-1]), features(self.extractor, fake)
+        out = scores(real, fake_features)
+        if model.conditional:
+            labels = torch.arange(self.num) % model.num_classes
+            with torch.no_grad():
+                predicted = torch.cat([self.extractor.classify(x).argmax(1) for x in fake.split(500)])
+            out["class_accuracy"] = 100.0 * (predicted == labels).double().mean().item()
+            out["intra_fid"] = intra_fid(real, mnist_t10k_labels(self.data), fake_features, labels)
+        return out
 
     def file(self, weights: Path, which: str, load: Callable[[], torch.nn.Module]) -> dict[str, float]:
         """Scores of the generator ``load()`` builds from ``weights``, kept in the run directory's ``scores.json``,
@@ -209,6 +223,14 @@ class Scorer:
             saved[key] = self(load())
             atomic_write(cache, lambda f: f.write(json.dumps(saved, indent=1).encode()), fsync=False)
         return saved[key]
+
+
+def mnist_t10k_labels(root: Path) -> torch.Tensor:
+    """The classes of :func:`mnist_t10k`'s images, in the same order."""
+    from gantrain.data.mnist import TorchvisionImages
+
+    data = TorchvisionImages(name="mnist", root=str(root), split="test", download=False, channels=1, resolution=32)
+    return data.training_labels()
 
 
 def score_recipe(run_dir: Path, scorer: Scorer) -> tuple[dict[str, float], float | None, int]:
@@ -254,6 +276,29 @@ def table(results: list[Result]) -> list[str]:
     return rows
 
 
+def conditional_table(results: list[Result]) -> list[str]:
+    """One row per conditional run (every seed), then each recipe's mean: class accuracy, intra-FID and the rest."""
+    rows = [
+        "| recipe | seed | steps | class accuracy % | intra-FID | FID | KID | precision | recall | wall min |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    keys = ("class_accuracy", "intra_fid", "fid", "kid", "precision", "recall")
+    formats = (".2f", ".2f", ".2f", ".4g", ".3f", ".3f")
+
+    def row(name: str, seed: str, steps: int, values: list[float], wall: float) -> str:
+        cells = " | ".join(format(v, f) for v, f in zip(values, formats))
+        return f"| {name} | {seed} | {steps} | {cells} | {wall / 60:.1f} |"
+
+    for recipe in dict.fromkeys(r.recipe for r in results if "class_accuracy" in r.scores):
+        rs = [r for r in results if r.recipe == recipe]
+        for r in rs:
+            rows.append(row(f"`{recipe}`", str(r.seed), r.steps, [r.scores[k] for k in keys], r.wall_s))
+        if len(rs) > 1:
+            means = [statistics.fmean(r.scores[k] for r in rs) for k in keys]
+            rows.append(row(f"`{recipe}` mean", "—", rs[0].steps, means, statistics.fmean(r.wall_s for r in rs)))
+    return rows
+
+
 def report(results: list[Result], args: argparse.Namespace, argv: list[str], img_dir: Path | None) -> str:
     extra = f" plus `{' '.join(args.overrides)}`" if args.overrides else ""
     lines = [
@@ -273,6 +318,15 @@ def report(results: list[Result], args: argparse.Namespace, argv: list[str], img
         *table(results),
         "",
     ]
+    if any("class_accuracy" in r.scores for r in results):
+        lines += [
+            "Conditional recipes, per seed: the class accuracy is the share of samples (1,000 per class, classes "
+            "balanced) the MNIST classifier labels as the class they were generated for; intra-FID the FID of each "
+            "class's samples against that class's ~1,000 real images, averaged over the 10 classes.",
+            "",
+            *conditional_table(results),
+            "",
+        ]
     for recipe in dict.fromkeys(r.recipe for r in results):
         first = next(r for r in results if r.recipe == recipe)
         if first.grid and img_dir:

@@ -37,10 +37,20 @@ RANKS = 2
 STEPS = 3
 GAN = ["+experiment=dcgan", "model.g.norm=none", "model.d.norm=none"]  # BatchNorm statistics are per rank
 R1_ONLY = [*GAN, "loss.r1.gamma=1"]  # a D loss that is only R1, which misses D's last bias: the unused-parameter trap
+# labels on reals and fakes: G embeds them (no BatchNorm), D projects them and classifies (ACGAN), RpGAN and R2
+CONDITIONAL = [
+    "+experiment=acgan",
+    "loss=rpgan",
+    "loss.r2.gamma=1",
+    "model.g.norm=none",
+    "model.d.norm=none",
+    "model.d.projection=true",
+]
 SCENARIOS = {  # name -> (accumulated micro-batches, overrides)
     **{f"dcgan/{k}": (k, GAN) for k in (1, 2)},
     **{f"wgan_gp/{k}": (k, ["+experiment=wgan_gp", "model.g.norm=none"]) for k in (1, 2)},
     **{f"vae/{k}": (k, ["+experiment=vae"]) for k in (1, 2)},
+    **{f"conditional/{k}": (k, CONDITIONAL) for k in (1, 2)},
     "dcgan_batchnorm": (1, ["+experiment=dcgan"]),  # hygiene only: per-rank batch statistics differ from 2b's
     "r1_only": (1, [*R1_ONLY, "trainer.ddp.find_unused_parameters=true"]),
     "r1_only/find_unused_off": (1, R1_ONLY),
@@ -55,8 +65,8 @@ def r1_only(self, model, batch: Batch, step: int = 0, shared=None) -> torch.Tens
 class Batches:
     """Real batch i: rows [i * RANKS * B + rank * B, ...) of ``images`` (the reference: all ranks' rows)."""
 
-    def __init__(self, images: torch.Tensor, rank: int | None):
-        self.images, self.rank, self.i = images, rank, 0
+    def __init__(self, images: torch.Tensor, rank: int | None, labels: torch.Tensor | None = None):
+        self.images, self.rank, self.labels, self.i = images, rank, labels, 0
 
     def __iter__(self):
         return self
@@ -65,20 +75,26 @@ class Batches:
         start = self.i * RANKS * B + (0 if self.rank is None else self.rank * B)
         n = RANKS * B if self.rank is None else B
         self.i += 1
-        return Batch(self.images[torch.arange(start, start + n) % len(self.images)])
+        index = torch.arange(start, start + n) % len(self.images)
+        return Batch(self.images[index], None if self.labels is None else self.labels[index])
 
     def state_dict(self) -> dict:
         return {"i": self.i}
 
 
 class RankDraws(Callback):
-    """The reference's RNG: torch.randn/rand/randn_like without a generator return the ranks' draws, concatenated."""
+    """The reference's RNG: torch.randn/rand/randn_like/randint without a generator return the ranks' draws,
+    concatenated."""
 
     def __init__(self, seed: int):
         self.seed = seed
         self.gens = [torch.Generator() for _ in range(RANKS)]
         for name in ("randn", "rand"):
             setattr(torch, name, self.split(getattr(torch, name)))
+        randint = torch.randint
+        torch.randint = lambda low, high, size, **kw: self.split(lambda shape, **k: randint(low, high, shape, **k))(
+            size, **kw
+        )
         randn = torch.randn
         torch.randn_like = lambda x, **kw: randn(x.shape, dtype=x.dtype, device=x.device)
 
@@ -136,7 +152,7 @@ def run(name: str, k: int, overrides: list[str], group: distributed.Group, run_d
         if isinstance(callback, RunLog):
             callback.sampler = None  # the VAE's pictures show the float32 data, not these batches
     images = trainer.data.images.double()
-    trainer.data = Batches(images, group.rank if group.distributed else None)
+    trainer.data = Batches(images, group.rank if group.distributed else None, trainer.data.labels)
     counts = {}
     hygiene = Hygiene()
     if group.distributed:

@@ -70,10 +70,15 @@ def assert_equivalent(ddp: dict, other: dict, ref: dict) -> None:
 
 
 def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
-    """dcgan with accumulation (no_sync honoured); a D loss that is only R1 without find_unused_parameters
+    """dcgan with accumulation (no_sync honoured), and a conditional one (labels on reals and fakes: a projection D
+    with ACGAN's head, RpGAN, R2); a D loss that is only R1 without find_unused_parameters
     (the unused-parameter trap) stops with one line; with BatchNorm, every rank holds the same buffers."""
-    rank0, rank1, ref = equivalence(tmp_path, ["dcgan/2", "r1_only/find_unused_off", "dcgan_batchnorm"])
-    assert_equivalent(rank0["dcgan/2"], rank1["dcgan/2"], ref["dcgan/2"])
+    rank0, rank1, ref = equivalence(
+        tmp_path, ["dcgan/2", "conditional/2", "r1_only/find_unused_off", "dcgan_batchnorm"]
+    )
+    for name in ("dcgan/2", "conditional/2"):  # conditional: labels travel with their images, fakes with theirs
+        assert_equivalent(rank0[name], rank1[name], ref[name])
+    assert "d.head.embed.weight" in ref["conditional/2"]["grads"] and "g.embed.weight" in ref["conditional/2"]["grads"]
     bn = rank0["dcgan_batchnorm"]  # BatchNorm's running statistics are rank 0's on both ranks after every phase
     assert len(bn["hygiene"]) == 3 * 2 * 3 and all(bn["hygiene"])
     error = rank0["r1_only/find_unused_off"]["error"]
@@ -85,7 +90,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
 def test_two_ranks_equal_one_process_every_recipe(tmp_path):
     """dcgan (norm off), wgan_gp (GP: double backward) and vae, with accumulation 1 and 2; a D loss that is
     only R1 (its gradient misses D's last bias) with find_unused_parameters."""
-    names = [f"{n}/{k}" for n in ("dcgan", "wgan_gp", "vae") for k in (1, 2)] + ["r1_only"]
+    names = [f"{n}/{k}" for n in ("dcgan", "wgan_gp", "vae", "conditional") for k in (1, 2)] + ["r1_only"]
     rank0, rank1, ref = equivalence(tmp_path, names)
     for name in names:
         assert_equivalent(rank0[name], rank1[name], ref[name])

@@ -29,7 +29,8 @@ def evaluators(
     tags: list[str] = []
     if data.metric_tags:  # 2-D mixtures: modes covered, % high-quality samples
         noise = model.noise(data.num_eval_samples, device, generator=torch.Generator(device).manual_seed(seed + 1))
-        evaluators.append(lambda: data.evaluate(model.sample(noise)))
+        labels = model.balanced_labels(data.num_eval_samples, device)  # a conditional model: every class in turn
+        evaluators.append(lambda: data.evaluate(model.sample(noise, labels)))
         tags += data.metric_tags
     if metrics is not None:
         within("metrics", metrics.reference_features, data, data_key)

@@ -253,7 +253,7 @@ class Metrics:
         if not _conditional(model):
             return self.scores(real, self.generated_features(model.sample, model.noise, device))
         tags = self.tags_for(model)
-        labels = torch.arange(self.num_samples) % model.num_classes  # balanced: num_samples // K per class
+        labels = model.balanced_labels(self.num_samples)  # num_samples // K per class
         predicted: list[torch.Tensor] | None = [] if "metrics/class_accuracy" in tags else None
         fake = self.generated_features(model.sample, model.noise, device, labels, predicted)
         out = self.scores(real, fake)

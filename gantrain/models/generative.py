@@ -136,6 +136,11 @@ class GenerativeModel(nn.Module):
             y = torch.randint(0, self.num_classes, (n,), device=device, generator=generator)
         return Latents(z, y)
 
+    def balanced_labels(self, n: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """Labels for ``n`` samples scored as a whole (evaluation): sample ``i`` of class ``i % num_classes``, so
+        the classes are equally represented; None for an unconditional model."""
+        return torch.arange(n, device=device) % self.num_classes if self.conditional else None
+
     def labels(self, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The keyword arguments that pass labels ``y`` to a network: ``{"y": y}`` for a conditional model, ``{}``
         otherwise (an unconditional network is called as before, so a user's ``forward(z)`` keeps working)."""
