@@ -27,6 +27,10 @@ and ``--precision`` set a switch for every process the script starts (the headli
 
     python scripts/bench.py --compile --rounds 0 --detail-rounds 0              # CPU: compile off/on per recipe
     python scripts/bench.py --device cuda --switches --rounds 0 --detail-rounds 0  # GPU: every switch off/on
+    python scripts/bench.py --conditional --recipes dcgan --rounds 0 --detail-rounds 0  # labels: cgan_pd's cost
+
+``--conditional``: cgan_pd's whole process against the same with ``model.conditional=false`` (the same ResNets with
+BatchNorm instead of conditional BatchNorm and no projection), long run minus short run, in rounds as above.
 
 Detail (dcgan, one process with gantrain's allocator settings): the Trainer, the hand loop and the
 Trainer with ``loss.reuse_fakes=false`` timed step by step in alternating blocks on the same weights
@@ -59,6 +63,9 @@ from gantrain.train import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = {"dcgan": (20, 120), "wgan_gp": (20, 60), "vae": (20, 420)}  # (short, long) run of each recipe
+# --conditional: a class-conditional recipe against the same networks unconditional (its labels' whole cost)
+CONDITIONAL = {"cgan_pd": (20, 120)}
+LABELS = {"conditional": [], "unconditional": ["model.conditional=false"]}
 SIDES = ("gantrain", "hand", "hand, gantrain's allocator")
 # what allocator.keep_freed_memory() sets, in the form glibc reads at start-up
 ALLOCATOR_ENV = {
@@ -147,6 +154,41 @@ def whole_processes(
             per_step[side].append(1000 * (seconds[side, long] - seconds[side, short]) / (long - short))
         print(f"{recipe} round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f} ms/step" for k, v in per_step.items()))
     return per_step
+
+
+def label_cost(recipe: str, steps: tuple[int, int], rounds: int, device: str | None, work: Path) -> dict:
+    """ms per step of the conditional recipe and of the same networks with ``model.conditional=false`` (conditional
+    BatchNorm becomes BatchNorm, the projection goes), whole processes, long run minus short run, in rotating
+    order."""
+    short, long = steps
+    runs = [(side, n) for n in (short, long) for side in LABELS]
+    per_step: dict[str, list[float]] = {side: [] for side in LABELS}
+    for r in range(rounds):
+        seconds = {}
+        for side, n in runs[r % len(runs) :] + runs[: r % len(runs)]:
+            run_dir = work / f"{recipe}_{side}_{n}_{r}"
+            run_dir.mkdir()
+            cmd = command("gantrain", recipe, n, run_dir, device) + LABELS[side]
+            seconds[side, n] = wall_time(cmd, run_dir / "out.log", {})
+        for side in per_step:
+            per_step[side].append(1000 * (seconds[side, long] - seconds[side, short]) / (long - short))
+        print(f"{recipe} round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.1f} ms/step" for k, v in per_step.items()))
+    return per_step
+
+
+def label_table(costs: dict[str, dict[str, list[float]]], rounds: int) -> list[str]:
+    lines = [
+        f"Labels' cost ({rounds} rounds, whole processes as above, `data=digits`): the recipe as shipped against the "
+        "same networks with `model.conditional=false`.",
+        "",
+        "| recipe | steps (short, long) | conditional ms/step | unconditional ms/step | ratio | ratio per round |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for recipe, sides in costs.items():
+        c, u = median(sides["conditional"]), median(sides["unconditional"])
+        per_round = ", ".join(f"{x / y:.3f}" for x, y in zip(sides["conditional"], sides["unconditional"]))
+        lines.append(f"| {recipe} | {CONDITIONAL[recipe]} | {c:.1f} | {u:.1f} | **{c / u:.3f}** | {per_round} |")
+    return lines
 
 
 # ----------------------------------------------------------------------------- in one process (detail)
@@ -301,6 +343,8 @@ def main() -> None:
     ap.add_argument("--write", type=Path, help="replace the bench section of this markdown file")
     ap.add_argument("--compile", action="store_true", help="table: each recipe with trainer.compile off and on")
     ap.add_argument("--switches", action="store_true", help="table: each speed switch off and on, gantrain and hand")
+    ap.add_argument("--conditional", action="store_true", help="table: cgan_pd against its networks unconditional")
+    ap.add_argument("--label-rounds", type=int, default=3, help="--conditional's rounds (%(default)s)")
     ap.add_argument("--switch-steps", type=int, default=30, help="steps timed after the first in those tables")
     ap.add_argument("--settings", nargs="+", choices=list(SWITCHES), help="--switches: only these rows")
     ap.add_argument("--channels-last", action="store_true", help="every process: channels_last on")
@@ -340,6 +384,9 @@ def main() -> None:
         times = in_process(args.detail_rounds, args.detail_steps, 3, args.device, work) if args.detail_rounds else {}
         names = tuple(args.settings or SWITCHES) if args.switches else COMPILE_ONLY if args.compile else ()
         switches = switch_table(args.recipes, names, args.switch_steps, args.device, work) if names else []
+        n = args.label_rounds
+        costs = {r: label_cost(r, CONDITIONAL[r], n, args.device, work) for r in CONDITIONAL if args.conditional}
+        labels = label_table(costs, n) if costs else []
     load_after = os.getloadavg()[0]
 
     threads = torch.get_num_threads()
@@ -387,6 +434,8 @@ def main() -> None:
         ]
     if switches:
         lines += ["", f"`{command.strip()}`:" if not per_step else "", *switches]
+    if labels:
+        lines += ["", f"`{command.strip()}`:" if not per_step else "", *labels]
     lines += ["", f"Machine: {machine}; load average (1 min) {load_before:.2f} before, {load_after:.2f} after."]
     report = "\n".join(lines)
     print(report)
