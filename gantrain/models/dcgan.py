@@ -22,6 +22,7 @@ from gantrain.models.layers import (
     HeadedDiscriminator,
     apply_spectral_norm,
     check_labels,
+    label_dim_for,
     norm_layer,
     norm_or_conditional,
     run,
@@ -41,9 +42,10 @@ def _n_doublings(resolution: int) -> int:
 class Generator(nn.Module):
     """DCGAN generator: ``(B, nz, 1, 1)`` noise -> ``(B, channels, R, R)`` images in [-1, 1] (Tanh). ``dropout`` > 0
     adds ``Dropout2d(dropout)`` after every hidden ReLU (active in train mode only). ``num_classes`` > 0:
-    ``forward(z, y)`` takes int64 labels ``(B,)``; with ``norm=batch`` every BatchNorm is class-conditional, with
-    ``norm=none`` a learned label embedding of ``label_dim`` (None: min(num_classes, 16)) values is concatenated to the
-    noise (the cGAN of Mirza & Osindero 2014), so that G has no batch statistics."""
+    ``forward(z, y)`` takes int64 labels ``(B,)``; with ``norm=batch`` and ``conditional_norm`` every BatchNorm is
+    class-conditional; a learned label embedding of ``label_dim`` values is concatenated to the noise (the cGAN of
+    Mirza & Osindero 2014, and how ACGAN feeds its label) when ``label_dim`` > 0, or when it is None and the norms
+    are not conditional (then ``min(num_classes, 16)`` values)."""
 
     def __init__(
         self,
@@ -54,6 +56,7 @@ class Generator(nn.Module):
         norm: str = "batch",
         dropout: float = 0.0,
         num_classes: int = 0,
+        conditional_norm: bool = True,
         label_dim: int | None = None,
     ):
         super().__init__()
@@ -61,9 +64,8 @@ class Generator(nn.Module):
             checks.integer(key, value, at_least=1)
         checks.choice("norm", norm, G_NORMS)
         self.num_classes = checks.integer("num_classes", num_classes, 0)
-        embedded = num_classes > 0 and norm == "none"  # labels join the noise; with BatchNorm they condition it
-        label_dim = (min(num_classes, 16) if label_dim is None else label_dim) if embedded else 0
-        checks.integer("label_dim", label_dim, 0 if not embedded else 1)
+        norm_classes = num_classes if conditional_norm and norm == "batch" else 0  # conditional BatchNorms
+        label_dim = label_dim_for(num_classes, label_dim, norm_classes > 0)
         checks.number("dropout", dropout, ge=0, lt=1, hint="0 turns dropout off")
         n = _n_doublings(resolution)
         widths = [ngf * 2 ** (n - 1 - i) for i in range(n)]  # e.g. [256, 128, 64] at 32 px
@@ -74,18 +76,18 @@ class Generator(nn.Module):
 
         layers: list[nn.Module] = [
             nn.ConvTranspose2d(nz + label_dim, widths[0], 4, 1, 0, bias=bias),
-            norm_or_conditional(norm, widths[0], num_classes),
+            norm_or_conditional(norm, widths[0], norm_classes),
             *act(),
         ]  # (B, 4ngf, 4, 4)
         for c_in, c_out in zip(widths, widths[1:]):
-            cbn = norm_or_conditional(norm, c_out, num_classes)
+            cbn = norm_or_conditional(norm, c_out, norm_classes)
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=bias), cbn]
             layers += act()
         layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1), nn.Tanh()]  # (B, C, R, R)
         self.net = nn.Sequential(*layers)
         self.nz, self.channels, self.resolution = nz, channels, resolution
         self.latent_shape = (nz, 1, 1)
-        self.embed = nn.Embedding(num_classes, label_dim) if embedded else None
+        self.embed = nn.Embedding(num_classes, label_dim) if label_dim else None
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         check_labels("this generator", self.num_classes, y)

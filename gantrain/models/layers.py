@@ -69,6 +69,16 @@ def norm_or_conditional(norm: str, channels: int, num_classes: int, dims: int = 
     return norm_layer(norm, channels, dims)
 
 
+def label_dim_for(num_classes: int, label_dim: int | None, conditional_norms: bool) -> int:
+    """How many label-embedding values a conditional generator concatenates to its noise: ``label_dim`` when given
+    (0: none), else none when its norms are conditional and ``min(num_classes, 16)`` when not; 0 without classes."""
+    if num_classes == 0:
+        return 0
+    if label_dim is None:
+        return 0 if conditional_norms else min(num_classes, 16)
+    return checks.integer("label_dim", label_dim, 0 if conditional_norms else 1)
+
+
 def call(layer: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     """``layer(x, y)`` for a :class:`ConditionalBatchNorm`, ``layer(x)`` for any other layer."""
     return layer(x, y) if isinstance(layer, ConditionalBatchNorm) else layer(x)

@@ -26,6 +26,7 @@ from gantrain.models.layers import (
     apply_spectral_norm,
     call,
     check_labels,
+    label_dim_for,
     norm_layer,
     norm_or_conditional,
     run,
@@ -94,7 +95,9 @@ class DBlock(nn.Module):
 class Generator(nn.Module):
     """SNGAN ResNet generator: ``(B, nz)`` noise -> ``(B, channels, R, R)`` images in [-1, 1] (Tanh). ``dropout`` > 0
     adds ``Dropout2d(dropout)`` after every hidden ReLU (blocks and final), in train mode only. ``num_classes`` > 0:
-    conditional BatchNorms, ``forward(z, y)`` with int64 labels ``(B,)``."""
+    ``forward(z, y)`` with int64 labels ``(B,)``; conditional BatchNorms (``conditional_norm``) and/or a learned label
+    embedding of ``label_dim`` values concatenated to the noise (None: none with conditional norms, else
+    ``min(num_classes, 16)``)."""
 
     def __init__(
         self,
@@ -104,18 +107,22 @@ class Generator(nn.Module):
         resolution: int = 32,
         dropout: float = 0.0,
         num_classes: int = 0,
+        conditional_norm: bool = True,
+        label_dim: int | None = None,
     ):
         super().__init__()
         checks.integer("nz", nz, 1)
         checks.integer("ngf", ngf, 1)
         self.num_classes = checks.integer("num_classes", num_classes, 0)
+        norm_classes = num_classes if conditional_norm else 0
+        label_dim = label_dim_for(num_classes, label_dim, norm_classes > 0)
         checks.number("dropout", dropout, ge=0, lt=1, hint="0 turns dropout off")
         n = _n_up(resolution)
         self.ngf = ngf
-        self.linear = nn.Linear(nz, 4 * 4 * ngf)
-        self.blocks = nn.Sequential(*(GBlock(ngf, ngf, dropout, num_classes) for _ in range(n)))
+        self.linear = nn.Linear(nz + label_dim, 4 * 4 * ngf)
+        self.blocks = nn.Sequential(*(GBlock(ngf, ngf, dropout, norm_classes) for _ in range(n)))
         self.out = nn.Sequential(
-            norm_or_conditional("batch", ngf, num_classes),
+            norm_or_conditional("batch", ngf, norm_classes),
             nn.ReLU(),
             *([nn.Dropout2d(dropout)] if dropout > 0 else []),
             nn.Conv2d(ngf, channels, 3, 1, 1),
@@ -123,10 +130,12 @@ class Generator(nn.Module):
         )
         self.nz, self.channels, self.resolution = nz, channels, resolution
         self.latent_shape = (nz,)
+        self.embed = nn.Embedding(num_classes, label_dim) if label_dim else None
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         check_labels("this generator", self.num_classes, y)
-        h = self.linear(z.flatten(1)).view(-1, self.ngf, 4, 4)
+        z = z.flatten(1) if self.embed is None else torch.cat([z.flatten(1), self.embed(y)], dim=1)
+        h = self.linear(z).view(-1, self.ngf, 4, 4)
         for block in self.blocks:
             h = block(h, y)
         return run(self.out, h, y)
