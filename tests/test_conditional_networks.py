@@ -246,3 +246,29 @@ def test_conditional_model_configs_build_conditional_networks(recipe):
     assert model.d(model.generate(latents), latents.y).shape == (4,)
     plain = hydra.utils.instantiate(make_cfg(*recipe).model)
     assert plain.num_classes == plain.g.num_classes == plain.d.num_classes == 0
+
+
+@pytest.mark.parametrize("family", ["dcgan", "resnet"])
+def test_a_generator_can_take_the_label_with_the_noise_as_well_as_or_instead_of_through_its_norms(family):
+    from gantrain.models.layers import ConditionalBatchNorm
+
+    make = {"dcgan": lambda **kw: dcgan.Generator(nz=6, ngf=4, channels=1, resolution=8, **kw),
+            "resnet": lambda **kw: resnet.Generator(nz=6, ngf=4, channels=1, **kw)}[family]  # fmt: skip
+    torch.manual_seed(0)
+    both = make(num_classes=3, label_dim=5)  # conditional BatchNorms and a 5-value embedding beside z
+    instead = make(num_classes=3, conditional_norm=False)  # plain BatchNorms, the embedding alone (3 values)
+    assert any(isinstance(m, ConditionalBatchNorm) for m in both.modules()) and both.embed.weight.shape == (3, 5)
+    assert not any(isinstance(m, ConditionalBatchNorm) for m in instead.modules())
+    assert instead.embed.weight.shape == (3, 3)
+    first = instead.net[0] if family == "dcgan" else instead.linear
+    assert (first.in_channels if family == "dcgan" else first.in_features) == 6 + 3
+    z, y = torch.randn(4, *instead.latent_shape), torch.tensor([0, 1, 2, 0])
+    assert not torch.allclose(instead(z, y), instead(z, (y + 1) % 3))
+    if family == "resnet":  # by hand: the embedding joins the flattened noise before the first Linear
+        h = instead.linear(torch.cat([z, instead.embed.weight[y]], dim=1)).view(-1, 4, 4, 4)
+        for block in instead.blocks:
+            h = block(h)
+        torch.testing.assert_close(instead(z, y), instead.out(h))
+    with pytest.raises(ConfigError, match="label_dim=0: must be an integer >= 1"):
+        make(num_classes=3, conditional_norm=False, label_dim=0)  # a generator that could not see its labels
+    assert make().embed is None and make(num_classes=3).embed is None  # the defaults: as before
