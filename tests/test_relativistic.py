@@ -4,12 +4,15 @@ through gradcheck in float64; the G phase reads D's real outputs without a graph
 from __future__ import annotations
 
 import math
+from functools import partial
 
+import pytest
 import torch
 
 from gantrain.losses import AuxiliaryClassifier, R1Penalty, R2Penalty, RelativisticAverageLoss, RelativisticPairingLoss
 from tests.test_losses import _functional_critic
 
+approx = partial(pytest.approx, rel=1e-6, abs=1e-7)
 REAL = [2.0, -1.0, 0.5]
 FAKE = [0.5, -3.0, 1.5]
 
@@ -30,8 +33,8 @@ def test_ragan_losses_match_hand_computation():
     # D: real more realistic than the average fake, fake less realistic than the average real; halved
     d = 0.5 * (-mean(log_sigmoid(r - mf) for r in REAL) - mean(log_sigmoid(-(f - mr)) for f in FAKE))
     g = 0.5 * (-mean(log_sigmoid(f - mr) for f in FAKE) - mean(log_sigmoid(-(r - mf)) for r in REAL))
-    assert loss.d_loss(real, fake).item() == pytest_approx(d)
-    assert loss.g_loss(fake, real).item() == pytest_approx(g)
+    assert loss.d_loss(real, fake).item() == approx(d)
+    assert loss.g_loss(fake, real).item() == approx(g)
     assert loss.g_reads_real
 
 
@@ -40,10 +43,10 @@ def test_rpgan_losses_pair_by_position_and_match_hand_computation():
     real, fake = torch.tensor(REAL), torch.tensor(FAKE)
     d = mean(math.log1p(math.exp(f - r)) for r, f in zip(REAL, FAKE))
     g = mean(math.log1p(math.exp(r - f)) for r, f in zip(REAL, FAKE))
-    assert loss.d_loss(real, fake).item() == pytest_approx(d)
-    assert loss.g_loss(fake, real).item() == pytest_approx(g)
+    assert loss.d_loss(real, fake).item() == approx(d)
+    assert loss.g_loss(fake, real).item() == approx(g)
     # pairing, not averaging: permuting the fakes changes the loss
-    assert loss.d_loss(real, fake.flip(0)).item() != pytest_approx(d)
+    assert loss.d_loss(real, fake.flip(0)).item() != approx(d)
 
 
 def test_r2_is_r1_on_the_fakes_and_passes_gradcheck_float64():
@@ -66,7 +69,7 @@ def test_r2_by_hand_on_a_linear_critic():
     w = torch.tensor([[1.0, -2.0, 0.5]])
     fake = torch.randn(4, 3)
     d = lambda x: x @ w.T  # noqa: E731  grad_x = w for every sample
-    assert R2Penalty(gamma=4.0)(d, torch.zeros(4, 3), fake).item() == pytest_approx(0.5 * 4.0 * (1 + 4 + 0.25))
+    assert R2Penalty(gamma=4.0)(d, torch.zeros(4, 3), fake).item() == approx(0.5 * 4.0 * (1 + 4 + 0.25))
 
 
 def test_aux_classifier_losses_match_hand_computation():
@@ -79,12 +82,9 @@ def test_aux_classifier_losses_match_hand_computation():
         return mean(math.log(sum(math.exp(v) for v in row)) - row[k] for row, k in zip(logits.tolist(), y.tolist()))
 
     d = 0.5 * (ce(real_logits, real_y) + ce(fake_logits, fake_y))
-    assert aux.d_loss(real_logits, real_y, fake_logits, fake_y).item() == pytest_approx(d)
-    assert aux.g_loss(fake_logits, fake_y).item() == pytest_approx(0.5 * ce(fake_logits, fake_y))
+    assert aux.d_loss(real_logits, real_y, fake_logits, fake_y).item() == approx(d)
+    assert aux.g_loss(fake_logits, fake_y).item() == approx(0.5 * ce(fake_logits, fake_y))
     assert not AuxiliaryClassifier(0.0).active
-
-
-def pytest_approx(x: float):
-    import pytest
-
-    return pytest.approx(x, rel=1e-6, abs=1e-7)
+    reals_only = AuxiliaryClassifier(weight=0.5, d_on_fakes=False)  # D's classifier learns the real classes alone
+    assert reals_only.d_loss(real_logits, real_y, fake_logits, fake_y).item() == approx(0.5 * ce(real_logits, real_y))
+    assert reals_only.g_loss(fake_logits, fake_y).item() == approx(0.5 * ce(fake_logits, fake_y))
