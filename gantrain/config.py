@@ -77,6 +77,7 @@ def gan_objective(adversarial: type, target: type = GANObjective, **nodes: Any) 
         r1=losses.R1Penalty,
         r2=losses.R2Penalty,
         aux=losses.AuxiliaryClassifier,
+        lecam=losses.LeCamPenalty,
         weight_clip=losses.WeightClip,
         fm=losses.FeatureMatching,
         perceptual=PerceptualMatching,

@@ -14,10 +14,12 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from gantrain import amp, checks
+from gantrain.state import Stateful
 
 
 class AdversarialLoss:
@@ -259,6 +261,83 @@ class R2Penalty(R1Penalty):
 
     def __call__(self, d: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         return super().__call__(d, fake, real)
+
+
+class OutputPenalty(Penalty):
+    """A penalty on D's outputs of the D step rather than on D: in place of ``__call__`` the objective calls
+    ``outputs(real_out, fake_out, step)`` with the raw outputs its adversarial loss reads (graph kept; fakes detached
+    from G)."""
+
+    def outputs(self, real: torch.Tensor, fake: torch.Tensor, step: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 at least (float64 stays): squares of half-precision outputs overflow."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class LeCamPenalty(OutputPenalty, Stateful):
+    """LeCam regularisation (Tseng et al. 2021, "Regularizing Generative Adversarial Networks under Limited Data",
+    eq. 3): ``weight * (E[(D(x) - α_F)²] + E[(D(G(z)) - α_R)²])`` on D's raw outputs, where α_R and α_F are exponential
+    moving averages (``decay``) of D's mean output on reals and on fakes, zero-debiased as in the authors' StyleGAN2
+    code. ``one_sided``: as the authors' code, penalise only D(x) above α_F and D(G(z)) below α_R (relu, then square).
+
+    The anchors are the averages over the applied D steps before this one (the first D step has none: its term is 0);
+    after each D step (``after_step``) the mean of its micro-batches' means, averaged over the ranks under DDP, joins
+    them. So k accumulated micro-batches act as one batch k times larger and 2 ranks as one process; the authors fold
+    the current batch in before the penalty. The averages are state, saved with the checkpoint (``loss.lecam``).
+    """
+
+    def __init__(self, weight: float = 0.0, decay: float = 0.99, one_sided: bool = False):
+        checks.number("weight", weight, ge=0, hint="0 = off")
+        checks.number("decay", decay, ge=0, lt=1, hint="the paper's code: 0.99")
+        self.weight, self.decay, self.one_sided = weight, decay, bool(one_sided)
+        self.ema: torch.Tensor | None = None  # (2,): the biased averages of D's mean output on reals, on fakes
+        self.steps = 0  # D steps averaged into ema
+        self._pending: tuple[int, torch.Tensor, int] | None = None  # this D step's (step, sum of means, micro-batches)
+
+    @property
+    def active(self) -> bool:
+        return self.weight > 0
+
+    def anchors(self) -> torch.Tensor | None:
+        """``(α_R, α_F)``, the zero-debiased averages; None before the first D step is done."""
+        return None if self.ema is None else self.ema / (1 - self.decay**self.steps)
+
+    def outputs(self, real: torch.Tensor, fake: torch.Tensor, step: int) -> torch.Tensor:
+        real, fake = _wide(real), _wide(fake)
+        means = torch.stack([real.detach().mean(), fake.detach().mean()])
+        if self._pending is None or self._pending[0] != step:  # a new D step; a skipped step's means are dropped
+            self._pending = (step, means, 1)
+        else:
+            self._pending = (step, self._pending[1] + means, self._pending[2] + 1)
+        anchors = self.anchors()
+        if anchors is None:
+            return real.new_zeros(())
+        anchors = anchors.to(real)
+        above, below = real - anchors[1], anchors[0] - fake
+        if self.one_sided:
+            above, below = F.relu(above), F.relu(below)
+        return self.weight * (above.pow(2).mean() + below.pow(2).mean())
+
+    @torch.no_grad()
+    def after_step(self, d: nn.Module) -> None:
+        if self._pending is None:
+            return
+        _, total, count = self._pending
+        self._pending, means = None, total / count
+        if dist.is_available() and dist.is_initialized():  # every rank keeps the same averages
+            dist.all_reduce(means)
+            means /= dist.get_world_size()
+        ema = torch.zeros_like(means) if self.ema is None else self.ema.to(means)
+        self.ema, self.steps = self.decay * ema + (1 - self.decay) * means, self.steps + 1
+
+    def state_dict(self) -> dict:
+        return {"ema": None if self.ema is None else self.ema.cpu().clone(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema, self.steps, self._pending = state["ema"], int(state["steps"]), None
 
 
 class WeightClip(Penalty):

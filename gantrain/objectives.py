@@ -24,6 +24,8 @@ from gantrain.losses import (
     FeatureMatching,
     GeneratorTerm,
     GradientPenalty,
+    LeCamPenalty,
+    OutputPenalty,
     Penalty,
     R1Penalty,
     R2Penalty,
@@ -94,7 +96,8 @@ class GANObjective(nn.Module):
     ``loss/G/adv``, ``loss/G/<term>``, ``D(x)`` and ``D(G(z))``.
 
     A conditional model's D sees each batch's labels: the data's for reals, the prior's for fakes; a penalty calls
-    D with the labels of the batch it differentiates (``Penalty.labels``: R1 and GP the real ones, R2 the fakes').
+    D with the labels of the batch it differentiates (``Penalty.labels``: R1 and GP the real ones, R2 the fakes'); an
+    :class:`OutputPenalty` (LeCam) gets D's outputs of the D step instead.
     ``aux`` (ACGAN): D's auxiliary classifier head, on the shared features of one D body pass. An adversarial loss
     whose G side reads D's real outputs (``g_reads_real``: RaGAN, RpGAN) gets them in the G phase, computed
     without a graph under the frozen D.
@@ -117,6 +120,7 @@ class GANObjective(nn.Module):
         fm: FeatureMatching | None = None,
         perceptual: GeneratorTerm | None = None,
         aux: AuxiliaryClassifier | None = None,
+        lecam: LeCamPenalty | None = None,
         reuse_fakes: bool = True,
         **terms: Penalty | GeneratorTerm | None,
     ):
@@ -126,7 +130,7 @@ class GANObjective(nn.Module):
         self.aux = aux if aux is not None and aux.active else None
         self.penalties: dict[str, Penalty] = {}
         g_terms: dict[str, GeneratorTerm] = {}
-        terms = dict(gp=gp, r1=r1, r2=r2, weight_clip=weight_clip, fm=fm, perceptual=perceptual, **terms)
+        terms = dict(gp=gp, r1=r1, r2=r2, lecam=lecam, weight_clip=weight_clip, fm=fm, perceptual=perceptual, **terms)
         for name, term in terms.items():
             if term is None or not term.active:
                 continue
@@ -227,8 +231,11 @@ class GANObjective(nn.Module):
         for name, penalty in self.penalties.items():
             if step % penalty.every:
                 continue
-            labels = fake_labels if penalty.labels == "fake" else real_labels
-            term = penalty(partial(d, **labels) if labels else d, real_in, fake_in)
+            if isinstance(penalty, OutputPenalty):  # LeCam: reads this step's outputs, not D
+                term = penalty.outputs(real_out, fake_out, step)
+            else:
+                labels = fake_labels if penalty.labels == "fake" else real_labels
+                term = penalty(partial(d, **labels) if labels else d, real_in, fake_in)
             if term is None:  # a constraint (weight clipping), not a loss term
                 continue
             report(f"loss/D/{name}", term)

@@ -23,6 +23,7 @@ from gantrain.losses import (
     FeatureMatching,
     GeneratorTerm,
     GradientPenalty,
+    LeCamPenalty,
     R1Penalty,
     WeightClip,
 )
@@ -237,10 +238,18 @@ class VAEGANObjective(GANObjective):
         weight_clip: WeightClip | None = None,
         fm: FeatureMatching | None = None,
         perceptual: GeneratorTerm | None = None,
+        lecam: LeCamPenalty | None = None,
     ):
         # its G step draws its own prior samples (vae_loss): the D step keeps no generated batch for it
         super().__init__(
-            adversarial, gp=gp, r1=r1, weight_clip=weight_clip, fm=fm, perceptual=perceptual, reuse_fakes=False
+            adversarial,
+            gp=gp,
+            r1=r1,
+            lecam=lecam,
+            weight_clip=weight_clip,
+            fm=fm,
+            perceptual=perceptual,
+            reuse_fakes=False,
         )
         if self.g_terms:
             name = next(iter(self.g_terms))

@@ -51,6 +51,7 @@ SCENARIOS = {  # name -> (accumulated micro-batches, overrides)
     **{f"wgan_gp/{k}": (k, ["+experiment=wgan_gp", "model.g.norm=none"]) for k in (1, 2)},
     **{f"vae/{k}": (k, ["+experiment=vae"]) for k in (1, 2)},
     **{f"conditional/{k}": (k, CONDITIONAL) for k in (1, 2)},
+    "lecam/2": (2, [*GAN, "loss.lecam.weight=1", "loss.lecam.decay=0.5"]),  # the averages span both ranks
     "dcgan_batchnorm": (1, ["+experiment=dcgan"]),  # hygiene only: per-rank batch statistics differ from 2b's
     "r1_only": (1, [*R1_ONLY, "trainer.ddp.find_unused_parameters=true"]),
     "r1_only/find_unused_off": (1, R1_ONLY),

@@ -7,13 +7,13 @@ import importlib
 import importlib.util
 import json
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 from gantrain import checkpoint as ckpt_io
+from gantrain.data import DataOption
 from gantrain.errors import ConfigError
 from gantrain.extractors import Classifier
 from gantrain.extractors.mnist import MnistFeatures
@@ -28,6 +28,22 @@ from gantrain.sampling import generate, load_model
 from gantrain.train import train
 from tests.conftest import REPO, make_cfg, shared_mnist
 from tests.extractors import TinyFeatures
+
+
+class Reference(DataOption):
+    """Image data that is only its training images and labels, what Metrics reads (``DataOption.reference_images``)."""
+
+    images = True
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+        self.x, self.labels = images, labels
+
+    def training_dataset(self) -> torch.Tensor:
+        return self.x
+
+    def training_labels(self) -> torch.Tensor | None:
+        return self.labels
+
 
 K, RES = 10, 32
 
@@ -257,9 +273,7 @@ def test_class_accuracy_and_intra_fid_of_real_digits(mnist, tmp_path):
     torch.save({"state_dict": net.state_dict()}, path)
     extractor = MnistFeatures(str(path))
     assert isinstance(extractor, Classifier) and extractor.num_classes == 10
-    reference = SimpleNamespace(
-        images=True, training_dataset=lambda: images[:5000], training_labels=lambda: labels[:5000]
-    )
+    reference = Reference(images[:5000], labels[:5000])
     metrics = Metrics(which=["fid"], num_samples=1000, num_reference=2000, extractor=extractor, batch_size=250,
                       cache_dir=str(tmp_path / "cache"))  # fmt: skip
     # generated: the last 5,000 images (the classifier's training images among them); reference: 2,000 of the first
@@ -293,19 +307,18 @@ def test_class_accuracy_and_intra_fid_of_real_digits(mnist, tmp_path):
     assert torch.equal(saved["labels"], real_y) and saved["about"]["format"] == 2
     again = Metrics(which=["fid"], num_samples=1000, num_reference=2000, extractor=extractor,
                     cache_dir=str(tmp_path / "cache"))  # fmt: skip
-    assert torch.equal(again.reference_labels(SimpleNamespace(images=True, training_dataset=lambda: images[:5000],
-                       training_labels=lambda: None), {"k": 1}, K), real_y)  # fmt: skip
+    assert torch.equal(again.reference_labels(Reference(images[:5000]), {"k": 1}, K), real_y)
 
 
 def test_unlabelled_reference_is_one_line(tmp_path):
     images = torch.zeros(20, 1, RES, RES)
-    data = SimpleNamespace(images=True, training_dataset=lambda: images, training_labels=lambda: None)
+    data = Reference(images)
     metrics = Metrics(
         which=["fid"], num_samples=40, num_reference=20, extractor=TinyFeatures(), cache_dir=str(tmp_path)
     )
     with pytest.raises(ConfigError, match=r"^reference=None: intra_fid .* the training data has no class labels"):
         metrics.reference_labels(data, {"k": 2}, K)
-    data.training_labels = lambda: torch.arange(20) % 5  # classes 5..9 have no reference images
+    data.labels = torch.arange(20) % 5  # classes 5..9 have no reference images
     with pytest.raises(ConfigError, match=r"^num_samples=40: intra_fid needs >= 2 images of each .*\[4, 4, 4, 4, 4, 0"):
         Metrics(which=["fid"], num_samples=40, num_reference=20, extractor=TinyFeatures(),
                 cache_dir=str(tmp_path)).reference_labels(data, {"k": 3}, K)  # fmt: skip

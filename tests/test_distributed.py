@@ -86,6 +86,13 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
     assert "trainer.ddp.find_unused_parameters=true" in error
 
 
+def test_two_ranks_equal_one_process_with_lecam(tmp_path):
+    """LeCam's averages are of all ranks' outputs (all-reduced after each D step), so 2 ranks with accumulation give
+    the 1-process reference's weights and gradients, which its anchors enter from the second step on."""
+    rank0, rank1, ref = equivalence(tmp_path, ["lecam/2"])
+    assert_equivalent(rank0["lecam/2"], rank1["lecam/2"], ref["lecam/2"])
+
+
 @pytest.mark.slow
 def test_two_ranks_equal_one_process_every_recipe(tmp_path):
     """dcgan (norm off), wgan_gp (GP: double backward) and vae, with accumulation 1 and 2; a D loss that is

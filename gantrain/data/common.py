@@ -11,7 +11,7 @@ class DataOption:
     """What every `data=` option declares (a user's own subclasses this); the build reads these, it never probes.
     Every option has ``batch_size``, ``stream(seed, device, rank=0, world_size=1)``, ``render``, ``to_data_units``.
 
-    ``images``: its samples are images, so FID/KID/PR apply (they read ``training_dataset()``);
+    ``images``: its samples are images, so FID/KID/PR apply (they read ``reference_images()``);
     ``channels``/``resolution`` (images) or ``dim`` (vectors): the sample shape a model must be built for;
     ``holdout``: images ``heldout()`` returns (a VAE's held-out ELBO); ``metric_tags``: what its own
     ``evaluate(samples)`` reports on ``num_eval_samples`` generated samples (none: it has no metric of its own);
@@ -26,6 +26,11 @@ class DataOption:
     holdout = 0
     metric_tags: tuple[str, ...] = ()
     num_eval_samples = 0
+
+    def reference_images(self):
+        """(images, their classes or None) FID/KID/PR compare samples with: ``training_dataset()`` and
+        ``training_labels()`` unless the option says otherwise (`ImageData`: all of them, whatever ``limit``)."""
+        return self.training_dataset(), self.training_labels()
 
 
 class DataError(GantrainError):

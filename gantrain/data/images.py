@@ -42,6 +42,20 @@ def _images_between(dataset: Dataset, start: int, stop: int, *, binarized: bool)
     return dataset
 
 
+def limited(labels: torch.Tensor | None, limit: int) -> torch.Tensor:
+    """The (limit,) indices, in dataset order, of the images `data.limit` trains on, among the items `labels` (N,)
+    describes (or the first N items, unlabelled). Unlabelled: the first `limit`. Labelled, class-balanced: round r takes
+    the r-th image of each class (classes in label order) until `limit` are taken, so each class gives its first images
+    and the classes' counts differ by at most one (the lower labels get the extra), unless a class runs out."""
+    if labels is None:
+        return torch.arange(limit)
+    order = torch.sort(labels, stable=True).indices  # by class, dataset order within a class
+    counts = torch.bincount(labels)
+    rank = torch.arange(len(labels)) - (counts.cumsum(0) - counts)[labels[order]]  # each image's place in its class
+    rounds = torch.sort(rank * len(counts) + labels[order], stable=True).indices  # round by round, class by class
+    return order[rounds[:limit]].sort().values
+
+
 class ImageData(DataOption, abc.ABC):
     """Base for every image `data=` option: how to build the dataset, plus loader settings.
 
@@ -56,6 +70,9 @@ class ImageData(DataOption, abc.ABC):
             reproducibly: `BatchStream`) stochastic binarization to -1 or +1 (`binarize`).
         holdout: the last `holdout` images (in file order) are held out for evaluation: the training stream never
             sees them and `heldout()` returns them.
+        limit: train on this many of the other images only (0: all of them): the first `limit` in dataset order, or
+            where the data has labels the first images of each class, class-balanced (`limited`). FID/KID/PR still
+            compare with all of them (`reference_images`).
     """
 
     images = True
@@ -70,6 +87,7 @@ class ImageData(DataOption, abc.ABC):
         in_memory: bool = True,
         binarize: str = "none",
         holdout: int = 0,
+        limit: int = 0,
     ):
         self.batch_size = checks.integer("batch_size", batch_size, at_least=1)
         self.channels = checks.choice("channels", checks.integer("channels", channels), (1, 3), "1: grey, 3: RGB")
@@ -78,7 +96,9 @@ class ImageData(DataOption, abc.ABC):
         self.in_memory = bool(in_memory)
         self.binarize = checks.choice("binarize", binarize, MODES)
         self.holdout = checks.integer("holdout", holdout, at_least=0)
-        self._built: tuple[Dataset, int] | None = None  # (dataset(), training size), built once
+        self.limit = checks.integer("limit", limit, at_least=0, hint="0: every image")
+        self._built: tuple[Dataset, int] | None = None  # (dataset(), images before the holdout), built once
+        self._picked: torch.Tensor | None = None  # the indices data.limit trains on
 
     def to_data_units(self, samples: torch.Tensor) -> torch.Tensor:
         """Model output -> what leaves gantrain: images keep their documented range [-1, 1]."""
@@ -98,25 +118,55 @@ class ImageData(DataOption, abc.ABC):
                 left = f"leaves {max(n - self.holdout, 0)} of the dataset's {n} images for training"
                 must = f"at most {max(n - self.batch_size, 0)}"
                 checks.fail("holdout", self.holdout, must, f"{left}, less than one batch of {self.batch_size}")
+            if self.limit > n - self.holdout:
+                held = f", {self.holdout} of them held out" if self.holdout else ""
+                checks.fail("limit", self.limit, f"at most {n - self.holdout}", f"the data has {n} images{held}")
+            if 0 < self.limit < self.batch_size:
+                checks.fail("limit", self.limit, f">= batch_size={self.batch_size}", "0: every image")
             self._built = (full, n - self.holdout)
+            if self.limit:
+                self._picked = limited(self._labels(), self.limit)
         return self._built
 
     @property
     def training_size(self) -> int:
-        """How many images the training stream draws from: the dataset's size minus `holdout`."""
-        return self._split()[1]
+        """How many images the training stream draws from: `limit`, else the dataset's size minus `holdout`."""
+        n_train = self._split()[1]
+        return self.limit or n_train
+
+    def training_indices(self) -> torch.Tensor | None:
+        """The (training_size,) indices into `dataset()` of `training_dataset()`'s images; None: the first
+        `training_size` (no `limit`)."""
+        self._split()
+        return self._picked
 
     def training_dataset(self) -> Dataset:
-        """The first `training_size` images of `dataset()`, statically binarized if binarize="static"
+        """The images the stream trains on (`training_indices`), statically binarized if binarize="static"
         (binarize="dynamic" is applied per batch by the stream)."""
         full, n_train = self._split()
-        return _images_between(full, 0, n_train, binarized=self.binarize == "static")
+        images = _images_between(full, 0, n_train, binarized=self.binarize == "static")
+        if self._picked is None:
+            return images
+        if isinstance(images, TensorImages):
+            return TensorImages(images.images[self._picked])
+        return Subset(images, self._picked.tolist())
 
     def training_labels(self) -> torch.Tensor | None:
         """The (training_size,) int64 classes of `training_dataset()`'s images, None when the data has none."""
+        labels = self._labels()
+        return labels if labels is None or self._picked is None else labels[self._picked]
+
+    def _labels(self) -> torch.Tensor | None:
+        """The classes of every image before the holdout, None when the data has none."""
         full, n_train = self._split()
         labels = getattr(full, "labels", None)  # a user's own dataset() may return any Dataset
         return None if labels is None else labels[:n_train]
+
+    def reference_images(self) -> tuple[Dataset, torch.Tensor | None]:
+        """What FID/KID/PR compare samples with: every image before the holdout, whatever `limit` (statically
+        binarized as the training images), and their classes or None."""
+        full, n_train = self._split()
+        return _images_between(full, 0, n_train, binarized=self.binarize == "static"), self._labels()
 
     def heldout(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The last `holdout` images of the dataset, in order, as one (N, C, R, R) float32 tensor. Binarized ("static"

@@ -14,8 +14,9 @@ import torch
 from gantrain import elbo
 from gantrain.hydra_errors import within
 
-# data keys that change how the images are loaded, not which: not part of the reference features' cache key
-LOADING_KEYS = ("batch_size", "num_workers", "in_memory", "download", "skip_corrupt", "root")
+# data keys that change how the images are loaded, or which of them train (limit), not the reference images: not part
+# of the reference features' cache key
+LOADING_KEYS = ("batch_size", "num_workers", "in_memory", "download", "skip_corrupt", "root", "limit")
 
 
 def evaluators(

@@ -197,8 +197,7 @@ class Metrics:
             about = {"folder": self.reference, "files": hashlib.sha256(str(files).encode()).hexdigest()}
             about.update(resolution=data.resolution, channels=data.channels)
         else:
-            dataset, about = data.training_dataset(), {"data": data_key or repr(vars(data))}
-            labels = data.training_labels()
+            (dataset, labels), about = data.reference_images(), {"data": data_key or repr(vars(data))}
         n = len(dataset)
         if n > self.num_reference:  # a fixed random subset: the first images of a folder may be one class
             picked = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: self.num_reference].sort().values
