@@ -86,6 +86,17 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
     assert "trainer.ddp.find_unused_parameters=true" in error
 
 
+def test_ada_holds_the_same_p_on_every_rank_after_each_adjustment(tmp_path):
+    """ADA adjusting after every D step (accumulation 2): the ranks' r_t sums are all-reduced, so both ranks hold the
+    p of the 1-process run with both ranks' images, bit for bit, and train as it does."""
+    rank0, rank1, ref = equivalence(tmp_path, ["ada/2"])
+    ps = rank0["ada/2"]["augment_p"]
+    assert len(ps) == 3 and ps == rank1["ada/2"]["augment_p"] == ref["ada/2"]["augment_p"]
+    step = 2 * 2 * 4 / 64  # ranks * micro-batches * images / speed_images
+    assert all(abs(b - a) == step for a, b in zip([0.5, *ps], ps))  # moved each D step, by all ranks' images
+    assert_equivalent(rank0["ada/2"], rank1["ada/2"], ref["ada/2"])
+
+
 @pytest.mark.slow
 def test_two_ranks_equal_one_process_every_recipe(tmp_path):
     """dcgan (norm off), wgan_gp (GP: double backward) and vae, with accumulation 1 and 2; a D loss that is
