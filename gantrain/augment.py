@@ -232,7 +232,8 @@ class ADA(Augment, Stateful):
     padding; the paper's anti-aliasing filters are left out).
 
     ``p`` is adjusted every ``adjust_every`` D steps from ``r_t = E[sign(D(real))]`` over the reals D saw since the
-    last adjustment (all ranks': their sums are all-reduced after each D step, so every rank holds the same ``p``):
+    last adjustment (all ranks': their sums are all-reduced after each D step, so every rank holds the same ``p``, and
+    rank 0's checkpoint holds every rank's sums mid-interval):
     ``p += sign(r_t - target) * n / speed_images``, ``n`` those reals, clamped to [0, 1): ``p`` can go from 0 to 1 in
     ``speed_images`` images. ``adaptive=False``: ``p`` stays fixed (``augment.p``). Logs ``augment/p`` (each D step)
     and ``augment/rt`` (each adjustment). ``p`` and the sums are saved in the checkpoint (bit-exact resume).
@@ -337,7 +338,7 @@ class ADA(Augment, Stateful):
         if step != self.pending_step:  # a new D step: what a skipped one left is dropped
             self.pending, self.pending_step = None, step
         signs = torch.sign(real_out.detach().float()).sum()
-        here = torch.stack([signs, torch.tensor(float(real_out.shape[0]), device=signs.device)])
+        here = torch.stack([signs, torch.tensor(float(real_out.shape[0]), dtype=signs.dtype, device=signs.device)])
         self.pending = here if self.pending is None else self.pending + here
 
     def after_d_step(self) -> None:
