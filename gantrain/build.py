@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gantrain import distributed, speed
+from gantrain.augment import NoAugment
 from gantrain.checkpoint import Checkpointing
 from gantrain.errors import ConfigError
 from gantrain.hydra_errors import within
@@ -73,6 +74,13 @@ def assemble(cfg: DictConfig, run_dir: str | Path, group: distributed.Group = di
             cfg.model.num_classes = data.num_classes
     model = within("model", instantiate, cfg.model).to(device)  # device placement happens here and only here
     objective = within("loss", instantiate, cfg.loss).to(device)  # fixed networks inside terms (VGG) move too
+    augment = within("augment", instantiate, cfg.augment) if cfg.get("augment") is not None else NoAugment()
+    if augment.active and not data.images:
+        raise ConfigError(
+            f"augment={augment.option}: augments images, and {type(data).__name__} has {data.dim}-D points; "
+            "use augment=none"
+        )
+    objective.use_augment(augment)  # a VAE, which has no D, refuses any but none
     networks = objective.networks
     missing = [n for n in networks if n not in cfg.optim]
     if missing:

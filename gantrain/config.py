@@ -26,7 +26,7 @@ from hydra.core.config_store import ConfigStore
 from hydra_zen import ZenField, builds, make_config
 from omegaconf import MISSING, OmegaConf
 
-from gantrain import data, losses, optim
+from gantrain import augment, data, losses, optim
 from gantrain.extractors.mnist import MnistFeatures
 from gantrain.metrics import InceptionFeatures, Metrics
 from gantrain.models import GenerativeModel, dcgan, mlp, resnet, vae
@@ -135,6 +135,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "optim": {name: make_config(g=network_optim(cls), d=network_optim(cls)) for name, cls in OPTIMIZERS.items()},
     # metrics.extractor is any nn.Module; the Inception option (configs/metrics/extractor/inception.yaml) is checked
+    "augment": {
+        "none": schema(augment.NoAugment),
+        "diffaugment": schema(augment.DiffAugment),
+        "ada": schema(augment.ADA),
+    },
     "metrics": {"default": schema(Metrics)},
     "metrics/extractor": {"inception": schema(InceptionFeatures), "mnist": schema(MnistFeatures)},
 }
@@ -149,6 +154,7 @@ Config = make_config(
     optim=MISSING,
     data=MISSING,
     trainer=MISSING,
+    augment=MISSING,  # every D input, real and fake, in both phases (none: D sees the batch itself)
     metrics=ZenField(Any, None),  # null: no FID/KID/PR (metrics=fid turns them on)
 )
 

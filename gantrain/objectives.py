@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import nn
 
+from gantrain.augment import Augment, NoAugment
 from gantrain.batch import Batch
 from gantrain.errors import ConfigError
 from gantrain.losses import (
@@ -102,6 +103,11 @@ class GANObjective(nn.Module):
     whose G side reads D's real outputs (``g_reads_real``: RaGAN, RpGAN) gets them in the G phase, computed
     without a graph under the frozen D.
 
+    ``augment`` (the ``augment=`` group, set by :meth:`use_augment`): what every D input goes through, real and fake,
+    in both phases, before D and before its penalties (stylegan2-ada): D sees ``adversarial.d_input(augment(x))``.
+    G's gradient flows through the augmentation of its fakes; reals carry no graph. An adaptive augmentation reads
+    D's outputs on the reals of each D step and adjusts after it. ``augment=none`` changes nothing.
+
     ``reuse_fakes``: when G steps right after every D step (n_critic 1) and has no generator terms
     (which are defined on a fresh batch), the G step reuses the D step's generated batch, as
     pytorch/examples' DCGAN does (:class:`SharedFakes`): one generator forward per iteration instead of
@@ -141,6 +147,15 @@ class GANObjective(nn.Module):
             else:
                 raise ConfigError(f"{name}: {type(term).__name__} is neither a Penalty nor a GeneratorTerm", key=name)
         self.g_terms = nn.ModuleDict(g_terms)  # moves fixed networks (VGG) with .to(device)
+        self.augment: Augment = NoAugment()
+
+    def use_augment(self, augment: Augment) -> None:
+        """Every D input goes through ``augment`` from now on."""
+        self.augment = augment
+
+    def d_view(self, x: torch.Tensor) -> torch.Tensor:
+        """What D sees of a batch: augmented, then the adversarial loss's input hook (instance noise)."""
+        return self.adversarial.d_input(self.augment(x))
 
     def phases(self, model: GenerativeModel, updates: Mapping[str, Update], n_critic: int = 1) -> list[Phase]:
         """D phase then G phase; G runs every ``n_critic``-th iteration (after the critic's updates).
@@ -187,7 +202,8 @@ class GANObjective(nn.Module):
         """The terms whose state the checkpoint keeps (those that subclass :class:`~gantrain.state.Stateful`), by
         their config key (``loss.adversarial``, ``loss.gp``, ...)."""
         terms = {"adversarial": self.adversarial, **self.penalties, **self.g_terms}
-        return {f"loss.{name}": term for name, term in terms.items() if isinstance(term, Stateful)}
+        parts = {f"loss.{name}": term for name, term in terms.items() if isinstance(term, Stateful)}
+        return {**parts, "augment": self.augment} if isinstance(self.augment, Stateful) else parts
 
     def double_backward_networks(self) -> dict[str, tuple[str, ...]]:
         """The networks a loss takes a double backward through (its input gradient is part of the loss), each with
@@ -206,7 +222,7 @@ class GANObjective(nn.Module):
     ) -> torch.Tensor:
         """D's loss on a real batch; ``step`` (D steps so far) schedules lazy penalties. With ``shared`` the
         generated batch keeps its graph there for the G step; D sees it detached either way."""
-        d, x, real = model.d, self.adversarial.d_input, batch.x
+        d, x, real = model.d, self.d_view, batch.x
         latents = model.prior(len(batch), real.device)
         if shared is None:
             fake = model.generate(latents).detach()  # no gradient may reach G
@@ -222,6 +238,7 @@ class GANObjective(nn.Module):
         else:  # one D body pass serves both heads
             real_h, fake_h = d.features(real_in), d.features(fake_in)
             real_out, fake_out = d.head(real_h, **real_labels), d.head(fake_h, **fake_labels)
+        self.augment.observe(real_out, step)
         loss = self.adversarial.d_loss(real_out, fake_out)
         report("loss/D/adv", loss)
         if self.aux is not None:
@@ -248,6 +265,7 @@ class GANObjective(nn.Module):
     def after_d_step(self, model: GenerativeModel) -> None:
         for penalty in self.penalties.values():
             penalty.after_step(model.d)
+        self.augment.after_d_step()
 
     def g_loss(
         self, model: GenerativeModel, batch: Batch, step: int = 0, shared: SharedFakes | None = None
@@ -261,14 +279,15 @@ class GANObjective(nn.Module):
         else:
             fake, fake_y = taken
         fake_labels = model.labels(fake_y)
+        fake_seen = self.augment(fake)  # G's gradient flows through the augmentation
         if self.g_terms or self.aux is not None:  # one D body pass serves every term
-            fake_features = d.features(x(fake))
+            fake_features = d.features(x(fake_seen))
             fake_out = d.head(fake_features, **fake_labels)
         else:
-            fake_features, fake_out = None, d(x(fake), **fake_labels)
+            fake_features, fake_out = None, d(x(fake_seen), **fake_labels)
         if self.adversarial.g_reads_real:  # D is frozen in this phase; no graph: nothing flows back through them
             with torch.no_grad():
-                real_out = d(x(real), **model.labels(batch.y))
+                real_out = d(self.d_view(real), **model.labels(batch.y))
             loss = self.adversarial.g_loss(fake_out, real_out)
         else:
             loss = self.adversarial.g_loss(fake_out)
@@ -278,7 +297,7 @@ class GANObjective(nn.Module):
             report("loss/G/aux", aux)
             loss = loss + aux
         for name, term in self.g_terms.items():
-            value = term(d, real, fake, fake_features)
+            value = term(d, self.augment(real), fake_seen, fake_features)  # both sides augmented alike
             report(f"loss/G/{name}", value)
             loss = loss + value
         report("loss/G", loss)

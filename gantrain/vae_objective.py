@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from gantrain import checks, elbo
+from gantrain.augment import Augment
 from gantrain.batch import Batch
 from gantrain.errors import ConfigError
 from gantrain.losses import (
@@ -171,6 +172,14 @@ class VAEObjective(nn.Module):
         """The terms whose state the checkpoint keeps (see :meth:`GANObjective.state_parts`)."""
         return {f"loss.{name}": term for name, term in self.terms.items() if isinstance(term, Stateful)}
 
+    def use_augment(self, augment: Augment) -> None:
+        """Refused unless ``augment=none``: a VAE has no discriminator whose inputs could be augmented."""
+        if augment.active:
+            raise ConfigError(
+                f"augment={augment.option}: augments a discriminator's inputs, and {type(self).__name__} has no "
+                "discriminator; use augment=none (or a VAE-GAN, loss=vaegan)"
+            )
+
     def double_backward_networks(self) -> dict[str, tuple[str, ...]]:
         """None: the negative ELBO needs no input gradient (see :meth:`GANObjective.double_backward_networks`)."""
         return {}
@@ -223,7 +232,9 @@ class VAEGANObjective(GANObjective):
     "learned similarity metric"); the real features are taken without a graph, so, as in feature
     matching, the gradient reaches the VAE only. Departures from the paper: one optimizer for
     encoder and decoder (the paper has three and weights the decoder's similarity term by gamma),
-    and D sees prior samples only, not also the reconstructions.
+    and D sees prior samples only, not also the reconstructions. Under ``augment=`` the D phase and the adversarial
+    term see augmented images; the feature reconstruction compares un-augmented ones (a real image with its own
+    reconstruction: independent augmentations would make the two differ by more than the VAE's error).
     """
 
     def __init__(
@@ -282,7 +293,7 @@ class VAEGANObjective(GANObjective):
         diff = d.features(x(recon_images)) - real_features
         recon = 0.5 * _full(diff).pow(2).flatten(1).sum(1).mean()
         prior_images = model.generate(model.prior(len(batch), real.device))  # D itself sees no labels yet
-        adv = self.adversarial.g_loss(d(x(prior_images)))
+        adv = self.adversarial.g_loss(d(self.d_view(prior_images)))  # augmented, as every input of D's loss
         kl_term, kl = self.kl.term(mu, logvar, step)
         loss = self.feature_weight * recon + kl_term + adv
         report("loss/recon", recon)

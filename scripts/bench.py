@@ -31,6 +31,10 @@ and ``--precision`` set a switch for every process the script starts (the headli
 
 ``--conditional``: cgan_pd's whole process against the same with ``model.conditional=false`` (the same ResNets with
 BatchNorm instead of conditional BatchNorm and no projection), long run minus short run, in rounds as above.
+``--augment``: dcgan's whole process with ``augment=diffaugment`` against ``augment=none`` (the recipe as shipped),
+the same way (issue 24: DiffAugment adds at most 15% to a dcgan step on the CPU).
+
+    python scripts/bench.py --augment --recipes dcgan --rounds 0 --detail-rounds 0  # DiffAugment's cost
 
 Detail (dcgan, one process with gantrain's allocator settings): the Trainer, the hand loop and the
 Trainer with ``loss.reuse_fakes=false`` timed step by step in alternating blocks on the same weights
@@ -66,6 +70,9 @@ STEPS = {"dcgan": (20, 120), "wgan_gp": (20, 60), "vae": (20, 420)}  # (short, l
 # --conditional: a class-conditional recipe against the same networks unconditional (its labels' whole cost)
 CONDITIONAL = {"cgan_pd": (20, 120)}
 LABELS = {"conditional": [], "unconditional": ["model.conditional=false"]}
+# --augment: a recipe with DiffAugment on every D input against the same recipe without (its augmentation's cost)
+AUGMENTED = {"dcgan": (20, 120)}
+AUGMENTS = {"diffaugment": ["augment=diffaugment"], "none": []}
 SIDES = ("gantrain", "hand", "hand, gantrain's allocator")
 # what allocator.keep_freed_memory() sets, in the form glibc reads at start-up
 ALLOCATOR_ENV = {
@@ -156,19 +163,21 @@ def whole_processes(
     return per_step
 
 
-def label_cost(recipe: str, steps: tuple[int, int], rounds: int, device: str | None, work: Path) -> dict:
-    """ms per step of the conditional recipe and of the same networks with ``model.conditional=false`` (conditional
-    BatchNorm becomes BatchNorm, the projection goes), whole processes, long run minus short run, in rotating
-    order."""
+def label_cost(
+    recipe: str, steps: tuple[int, int], rounds: int, device: str | None, work: Path, sides: dict = LABELS
+) -> dict:
+    """ms per step of the recipe under each of ``sides`` (name -> overrides; by default the conditional recipe and the
+    same networks with ``model.conditional=false``: conditional BatchNorm becomes BatchNorm, the projection goes),
+    whole processes, long run minus short run, in rotating order."""
     short, long = steps
-    runs = [(side, n) for n in (short, long) for side in LABELS]
-    per_step: dict[str, list[float]] = {side: [] for side in LABELS}
+    runs = [(side, n) for n in (short, long) for side in sides]
+    per_step: dict[str, list[float]] = {side: [] for side in sides}
     for r in range(rounds):
         seconds = {}
         for side, n in runs[r % len(runs) :] + runs[: r % len(runs)]:
             run_dir = work / f"{recipe}_{side}_{n}_{r}"
             run_dir.mkdir()
-            cmd = command("gantrain", recipe, n, run_dir, device) + LABELS[side]
+            cmd = command("gantrain", recipe, n, run_dir, device) + sides[side]
             seconds[side, n] = wall_time(cmd, run_dir / "out.log", {})
         for side in per_step:
             per_step[side].append(1000 * (seconds[side, long] - seconds[side, short]) / (long - short))
@@ -188,6 +197,22 @@ def label_table(costs: dict[str, dict[str, list[float]]], rounds: int) -> list[s
         c, u = median(sides["conditional"]), median(sides["unconditional"])
         per_round = ", ".join(f"{x / y:.3f}" for x, y in zip(sides["conditional"], sides["unconditional"]))
         lines.append(f"| {recipe} | {CONDITIONAL[recipe]} | {c:.1f} | {u:.1f} | **{c / u:.3f}** | {per_round} |")
+    return lines
+
+
+def augment_table(costs: dict[str, dict[str, list[float]]], rounds: int) -> list[str]:
+    lines = [
+        f"DiffAugment's cost ({rounds} rounds, whole processes as above, `data=digits`): the recipe with "
+        "`augment=diffaugment` (color, translation, cutout on every D input) against the recipe as shipped "
+        "(`augment=none`); the issue's bound: a ratio of at most 1.15.",
+        "",
+        "| recipe | steps (short, long) | diffaugment ms/step | none ms/step | ratio | ratio per round |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for recipe, sides in costs.items():
+        a, n = median(sides["diffaugment"]), median(sides["none"])
+        per_round = ", ".join(f"{x / y:.3f}" for x, y in zip(sides["diffaugment"], sides["none"]))
+        lines.append(f"| {recipe} | {AUGMENTED[recipe]} | {a:.1f} | {n:.1f} | **{a / n:.3f}** | {per_round} |")
     return lines
 
 
@@ -344,7 +369,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="table: each recipe with trainer.compile off and on")
     ap.add_argument("--switches", action="store_true", help="table: each speed switch off and on, gantrain and hand")
     ap.add_argument("--conditional", action="store_true", help="table: cgan_pd against its networks unconditional")
-    ap.add_argument("--label-rounds", type=int, default=3, help="--conditional's rounds (%(default)s)")
+    ap.add_argument("--augment", action="store_true", help="table: dcgan with augment=diffaugment against none")
+    ap.add_argument("--label-rounds", type=int, default=3, help="--conditional's and --augment's rounds (%(default)s)")
     ap.add_argument("--switch-steps", type=int, default=30, help="steps timed after the first in those tables")
     ap.add_argument("--settings", nargs="+", choices=list(SWITCHES), help="--switches: only these rows")
     ap.add_argument("--channels-last", action="store_true", help="every process: channels_last on")
@@ -387,6 +413,9 @@ def main() -> None:
         n = args.label_rounds
         costs = {r: label_cost(r, CONDITIONAL[r], n, args.device, work) for r in CONDITIONAL if args.conditional}
         labels = label_table(costs, n) if costs else []
+        augmenting = [r for r in AUGMENTED if args.augment]
+        costs = {r: label_cost(r, AUGMENTED[r], n, args.device, work, AUGMENTS) for r in augmenting}
+        labels += ([""] if labels and costs else []) + (augment_table(costs, n) if costs else [])
     load_after = os.getloadavg()[0]
 
     threads = torch.get_num_threads()

@@ -55,6 +55,8 @@ SCENARIOS = {  # name -> (accumulated micro-batches, overrides)
     "dcgan_batchnorm": (1, ["+experiment=dcgan"]),  # hygiene only: per-rank batch statistics differ from 2b's
     "r1_only": (1, [*R1_ONLY, "trainer.ddp.find_unused_parameters=true"]),
     "r1_only/find_unused_off": (1, R1_ONLY),
+    # ADA adjusting p after every D step, by 2 * 8 / 64 (the ranks' reals, all-reduced): p after each D step
+    "ada/2": (2, [*GAN, "augment=ada", "augment.p=0.5", "augment.adjust_every=1", "augment.speed_images=64"]),
 }
 
 
@@ -120,6 +122,17 @@ class RankDraws(Callback):
         self.reseed(trainer.step)
 
 
+class AugmentP(Callback):
+    """ADA's p after every D phase."""
+
+    def __init__(self, ada):
+        self.ada, self.ps = ada, []
+
+    def on_phase_end(self, trainer, phase) -> None:
+        if phase.name == "D":
+            self.ps.append(self.ada.p.item())
+
+
 class Hygiene(Callback):
     """After every phase: each network's parameters, gradients and buffers (BatchNorm statistics) equal rank 0's
     bit for bit, and the requires_grad flags are restored."""
@@ -156,6 +169,10 @@ def run(name: str, k: int, overrides: list[str], group: distributed.Group, run_d
     trainer.data = Batches(images, group.rank if group.distributed else None, trainer.data.labels)
     counts = {}
     hygiene = Hygiene()
+    ada = trainer.state.parts.get("augment")
+    augment_p = AugmentP(ada)
+    if ada is not None:
+        trainer.callbacks.append(augment_p)
     if group.distributed:
         for phase in trainer.phases:
             counts[phase.name] = 0
@@ -179,6 +196,7 @@ def run(name: str, k: int, overrides: list[str], group: distributed.Group, run_d
         "allreduces": counts,
         "steps": {p.name: trainer.iteration // p.interval for p in trainer.phases},
         "hygiene": hygiene.checks,
+        "augment_p": augment_p.ps,
     }
 
 

@@ -86,11 +86,18 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path):
     assert "trainer.ddp.find_unused_parameters=true" in error
 
 
-def test_two_ranks_equal_one_process_with_lecam(tmp_path):
+def test_two_ranks_equal_one_process_with_lecam_and_ada(tmp_path):
     """LeCam's averages are of all ranks' outputs (all-reduced after each D step), so 2 ranks with accumulation give
-    the 1-process reference's weights and gradients, which its anchors enter from the second step on."""
-    rank0, rank1, ref = equivalence(tmp_path, ["lecam/2"])
+    the 1-process reference's weights and gradients, which its anchors enter from the second step on. ADA adjusting
+    after every D step (accumulation 2): the ranks' r_t sums are all-reduced, so both ranks hold the p of the
+    1-process run with both ranks' images, bit for bit, and train as it does."""
+    rank0, rank1, ref = equivalence(tmp_path, ["lecam/2", "ada/2"])
     assert_equivalent(rank0["lecam/2"], rank1["lecam/2"], ref["lecam/2"])
+    ps = rank0["ada/2"]["augment_p"]
+    assert len(ps) == 3 and ps == rank1["ada/2"]["augment_p"] == ref["ada/2"]["augment_p"]
+    step = 2 * 2 * 4 / 64  # ranks * micro-batches * images / speed_images
+    assert all(abs(b - a) == step for a, b in zip([0.5, *ps], ps))  # moved each D step, by all ranks' images
+    assert_equivalent(rank0["ada/2"], rank1["ada/2"], ref["ada/2"])
 
 
 @pytest.mark.slow

@@ -108,7 +108,7 @@ def test_missing_folder_path_names_the_key():
 
 def test_every_group_option_builds_a_target():
     """Each option's target comes from its schema (the YAML holds only deltas); optim.<net> holds a torch partial."""
-    for group in ("model", "loss", "data", "trainer"):
+    for group in ("model", "loss", "data", "trainer", "augment"):
         for f in (CONFIG_DIR / group).glob("*.yaml"):
             overrides = [f"{group}={f.stem}"] + (["data.path=/tmp"] if f.stem == "folder" else [])
             assert make_cfg(*overrides)[group]._target_, f
