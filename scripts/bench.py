@@ -366,6 +366,7 @@ def main() -> None:
     ap.add_argument("--detail-rounds", type=int, default=4, help="in-process rounds (0: skip the detail)")
     ap.add_argument("--detail-steps", type=int, default=20, help="steps per loop per in-process round")
     ap.add_argument("--write", type=Path, help="replace the bench section of this markdown file")
+    ap.add_argument("--tag", default="bench.py", help="the section's marker name (%(default)s)")
     ap.add_argument("--compile", action="store_true", help="table: each recipe with trainer.compile off and on")
     ap.add_argument("--switches", action="store_true", help="table: each speed switch off and on, gantrain and hand")
     ap.add_argument("--conditional", action="store_true", help="table: cgan_pd against its networks unconditional")
@@ -469,7 +470,7 @@ def main() -> None:
     report = "\n".join(lines)
     print(report)
     if args.write:
-        replace_marked_section(args.write, "bench.py", report)
+        replace_marked_section(args.write, args.tag, report)
         print(f"wrote {args.write}", file=sys.stderr)
 
 
