@@ -1,7 +1,7 @@
 """What "nothing a user sees changes" means for a refactor, as numbers: short fixed-seed runs of every recipe
 whose final checkpoints are reduced to per-tensor hashes (:func:`fingerprint`) and compared with hashes recorded
 once from the code before the change (``tests/fixtures/bit_identity.json``, written by
-``python -m tests.bit_identity --write``).
+``python -m tests.bit_identity --write``; a recipe added later: ``--add``, which records it alone).
 
 A fingerprint covers what decides every later step: the step counters, the weights, every optimizer's,
 scheduler's and loss scaler's state, the EMA, the data stream's position, every RNG and the last logged
@@ -177,8 +177,19 @@ def record(tmp: Path) -> dict:
 if __name__ == "__main__":
     import tempfile
 
+    if "--add" in sys.argv:  # a new recipe: record it, keep every fingerprint (and the old checkpoint) as they are
+        saved = json.loads(HASHES.read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            for experiment in sorted(set(EXPERIMENTS) - set(saved["recipes"])):
+                saved["recipes"][experiment] = recipe(Path(tmp), experiment)
+                print("recorded", experiment, flush=True)
+        HASHES.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
+        sys.exit(0)
     if "--write" not in sys.argv:
-        sys.exit("usage: python -m tests.bit_identity --write  (records tests/fixtures/ from the code as it is)")
+        sys.exit(
+            "usage: python -m tests.bit_identity --write  (records tests/fixtures/ from the code as it is)\n"
+            "       python -m tests.bit_identity --add    (records only the recipes not recorded yet)"
+        )
     FIXTURES.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         HASHES.write_text(json.dumps(record(Path(tmp)), indent=1, sort_keys=True) + "\n")
