@@ -92,7 +92,8 @@ def test_user_error_is_one_line_not_a_traceback(tmp_path):
 def test_unknown_experiment_lists_options_on_the_cli(tmp_path):
     r = run_cli(["+experiment=nope"], cwd=tmp_path)
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "gantrain: error: experiment=nope: must be one of dcgan, " in r.stderr and "wgan_gp" in r.stderr
+    assert "gantrain: error: experiment=nope: must be one of acgan, cgan_pd, cvae, dcgan, " in r.stderr
+    assert "wgan_gp (the options in experiment/)" in r.stderr
 
 
 def test_tensorboard_gets_scalars_samples_config_and_hparams(tmp_path):
