@@ -174,6 +174,7 @@ STEPS = 1000
 CLASSIFIER_HOLDOUT = 9000  # as tests/test_mnist_extractor.py: 3 epochs on the first 1,000 test images (~82% accurate)
 
 
+@pytest.mark.slow  # ~30 s: 1,000 MNIST steps and a classifier
 def test_cvae_on_mnist_decodes_each_class_as_that_digit(tmp_path):
     """1,000 steps of the cvae recipe (~20 s), then 100 decoded prior samples per class: the MNIST classifier labels
     them with their class at a rate well above chance (0.1). Measured: 0.54 (the classifier's held-out accuracy on
