@@ -203,3 +203,18 @@ def test_conditional_runs_train_resume_and_save_their_classes(tmp_path, override
     assert ckpt["config"]["model"]["conditional"] and ckpt["config"]["model"]["num_classes"] == classes
     resumed = train(make_cfg(*overrides, "trainer.max_steps=4", "trainer.resume=auto"), tmp_path)
     assert resumed["step"] == 4
+
+
+def test_fake_labels_follow_the_datas_class_frequencies_when_asked(tmp_path):
+    """model.fake_labels=data: the prior draws the fakes' labels with the training set's class counts (the build
+    hands them over from the stream); uniform otherwise."""
+    trainer = build(make_cfg("+experiment=cgan_pd", "model.fake_labels=data"), tmp_path)
+    model = trainer.model
+    counts = torch.bincount(trainer.data.labels)
+    assert torch.equal(model.class_weights, counts.float())  # digits: 1,797 images, 174-183 per class
+    model.class_weights = torch.tensor([0.0, 3.0, 1.0] + [0.0] * 7)
+    torch.manual_seed(0)
+    y = model.prior(40_000).y
+    assert set(y.unique().tolist()) == {1, 2} and (y == 1).double().mean().item() == pytest.approx(0.75, abs=0.01)
+    model.fake_labels = "uniform"
+    assert set(model.prior(1000).y.unique().tolist()) == set(range(10))
