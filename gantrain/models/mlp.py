@@ -18,6 +18,7 @@ from gantrain.models.layers import (
     HeadedDiscriminator,
     apply_spectral_norm,
     check_labels,
+    label_dim_for,
     norm_layer,
 )
 
@@ -45,8 +46,7 @@ class Generator(nn.Module):
         checks.number("dropout", dropout, ge=0, lt=1, hint="0 turns dropout off")
         checks.choice("norm", norm, NORMS_1D)
         self.num_classes = checks.integer("num_classes", num_classes, 0)
-        label_dim = min(num_classes, 16) if label_dim is None or num_classes == 0 else label_dim
-        checks.integer("label_dim", label_dim, 1 if num_classes else 0)
+        label_dim = label_dim_for(num_classes, label_dim, conditional_norms=False)  # its labels join the noise
         layers: list[nn.Module] = []
         for i in range(depth):
             layers += [
