@@ -117,16 +117,18 @@ class RunLog(Callback):
         show_bar = self.is_main and s.progress_bar and terminal
         self.plain_lines = self.is_main  # under the bar they go to train.log only
         self._extra = FILE_ONLY if show_bar else None
+        steps_left = trainer.step < s.max_steps  # else a resume found nothing to do (Checkpointing said so)
         if self.is_main:
             self._metrics_file = (self.run_dir / METRICS_FILE).open("a", encoding="utf-8")
-            self.log_start(trainer)
+            if steps_left:
+                self.log_start(trainer)
         self.bar = tqdm(
             total=s.max_steps, initial=trainer.step, dynamic_ncols=True, bar_format=BAR_FORMAT, disable=not show_bar
         )
         self._t0, self._images0 = self.clock(), trainer.images_seen  # images/s since the last log
         self._start = (self._t0, trainer.step)  # ETA: this process's steps per second
         self._line = (None, trainer.step)  # time and step of the last plain line
-        if self.is_main and s.log_every_n_seconds > 0:
+        if self.is_main and steps_left and s.log_every_n_seconds > 0:
             self._first_step_timer = threading.Timer(s.log_every_n_seconds, self.log_first_step_running, (trainer,))
             self._first_step_timer.daemon = True
             self._first_step_timer.start()

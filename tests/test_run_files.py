@@ -172,3 +172,15 @@ def test_a_stop_names_each_path_once(tmp_path, caplog):
     caplog.clear()
     run_fake(RunLog(tmp_path, terminal=False, clock=clock, checkpoints=checkpoints), trainer, clock, 1.0)
     assert f"run directory {tmp_path.resolve()}, checkpoint {ckpt.resolve()};" in messages(caplog)[-1]
+
+
+def test_a_run_with_nothing_left_to_do_says_nothing_about_starting(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="gantrain.runlog")
+    clock, trainer = Clock(), fake_trainer(max_steps=3, log_every_n_seconds=0.1)
+    trainer.step = 3  # a checkpoint already at max_steps
+    log = RunLog(tmp_path, terminal=False, clock=clock)
+    log.on_fit_start(trainer)
+    time.sleep(0.3)
+    log.on_fit_end(trainer)
+    log.teardown(trainer)
+    assert [m for m in messages(caplog) if "start" in m or "step 4" in m or "running" in m] == []
