@@ -77,7 +77,8 @@ class Evaluation(Callback):
         self.best = best
 
     def results(self) -> dict[str, float]:
-        return self.values
+        best_step = {f"best/{self.monitor}/step": float(self.best["step"])} if self.best else {}
+        return {**self.values, **best_step}  # the step too, for a sweep's table (gantrain.sweep)
 
     def on_fit_start(self, trainer) -> None:
         self._first = self.start_step()
