@@ -39,13 +39,24 @@ def swept_keys() -> str:
     return ""
 
 
-def write_result(run_dir: Path, monitor: str, mode: str, metrics: dict[str, float], value: float) -> None:
-    """``run_dir/result.json``: ``value`` (what the job returns to the sweeper), the step it is of (the best's, for
-    an evaluated ``monitor``; else the last step) and whether lower or higher is better."""
-    step = metrics.get(f"best/{monitor}/step", metrics.get("step", float("nan")))
-    result = {"monitor": monitor, "mode": direction(monitor, mode), "value": value, "step": int(step)}
-    text = json.dumps(result, allow_nan=True) + "\n"
+def record(cfg: Any, value: float, metrics: dict[str, float]) -> float:
+    """Of a sweep's job (rank 0): write ``value`` (``trainer.monitor``'s, what it returns to the sweeper) into its
+    directory's ``result.json``, with the step it is of (the best's, for an evaluated monitor; else the last step)
+    and whether lower or higher is better. Returns ``value``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from gantrain import distributed
+
+    if HydraConfig.get().mode != RunMode.MULTIRUN or not distributed.current().is_main:
+        return value
+    monitor = cfg.trainer.monitor
+    step = metrics.get(f"best/{monitor}/step", metrics.get("step", 0))
+    result = {"monitor": monitor, "mode": direction(monitor, cfg.trainer.monitor_mode), "value": value}
+    text = json.dumps({**result, "step": int(step)}) + "\n"
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     atomic_write(run_dir / RESULT_FILE, lambda f: f.write(text.encode()), fsync=False)
+    return value
 
 
 def ranking(sweep_dir: Path) -> tuple[str, list[dict[str, Any]]] | None:

@@ -16,7 +16,6 @@ from pathlib import Path
 import hydra
 from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from gantrain import distributed
@@ -26,7 +25,7 @@ from gantrain.config import CONFIG_MODULE, register
 from gantrain.hydra_errors import user_error
 from gantrain.preemption import stop_on_signals
 from gantrain.rundir import LOG_FILE, RunDirectoryLock, log_file, save_configs, stop_message
-from gantrain.sweep import write_result
+from gantrain.sweep import record
 
 log = logging.getLogger("gantrain")
 register()  # the schemas and the resolvers
@@ -75,9 +74,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
         if checkpoints.start_step >= trainer.settings.max_steps:
             source, start, max_steps = checkpoints.source, checkpoints.start_step, trainer.settings.max_steps
             log.info("%s is already at step %d >= trainer.max_steps=%d: nothing to do", source, start, max_steps)
-            best = (checkpoints.state or {}).get("best") or {}  # the step of the best value, for a sweep's table
-            best_step = {f"best/{best['monitor']}/step": float(best["step"])} if "step" in best else {}
-            return {**checkpoints.saved_metrics, **best_step, "step": float(start)}
+            return {**checkpoints.saved_metrics, "step": float(start)}
         if group.is_main:
             save_configs(cfg, run_dir)
         with stop_on_signals(run.stopper) as received:  # under DDP the rank agreement, which stops every rank
@@ -110,12 +107,7 @@ def _hydra_main(cfg: DictConfig) -> float:
         if not getattr(e, "gantrain_logged", False) and distributed.current().is_main:
             log.error("%s", err)  # one line on the console (and train.log); under torchrun rank 0 says it
         raise SystemExit(1) from None
-    value = monitored(cfg, metrics)  # the value a sweeper optimizes
-    if HydraConfig.get().mode == RunMode.MULTIRUN and distributed.current().is_main:  # for the sweep's ranking
-        write_result(
-            Path(HydraConfig.get().runtime.output_dir), cfg.trainer.monitor, cfg.trainer.monitor_mode, metrics, value
-        )
-    return value
+    return record(cfg, monitored(cfg, metrics), metrics)  # the value a sweeper optimizes (a sweep ranks it)
 
 
 def monitored(cfg: DictConfig, metrics: dict[str, float]) -> float:

@@ -123,11 +123,17 @@ def test_a_sweep_returns_each_jobs_monitored_metric_and_readable_hparams(tmp_pat
         assert "trainer.max_steps" not in row  # the same in every job: no column
         assert {"metrics/fid", "metrics/kid", "metrics/precision", "metrics/recall"} <= set(tags)
     assert sorted(hparams_of(j)[0]["optim.d.lr"] for j in jobs) == pytest.approx([1e-4, 4e-4])
+    # the sweep's ranking: each job's best FID (lowest first) and the step of that best
+    best = {str(j.resolve()): min((v, s) for s, v in scalars(j, "metrics/fid")) for j in jobs}
+    rows = [line.split() for line in (sweep / "ranking.txt").read_text().splitlines()[2:]]
+    assert [r[3] for r in rows] == sorted(best, key=best.get)
+    assert [(float(r[1]), int(r[2])) for r in rows] == [pytest.approx(best[r[3]], rel=1e-5) for r in rows]
     (events,) = jobs[0].glob("events.out.tfevents.*")
     acc = EventAccumulator(str(events), size_guidance={"tensors": 0}).Reload()
     texts = {tag: acc.Tensors(tag)[0].tensor_proto.string_val[0].decode() for tag in acc.Tags()["tensors"]}
     command = next(v for k, v in texts.items() if k.startswith("command"))
-    assert "python -m gantrain -m" in command and "optim.d.lr=1e-4,4e-4" in command
+    assert command.split()[:4] == ["python", "-m", "gantrain", "data.batch_size=8"]  # job 0's own command, no -m
+    assert "optim.d.lr=0.0001" in command.split() and "optim.d.lr=1e-4,4e-4" not in command
     code = next(v for k, v in texts.items() if k.startswith("code"))
     assert re.search(r"[0-9a-f]{40}|not a git checkout", code)
 

@@ -4,6 +4,7 @@ jobs ranked by trainer.monitor; each job's TEXT tab has its own command."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -19,6 +20,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gantrain.rundir import hydra_value, run_name
+from gantrain.sweep import ranking
+from gantrain.train import train
+from tests.conftest import make_cfg
 from tests.test_long_runs import CLI, ENV, WATCH, _ckpt, _popen, _wait_for, tiny
 
 # `python` in a pasted command is the one running the tests
@@ -155,3 +159,31 @@ def test_a_sweep_stopped_in_job_1_resumes_with_more_steps_in_its_directories_and
     assert _command_text(job1) == shlex.join(["python", "-m", "gantrain", *overrides])
     assert "optim.d.lr=0.0002" in overrides and "trainer.max_steps=16" in overrides
     assert not any("," in o or o == "-m" for o in overrides)
+
+
+def test_a_runs_results_name_the_step_of_its_best_also_when_resumed_with_nothing_to_do(tmp_path, one_thread):
+    toy = ["+experiment=toy_gan", "trainer.max_steps=6", "trainer.eval_every_n_steps=2", "trainer.monitor=toy/hq"]
+    metrics = train(make_cfg(*toy), tmp_path)
+    best = _ckpt(tmp_path)["best"]
+    assert metrics["best/toy/hq"] == best["value"] and metrics["best/toy/hq/step"] == best["step"] in (2, 4, 6)
+    again = train(make_cfg(*toy, "trainer.resume=auto"), tmp_path)  # nothing to do
+    assert again["best/toy/hq/step"] == best["step"] and again["step"] == 6
+
+
+def test_the_ranking_puts_the_best_first_for_the_monitors_direction_and_nan_last(tmp_path):
+    results = {"0_a-1": 0.25, "1_a-2": float("nan"), "2_a-3": 0.75, "3_a-4": 0.5}
+    for i, (name, value) in enumerate(results.items()):
+        (tmp_path / name).mkdir()
+        result = {"monitor": "toy/hq", "mode": "max", "value": value, "step": 10 * i}
+        (tmp_path / name / "result.json").write_text(json.dumps(result))
+    (tmp_path / "5_unfinished").mkdir()
+    text, rows = ranking(tmp_path)
+    assert [Path(r["run_dir"]).name for r in rows] == ["2_a-3", "3_a-4", "0_a-1", "1_a-2"]
+    assert text.splitlines() == [
+        "4 jobs ranked by toy/hq (higher is better):",
+        "rank  toy/hq  step  run directory",
+        f"   1    0.75    20  {tmp_path.resolve() / '2_a-3'}",
+        f"   2     0.5    30  {tmp_path.resolve() / '3_a-4'}",
+        f"   3    0.25     0  {tmp_path.resolve() / '0_a-1'}",
+        f"   4     nan    10  {tmp_path.resolve() / '1_a-2'}",
+    ]
