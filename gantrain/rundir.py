@@ -98,16 +98,17 @@ def run_name(overrides: Sequence[str], prefix: str = "", swept: str = "") -> str
     ``key=value`` as ``key-value``, joined by ``_``; of a sweep job only the ``swept`` keys (comma-separated), the
     rest being the same in every job (the sweep's ``multirun.yaml``). Left out: ``experiment`` (the folder), ``hydra``
     keys and the keys a resumed run may change (``MAY_CHANGE_ON_RESUME``: ``trainer.resume``, ``trainer.max_steps``,
-    ...), so that a sweep rerun with them changed finds its jobs. Characters other than letters, digits and ``_.+-``
-    become ``_``: the name is a valid unquoted override value (``hydra.run.dir=...``, ``trainer.resume=...``) and a
-    shell word. A long name is cut, with a hash of the whole so that it stays unique and the same on every rerun.
+    ...), swept or not, so that a sweep rerun with them changed finds its jobs. Characters other than letters, digits
+    and ``_.+-`` become ``_``: the name is a valid unquoted override value (``hydra.run.dir=...``,
+    ``trainer.resume=...``) and a shell word. A long name is cut, with a hash of the whole so that it stays unique and
+    the same on every rerun.
     ``prefix`` comes first; "" when nothing is left."""
     keys = {k for k in swept.split(",") if k}
     words = []
     for override in overrides:
         key, _, value = str(override).partition("=")
         key = key.lstrip("+~")
-        if key in keys if keys else names_the_run(key):
+        if names_the_run(key) and (key in keys or not keys):
             words.append(f"{_safe(key)}-{_safe(value)}")
     name = "_".join(words)
     if len(name) > 120:
