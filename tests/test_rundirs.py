@@ -108,8 +108,14 @@ def test_the_printed_resume_command_of_a_stopped_run_resumes_it_pasted_into_a_sh
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert _ckpt(run_dir)["step"] == 30 and _resumed_at(run_dir) == stopped_at
     assert list(elsewhere.iterdir()) == [] and list((start / "outputs" / "dcgan").iterdir()) == [run_dir]
-    tensorboard = re.findall(r"view with: tensorboard --logdir (.*)$", r.stdout + r.stderr, flags=re.M)
-    assert [shlex.split(t) for t in tensorboard] == [[str(run_dir.resolve())]]
+    # the last line's TensorBoard command, pasted (with --inspect: read the logdir, list its tags and exit)
+    (tensorboard,) = re.findall(r"view with: (tensorboard --logdir .*)$", r.stdout + r.stderr, flags=re.M)
+    assert shlex.split(tensorboard) == ["tensorboard", "--logdir", str(run_dir.resolve())]
+    tb = subprocess.run(
+        f"{tensorboard} --inspect", shell=True, env=SHELL_ENV, capture_output=True, text=True, timeout=120
+    )
+    assert tb.returncode == 0 and f"These tags are in {run_dir.resolve()}:" in tb.stdout, tb.stdout + tb.stderr
+    assert "   loss/G\n" in tb.stdout
 
 
 def _command_text(job: Path) -> str:
