@@ -166,6 +166,17 @@ def test_evaluate_script_scores_a_gan_checkpoint(tmp_path, one_thread, capsys):
     native = json.loads(run("--json", "--metrics", tiny, "reference_resolution=native"))  # the digits' own 8 px
     assert native["protocol"] == {**out["protocol"], "reference_resolution": "native", "size": [8, 8]}
     assert native["fid"] != pytest.approx(out["fid"], rel=1e-3)
+    # a run of a gantrain before reference_resolution: its metrics config lacks the key, which still may be set
+    older = ckpt_io.load(ckpt)
+    older["config"]["metrics"] = {
+        "_target_": "gantrain.metrics.Metrics",
+        "extractor": {"_target_": "tests.extractors.TinyFeatures"},
+    }
+    ckpt_io.save_atomic(older, tmp_path / "older.ckpt")
+    again = json.loads(
+        run("--json", "--checkpoint", str(tmp_path / "older.ckpt"), "--metrics", "reference_resolution=native")
+    )
+    assert again["protocol"] == native["protocol"] and again["fid"] == pytest.approx(native["fid"], rel=1e-5)
     with pytest.raises(SystemExit):
         run("--metrics", tiny, "reference_resolution=28")
     assert capsys.readouterr().err.splitlines()[-1] == (
