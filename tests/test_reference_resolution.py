@@ -19,8 +19,10 @@ from torch import nn
 from gantrain import checkpoint as ckpt_io
 from gantrain.data import DataOption, Digits, TorchvisionImages
 from gantrain.errors import ConfigError
-from gantrain.metrics import Metrics
+from gantrain.metrics import Evaluation, Metrics
+from gantrain.metrics.evaluators import Combined
 from gantrain.metrics.suite import describe, fingerprint
+from gantrain.settings import EvaluationSettings
 from gantrain.train import train
 from tests.conftest import REPO, make_cfg
 from tests.extractors import TinyFeatures
@@ -186,3 +188,16 @@ def test_the_checkpoint_records_the_protocol_and_a_resume_under_another_says_so(
         f"now {describe(now)}: its scores and these do not compare",
     ]
     assert resumed["metrics_protocol"] == now and resumed["best"]["step"] == 4 and resumed["best"]["protocol"] == now
+
+
+def test_a_best_saved_before_protocols_were_recorded_is_kept():
+    protocol = {"reference": "training data", "num_reference": 300, "reference_resolution": "model", "size": [32, 32]}
+    protocol |= {"extractor": "tests.extractors.TinyFeatures", "extractor_sha256": "0" * 64}
+    evaluation = Evaluation(Combined([], protocol), EvaluationSettings(10, "metrics/fid", "auto"))
+    old = {"monitor": "metrics/fid", "mode": "min", "value": 12.5, "step": 20}
+    evaluation.load_state_dict(dict(old))
+    assert evaluation.state_dict() == old
+    evaluation.load_state_dict({**old, "protocol": {**protocol, "size": [28, 28]}})
+    assert evaluation.state_dict() is None
+    evaluation.load_state_dict({**old, "protocol": protocol})
+    assert evaluation.state_dict() == {**old, "protocol": protocol}

@@ -1,8 +1,8 @@
 """The ``metrics`` config group: which scores, how many samples, against which images, in which features.
 
 Reference features (of the training data or the ``reference`` folder) are cached with their class labels in
-``cache_dir`` under a key of the images (data config or file list) and the extractor (class, weights hash):
-recomputed when either changes.
+``cache_dir`` under a key of the images (data config or file list, and ``reference_resolution=native``) and the
+extractor (class, weights hash): recomputed when either changes.
 
 A class-conditional model is scored on ``num_samples`` samples of balanced labels (sample ``i`` of class
 ``i % num_classes``: ``num_samples // num_classes`` per class) and gets, beside the scores of all its samples,
