@@ -57,3 +57,14 @@ def evaluators(
         evaluators.append(heldout_elbo)
         tags.append("metrics/elbo")
     return evaluators, tags
+
+
+class Combined:
+    """A run's evaluators as one ``() -> {name: value}`` (what :class:`~gantrain.metrics.Evaluation` runs);
+    ``protocol``: how its FID/KID/PR are scored (``Metrics.protocol``), None without ``metrics=``."""
+
+    def __init__(self, parts: list[Callable[[], dict[str, float]]], protocol: dict | None = None):
+        self.parts, self.protocol = parts, protocol
+
+    def __call__(self) -> dict[str, float]:
+        return {k: v for e in self.parts for k, v in e().items()}
