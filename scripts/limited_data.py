@@ -63,20 +63,19 @@ def overrides(limit: int, augment: str, seed: int, args: argparse.Namespace) -> 
     return recipe_overrides("dcgan", seed, args.steps, args.data.resolve(), extra)
 
 
-def train(limit: int, augment: str, seed: int, args: argparse.Namespace) -> Path:
-    """Train (or find finished) one run; returns its directory. Another or an unfinished run's folder is refused."""
+def plan(limit: int, augment: str, seed: int, args: argparse.Namespace) -> tuple[Path, list[str] | None]:
+    """One run's directory and the command that trains it (None: it holds a finished run of the same config, to be
+    scored as it is). Another or an unfinished run's folder is refused. Not thread-safe (composes with Hydra)."""
     run_dir = (args.out / f"limit{limit}" / augment / f"seed{seed}").resolve()
     ovr = overrides(limit, augment, seed, args)
     if finished(run_dir, ovr):
         print(f"{run_dir}: finished run of the same config; scoring it", file=sys.stderr)
-        return run_dir
+        return run_dir, None
     if run_dir.exists():  # never train over (or beside) another run: its files stay as they are
         raise SystemExit(
             f"limited_data.py: error: {run_dir} holds another or an unfinished run; give another --out or remove it"
         )
-    command = [sys.executable, "-m", "gantrain", *ovr, f"hydra.run.dir={run_dir}"]
-    recipe_fid.run(command, run_dir / "stdout.log")
-    return run_dir
+    return run_dir, [sys.executable, "-m", "gantrain", *ovr, f"hydra.run.dir={run_dir}"]
 
 
 def final_p(run_dir: Path) -> float | None:
@@ -263,8 +262,10 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(str(e).replace("weights_path=", "--weights ", 1))
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the trainings' (recipe_fid.run passes os.environ on)
     keys = [(n, a, s) for n in args.limits for s in args.seeds for a in args.augments]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        run_dirs = list(pool.map(lambda k: train(*k, args), keys))
+    planned = [plan(*k, args) for k in keys]
+    with ThreadPoolExecutor(args.jobs) as pool:  # the trainings side by side; a failure stops with its log's name
+        list(pool.map(lambda p: recipe_fid.run(p[1], p[0] / "stdout.log"), [p for p in planned if p[1]]))
+    run_dirs = [run_dir for run_dir, _ in planned]
     runs = []
     for (limit, aug, seed), run_dir in zip(keys, run_dirs):
         result, _, steps = score_recipe(run_dir, scorer)
