@@ -25,7 +25,8 @@ from gantrain.augment import NoAugment
 from gantrain.checkpoint import Checkpointing
 from gantrain.errors import ConfigError
 from gantrain.hydra_errors import within
-from gantrain.metrics.evaluators import LOADING_KEYS, evaluators
+from gantrain.metrics.evaluators import LOADING_KEYS, evaluated_tags, evaluators
+from gantrain.metrics.loop import check_monitor
 from gantrain.provenance import code_version, command_line, hparams_row
 from gantrain.readahead import drawn_ahead
 from gantrain.runlog import standard_callbacks
@@ -118,6 +119,7 @@ def assemble(cfg: DictConfig, run_dir: str | Path, group: distributed.Group = di
             raise ConfigError(f"metrics: FID/KID/PR compare images, and {type(data).__name__} has none; drop metrics=")
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # an init draws no training RNG
             metrics = within("metrics", instantiate, cfg.metrics).to(device)
+    check_monitor(settings.monitor, evaluated_tags(model, data, metrics))  # before any reference features
     data_key = {k: v for k, v in resolved["data"].items() if k not in LOADING_KEYS}
     evaluation, eval_tags = evaluators(model, data, device, cfg.seed, metrics, data_key, resolved["loss"])
     checkpoints = Checkpointing(
