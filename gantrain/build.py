@@ -66,6 +66,7 @@ def assemble(cfg: DictConfig, run_dir: str | Path, group: distributed.Group = di
     :class:`~gantrain.optim.NetworkOptim`, the objective turns the model and those updates into
     complete phases, and the objective also says which pictures a run shows.
     """
+    OmegaConf.to_container(cfg, resolve=True)  # a ${...} that cannot resolve names its own key, not the node read
     seed_everything(cfg.seed)
     settings = within("trainer", instantiate, cfg.trainer)
     device = resolve_device(settings.device)
