@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gantrain.errors import GantrainError
-from gantrain.files import FULL, NOT_WRITABLE, write_error
+from gantrain.files import FULL, NOT_WRITABLE, atomic_write, write_error
 from gantrain.hydra_errors import user_error
 
 LOCK_NAME = ".lock"
@@ -84,9 +84,9 @@ class RunDirectoryLock:
         so a refused run leaves the file as it was)."""
         if self.fd is not None:
             text = f"PID {os.getpid()} on {socket.gethostname()}\n".encode()
-            try:
-                os.ftruncate(self.fd, 0)
+            try:  # written before the old text is cut, so that a full disk leaves that text as it was
                 os.pwrite(self.fd, text, 0)
+                os.ftruncate(self.fd, len(text))
             except OSError as e:  # a full disk: refused like any check, so the directory goes if it was new
                 raise (write_error(e, self.path) if e.errno in FULL | NOT_WRITABLE else e) from None
         self.claimed = True
@@ -204,13 +204,15 @@ def save_configs(cfg: DictConfig, run_dir: Path) -> None:
     """``config.yaml`` (resolved: what actually ran; Hydra's copy keeps the ``${...}``) and, under Hydra,
     the ``.hydra/`` files Hydra itself would have written before the run was checked (``hydra.output_subdir``
     is null in train.yaml so that a refused run changes nothing in an existing directory)."""
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    save = lambda node, path, resolve=False: atomic_write(  # noqa: E731  (a full disk: one line, the old file kept)
+        path, lambda f: f.write(OmegaConf.to_yaml(node, resolve=resolve).encode()), fsync=False
+    )
+    save(cfg, run_dir / "config.yaml", resolve=True)
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
-        (run_dir / ".hydra").mkdir(exist_ok=True)
-        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), run_dir / ".hydra" / "hydra.yaml")
-        OmegaConf.save(hydra_cfg.overrides.task, run_dir / ".hydra" / "overrides.yaml")
+        save(cfg, run_dir / ".hydra" / "config.yaml")
+        save(OmegaConf.create({"hydra": hydra_cfg}), run_dir / ".hydra" / "hydra.yaml")
+        save(hydra_cfg.overrides.task, run_dir / ".hydra" / "overrides.yaml")
 
 
 @contextmanager
