@@ -25,8 +25,8 @@ from gantrain.augment import NoAugment
 from gantrain.checkpoint import Checkpointing
 from gantrain.errors import ConfigError
 from gantrain.hydra_errors import within
-from gantrain.metrics.evaluators import LOADING_KEYS, evaluated_tags, evaluators
-from gantrain.metrics.loop import check_monitor
+from gantrain.metrics.evaluators import LOADING_KEYS, Combined, evaluated_tags, evaluators
+from gantrain.metrics.loop import ScoringProtocol, check_monitor
 from gantrain.provenance import code_version, command_line, hparams_row
 from gantrain.readahead import drawn_ahead
 from gantrain.runlog import standard_callbacks
@@ -132,7 +132,7 @@ def assemble(cfg: DictConfig, run_dir: str | Path, group: distributed.Group = di
         checkpoints=checkpoints,
         sampler=objective.sampler(model, data.render, fixed_noise, data_stream),
         # rank 0 only; the other ranks wait for it at their next collective (gantrain.distributed)
-        evaluator=(lambda: {k: v for e in evaluation for k, v in e().items()}) if evaluation else None,
+        evaluator=Combined(evaluation, metrics and metrics.protocol) if evaluation else None,
         eval_tags=eval_tags,
         config=resolved,
         hparams=hparams_row(cfg),
@@ -140,6 +140,8 @@ def assemble(cfg: DictConfig, run_dir: str | Path, group: distributed.Group = di
         is_main=group.is_main,
         read_ahead=stream if stream is not data_stream else None,
     )
+    if metrics is not None:  # how FID/KID/PR are scored, in every checkpoint
+        callbacks.append(ScoringProtocol(metrics.protocol, group.is_main))
     first = last = None
     if group.distributed:
         first, last = distributed.callbacks(group, cfg.seed, settings.ddp)

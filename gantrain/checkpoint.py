@@ -209,6 +209,9 @@ class Checkpointing(Callback):
             check_world_size(self.state.get("world_size", 1), world_size, self.source)
         self.start_step = 0 if self.state is None else self.state["step"]
         self.saved_metrics = {} if self.state is None else dict(self.state.get("metrics", {}))
+        if self.state is not None and self.state.get("best"):  # the step of the best value too (a sweep's table)
+            best = self.state["best"]
+            self.saved_metrics[f"best/{best['monitor']}/step"] = float(best["step"])
 
     def on_fit_start(self, trainer) -> None:
         if self.is_main:

@@ -33,6 +33,7 @@ from gantrain.models import GenerativeModel, dcgan, mlp, resnet, vae
 from gantrain.objectives import GANObjective
 from gantrain.perceptual import PerceptualMatching
 from gantrain.rundir import run_name, unique_suffix
+from gantrain.sweep import swept_keys
 from gantrain.trainer import TrainerSettings
 from gantrain.vae_objective import BernoulliRecon, GaussianRecon, PerceptualRecon, VAEGANObjective, VAEObjective
 
@@ -166,6 +167,8 @@ def register() -> None:
     # resolve the sweep directory the launcher made, and the resolver pickles by reference.
     OmegaConf.register_new_resolver("unique", unique_suffix, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+    # `${swept_keys:}` in hydra.sweep.subdir: the sweep's process fills its cache (SweepReport), the jobs read it
+    OmegaConf.register_new_resolver("swept_keys", swept_keys, use_cache=True, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="gantrain_schema", node=Config)
     for group, options in SCHEMAS.items():

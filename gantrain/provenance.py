@@ -44,9 +44,15 @@ def hparams_row(cfg: DictConfig) -> dict[str, Any]:
 
 
 def command_line() -> str:
-    """The command that started this run (under Hydra), else a note."""
+    """The command that started this run (under Hydra), else a note; of a sweep's job, the command that runs this job
+    alone (its own overrides, not the whole ``-m`` line)."""
     if not HydraConfig.initialized():
         return "(started from Python, not the command line)"
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return shlex.join(["python", "-m", "gantrain", *hydra_cfg.overrides.task])
     return shlex.join(["python", "-m", "gantrain", *sys.argv[1:]])
 
 

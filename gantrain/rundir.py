@@ -19,8 +19,9 @@ import socket
 import sys
 import uuid
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback as HydraCallback
@@ -28,6 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from gantrain.checkpoint import MAY_CHANGE_ON_RESUME
 from gantrain.errors import GantrainError
 from gantrain.files import FULL, NOT_WRITABLE, atomic_write, write_error
 from gantrain.hydra_errors import user_error
@@ -140,16 +142,58 @@ def unique_suffix() -> str:
     return uuid.uuid4().hex[:6]
 
 
-def run_name(overrides: str, prefix: str = "") -> str:
-    """``hydra.job.override_dirname`` as one directory name (``${run_name:...}`` in train.yaml): ``prefix`` and the
-    overrides with path separators as ``_``; a long one is cut, with a hash of the whole so that it stays unique
-    and the same on every rerun (a sweep's ``trainer.resume=auto`` finds its jobs again). "" without overrides."""
-    if not overrides:
-        return ""
-    name = overrides.replace("/", "_").replace(os.sep, "_")
+def run_name(overrides: Sequence[str], prefix: str = "", swept: str = "") -> str:
+    """A run's directory name from its command-line ``overrides`` (``${run_name:...}`` in train.yaml): each
+    ``key=value`` as ``key-value``, joined by ``_``; of a sweep job only the ``swept`` keys (comma-separated), the
+    rest being the same in every job (the sweep's ``multirun.yaml``). Left out: ``experiment`` (the folder), ``hydra``
+    keys and the keys a resumed run may change (``MAY_CHANGE_ON_RESUME``: ``trainer.resume``, ``trainer.max_steps``,
+    ...), swept or not, so that a sweep rerun with them changed finds its jobs. Characters other than letters, digits
+    and ``_.+-`` become ``_``: the name is a valid unquoted override value (``hydra.run.dir=...``,
+    ``trainer.resume=...``) and a shell word. A long name is cut, with a hash of the whole so that it stays unique and
+    the same on every rerun.
+    ``prefix`` comes first; "" when nothing is left."""
+    keys = {k for k in swept.split(",") if k}
+    words = []
+    for override in overrides:
+        key, _, value = str(override).partition("=")
+        key = key.lstrip("+~")
+        if names_the_run(key) and (key in keys or not keys):
+            words.append(f"{_safe(key)}-{_safe(value)}")
+    name = "_".join(words)
     if len(name) > 120:
         name = name[:100] + "_" + hashlib.sha1(name.encode()).hexdigest()[:8]
-    return prefix + name
+    return prefix + name if name else ""
+
+
+def names_the_run(key: str) -> bool:
+    """Whether an overridden ``key`` enters the run directory's name (see :func:`run_name`)."""
+    if key in ("experiment", "hydra") or key.startswith(("hydra.", "hydra/")):
+        return False
+    return not any(fnmatch(key, pattern) for pattern in MAY_CHANGE_ON_RESUME)
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", text)
+
+
+def hydra_value(text: str) -> str:
+    """``text`` as the value of a ``key=value`` override: as it is when Hydra reads it back unchanged, else in quotes
+    (a path with a space, ``=``, ``,``, brackets, ...), with Hydra's escapes (a backslash before a quote or at the
+    end is doubled, the quote escaped)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    quoted = []
+    for q in ("'", '"'):
+        inner = re.sub(rf"(\\*){q}", lambda m, q=q: m.group(1) * 2 + "\\" + q, text)
+        quoted.append(q + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, inner) + q)
+    for candidate in (text, *quoted):
+        try:
+            if parser.parse_override(f"k={candidate}").value() == text:
+                return candidate
+        except Exception:  # noqa: BLE001 - not valid this way; try the next
+            continue
+    raise GantrainError(f"cannot write {text!r} as the value of a Hydra override")
 
 
 class CreateRunDirectory(HydraCallback):
@@ -240,12 +284,13 @@ def log_file(path: Path):
 
 def stop_message(run_dir: Path, signal_name: str, step: int, max_steps: int) -> str:
     """What a run stopped by a signal says: the step, its checkpoint and the command that continues it (the same
-    overrides, this directory, ``trainer.resume=auto``)."""
+    overrides, this directory, ``trainer.resume=auto``), quoted so that it works pasted into a shell."""
     overrides = ["<the same overrides>"]
     if HydraConfig.initialized():
         task = HydraConfig.get().overrides.task
         overrides = [o for o in task if not re.match(r"(trainer\.resume|hydra\.run\.dir)=", o)]
-    words = ["python", "-m", "gantrain", *overrides, f"hydra.run.dir={run_dir.resolve()}", "trainer.resume=auto"]
+    words = ["python", "-m", "gantrain", *overrides, f"hydra.run.dir={hydra_value(str(run_dir.resolve()))}"]
+    words.append("trainer.resume=auto")
     command = " ".join(w if w.startswith("<") else shlex.quote(w) for w in words)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     return f"stopped by {signal_name} after step {step}/{max_steps}; checkpoint: {ckpt}; resume with: {command}"

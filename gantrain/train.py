@@ -25,6 +25,7 @@ from gantrain.config import CONFIG_MODULE, register
 from gantrain.hydra_errors import user_error
 from gantrain.preemption import stop_on_signals
 from gantrain.rundir import LOG_FILE, RunDirectoryLock, log_file, save_configs, stop_message
+from gantrain.sweep import record
 
 log = logging.getLogger("gantrain")
 register()  # the schemas and the resolvers
@@ -106,7 +107,7 @@ def _hydra_main(cfg: DictConfig) -> float:
         if not getattr(e, "gantrain_logged", False) and distributed.current().is_main:
             log.error("%s", err)  # one line on the console (and train.log); under torchrun rank 0 says it
         raise SystemExit(1) from None
-    return monitored(cfg, metrics)  # the value a sweeper optimizes
+    return record(cfg, monitored(cfg, metrics), metrics)  # the value a sweeper optimizes (a sweep ranks it)
 
 
 def monitored(cfg: DictConfig, metrics: dict[str, float]) -> float:

@@ -13,7 +13,9 @@ as on the training command line without the ``metrics.`` prefix (``extractor._ta
 A class-conditional checkpoint's samples have balanced labels (sample i of class i % num_classes), and it gets
 ``intra_fid`` (the per-class FID against the reference images of that class, averaged) and, scored with a classifier
 of its classes (``extractor._target_=gantrain.extractors.mnist.MnistFeatures``), ``class_accuracy`` (% of samples
-classified as their label).
+classified as their label). The table's second line (``--json``: ``protocol``) says how the scores were computed: the
+reference, its count and size (``--metrics reference_resolution=native``: the images at their own size, e.g. MNIST's
+28 px, instead of the model's), the extractor and its weights' hash; a warning says when the run recorded another.
 
 The held-out images are the last ``data.holdout`` images of the run's own data config (train with
 ``data.holdout=N``), binarized with the fixed seed of static binarization when the run binarized.
@@ -43,6 +45,7 @@ from gantrain import elbo
 from gantrain.data import DataError
 from gantrain.errors import ConfigError, GantrainError
 from gantrain.hydra_errors import user_error
+from gantrain.metrics.suite import describe
 from gantrain.sampling import load_model
 from gantrain.trainer import resolve_device
 
@@ -160,11 +163,10 @@ def evaluate_samples(args: argparse.Namespace, ckpt: dict, data_cfg: DictConfig,
     from gantrain.train import compose_config
 
     saved = ckpt["config"].get("metrics")
-    metrics_cfg = (
-        OmegaConf.create(saved)
-        if saved
-        else OmegaConf.create(OmegaConf.to_container(compose_config("metrics=fid").metrics))
-    )
+    defaults = OmegaConf.to_container(compose_config("metrics=fid").metrics)
+    # a run of an older gantrain lacks the newer keys (reference_resolution): their defaults, today's behaviour
+    newer = {k: v for k, v in defaults.items() if k != "extractor" and k not in (saved or {})}
+    metrics_cfg = OmegaConf.create({**newer, **saved} if saved else defaults)
     metrics_cfg = with_overrides(metrics_cfg, args.metrics, flag="--metrics")
     if args.num is not None:
         metrics_cfg.num_samples = args.num
@@ -191,6 +193,8 @@ def evaluate_samples(args: argparse.Namespace, ckpt: dict, data_cfg: DictConfig,
         result = metrics.evaluate(model, data, key)
     except DataError as e:
         raise GantrainError(str(e).replace("metrics.reference", "--reference")) from None
+    except ConfigError as e:
+        raise GantrainError(f"--metrics {e}" if e.key == "reference_resolution" else f"--data: {e}") from None
     except GantrainError as e:
         raise GantrainError(f"--data: {e}") from None
     out = {name.removeprefix("metrics/"): value for name, value in result.items()}
@@ -199,7 +203,11 @@ def evaluate_samples(args: argparse.Namespace, ckpt: dict, data_cfg: DictConfig,
     tags = [t.removeprefix("metrics/") for t in metrics.tags_for(model)]
     weights = "raw" if args.no_ema or not ckpt.get("ema") else "EMA"
     about = {"step": ckpt["step"], "weights": weights, "num": metrics.num_samples, "reference": reference}
-    return {**{t: out[t] for t in tags}, **about, "extractor": extractor}
+    saved = ckpt.get("metrics_protocol")
+    if saved and saved != metrics.protocol:
+        before, now = describe(saved), describe(metrics.protocol)
+        logging.getLogger(__name__).warning("the run was scored under another protocol: %s; these: %s", before, now)
+    return {**{t: out[t] for t in tags}, **about, "extractor": extractor, "protocol": metrics.protocol}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -216,10 +224,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except GantrainError as e:
         parser.error(" ".join(str(e).split()))
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result))  # "protocol": reference, num_reference, reference_resolution, size, extractor...
     elif "nll_iwae" not in result:
         print(f"{args.checkpoint} (step {result['step']}, {result['weights']} weights): {result['num']} samples vs "
               f"{result['reference']}, {result['extractor']} features")  # fmt: skip
+        print(f"  protocol: {describe(result['protocol'])}")
         for name in ("fid", "kid", "precision", "recall", "intra_fid", "class_accuracy"):
             if name in result:
                 print(f"  {name:<10} {result[name]:.6g}")

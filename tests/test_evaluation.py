@@ -18,8 +18,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from gantrain import checkpoint as ckpt_io
+from gantrain.metrics.suite import describe, fingerprint
 from gantrain.train import monitored, train
 from tests.conftest import REPO, TINY, make_cfg
+from tests.extractors import TinyFeatures
 
 SEARCHPATH = f"hydra.searchpath=[file://{REPO}/tests/configs]"  # tests/configs/metrics/extractor/tiny.yaml
 
@@ -123,11 +125,17 @@ def test_a_sweep_returns_each_jobs_monitored_metric_and_readable_hparams(tmp_pat
         assert "trainer.max_steps" not in row  # the same in every job: no column
         assert {"metrics/fid", "metrics/kid", "metrics/precision", "metrics/recall"} <= set(tags)
     assert sorted(hparams_of(j)[0]["optim.d.lr"] for j in jobs) == pytest.approx([1e-4, 4e-4])
+    # the sweep's ranking: each job's best FID (lowest first) and the step of that best
+    best = {str(j.resolve()): min((v, s) for s, v in scalars(j, "metrics/fid")) for j in jobs}
+    rows = [line.split() for line in (sweep / "ranking.txt").read_text().splitlines()[2:]]
+    assert [r[3] for r in rows] == sorted(best, key=best.get)
+    assert [(float(r[1]), int(r[2])) for r in rows] == [pytest.approx(best[r[3]], rel=1e-5) for r in rows]
     (events,) = jobs[0].glob("events.out.tfevents.*")
     acc = EventAccumulator(str(events), size_guidance={"tensors": 0}).Reload()
     texts = {tag: acc.Tensors(tag)[0].tensor_proto.string_val[0].decode() for tag in acc.Tags()["tensors"]}
     command = next(v for k, v in texts.items() if k.startswith("command"))
-    assert "python -m gantrain -m" in command and "optim.d.lr=1e-4,4e-4" in command
+    assert command.split()[:4] == ["python", "-m", "gantrain", "data.batch_size=8"]  # job 0's own command, no -m
+    assert "optim.d.lr=0.0001" in command.split() and "optim.d.lr=1e-4,4e-4" not in command
     code = next(v for k, v in texts.items() if k.startswith("code"))
     assert re.search(r"[0-9a-f]{40}|not a git checkout", code)
 
@@ -147,7 +155,11 @@ def test_evaluate_script_scores_a_gan_checkpoint(tmp_path, one_thread, capsys):
 
     table = run()
     assert "(step 3, EMA weights): 64 samples vs the run's training data, TinyFeatures features" in table
-    lines = {line.split()[0]: float(line.split()[1]) for line in table.splitlines()[1:]}
+    weights = fingerprint(TinyFeatures())[:12]
+    protocol = "1797 reference images (training data) at 32x32 px (model resolution), TinyFeatures features "
+    protocol += f"(weights sha256 {weights})"
+    assert table.splitlines()[1] == f"  protocol: {protocol}"
+    lines = {line.split()[0]: float(line.split()[1]) for line in table.splitlines()[2:]}
     assert set(lines) == {"fid", "kid", "precision", "recall"} and lines["fid"] > 0
     out = json.loads(run("--json"))
     assert out["fid"] == pytest.approx(lines["fid"], rel=1e-5) and out["num"] == 64 and out["weights"] == "EMA"
@@ -155,6 +167,28 @@ def test_evaluate_script_scores_a_gan_checkpoint(tmp_path, one_thread, capsys):
     assert raw["weights"] == "raw" and raw["fid"] != out["fid"]
     fewer = json.loads(run("--json", "--metrics", "extractor={_target_:tests.extractors.TinyFeatures}", "which=[fid]"))
     assert set(fewer) & {"fid", "kid", "precision", "recall"} == {"fid"}
+    assert describe(out["protocol"]) == protocol and out["protocol"]["reference_resolution"] == "model"
+    tiny = "extractor={_target_:tests.extractors.TinyFeatures}"
+    native = json.loads(run("--json", "--metrics", tiny, "reference_resolution=native"))  # the digits' own 8 px
+    assert native["protocol"] == {**out["protocol"], "reference_resolution": "native", "size": [8, 8]}
+    assert native["fid"] != pytest.approx(out["fid"], rel=1e-3)
+    # a run of a gantrain before reference_resolution: its metrics config lacks the key, which still may be set
+    older = ckpt_io.load(ckpt)
+    older["config"]["metrics"] = {
+        "_target_": "gantrain.metrics.Metrics",
+        "extractor": {"_target_": "tests.extractors.TinyFeatures"},
+    }
+    ckpt_io.save_atomic(older, tmp_path / "older.ckpt")
+    again = json.loads(
+        run("--json", "--checkpoint", str(tmp_path / "older.ckpt"), "--metrics", "reference_resolution=native")
+    )
+    assert again["protocol"] == native["protocol"] and again["fid"] == pytest.approx(native["fid"], rel=1e-5)
+    with pytest.raises(SystemExit):
+        run("--metrics", tiny, "reference_resolution=28")
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "evaluate.py: error: --metrics reference_resolution=28: must be one of model, native (model: as the model "
+        "sees them; native: as stored)"
+    )
 
 
 @pytest.mark.slow  # two trainings in a subprocess, ~25 s

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
+from gantrain import checks
 from gantrain.errors import GantrainError
 
 
@@ -27,10 +28,19 @@ class DataOption:
     metric_tags: tuple[str, ...] = ()
     num_eval_samples = 0
 
-    def reference_images(self):
+    def reference_images(self, native: bool = False):
         """(images, their classes or None) FID/KID/PR compare samples with: ``training_dataset()`` and
-        ``training_labels()`` unless the option says otherwise (`ImageData`: all of them, whatever ``limit``)."""
+        ``training_labels()`` unless the option says otherwise (`ImageData`: all of them, whatever ``limit``).
+        ``native`` (``metrics.reference_resolution=native``): the same images at their own size, not resized to the
+        model's; an option that cannot give them says so in one line (`ImageData.native_dataset`)."""
+        if native:
+            refuse_native(type(self).__name__, "does not say what its images' own size is")
         return self.training_dataset(), self.training_labels()
+
+
+def refuse_native(what: str, why: str) -> None:
+    """The one line that refuses ``metrics.reference_resolution=native`` for data ``what`` (``why``: the reason)."""
+    checks.fail("reference_resolution", "native", "model", f"{what} {why}")
 
 
 class DataError(GantrainError):

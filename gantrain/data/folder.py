@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from gantrain.data.common import DataError
+from gantrain.data.common import DataError, refuse_native
 from gantrain.data.images import ImageData
 
 log = logging.getLogger(__name__)
@@ -30,15 +30,16 @@ def absolute(path: str | os.PathLike) -> Path:
     return path.resolve()
 
 
-def pil_to_tensor(resolution: int, channels: int):
-    """PIL image -> (C, R, R) float in [-1, 1]; the PIL image must already have `channels` bands."""
+def pil_to_tensor(resolution: int | None, channels: int):
+    """PIL image -> (C, R, R) float in [-1, 1]; the PIL image must already have `channels` bands. ``resolution``
+    None: the image at its own size (C, H, W), not resized."""
     from torchvision import transforms  # here, not at import: torchvision takes ~1.5 s to import
 
+    # Resize the short side, then crop: keeps aspect ratio for non-square images.
+    resize = [] if resolution is None else [transforms.Resize(resolution), transforms.CenterCrop(resolution)]
     return transforms.Compose(
         [
-            # Resize the short side, then crop: keeps aspect ratio for non-square images.
-            transforms.Resize(resolution),
-            transforms.CenterCrop(resolution),
+            *resize,
             transforms.ToTensor(),  # [0, 1]
             transforms.Normalize([0.5] * channels, [0.5] * channels),  # [-1, 1]
         ]
@@ -75,7 +76,9 @@ class _ImageFiles(Dataset):
     `skip_corrupt` is replaced by the next readable file (wrapping around; it keeps the corrupt one's label), with one
     warning per file and process: the same replacement in every run, so order and resume stay as they were."""
 
-    def __init__(self, files: list[Path], channels: int, resolution: int, root: Path, skip_corrupt: bool = False):
+    def __init__(
+        self, files: list[Path], channels: int, resolution: int | None, root: Path, skip_corrupt: bool = False
+    ):
         self.files, self.root, self.skip_corrupt = files, root, skip_corrupt
         self.labels = folder_labels(files, root)
         self.mode = "L" if channels == 1 else "RGB"
@@ -176,3 +179,29 @@ class ImageFolder(ImageData):
                 raise DataError(message)
             log.warning("data.skip_corrupt: %s; each is replaced by the next readable file", message)
         return _ImageFiles(files, self.channels, self.resolution, root, self.skip_corrupt)
+
+    def native_dataset(self) -> Dataset | None:
+        """The files of `dataset()` at their own size; they must all have one (width x height, read from their headers),
+        else ``metrics.reference_resolution=native`` is refused in one line naming two that differ."""
+        from PIL import Image
+
+        full, root = self._split()[0], Path(self.path)
+        files = getattr(full, "files", None)
+        if files is None:  # a subclass's own dataset()
+            return None
+        sizes: dict[tuple[int, int], Path] = {}
+        for f in files:
+            try:
+                with Image.open(f) as img:  # the header only
+                    sizes.setdefault(img.size, f)
+            except Exception:  # noqa: BLE001 - unreadable: dataset() warned (skip_corrupt) and its stand-in is read
+                continue
+            if len(sizes) > 1:
+                (a, fa), (b, fb) = sizes.items()
+                shown = lambda size, f: f"'{f.relative_to(root)}' is {size[0]}x{size[1]}"  # noqa: E731
+                refuse_native(
+                    f"the images under '{root}'",
+                    f"differ in size ({shown(a, fa)}, {shown(b, fb)}): native needs one size; model resizes each to "
+                    f"{self.resolution} px",
+                )
+        return _ImageFiles(files, self.channels, None, root, self.skip_corrupt)

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, Subset
 
 from gantrain import checks
 from gantrain.data.binarization import MODES, static_binarized
-from gantrain.data.common import DataOption
+from gantrain.data.common import DataOption, refuse_native
 from gantrain.data.stream import BatchStream, TensorImages, stack
 
 
@@ -162,11 +162,21 @@ class ImageData(DataOption, abc.ABC):
         labels = getattr(full, "labels", None)  # a user's own dataset() may return any Dataset
         return None if labels is None else labels[:n_train]
 
-    def reference_images(self) -> tuple[Dataset, torch.Tensor | None]:
+    def reference_images(self, native: bool = False) -> tuple[Dataset, torch.Tensor | None]:
         """What FID/KID/PR compare samples with: every image before the holdout, whatever `limit` (statically
-        binarized as the training images), and their classes or None."""
+        binarized as the training images), and their classes or None. ``native``: the same images at their own size
+        (`native_dataset`), everything else as in training (channels, binarization)."""
         full, n_train = self._split()
+        if native:
+            full = self.native_dataset()
+            if full is None:
+                refuse_native(type(self).__name__, "cannot load its images at their own size (no native_dataset())")
         return _images_between(full, 0, n_train, binarized=self.binarize == "static"), self._labels()
+
+    def native_dataset(self) -> Dataset | None:
+        """`dataset()`'s images, in the same order, at their own size (not resized to `resolution`): what
+        ``metrics.reference_resolution=native`` compares with; every item the same size. None: the option cannot."""
+        return None
 
     def heldout(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The last `holdout` images of the dataset, in order, as one (N, C, R, R) float32 tensor. Binarized ("static"
@@ -220,17 +230,25 @@ class Digits(ImageData):
     num_classes = 10
 
     def dataset(self) -> TensorImages:
+        return self._digits(native=False)
+
+    def native_dataset(self) -> TensorImages:
+        """The digits at their own 8 x 8 px."""
+        return self._digits(native=True)
+
+    def _digits(self, native: bool) -> TensorImages:
         from sklearn.datasets import load_digits
 
         digits = load_digits()
-        images = torch.from_numpy(digits.images).float().div_(16.0)  # (N, 8, 8) in [0, 1]
-        images = torch.nn.functional.interpolate(
-            images[:, None],  # (N, 1, 8, 8)
-            size=(self.resolution, self.resolution),
-            mode="bilinear",
-            align_corners=False,
-            antialias=True,
-        )  # (N, 1, R, R)
+        images = torch.from_numpy(digits.images).float().div_(16.0)[:, None]  # (N, 1, 8, 8) in [0, 1]
+        if not native:
+            images = torch.nn.functional.interpolate(
+                images,
+                size=(self.resolution, self.resolution),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            )  # (N, 1, R, R)
         # Bilinear weights are a convex combination; the clamp only absorbs float rounding.
         images = images.clamp_(0.0, 1.0).mul_(2.0).sub_(1.0)
         if self.channels == 3:

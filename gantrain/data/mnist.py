@@ -118,15 +118,16 @@ class TorchvisionImages(ImageData):
         self.split = checks.choice("split", split, self.SPLITS)
         self.download = bool(download)
 
-    def transform(self):
-        """The PIL -> (C, R, R) [-1, 1] transform applied to every image."""
+    def transform(self, native: bool = False):
+        """The PIL -> (C, R, R) [-1, 1] transform applied to every image; ``native``: without the resize (28 px
+        MNIST/Fashion-MNIST, 32 px CIFAR-10)."""
         from torchvision import transforms
 
         steps = []
         if self.channels == 1 or _NATIVE_CHANNELS[self.name] == 1:
             # RGB -> grey (ITU-R 601 luma), or grey replicated into 3 equal channels.
             steps.append(transforms.Grayscale(num_output_channels=self.channels))
-        steps.append(pil_to_tensor(self.resolution, self.channels))
+        steps.append(pil_to_tensor(None if native else self.resolution, self.channels))
         return transforms.Compose(steps)
 
     def _idx_images(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,11 +146,18 @@ class TorchvisionImages(ImageData):
         return images, labels
 
     def dataset(self) -> Dataset:
+        return self._images(self.transform())
+
+    def native_dataset(self) -> Dataset:
+        """The images at the files' own size: 28 px (MNIST, Fashion-MNIST), 32 px (CIFAR-10)."""
+        return self._images(self.transform(native=True))
+
+    def _images(self, transform) -> Dataset:
         try:
             if self.name == "cifar10":  # torchvision's public (N, 32, 32, 3) uint8 array and list of N labels
                 cifar = _torchvision_dataset("cifar10")(self.root, train=self.split == "train", download=self.download)
-                return _PilImages(torch.from_numpy(cifar.data), torch.tensor(cifar.targets), self.transform())
-            return _PilImages(*self._idx_images(), self.transform())
+                return _PilImages(torch.from_numpy(cifar.data), torch.tensor(cifar.targets), transform)
+            return _PilImages(*self._idx_images(), transform)
         except DataError:  # files found but unreadable (read_idx): its message names the file
             raise
         except Exception as e:  # torchvision raises URLError, RuntimeError, OSError, tarfile errors...

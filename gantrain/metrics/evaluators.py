@@ -60,3 +60,14 @@ def evaluated_tags(model, data, metrics) -> list[str]:
     against them before the reference features are)."""
     elbo_tags = ["metrics/elbo"] if model.encodes and data.holdout > 0 else []
     return [*data.metric_tags, *(metrics.tags_for(model) if metrics is not None else []), *elbo_tags]
+
+
+class Combined:
+    """A run's evaluators as one ``() -> {name: value}`` (what :class:`~gantrain.metrics.Evaluation` runs);
+    ``protocol``: how its FID/KID/PR are scored (``Metrics.protocol``), None without ``metrics=``."""
+
+    def __init__(self, parts: list[Callable[[], dict[str, float]]], protocol: dict | None = None):
+        self.parts, self.protocol = parts, protocol
+
+    def __call__(self) -> dict[str, float]:
+        return {k: v for e in self.parts for k, v in e().items()}

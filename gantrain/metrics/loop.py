@@ -2,7 +2,9 @@
 with the EMA weights swapped in; ``trainer.monitor`` among their results keeps ``checkpoints/best.ckpt``.
 
 The best value, its step and ``trainer.monitor_mode`` are saved in every checkpoint as ``best`` (see
-:class:`Evaluation`). best.ckpt is written like last.ckpt (:meth:`gantrain.checkpoint.Checkpointing.write`).
+:class:`Evaluation`). best.ckpt is written like last.ckpt (:meth:`gantrain.checkpoint.Checkpointing.write`). How
+FID/KID/PR are scored (:attr:`gantrain.metrics.Metrics.protocol`) is saved as ``metrics_protocol``
+(:class:`ScoringProtocol`) and with the best.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from gantrain import checks
 from gantrain.events import Callback
+from gantrain.metrics.suite import describe
 from gantrain.settings import EvaluationSettings
 
 log = logging.getLogger(__name__)
@@ -61,7 +64,9 @@ class Evaluation(Callback):
     When ``settings.monitor`` is among the results it keeps the best value (``best``: ``{"monitor", "mode",
     "value", "step"}``, its checkpointed state), reports it as ``best/<monitor>`` (what a sweeper gets) and
     writes ``best.ckpt`` through ``write_best`` (a ``(trainer) -> None``). ``start_step``: the step the run
-    resumes from (``() -> int``), which is not evaluated again.
+    resumes from (``() -> int``), which is not evaluated again. ``evaluator.protocol``, when it has one (how its
+    FID/KID/PR are scored, :attr:`gantrain.metrics.Metrics.protocol`), is kept with the best: a best scored under
+    another protocol does not compare, and a resumed run starts it afresh.
     """
 
     state_key = "best"
@@ -77,6 +82,7 @@ class Evaluation(Callback):
         self.evaluator, self.every, self.monitor = evaluator, settings.every, settings.monitor
         self.mode = direction(settings.monitor, settings.mode)
         self.write_best, self.start_step, self.is_main = write_best, start_step, is_main
+        self.protocol = getattr(evaluator, "protocol", None)
         self.best: dict | None = None
         self.values: dict[str, float] = {}  # the last evaluation's
         self.evaluated_step: int | None = None  # the step they are of
@@ -91,10 +97,18 @@ class Evaluation(Callback):
                 best.get("monitor"), best.get("mode"), self.monitor, self.mode,
             )  # fmt: skip
             best = None
+        elif best and best.get("protocol", self.protocol) != self.protocol:  # a best saved before protocols: kept
+            log.warning(
+                "trainer.monitor: the checkpoint's best %s=%.6g (step %d) was scored under another metrics protocol "
+                "(%s; now %s): the best starts afresh",
+                best["monitor"], best["value"], best["step"], describe(best["protocol"]), describe(self.protocol),
+            )  # fmt: skip
+            best = None
         self.best = best
 
     def results(self) -> dict[str, float]:
-        return self.values
+        best_step = {f"best/{self.monitor}/step": float(self.best["step"])} if self.best else {}
+        return {**self.values, **best_step}  # the step too, for a sweep's table (gantrain.sweep)
 
     def on_fit_start(self, trainer) -> None:
         self._first = self.start_step()
@@ -118,9 +132,35 @@ class Evaluation(Callback):
         if self.monitor in values and improves(values[self.monitor], self.best and self.best["value"], self.mode):
             self.best = {"monitor": self.monitor, "mode": self.mode, "value": values[self.monitor]}
             self.best["step"] = trainer.step
+            if self.protocol is not None:
+                self.best["protocol"] = self.protocol
             if self.write_best is not None:
                 self.write_best(trainer)
         if self.best:
             values[f"best/{self.monitor}"] = self.best["value"]
         self.values = values
         trainer.emit("on_evaluation", values, self.best)
+
+
+class ScoringProtocol(Callback):
+    """Keeps ``protocol`` (:attr:`gantrain.metrics.Metrics.protocol`: reference, count, size, extractor and its weights'
+    hash) in every checkpoint as ``metrics_protocol``; a run resumed from a checkpoint scored under another protocol
+    (another weights file, other reference images) says so in one warning: its scores before and after do not
+    compare."""
+
+    state_key = "metrics_protocol"
+
+    def __init__(self, protocol: dict, is_main: bool = True):
+        self.protocol, self.is_main = protocol, is_main
+
+    def state_dict(self) -> dict:
+        return self.protocol
+
+    def load_state_dict(self, saved: dict) -> None:
+        if saved != self.protocol and self.is_main:
+            differ = ", ".join(k for k in sorted({*saved, *self.protocol}) if saved.get(k) != self.protocol.get(k))
+            log.warning(
+                "metrics: the checkpoint was scored under another protocol (%s differ): %s; now %s: its scores and "
+                "these do not compare",
+                differ, describe(saved), describe(self.protocol),
+            )  # fmt: skip

@@ -1,8 +1,8 @@
 """The ``metrics`` config group: which scores, how many samples, against which images, in which features.
 
 Reference features (of the training data or the ``reference`` folder) are cached with their class labels in
-``cache_dir`` under a key of the images (data config or file list) and the extractor (class, weights hash):
-recomputed when either changes.
+``cache_dir`` under a key of the images (data config or file list, and ``reference_resolution=native``) and the
+extractor (class, weights hash): recomputed when either changes.
 
 A class-conditional model is scored on ``num_samples`` samples of balanced labels (sample ``i`` of class
 ``i % num_classes``: ``num_samples // num_classes`` per class) and gets, beside the scores of all its samples,
@@ -36,6 +36,7 @@ from gantrain.models.generative import GenerativeModel
 log = logging.getLogger(__name__)
 
 TAGS = {"fid": ["metrics/fid"], "kid": ["metrics/kid"], "pr": ["metrics/precision", "metrics/recall"]}
+RESOLUTIONS = ("model", "native")  # metrics.reference_resolution: the reference images as the model sees them, or raw
 CACHE_FORMAT = 2  # part of the cache key: 2 caches the labels with the features (1 did not)
 
 
@@ -69,6 +70,13 @@ class Metrics:
         pr_neighbourhood: the k of precision/recall's k-nearest-neighbour balls.
         cache_dir: where reference features are cached; null: ``~/.cache/gantrain/reference``.
         seed: of the evaluation's noise and KID's subsets (the same noise at every evaluation).
+        reference_resolution: ``model``: the reference images as the training pipeline makes them (resized to the
+            model's resolution: MNIST 28 -> 32 px); ``native``: at their own size (``data.reference_images(native=
+            True)``: MNIST 28 px, a folder's files as they are). The generated images go to the extractor as they are
+            either way, each side resized only by the extractor itself (the Inception to 299 px).
+
+    :attr:`protocol` (set with the reference features) says how the scores are computed: the reference, its count and
+    size, the extractor and the hash of its weights; :func:`describe` writes it as one line.
     """
 
     def __init__(
@@ -84,6 +92,7 @@ class Metrics:
         pr_neighbourhood: int = 3,
         cache_dir: str | None = None,
         seed: int = 0,
+        reference_resolution: str = "model",
     ):
         self.which = [checks.choice("which", w, WHICH, "pr: precision and recall") for w in which]
         if not self.which:
@@ -106,6 +115,9 @@ class Metrics:
         self.extractor = extractor.requires_grad_(False)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.seed = checks.integer("seed", seed)
+        hint = "model: as the model sees them; native: as stored"
+        self.reference_resolution = checks.choice("reference_resolution", reference_resolution, RESOLUTIONS, hint)
+        self.protocol: dict[str, Any] | None = None  # set by reference_features
         self._real: torch.Tensor | None = None
         self._real_labels: torch.Tensor | None = None
 
@@ -133,8 +145,19 @@ class Metrics:
         if self._real is not None:
             return self._real
         images, labels, about = self._reference_images(data, data_key)
-        about = {**about, "num_reference": self.num_reference, "extractor": fingerprint(self.extractor)}
+        weights = fingerprint(self.extractor)
+        about = {**about, "num_reference": self.num_reference, "extractor": weights}
         about["format"] = CACHE_FORMAT
+        first = images[0]
+        size = list((first[0] if isinstance(first, (tuple, list)) else first).shape[-2:])  # (H, W) of every image
+        self.protocol = {
+            "reference": self.reference or "training data",
+            "num_reference": len(images),
+            "reference_resolution": self.reference_resolution,
+            "size": size,
+            "extractor": f"{type(self.extractor).__module__}.{type(self.extractor).__qualname__}",
+            "extractor_sha256": weights,
+        }
         key = hashlib.sha256(json.dumps(about, sort_keys=True, default=str).encode()).hexdigest()[:24]
         path = self.cache_dir / f"{key}.pt"
         if path.is_file():
@@ -179,25 +202,28 @@ class Metrics:
     def _reference_images(
         self, data: Any, data_key: dict | None
     ) -> tuple[Sequence[torch.Tensor], torch.Tensor | None, dict]:
-        """(the reference images as a dataset of (C, R, R) tensors, their (N,) classes or None, what identifies
-        them)."""
+        """(the reference images as a dataset of (C, R, R) tensors (``native``: (C, H, W), their own size), their (N,)
+        classes or None, what identifies them)."""
         if not data.images:
             checks.fail("metrics", "on", f"used with image data; {type(data).__name__} has no images")
+        native = self.reference_resolution == "native"
         if self.reference is not None:
             from gantrain.data import DataError, ImageFolder
             from gantrain.data.folder import image_files
 
             folder = ImageFolder(path=self.reference, channels=data.channels, resolution=data.resolution, batch_size=1)
             try:
-                dataset = folder.dataset()
+                dataset = folder.native_dataset() if native else folder.dataset()
             except DataError as e:  # names data.path; here it is metrics.reference
                 raise DataError(str(e).replace("data.path", "metrics.reference")) from None
             labels = folder.training_labels()
             files = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in image_files(self.reference)]
             about = {"folder": self.reference, "files": hashlib.sha256(str(files).encode()).hexdigest()}
-            about.update(resolution=data.resolution, channels=data.channels)
+            about.update(resolution="native" if native else data.resolution, channels=data.channels)
         else:
-            (dataset, labels), about = data.reference_images(), {"data": data_key or repr(vars(data))}
+            # model: reference_images() as a user's own option may define it, and the cache key of before
+            (dataset, labels) = data.reference_images(native=True) if native else data.reference_images()
+            about = {"data": data_key or repr(vars(data)), **({"reference_resolution": "native"} if native else {})}
         n = len(dataset)
         if n > self.num_reference:  # a fixed random subset: the first images of a folder may be one class
             picked = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: self.num_reference].sort().values
@@ -248,6 +274,7 @@ class Metrics:
         before) against the reference; a conditional model's with balanced labels, and :meth:`tags_for`'s
         intra-FID and class accuracy."""
         real = self.reference_features(data, data_key)
+        log.info("metrics: %s", describe(self.protocol))
         device = _device(model)
         if not _conditional(model):
             return self.scores(real, self.generated_features(model.sample, model.noise, device))
@@ -262,6 +289,18 @@ class Metrics:
         if predicted is not None:
             out["metrics/class_accuracy"] = 100 * (torch.cat(predicted) == labels).double().mean().item()
         return out
+
+
+def describe(protocol: dict[str, Any] | None) -> str:
+    """:attr:`Metrics.protocol` as one line: ``10000 reference images (training data) at 28x28 px (native), ...``."""
+    if not protocol:
+        return "no recorded protocol"
+    height, width = protocol["size"]
+    return (
+        f"{protocol['num_reference']} reference images ({protocol['reference']}) at {height}x{width} px "
+        f"({protocol['reference_resolution']} resolution), {protocol['extractor'].rsplit('.', 1)[-1]} features "
+        f"(weights sha256 {protocol['extractor_sha256'][:12]})"
+    )
 
 
 def _conditional(model: nn.Module) -> bool:
