@@ -254,15 +254,15 @@ class RunLog(Callback):
         if threading.excepthook is not _quiet_writer_thread:
             _quiet_writer_thread.default = threading.excepthook  # type: ignore[attr-defined]
             threading.excepthook = _quiet_writer_thread
-        self.writer = SummaryWriter(log_dir=str(self.run_dir))
         try:
+            self.writer = SummaryWriter(log_dir=str(self.run_dir))  # writes the file's first record itself
             self.log_config(step)
             self.writer.flush()
         except OSError as e:
             if e.errno not in FULL | NOT_WRITABLE:
                 raise
             writer, self.writer = self.writer, None
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, AttributeError):
                 writer.close()
             began = sorted(set(self.run_dir.glob("events.out.tfevents.*")) - before)
             for path in began:

@@ -10,6 +10,7 @@ corrupt image found mid-training.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import importlib.util
 import logging
@@ -414,6 +415,40 @@ def test_a_refused_run_is_one_line_and_leaves_nothing_behind(paths, tmp_path, co
     new = [k for k in after.keys() ^ before.keys() if not any(fnmatch.fnmatch(k, w) for w in written)]
     changed = [k for k in after.keys() & before.keys() if after[k] != before[k] and k not in written]
     assert new == [] and changed == [] and not [k for k, v in after.items() if v == b""], (new, changed)
+
+
+@pytest.mark.parametrize("fitting", [0, 1], ids=["no-record-fits", "the-first-record-fits"])
+def test_a_full_disk_under_tensorboard_is_one_line_and_removes_the_events_file_it_began(tmp_path, monkeypatch, fitting):
+    """TensorBoard writes its file's first record at once and the rest from its own thread; on a full disk (simulated
+    in its file layer, as test_long_runs simulates one under torch.save) the file is created and ``fitting`` records go
+    in. One line naming the file, which is removed; an earlier run's events file stays."""
+    from tensorboard.compat.tensorflow_stub.io import gfile
+
+    from gantrain.files import WriteError
+    from gantrain.runlog import RunLog
+
+    real, records = gfile.LocalFileSystem._write, []
+
+    def full(self, filename, content, mode):
+        records.append(content)
+        if len(records) <= fitting:
+            return real(self, filename, content, mode)
+        open(filename, "ab").close()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(gfile.LocalFileSystem, "_write", full)
+    (tmp_path / "events.out.tfevents.1.earlier.0").write_bytes(b"an earlier run's")
+    log = RunLog(tmp_path, config={"seed": 0}, metric_tags=["loss/G"])
+    with pytest.raises(WriteError) as e:
+        log.open_writer(0)
+    folder = re.escape(str(tmp_path))
+    assert re.fullmatch(
+        rf"cannot write '{folder}/events\.out\.tfevents\.\d+\.[^']+': No space left on device \(.* free on its "
+        r"file system\); free some space .*trainer\.resume=auto",
+        str(e.value),
+    ), str(e.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["events.out.tfevents.1.earlier.0"] and log.writer is None
+    assert len(records) == fitting + 1  # the records that fitted, and the one that did not
 
 
 # ----------------------------------------------------------------------------- sampling in batches
