@@ -1,3 +1,3 @@
-from gantrain.train import main
+from gantrain.cli import main
 
 main()

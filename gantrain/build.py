@@ -94,7 +94,7 @@ def assemble(cfg: DictConfig, run_dir: str | Path, group: distributed.Group = di
             f"loss: {type(objective).__name__} trains {list(networks)} but the model has no {absent} "
             f"(model.{absent[0]} is null); pick a model with that network, or a loss for the ones it has"
         )
-    unused = [n for n in cfg.optim if n not in networks]
+    unused = [n for n in cfg.optim if n not in networks and n in nets]  # optim.d of a model without D: by design
     if unused:
         log.info("optim.%s: not used, %s trains only %s", "/".join(unused), type(objective).__name__, list(networks))
     build_update = lambda n: instantiate(cfg.optim[n]).build(nets[n].parameters(), device)  # noqa: E731

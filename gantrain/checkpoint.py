@@ -22,6 +22,7 @@ from hydra.utils import get_object
 from gantrain.errors import CheckpointError, NonFiniteError
 from gantrain.events import Callback
 from gantrain.files import atomic_write, remove_stale_temporaries
+from gantrain.optim import HORIZON_KINDS
 from gantrain.stats import first_nonfinite
 
 log = logging.getLogger(__name__)
@@ -163,9 +164,11 @@ def load_trainer_state(trainer, state: dict[str, Any], source: str = "checkpoint
     """Restore :func:`trainer_state` into ``trainer``; refuse a checkpoint whose weights/optimizers do not fit."""
     trainer.load_state_dict(state, source)
     saved, now = state.get("settings", {}).get("max_steps", trainer.settings.max_steps), trainer.settings.max_steps
-    if saved != now and any(p.schedule is not None for p in trainer.phases):
-        msg = "trainer.resume: trainer.max_steps changed from %d to %d; the LR schedules keep the checkpoint's horizon"
-        log.warning(msg + " (%d steps)", saved, now, saved)
+    # only a schedule that ends at its horizon (cosine, linear) runs differently; constant, step and exponential do not
+    ending = [p.name for p in trainer.phases if p.schedule is not None and p.schedule.kind in HORIZON_KINDS]
+    if saved != now and ending:
+        msg = "trainer.resume: trainer.max_steps changed from %d to %d; the LR schedules of %s keep the checkpoint's "
+        log.warning(msg + "horizon (%d steps)", saved, now, "/".join(ending), saved)
 
 
 class Checkpointing(Callback):

@@ -27,6 +27,7 @@ from hydra_zen import ZenField, builds, make_config
 from omegaconf import MISSING, OmegaConf
 
 from gantrain import augment, data, losses, optim
+from gantrain.cli import CONFIG_MODULE
 from gantrain.extractors.mnist import MnistFeatures
 from gantrain.metrics import InceptionFeatures, Metrics
 from gantrain.models import GenerativeModel, dcgan, mlp, resnet, vae
@@ -38,8 +39,8 @@ from gantrain.trainer import TrainerSettings
 from gantrain.vae_objective import BernoulliRecon, GaussianRecon, PerceptualRecon, VAEGANObjective, VAEObjective
 
 # configs/ ships inside the package as `gantrain.configs` (pyproject's package-dir), so an installed
-# wheel finds the recipes as well as an editable clone does.
-CONFIG_MODULE = "gantrain.configs"
+# wheel finds the recipes as well as an editable clone does; CONFIG_MODULE is written in gantrain.cli, which --help
+# reads without importing torch.
 CONFIG_DIR = Path(str(importlib.resources.files(CONFIG_MODULE)))
 
 

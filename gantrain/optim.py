@@ -43,6 +43,7 @@ class Update:
 
 
 SCHEDULE_KINDS = ("constant", "step", "cosine", "exponential", "linear")
+HORIZON_KINDS = ("cosine", "linear")  # the kinds that end at the horizon, so run differently if max_steps changes
 IMPLEMENTATIONS = ("auto", "default", "foreach", "fused")
 
 

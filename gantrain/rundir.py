@@ -259,16 +259,28 @@ def save_configs(cfg: DictConfig, run_dir: Path) -> None:
         save(hydra_cfg.overrides.task, run_dir / ".hydra" / "overrides.yaml")
 
 
+# ``extra=`` of a record for train.log only, not the console (the progress lines while a tqdm bar shows them there)
+FILE_ONLY = {"gantrain_file_only": True}
+
+
+def not_file_only(record: logging.LogRecord) -> bool:
+    return not getattr(record, "gantrain_file_only", False)
+
+
 @contextmanager
 def log_file(path: Path):
     """Copy every log line to ``path`` (the run's ``train.log``, appended across resumes) inside the block,
-    in the console handler's format. Opened only after the run passed its checks."""
+    in the console handler's format; :data:`FILE_ONLY` records go there and not to the console. Opened only after
+    the run passed its checks."""
     root = logging.getLogger()
     handler = logging.FileHandler(path)
-    console = next((h for h in root.handlers if isinstance(h, logging.StreamHandler) and h.formatter), None)
+    consoles = [h for h in root.handlers if type(h) is logging.StreamHandler]
+    console = next((h for h in consoles if h.formatter), None)
     fmt = console.formatter if console else logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s")
     handler.setFormatter(fmt)
     root.addHandler(handler)
+    for h in consoles:
+        h.addFilter(not_file_only)
     try:
         yield
     except Exception as e:
@@ -278,6 +290,8 @@ def log_file(path: Path):
             e.gantrain_logged = True  # type: ignore[attr-defined]
         raise
     finally:
+        for h in consoles:
+            h.removeFilter(not_file_only)
         root.removeHandler(handler)
         handler.close()
 

@@ -8,14 +8,24 @@ images) while training goes on; it does both once more at the end (unless that s
 0 writes anything.
 
 The console shows a tqdm bar when it is a terminal and ``progress_bar`` is on; otherwise (a cluster log,
-``> out.txt 2>&1``) a plain line at most every ``log_every_n_seconds``, which lands in ``train.log`` too and
-holds no carriage returns. The last line of a finished run names where everything is.
+``> out.txt 2>&1``) a plain line at most every ``log_every_n_seconds``, which holds no carriage returns. ``train.log``
+gets the plain lines either way (under the bar they are marked :data:`~gantrain.rundir.FILE_ONLY`: not for the
+console). A line before the first step says what the run starts with; the first progress line comes after the first
+step, or after ``log_every_n_seconds`` while the first step still runs, whichever is first. The last line of a finished
+run names where everything is.
+
+Every logged step and every evaluation is also one JSON object in ``metrics.jsonl`` (:data:`METRICS_FILE`), for scripts
+that do not read TensorBoard: ``step``, ``images_seen``, ``wall_time`` (Unix seconds) and the scalars, non-finite ones
+as null. A resumed run appends; the steps it re-runs after its checkpoint appear again, as they do in TensorBoard
+(for such a step, the later line is the resumed run's).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import shlex
 import sys
 import threading
@@ -35,8 +45,12 @@ from gantrain.checkpoint import Checkpointing
 from gantrain.events import Callback
 from gantrain.files import FULL, NOT_WRITABLE, atomic_write, write_error
 from gantrain.readahead import DrawnAhead, ReadAhead
+from gantrain.rundir import FILE_ONLY
 
 log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
 
 # n/total, the bar, time left and the short postfix: fits an 80-column terminal (tests/test_logs.py).
 BAR_FORMAT = "{n_fmt}/{total_fmt} |{bar}| ETA {remaining}{postfix}"
@@ -91,6 +105,8 @@ class RunLog(Callback):
         self._evaluation_logged: int | None = None  # the step whose evaluation was logged last
         self._encoder: ThreadPoolExecutor | None = None  # writes sample grids off the training loop
         self._writing: Future | None = None  # the grids being written
+        self._metrics_file = None  # metrics.jsonl, appended (rank 0)
+        self._first_step_timer: threading.Timer | None = None  # the line while the first step is still running
 
     def on_fit_start(self, trainer) -> None:
         if self.is_main:
@@ -99,13 +115,23 @@ class RunLog(Callback):
         s = trainer.settings
         terminal = console_is_terminal() if self.terminal is None else self.terminal
         show_bar = self.is_main and s.progress_bar and terminal
-        self.plain_lines = self.is_main and not show_bar
+        self.plain_lines = self.is_main  # under the bar they go to train.log only
+        self._extra = FILE_ONLY if show_bar else None
+        steps_left = trainer.step < s.max_steps  # else a resume found nothing to do (Checkpointing said so)
+        if self.is_main:
+            self._metrics_file = (self.run_dir / METRICS_FILE).open("a", encoding="utf-8")
+            if steps_left:
+                self.log_start(trainer)
         self.bar = tqdm(
             total=s.max_steps, initial=trainer.step, dynamic_ncols=True, bar_format=BAR_FORMAT, disable=not show_bar
         )
         self._t0, self._images0 = self.clock(), trainer.images_seen  # images/s since the last log
         self._start = (self._t0, trainer.step)  # ETA: this process's steps per second
         self._line = (None, trainer.step)  # time and step of the last plain line
+        if self.is_main and steps_left and s.log_every_n_seconds > 0:
+            self._first_step_timer = threading.Timer(s.log_every_n_seconds, self.log_first_step_running, (trainer,))
+            self._first_step_timer.daemon = True
+            self._first_step_timer.start()
 
     state_key = "metrics"  # the last logged values: what a finished run returns when resumed with nothing to do
 
@@ -124,6 +150,8 @@ class RunLog(Callback):
 
     def on_step_end(self, trainer) -> None:
         self.bar.update(1)
+        if trainer.step == self._start[1] + 1:
+            self.log_first_step(trainer)
         if trainer.cadence.logs(trainer.step):
             self.log_stats(trainer)
             self.log_progress(trainer)
@@ -145,6 +173,11 @@ class RunLog(Callback):
             self.log_finished(trainer)
 
     def teardown(self, trainer) -> None:
+        if self._first_step_timer is not None:
+            self._first_step_timer.cancel()
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
         if self._encoder is not None:  # after an error elsewhere the grid in flight is finished, its own error dropped
             self._encoder.shutdown(wait=True)
         for opened in (self.bar, self.writer):
@@ -169,6 +202,7 @@ class RunLog(Callback):
         self.stats = stats
         for name, value in stats.items() if self.writer is not None else ():
             self.writer.add_scalar(name, value, trainer.step)
+        self.write_metrics(trainer, stats)
         losses = " ".join(f"{k.removeprefix('loss/')}={v:.3g}" for k, v in main_losses(stats).items())
         self.bar.set_postfix_str(f"{losses} {stats['perf/images_per_s']:.0f} img/s", refresh=False)
 
@@ -180,6 +214,7 @@ class RunLog(Callback):
         _, values, best = self.evaluation
         for name, value in values.items():
             self.writer.add_scalar(name, value, trainer.step)
+        self.write_metrics(trainer, values)
         shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if not k.startswith("best/"))
         if best is not None:
             shown += f" (best {best['monitor']}={best['value']:.4g} at step {best['step']})"
@@ -197,15 +232,48 @@ class RunLog(Callback):
         eta = timedelta(seconds=round(seconds_per_step * (trainer.settings.max_steps - trainer.step)))
         shown = [f"{k}={v:.3g}" for k, v in main_losses(self.stats).items()]
         shown += [f"{self.stats['perf/images_per_s']:.0f} img/s", f"ETA {eta}"]
-        log.info("step %d/%d: %s", trainer.step, trainer.settings.max_steps, ", ".join(shown))
+        log.info("step %d/%d: %s", trainer.step, trainer.settings.max_steps, ", ".join(shown), extra=self._extra)
+
+    def write_metrics(self, trainer, values: dict[str, float]) -> None:
+        """One line of ``metrics.jsonl``: the step, images seen, the wall time and ``values`` (non-finite: null)."""
+        if self._metrics_file is None:
+            return
+        row = {"step": trainer.step, "images_seen": trainer.images_seen, "wall_time": round(time.time(), 3)}
+        row.update({k: float(v) if math.isfinite(v) else None for k, v in values.items()})
+        self._metrics_file.write(json.dumps(row) + "\n")
+        self._metrics_file.flush()  # a script following the file sees each line as it is logged
+
+    def log_start(self, trainer) -> None:
+        """The line before the first step: which steps run, and what the first one does besides training."""
+        s, first = trainer.settings, trainer.step + 1
+        doing = [f"the first step compiles the networks (trainer.compile={s.compile})"] if s.compile else []
+        shown = f"; {', '.join(doing)}" if doing else ""
+        log.info("%s step %d of %d%s", "resuming at" if trainer.step else "starting", first, s.max_steps, shown)
+
+    def log_first_step(self, trainer) -> None:
+        """The first progress line, right after this process's first step (its losses come at the first log step)."""
+        if self._first_step_timer is not None:
+            self._first_step_timer.cancel()
+        if self.plain_lines:
+            took, max_steps = self.clock() - self._start[0], trainer.settings.max_steps
+            log.info("step %d/%d: first step done in %.3g s", trainer.step, max_steps, took, extra=self._extra)
+
+    def log_first_step_running(self, trainer) -> None:
+        """The first progress line when the first step takes longer than ``log_every_n_seconds`` (a compile, a slow
+        first batch): the timer thread's, only while no step has finished."""
+        if trainer.step == self._start[1] and self.plain_lines:
+            after, max_steps, step = trainer.settings.log_every_n_seconds, trainer.settings.max_steps, trainer.step
+            line = "step %d/%d: step %d still running after %.3g s"
+            log.info(line, step, max_steps, step + 1, after, extra=self._extra)
 
     def log_finished(self, trainer) -> None:
         """The run's last line: where its directory, final checkpoint, last sample grid and TensorBoard are."""
-        run_dir = self.run_dir.resolve()
-        parts = [f"run directory {run_dir}"]
+        run_dir, stopped = self.run_dir.resolve(), trainer.stop_reason is not None
+        parts = [] if stopped else [f"run directory {run_dir}"]  # a stop's own line names it, with the resume command
         checkpoints = self.checkpoints
         if checkpoints is not None and checkpoints.path.is_file():
-            parts.append(f"checkpoint {checkpoints.path.resolve()}")
+            if not stopped:  # ditto the checkpoint
+                parts.append(f"checkpoint {checkpoints.path.resolve()}")
             best = self.evaluation and self.evaluation[2]  # the value a sweeper gets
             if best and (checkpoints.folder / "best.ckpt").is_file():
                 where = (checkpoints.folder / "best.ckpt").resolve()
@@ -213,10 +281,10 @@ class RunLog(Callback):
         if self.grids:
             parts.append("samples " + ", ".join(str(p.resolve()) for p in self.grids))
         log.info(
-            "%s at step %d: %s; view with: tensorboard --logdir %s",
-            "finished" if trainer.stop_reason is None else f"stopped ({trainer.stop_reason})",
+            "%s at step %d%s; view with: tensorboard --logdir %s",
+            f"stopped ({trainer.stop_reason})" if stopped else "finished",
             trainer.step,
-            ", ".join(parts),
+            f": {', '.join(parts)}" if parts else "",
             shlex.quote(str(run_dir)),
         )
 

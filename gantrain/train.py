@@ -61,6 +61,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     with ExitStack() as stack:
         try:
             lock = stack.enter_context(RunDirectoryLock(run_dir)) if group.is_main else None
+            if group.is_main:  # the first line: what takes the time before the first step
+                log.info("loading the data and building the networks")
             run = assemble(cfg, run_dir, group)
         except Exception as e:
             group.check_all(e)

@@ -206,10 +206,10 @@ def test_plain_lines_at_most_one_per_interval(tmp_path, caplog, max_steps, secon
 @pytest.mark.parametrize(
     "terminal, progress_bar, is_main, lines",
     [
-        (True, True, True, False),  # the bar is the display: no duplicate lines
-        (True, False, True, True),  # progress_bar=false on a terminal: plain lines
-        (False, True, True, True),  # redirected: plain lines, the bar stays off
-        (False, False, False, False),  # other ranks log nothing
+        (True, True, True, "file"),  # the bar is the display: the lines go to train.log only
+        (True, False, True, "console"),  # progress_bar=false on a terminal: plain lines
+        (False, True, True, "console"),  # redirected: plain lines, the bar stays off
+        (False, False, False, None),  # other ranks log nothing
     ],
 )
 def test_plain_lines_or_bar(tmp_path, caplog, monkeypatch, terminal, progress_bar, is_main, lines):
@@ -223,6 +223,8 @@ def test_plain_lines_or_bar(tmp_path, caplog, monkeypatch, terminal, progress_ba
     run_fake(RunLog(tmp_path, terminal=terminal, clock=clock, is_main=is_main), trainer, clock, seconds_per_step=1.0)
     logged = messages(caplog)
     assert progress_steps(logged) == ([1, 2, 3, 4, 5, 6] if lines else [])
+    file_only = [r.getMessage() for r in caplog.records if getattr(r, "gantrain_file_only", False)]
+    assert progress_steps(file_only) == ([1, 2, 3, 4, 5, 6] if lines == "file" else [])
     assert ("ETA" in bar_stream.getvalue()) == (terminal and progress_bar and is_main)
     assert any(m.startswith("finished at step 6") for m in logged) == is_main
 

@@ -113,6 +113,7 @@ def test_a_signal_saves_the_step_and_the_resumed_run_is_bit_identical(tmp_path, 
     assert f"stopped by {signal.Signals(sig).name} after step {k}/60" in line
     assert f"checkpoint: {run_dir / 'checkpoints' / 'last.ckpt'}" in line
     assert f"hydra.run.dir={run_dir} trainer.resume=auto" in line and "+experiment=dcgan" in line
+    assert out.count(str(run_dir / "checkpoints" / "last.ckpt")) == 1  # RunLog's last line leaves it to this one
 
     assert train(make_cfg(*SIGNAL_RUN, *WATCH, "trainer.resume=auto"), run_dir)["step"] == 60
     _assert_same_state(uninterrupted, _ckpt(run_dir))
