@@ -25,8 +25,8 @@ from gantrain.augment import NoAugment
 from gantrain.checkpoint import Checkpointing
 from gantrain.errors import ConfigError
 from gantrain.hydra_errors import within
-from gantrain.metrics.evaluators import LOADING_KEYS, Combined, evaluators
-from gantrain.metrics.loop import ScoringProtocol
+from gantrain.metrics.evaluators import LOADING_KEYS, Combined, evaluated_tags, evaluators
+from gantrain.metrics.loop import ScoringProtocol, check_monitor
 from gantrain.provenance import code_version, command_line, hparams_row
 from gantrain.readahead import drawn_ahead
 from gantrain.runlog import standard_callbacks
@@ -66,6 +66,7 @@ def assemble(cfg: DictConfig, run_dir: str | Path, group: distributed.Group = di
     :class:`~gantrain.optim.NetworkOptim`, the objective turns the model and those updates into
     complete phases, and the objective also says which pictures a run shows.
     """
+    OmegaConf.to_container(cfg, resolve=True)  # a ${...} that cannot resolve names its own key, not the node read
     seed_everything(cfg.seed)
     settings = within("trainer", instantiate, cfg.trainer)
     device = resolve_device(settings.device)
@@ -119,6 +120,7 @@ def assemble(cfg: DictConfig, run_dir: str | Path, group: distributed.Group = di
             raise ConfigError(f"metrics: FID/KID/PR compare images, and {type(data).__name__} has none; drop metrics=")
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # an init draws no training RNG
             metrics = within("metrics", instantiate, cfg.metrics).to(device)
+    check_monitor(settings.monitor, evaluated_tags(model, data, metrics))  # before any reference features
     data_key = {k: v for k, v in resolved["data"].items() if k not in LOADING_KEYS}
     evaluation, eval_tags = evaluators(model, data, device, cfg.seed, metrics, data_key, resolved["loss"])
     checkpoints = Checkpointing(

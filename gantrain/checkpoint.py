@@ -185,6 +185,16 @@ class Checkpointing(Callback):
     def __init__(self, run_dir, resume=None, config=None, is_main=True, keep: int = 0, world_size: int = 1):
         self.folder = Path(run_dir) / "checkpoints"
         self.path = self.folder / "last.ckpt"
+        for path in (self.folder, self.path, self.folder / "best.ckpt"):  # where this run writes, checked first
+            if path.exists() and path.is_dir() != (path == self.folder):
+                what = (
+                    "a file; gantrain keeps its checkpoints in a folder"
+                    if path == self.folder
+                    else "a folder; gantrain writes its checkpoint file"
+                )
+                raise CheckpointError(
+                    f"'{path}' is {what} there; move it away, or start a new run in another hydra.run.dir"
+                )
         if resume is None and self.path.exists():
             raise CheckpointError(
                 f"run directory '{run_dir}' already holds a checkpoint ({self.path}); continue it with "

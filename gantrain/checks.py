@@ -21,11 +21,12 @@ def fail(key: str, value: Any, must: str, hint: str = "") -> None:
     raise ConfigError(f"{key}={shown}: must be {must}" + (f" ({hint})" if hint else ""), key=key)
 
 
-def integer(key: str, value: Any, at_least: int | None = None, hint: str = "") -> int:
-    """An ``int`` (not a bool: ``true`` in YAML is a typo, not a 1), optionally ``>= at_least``."""
+def integer(key: str, value: Any, at_least: int | None = None, hint: str = "", at_most: int | None = None) -> int:
+    """An ``int`` (not a bool: ``true`` in YAML is a typo, not a 1), optionally ``>= at_least`` and ``<= at_most``."""
     ok = isinstance(value, int) and not isinstance(value, bool) and (at_least is None or value >= at_least)
-    if not ok:
-        fail(key, value, "an integer" + ("" if at_least is None else f" >= {at_least}"), hint)
+    if not (ok and (at_most is None or value <= at_most)):
+        bounds = [f">= {at_least}"] * (at_least is not None) + [f"<= {at_most}"] * (at_most is not None)
+        fail(key, value, " ".join(["an integer", " and ".join(bounds)]).strip(), hint)
     return value
 
 

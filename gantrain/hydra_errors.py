@@ -64,15 +64,22 @@ def user_error(e: BaseException, node: str = "") -> GantrainError | None:
 
 def unknown_argument(e: InstantiationException, cause: TypeError) -> ConfigError | None:
     """A key in a YAML node without a schema (a user's own class) that its target does not take."""
-    key = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
     target = re.search(r"Error in call to target '([\w.]+)'", str(e))
-    if key is None or target is None:
-        return None  # a TypeError inside the target: a bug, keep the traceback
+    return not_an_argument(target.group(1), cause) if target else None
+
+
+def not_an_argument(target: str, cause: TypeError) -> ConfigError | None:
+    """``cause``, a call of ``target`` (a dotted name) with a keyword it does not take, as one line naming the keyword
+    and the ones it takes; None for any other TypeError (one inside the target: a bug, keep the traceback). Also for a
+    ``_partial_`` target called later (a user's optimizer class: :func:`gantrain.optim.make_optimizer`)."""
+    key = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
+    if key is None:
+        return None
     try:
-        allowed = ", ".join(p for p in inspect.signature(get_object(target.group(1))).parameters if p != "self")
+        allowed = ", ".join(p for p in inspect.signature(get_object(target)).parameters if p != "self")
     except (ValueError, TypeError, ImportError):
         allowed = "see its signature"
-    return ConfigError(f"{key.group(1)}: not an argument of {target.group(1)}; it takes: {allowed}", key=key.group(1))
+    return ConfigError(f"{key.group(1)}: not an argument of {target}; it takes: {allowed}", key=key.group(1))
 
 
 def within(node: str, fn, *args, **kwargs):

@@ -332,6 +332,13 @@ def make_optimizer(
         return factory(params, **kwargs, **flags)
     except ValueError as e:  # torch checks its own arguments: "Invalid beta parameter at index 1: 2.0"
         raise ConfigError(f"optimizer: {_name(optimizer_cls)} refuses its arguments: {e}", key="optimizer") from None
+    except TypeError as e:  # a misspelled argument of an optimizer given by _target_ (no schema checked its keys)
+        from gantrain.hydra_errors import not_an_argument  # the model/loss message; Hydra only on this path
+
+        err = not_an_argument(_name(optimizer_cls), e)
+        if err is None:
+            raise
+        raise err.within("optimizer") from None
 
 
 def _plain(value: Any) -> Any:

@@ -3,8 +3,9 @@ saved there, its ``train.log`` and the command that resumes it.
 
 A run holds ``<run_dir>/.lock`` (``fcntl.flock``) from before it checks or writes anything until it exits; the kernel
 drops the lock when the process dies, however it dies, so there is no stale lock to clean up. A second process on the
-same directory stops at once with one line naming the holder. The lock file itself is never deleted (deleting a locked
-file lets a third process lock a new one beside it).
+same directory stops at once with one line naming the holder. The lock file of a run that passed its checks is never
+deleted (deleting a locked file lets a third process lock a new one beside it); a run refused before that removes the
+lock file and the folders it created (:func:`make_dirs`), so that it leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import re
 import shlex
 import socket
+import sys
 import uuid
 from contextlib import contextmanager
 from fnmatch import fnmatch
@@ -23,11 +25,13 @@ from typing import Any, Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback as HydraCallback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from gantrain.checkpoint import MAY_CHANGE_ON_RESUME
 from gantrain.errors import GantrainError
-from gantrain.files import NOT_WRITABLE, write_error
+from gantrain.files import FULL, NOT_WRITABLE, atomic_write, write_error
 from gantrain.hydra_errors import user_error
 
 LOCK_NAME = ".lock"
@@ -48,10 +52,14 @@ class RunDirectoryLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
         self.fd: int | None = None
+        self.claimed = self.new = False
 
     def __enter__(self) -> "RunDirectoryLock":
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.run_dir)
+            if _job_dir_of_sweep(self.run_dir):  # Hydra made it for this job just now
+                _CREATED.setdefault(self.run_dir.absolute(), self.run_dir.absolute())
+            self.new = not self.path.exists()  # a refused run removes a lock file it created (then nothing waits on it)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
             if e.errno in NOT_WRITABLE:
@@ -78,13 +86,54 @@ class RunDirectoryLock:
         so a refused run leaves the file as it was)."""
         if self.fd is not None:
             text = f"PID {os.getpid()} on {socket.gethostname()}\n".encode()
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, text, 0)
+            try:  # written before the old text is cut, so that a full disk leaves that text as it was
+                os.pwrite(self.fd, text, 0)
+                os.ftruncate(self.fd, len(text))
+            except OSError as e:  # a full disk: refused like any check, so the directory goes if it was new
+                raise (write_error(e, self.path) if e.errno in FULL | NOT_WRITABLE else e) from None
+        self.claimed = True
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
+            if not self.claimed and self.new:  # a refused run leaves nothing behind: its lock file, its new folders
+                self.path.unlink(missing_ok=True)
+                remove_created(self.run_dir)
             os.close(self.fd)  # releases the flock
             self.fd = None
+
+
+# run directory -> the highest folder this process created for it (see make_dirs); only these are ever removed
+_CREATED: dict[Path, Path] = {}
+
+
+def make_dirs(folder: str | Path) -> None:
+    """``mkdir -p folder``, remembering the folders it created, so that a run refused before it wrote anything takes
+    them away again (:func:`remove_created`); a folder that existed before is never removed."""
+    folder = Path(folder).absolute()
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    if missing:
+        _CREATED.setdefault(folder, missing[-1])
+
+
+def remove_created(folder: str | Path) -> None:
+    """Remove ``folder`` and the parents :func:`make_dirs` created with it, while they are empty."""
+    folder = Path(folder).absolute()
+    top = _CREATED.pop(folder, None)
+    for p in (folder, *folder.parents) if top is not None else ():
+        try:
+            p.rmdir()
+        except OSError:  # not empty (another run's folder beside it) or gone
+            return
+        if p == top:
+            return
+
+
+def _job_dir_of_sweep(folder: Path) -> bool:
+    """Whether ``folder`` is an empty job directory of a Hydra sweep (which Hydra creates right before the job)."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    return folder.is_dir() and not any(folder.iterdir())
 
 
 def unique_suffix() -> str:
@@ -152,15 +201,20 @@ class CreateRunDirectory(HydraCallback):
     be created is one line and exit 1, not Hydra's traceback."""
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
-        self._create(config.hydra.run.dir, "hydra.run.dir")
+        self._create(_folder(config, "run"), "hydra.run.dir")
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        self._create(config.hydra.sweep.dir, "hydra.sweep.dir")
+        n_jobs = config.hydra.launcher.get("n_jobs", 1)  # hydra/launcher=parallel (joblib): 0 has no meaning there
+        if "joblib" in str(config.hydra.launcher.get("_target_")) and not (n_jobs is None or _nonzero_int(n_jobs)):
+            must = "an integer >= 1 (the jobs run at once) or < 0 (-1: one per CPU core, -2: all but one, ...)"
+            print(f"gantrain: error: hydra.launcher.n_jobs={n_jobs!r}: must be {must}", file=sys.stderr)
+            raise SystemExit(1)
+        self._create(_folder(config, "sweep"), "hydra.sweep.dir")
 
     @staticmethod
     def _create(folder: str, key: str) -> None:
         try:
-            Path(folder).mkdir(parents=True, exist_ok=True)
+            make_dirs(folder)
         except OSError as e:
             logging.getLogger("gantrain").error(
                 "%s=%s: cannot create this directory (%s); choose a directory you can write to",
@@ -171,17 +225,38 @@ class CreateRunDirectory(HydraCallback):
             raise SystemExit(1) from None
 
 
+def _nonzero_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value != 0
+
+
+def _folder(config: Any, kind: str) -> str:
+    """``hydra.<kind>.dir``. The default names hold the overrides, so an override whose ``${...}`` cannot resolve fails
+    here first: one line naming that override's key (Hydra would print a warning naming ``hydra.run.dir``)."""
+    try:
+        return str(config.hydra[kind].dir)
+    except OmegaConfBaseException as e:
+        err: BaseException = e
+        try:
+            OmegaConf.to_container(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]), resolve=True)
+        except OmegaConfBaseException as job_error:
+            err = job_error
+        print(f"gantrain: error: {user_error(err) or err}", file=sys.stderr)  # as the entry point prints it
+        raise SystemExit(1) from None
+
+
 def save_configs(cfg: DictConfig, run_dir: Path) -> None:
     """``config.yaml`` (resolved: what actually ran; Hydra's copy keeps the ``${...}``) and, under Hydra,
     the ``.hydra/`` files Hydra itself would have written before the run was checked (``hydra.output_subdir``
     is null in train.yaml so that a refused run changes nothing in an existing directory)."""
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    save = lambda node, path, resolve=False: atomic_write(  # noqa: E731  (a full disk: one line, the old file kept)
+        path, lambda f: f.write(OmegaConf.to_yaml(node, resolve=resolve).encode()), fsync=False
+    )
+    save(cfg, run_dir / "config.yaml", resolve=True)
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
-        (run_dir / ".hydra").mkdir(exist_ok=True)
-        OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
-        OmegaConf.save(OmegaConf.create({"hydra": hydra_cfg}), run_dir / ".hydra" / "hydra.yaml")
-        OmegaConf.save(hydra_cfg.overrides.task, run_dir / ".hydra" / "overrides.yaml")
+        save(cfg, run_dir / ".hydra" / "config.yaml")
+        save(OmegaConf.create({"hydra": hydra_cfg}), run_dir / ".hydra" / "hydra.yaml")
+        save(hydra_cfg.overrides.task, run_dir / ".hydra" / "overrides.yaml")
 
 
 # ``extra=`` of a record for train.log only, not the console (the progress lines while a tqdm bar shows them there)

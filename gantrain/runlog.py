@@ -22,6 +22,7 @@ as null. A resumed run appends; the steps it re-runs after its checkpoint appear
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 
 from gantrain.checkpoint import Checkpointing
 from gantrain.events import Callback
-from gantrain.files import atomic_write
+from gantrain.files import FULL, NOT_WRITABLE, atomic_write, write_error
 from gantrain.readahead import DrawnAhead, ReadAhead
 from gantrain.rundir import FILE_ONLY
 
@@ -109,8 +110,7 @@ class RunLog(Callback):
 
     def on_fit_start(self, trainer) -> None:
         if self.is_main:
-            self.writer = SummaryWriter(log_dir=str(self.run_dir))
-            self.log_config(trainer.step)
+            self.open_writer(trainer.step)
             self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gantrain-samples")
         s = trainer.settings
         terminal = console_is_terminal() if self.terminal is None else self.terminal
@@ -315,6 +315,28 @@ class RunLog(Callback):
         if writing is not None:
             writing.result()
 
+    def open_writer(self, step: int) -> None:
+        """TensorBoard's writer, with the config written and flushed: a full disk fails here, in one line, and the
+        events file it began is removed (TensorBoard would raise from its own thread later, leaving it empty)."""
+        before = set(self.run_dir.glob("events.out.tfevents.*"))
+        if threading.excepthook is not _quiet_writer_thread:
+            _quiet_writer_thread.default = threading.excepthook  # type: ignore[attr-defined]
+            threading.excepthook = _quiet_writer_thread
+        try:
+            self.writer = SummaryWriter(log_dir=str(self.run_dir))  # writes the file's first record itself
+            self.log_config(step)
+            self.writer.flush()
+        except OSError as e:
+            if e.errno not in FULL | NOT_WRITABLE:
+                raise
+            writer, self.writer = self.writer, None
+            with contextlib.suppress(OSError, AttributeError):
+                writer.close()
+            began = sorted(set(self.run_dir.glob("events.out.tfevents.*")) - before)
+            for path in began:
+                path.unlink(missing_ok=True)
+            raise write_error(e, began[0] if began else self.run_dir) from None
+
     def log_config(self, step: int) -> None:
         """The config as indented text (a code block), the ``about`` texts, and the hparams row with its metrics."""
         import yaml  # PyYAML comes with hydra/omegaconf
@@ -326,6 +348,15 @@ class RunLog(Callback):
         row = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in self.hparams.items()}
         for summary in hparams(row, {tag: 0.0 for tag in self.metric_tags}):
             self.writer._get_file_writer().add_summary(summary)
+
+
+def _quiet_writer_thread(args) -> None:
+    """``threading.excepthook``: TensorBoard's writer thread dies printing a full disk's OSError, which its next write
+    re-raises in the main thread (where :meth:`RunLog.open_writer` reports it in one line); anything else is printed."""
+    e = args.exc_value
+    if isinstance(e, OSError) and e.errno in FULL | NOT_WRITABLE and type(args.thread).__name__ == "_AsyncWriterThread":
+        return
+    _quiet_writer_thread.default(args)  # type: ignore[attr-defined]
 
 
 def standard_callbacks(

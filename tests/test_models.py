@@ -67,8 +67,10 @@ def test_discriminator_norms(norm, kind):
 def test_bad_model_arguments_are_clear():
     with pytest.raises(ConfigError, match=r"^norm='bn': must be one of batch, layer, instance, none$"):
         Discriminator(norm="bn")
-    with pytest.raises(ConfigError, match=r"^resolution=48: must be a power of two >= 8 \(32 and 64"):
+    with pytest.raises(ConfigError, match=r"^resolution=48: must be a power of two from 8 to 256 \(32 and 64"):
         Generator(resolution=48)
+    with pytest.raises(ConfigError, match=r"^resolution=8192: must be a power of two from 8 to 256 \(32 and 64"):
+        Discriminator(resolution=8192)  # refused before any layer is built (G's first would be 1024*ngf wide)
     with pytest.raises(ConfigError, match=r"^init='he': must be one of normal_0.02, xavier"):
         initialize(nn.Linear(2, 2), "he")
     with pytest.raises(ConfigError, match=r"^g is built for 3x64x64 images but resolution=32"):

@@ -10,12 +10,15 @@ corrupt image found mid-training.
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import importlib.util
 import logging
 import os
 import re
 import resource
 import shlex
+import shutil
 import struct
 import subprocess
 import sys
@@ -106,7 +109,7 @@ MISTAKES = [
     case("data.resolution=16", r"data\.resolution=16 but model\.resolution=32"),
     case(
         "data=ring8",
-        r"model: Interpolation key 'data\.channels' not found \(the model and data options do not fit",
+        r"model\.g\.channels: Interpolation key 'data\.channels' not found \(the model and data options do not fit",
         slow,
     ),
     case("data.holdout=100000", r"data\.holdout=100000: must be at most 1789", slow),
@@ -229,7 +232,10 @@ def paths(tmp_path_factory, readonly) -> dict[str, str]:
     torch.save(torch.zeros(2), root / "existing.pt")
     (root / "empty").mkdir()
     image_folder(root / "corrupt", 20, corrupt=CORRUPT)
+    (root / "userconf" / "optim").mkdir(parents=True)
+    (root / "userconf" / "optim" / "mysgd.yaml").write_text(USER_OPTIM)
     return {
+        "userconf": str(root / "userconf"),
         "gan": str(root / "gan" / "checkpoints" / "last.ckpt"),
         "vae": str(root / "vae" / "checkpoints" / "last.ckpt"),
         "not_ckpt": str(root / "not.ckpt"),
@@ -251,9 +257,14 @@ def run(command: str, cwd: Path) -> subprocess.CompletedProcess:
         argv = [sys.executable, str(REPO / "scripts" / words[0]), *words[1:]]
     else:
         own_dir = any(w.startswith("hydra.run.dir=") for w in words)  # else a fresh one per row
-        argv = [sys.executable, "-m", "gantrain", *TINY, *words, *([] if own_dir else [f"hydra.run.dir={cwd / 'run'}"])]
+        multirun = ["-m"] * ("-m" in words)  # Hydra takes the flag before the overrides
+        words = [w for w in words if w != "-m"]
+        run_dir = [] if own_dir else [f"hydra.run.dir={cwd / 'run'}"]
+        argv = [sys.executable, "-m", "gantrain", *multirun, *TINY, *words, *run_dir]
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
+    if limit is not None:  # torch's compile cache would look for its folder by writing into the temp folder
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(cwd.parent / "inductor-cache")
     preexec = None if limit is None else lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300, preexec_fn=preexec)
 
@@ -295,6 +306,149 @@ def test_the_table_holds_every_case_of_the_issue():
     ):
         assert named in commands, named
     assert any("data.path={corrupt}" in c for c in commands)
+
+
+# ----------------------------------------------------------------------------- refused before training (issue 26)
+# A user's own optimizer node, outside the repository and without a schema (hydra.searchpath=[file://{userconf}]).
+USER_OPTIM = """\
+g:
+  _target_: gantrain.optim.NetworkOptim
+  lr: 0.01
+  optimizer: {_target_: torch.optim.SGD, _partial_: true, momentum: 0.9}
+d:
+  _target_: gantrain.optim.NetworkOptim
+  lr: 0.01
+  optimizer: {_target_: torch.optim.SGD, _partial_: true, momentun: 0.9}
+"""
+FID = "metrics=fid metrics/extractor=tiny hydra.searchpath=[file://" + str(REPO / "tests" / "configs") + "]"
+joblib = pytest.mark.skipif(
+    importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None, reason="hydra-joblib-launcher"
+)
+
+
+def refusal(command: str, message: str, setup: str = "", *marks: pytest.MarkDecorator):
+    """A row of REFUSED: ``setup`` names what :func:`prepare` puts in the test's folder first."""
+    return pytest.param(command, message, setup, marks=marks, id=command[:70])
+
+
+REFUSED = [
+    refusal(
+        f"{FID} metrics.cache_dir={{tmp}}/cache trainer.monitor=metrics/fdi",
+        r"^\[.*\]\[ERROR\] - trainer\.monitor='metrics/fdi': must be one of metrics/fid, metrics/kid, "
+        r"metrics/precision, metrics/recall \(what this run evaluates\), or a training stat such as loss/G$",
+    ),
+    refusal(
+        "trainer.monitor=toy/hq",
+        r"trainer\.monitor='toy/hq': must be a training stat such as loss/G \(this run evaluates nothing; "
+        r"metrics=fid evaluates metrics/fid, .*, a VAE with data\.holdout > 0 metrics/elbo\)$",
+    ),
+    refusal("model.resolution=8192", r"model\.g\.resolution=8192: must be a power of two from 8 to 256 \(32 and 64"),
+    refusal(
+        "+experiment=vae_mlp model.resolution=8192",
+        r"model\.g\.encoder\.resolution=8192: must be an integer >= 4 and <= 128$",
+    ),
+    refusal(
+        "trainer.resume=auto",
+        r"'{tmp}/run/checkpoints/last\.ckpt' is a folder; gantrain writes its checkpoint file there; move it away",
+        "last.ckpt is a folder",
+    ),
+    refusal(
+        "hydra.searchpath=[file://{userconf}] optim=mysgd",
+        r"^\[.*\]\[ERROR\] - optim\.d\.optimizer\.momentun: not an argument of torch\.optim\.SGD; it takes: params, "
+        r"lr, momentum, dampening, weight_decay, nesterov",
+    ),
+    refusal(
+        "ulimit -f 0 ; hydra.run.dir={tmp}/full/run",  # as on a full disk, not one byte more goes in
+        r"cannot write '{tmp}/full/run/\.lock': File too large \(.* free on its file system\); free some space",
+    ),
+    refusal(
+        f"ulimit -f {{kib}} ; trainer.resume=auto trainer.max_steps=4 {NGF}",  # the configs fit, TensorBoard's run not
+        r"cannot write '{tmp}/run/(events\.out\.tfevents\.[^']+|config\.yaml|\.hydra/\w+\.yaml)': File too large",
+        "a finished run",
+    ),
+    refusal(
+        "-m hydra/launcher=parallel hydra.launcher.n_jobs=0 seed=0,1 hydra.sweep.dir={tmp}/sweep",
+        r"^gantrain: error: hydra\.launcher\.n_jobs=0: must be an integer >= 1 \(the jobs run at once\) or < 0",
+        "",
+        joblib,
+    ),
+    refusal(
+        "data.batch_size=${nope.key}", r"^\[.*\]\[ERROR\] - data\.batch_size: Interpolation key 'nope\.key' not found$"
+    ),
+    refusal(  # the default run directory's name holds the overrides, so that is where it fails first
+        "data.batch_size=${nope.key} hydra.run.dir={tmp}/outputs/${hydra.job.override_dirname}",
+        r"^gantrain: error: data\.batch_size: Interpolation key 'nope\.key' not found$",
+    ),
+]
+
+
+def prepare(setup: str, tmp: Path, paths: dict[str, str]) -> dict[str, str]:
+    """What a REFUSED row needs in ``tmp`` before it runs; returns more names for its command."""
+    if setup == "last.ckpt is a folder":
+        (tmp / "run" / "checkpoints" / "last.ckpt").mkdir(parents=True)
+        (tmp / "run" / "checkpoints" / "last.ckpt" / "mine.txt").write_text("the user's")
+    if setup == "a finished run":  # resumable (the GAN of `paths`); the limit holds its config files, not TensorBoard's
+        shutil.copytree(Path(paths["gan"]).parents[1], tmp / "run")
+        return {"kib": str((tmp / "run" / "config.yaml").stat().st_size // 1024 + 2)}
+    return {}
+
+
+def _tree(folder: Path) -> dict[str, bytes | None]:
+    """Every folder (None) and file (its bytes) under ``folder``."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize(("command", "message", "setup"), REFUSED)
+def test_a_refused_run_is_one_line_and_leaves_nothing_behind(paths, tmp_path, command, message, setup):
+    """Refused before training (or, on a full disk, before its first step): exit 1, one error line naming the key,
+    no traceback, and the folder as it was: no new directory, no empty file, no file changed but train.log."""
+    where = {**paths, "tmp": str(tmp_path), **prepare(setup, tmp_path, paths)}
+    before = _tree(tmp_path)
+    r = run(filled(command, where, escape=False), tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "Traceback" not in out, out[-3000:]
+    errors = [line for line in out.splitlines() if "[ERROR]" in line or line.startswith("gantrain: error:")]
+    assert len(errors) == 1 and re.search(filled(message, where, escape=True), errors[0]), out[-3000:]
+    after = _tree(tmp_path)
+    # a resume that passed its checks has recorded its config (as any resume does) and appended to train.log
+    written = ("run/train.log", "run/.lock", "run/config.yaml", "run/.hydra*") if setup == "a finished run" else ()
+    new = [k for k in after.keys() ^ before.keys() if not any(fnmatch.fnmatch(k, w) for w in written)]
+    changed = [k for k in after.keys() & before.keys() if after[k] != before[k] and k not in written]
+    assert new == [] and changed == [] and not [k for k, v in after.items() if v == b""], (new, changed)
+
+
+@pytest.mark.parametrize("fitting", [0, 1], ids=["no-record-fits", "the-first-record-fits"])
+def test_a_full_disk_under_tensorboard_is_one_line_and_removes_the_events_file_it_began(tmp_path, monkeypatch, fitting):
+    """TensorBoard writes its file's first record at once and the rest from its own thread; on a full disk (simulated
+    in its file layer, as test_long_runs simulates one under torch.save) the file is created and ``fitting`` records go
+    in. One line naming the file, which is removed; an earlier run's events file stays."""
+    from tensorboard.compat.tensorflow_stub.io import gfile
+
+    from gantrain.files import WriteError
+    from gantrain.runlog import RunLog
+
+    real, records = gfile.LocalFileSystem._write, []
+
+    def full(self, filename, content, mode):
+        records.append(content)
+        if len(records) <= fitting:
+            return real(self, filename, content, mode)
+        open(filename, "ab").close()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(gfile.LocalFileSystem, "_write", full)
+    (tmp_path / "events.out.tfevents.1.earlier.0").write_bytes(b"an earlier run's")
+    log = RunLog(tmp_path, config={"seed": 0}, metric_tags=["loss/G"])
+    with pytest.raises(WriteError) as e:
+        log.open_writer(0)
+    folder = re.escape(str(tmp_path))
+    assert re.fullmatch(
+        rf"cannot write '{folder}/events\.out\.tfevents\.\d+\.[^']+': No space left on device \(.* free on its "
+        r"file system\); free some space .*trainer\.resume=auto",
+        str(e.value),
+    ), str(e.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["events.out.tfevents.1.earlier.0"] and log.writer is None
+    assert len(records) == fitting + 1  # the records that fitted, and the one that did not
 
 
 # ----------------------------------------------------------------------------- sampling in batches

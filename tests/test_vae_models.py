@@ -308,8 +308,10 @@ def test_mlp_config_errors(cls):
         cls(hidden=[8, 0])
     with pytest.raises(ConfigError, match=r"^hidden=400: must be a non-empty list of layer widths"):
         cls(hidden=400)
-    with pytest.raises(ConfigError, match=r"^resolution=3: must be an integer >= 4$"):
+    with pytest.raises(ConfigError, match=r"^resolution=3: must be an integer >= 4 and <= 128$"):
         cls(resolution=3)
+    with pytest.raises(ConfigError, match=r"^resolution=8192: must be an integer >= 4 and <= 128$"):
+        cls(resolution=8192)
 
 
 # ----------------------------------------------------------------------------- as the generator of a GAN

@@ -27,18 +27,15 @@ def evaluators(
     now, before training, under ``data_key``) and a VAE's held-out ELBO (``loss``: the resolved loss settings, which
     name its likelihood). Each draws its own fixed noise: none touches the training RNG."""
     evaluators: list[Callable[[], dict[str, Any]]] = []
-    tags: list[str] = []
     if data.metric_tags:  # 2-D mixtures: modes covered, % high-quality samples
         noise = model.noise(data.num_eval_samples, device, generator=torch.Generator(device).manual_seed(seed + 1))
         labels = model.balanced_labels(data.num_eval_samples, device)  # a conditional model: every class in turn
         evaluators.append(lambda: data.evaluate(model.sample(noise, labels)))
-        tags += data.metric_tags
     if metrics is not None:
         within("metrics", metrics.reference_features, data, data_key)
         if "metrics/intra_fid" in metrics.tags_for(model):  # a conditional model: labelled reference, checked now
             within("metrics", metrics.reference_labels, data, data_key, model.num_classes)
         evaluators.append(lambda: metrics.evaluate(model, data, data_key))
-        tags += metrics.tags_for(model)
     if model.encodes and data.holdout > 0:
         heldout = within("data", data.heldout, device)
         labels = data.heldout_labels(device) if model.conditional else None  # a conditional VAE's ELBO: log p(x | y)
@@ -55,8 +52,14 @@ def evaluators(
             return {"metrics/elbo": nll["elbo"]}
 
         evaluators.append(heldout_elbo)
-        tags.append("metrics/elbo")
-    return evaluators, tags
+    return evaluators, evaluated_tags(model, data, metrics)
+
+
+def evaluated_tags(model, data, metrics) -> list[str]:
+    """The names :func:`evaluators` report, known before anything is computed (``trainer.monitor`` is checked
+    against them before the reference features are)."""
+    elbo_tags = ["metrics/elbo"] if model.encodes and data.holdout > 0 else []
+    return [*data.metric_tags, *(metrics.tags_for(model) if metrics is not None else []), *elbo_tags]
 
 
 class Combined:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 
+from gantrain import checks
 from gantrain.events import Callback
 from gantrain.metrics.suite import describe
 from gantrain.settings import EvaluationSettings
@@ -24,6 +25,22 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "min", "max")
 # Metrics where higher is better (the last part of the name); the rest (fid, intra_fid, kid, losses) is minimised.
 MAXIMIZED = ("elbo", "precision", "recall", "class_accuracy", "modes", "hq")
+# Where evaluated values are named (metrics/fid, toy/modes); every other name is a training stat (loss/G, lr/G).
+EVALUATED = ("metrics/", "toy/")
+
+
+def check_monitor(monitor: str, tags: list[str]) -> str:
+    """``trainer.monitor``, refused before training when it names an evaluated value that no evaluator of this run
+    reports (``tags``); a training stat (``loss/G``) is known only once logged, so any other name passes."""
+    if monitor.startswith(EVALUATED) and monitor not in tags:
+        from gantrain.metrics.suite import TAGS
+
+        fid = ", ".join(t for w in TAGS.values() for t in w)
+        stat = "a training stat such as loss/G"
+        must = f"one of {', '.join(tags)} (what this run evaluates), or {stat}" if tags else stat
+        nothing = f"this run evaluates nothing; metrics=fid evaluates {fid}, a VAE with data.holdout > 0 metrics/elbo"
+        checks.fail("trainer.monitor", monitor, must, "" if tags else nothing)
+    return monitor
 
 
 def direction(monitor: str, mode: str = "auto") -> str:

@@ -32,11 +32,14 @@ D_NORMS = NORMS
 G_NORMS = ("batch", "none")
 
 
+MAX_RESOLUTION = 256  # G's first layer is 32*ngf wide there, and each doubling doubles it (8192 px: 1024*ngf)
+
+
 def _n_doublings(resolution: int) -> int:
-    n = math.log2(resolution) - 2
-    if resolution < 8 or n != int(n):
-        checks.fail("resolution", resolution, "a power of two >= 8", "32 and 64 are the usual")
-    return int(n)
+    ok = isinstance(resolution, int) and not isinstance(resolution, bool) and 8 <= resolution <= MAX_RESOLUTION
+    if not ok or resolution & (resolution - 1):
+        checks.fail("resolution", resolution, f"a power of two from 8 to {MAX_RESOLUTION}", "32 and 64 are the usual")
+    return int(math.log2(resolution)) - 2
 
 
 class Generator(nn.Module):

@@ -34,6 +34,7 @@ from gantrain.models.layers import NORMS, norm_layer
 ENCODER_NORMS = NORMS  # batch | layer | instance | none
 DECODER_NORMS = ("batch", "none")
 CONV_RESOLUTIONS = (32, 64)
+MLP_MAX_RESOLUTION = 128  # the first Linear takes channels*R*R inputs: 49,152 at 128 px in colour
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU}
 LIKELIHOODS = ("bernoulli", "gaussian")
 
@@ -144,7 +145,7 @@ def _mlp_body(
     first takes ``cond_dim`` more inputs (a conditioning vector concatenated to the input)."""
     checks.integer("channels", channels, 1)
     checks.integer("cond_dim", cond_dim, 0)
-    checks.integer("resolution", resolution, 4)
+    checks.integer("resolution", resolution, 4, at_most=MLP_MAX_RESOLUTION)
     checks.integer("latent_dim", latent_dim, 1)
     if isinstance(hidden, (str, bytes)) or not isinstance(hidden, Sequence) or len(hidden) == 0:
         checks.fail("hidden", hidden, "a non-empty list of layer widths", "e.g. [400]")
@@ -160,7 +161,7 @@ def _mlp_body(
 class MLPEncoder(nn.Module):
     """Fully connected encoder: ``(B, channels, R, R)`` -> ``(B, 2 * latent_dim)`` = ``[mu, logvar]``. Flatten to
     ``C * R * R``, then ``[Linear(., h), act]`` for every width ``h`` in ``hidden``, then
-    ``Linear(hidden[-1], 2 * latent_dim)``. ``activation``: relu | tanh | softplus | elu. Any ``resolution`` >= 4;
+    ``Linear(hidden[-1], 2 * latent_dim)``. ``activation``: relu | tanh | softplus | elu. ``resolution``: 4 to 128;
     ``hidden``: a list, tuple or OmegaConf ListConfig of ints >= 1. ``cond_dim``: the size of a conditioning vector
     ``c`` given to ``forward``, concatenated to the flattened image."""
 
