@@ -80,7 +80,7 @@ MISTAKES = [
     case("model.g.init=normal", r"model\.g\.init: no such key; did you mean model\.init\?", slow),
     case("optim.d.optimizer.lr=0.1", r"optim\.d\.optimizer\.lr: no such key; did you mean optim\.d\.lr\?", slow),
     case("optim.d.optimizer.momentum=0.9", r"optim\.d\.optimizer\.momentum: no such key \(optim\.d\.optimizer \(torch"),
-    case("+experiment=nope", r"^gantrain: error: experiment=nope: must be one of acgan, cgan_pd, cvae, dcgan, .*wgan_gp"),
+    case("+experiment=nope", r"^gantrain: error: experiment=nope: must be one of acgan, cgan_pd, cvae, .*wgan_gp"),
     case("model=nope", r"model=nope: must be one of dcgan, mlp, resnet", slow),
     case("trainer.max_steps=abc", r"trainer\.max_steps='abc': must be an integer$"),
     case("data.batch_size=1.5", r"data\.batch_size=1\.5: must be an integer$", slow),
