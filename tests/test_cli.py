@@ -129,6 +129,7 @@ def test_bench_script_runs_and_writes_its_section(tmp_path):
     assert "| vae | (1, 2) |" in text and "| hand loop |" in text and "old" not in text and text.endswith("tail\n")
 
 
+@pytest.mark.slow  # ~45 s: two short toy trainings through the script
 def test_toy_benchmark_script_writes_its_table(tmp_path):
     doc = tmp_path / "bench.md"
     doc.write_text("# x\n")

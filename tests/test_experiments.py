@@ -143,7 +143,15 @@ def mnist_folder(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("experiment", IMAGE_EXPERIMENTS)
+# The default run trains one GAN, one conditional GAN and one VAE on the folder, the other recipes only with `slow`
+# (~12 s each): every recipe trains in the default run on the default data (test_experiment_trains_two_steps).
+ON_FOLDER_BY_DEFAULT = ("dcgan", "cgan_pd", "vae_mlp")
+
+
+@pytest.mark.parametrize(
+    "experiment",
+    [e if e in ON_FOLDER_BY_DEFAULT else pytest.param(e, marks=pytest.mark.slow) for e in IMAGE_EXPERIMENTS],
+)
 def test_image_experiment_on_mnist_folder(tmp_path, mnist_folder, experiment):
     # no held-out ELBO without held-out images: a recipe that monitors it monitors its loss here
     elbo = compose_config(f"+experiment={experiment}").trainer.monitor == "metrics/elbo"
