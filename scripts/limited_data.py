@@ -1,7 +1,7 @@
 """The limited-data benchmark: DCGAN on the first N MNIST test images without augmentation, with DiffAugment, with ADA.
 
     python scripts/mnist_classifier.py                                  # once: the feature extractor's weights
-    python scripts/limited_data.py --write docs/benchmarks.md            # limits 500 and 2,000, 3 seeds, 2,000 steps
+    python scripts/limited_data.py --write docs/benchmarks.md            # limits 500 and 2,000, 3 seeds, 3,000 steps
     python scripts/limited_data.py --limits 500 --seeds 0 --steps 200    # a quick check of the pipeline
 
 Each (limit, augmentation, seed) trains ``python -m gantrain +experiment=dcgan data=mnist data.limit=LIMIT
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limits", type=int, nargs="+", default=[500, 2000], help="data.limit values (%(default)s)")
     ap.add_argument("--augments", nargs="+", default=AUGMENTS, choices=AUGMENTS, metavar="AUG")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=2000, help="trainer.max_steps of every run (%(default)s)")
+    ap.add_argument("--steps", type=int, default=3000, help="trainer.max_steps of every run (%(default)s)")
     ap.add_argument("--jobs", type=int, default=2, help="trainings side by side (%(default)s)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per training (%(default)s)")
     ap.add_argument("--num", type=int, default=10_000, help="generated samples per score (%(default)s)")

@@ -1,4 +1,4 @@
-"""scripts/recipe_fid.py end to end on a 64-image MNIST: train, score, write the table into a markdown file."""
+"""scripts/recipe_fid.py and scripts/limited_data.py end to end on a 64-image MNIST: train, score, write the table."""
 
 from __future__ import annotations
 
@@ -140,3 +140,40 @@ def test_a_hand_loop_lr_without_the_hand_loop_or_not_positive_is_one_line(small_
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert e.value.code == 2 and err == f"recipe_fid.py: error: --hand-lr {float(extra[-1])}: needs --hand, and > 0"
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_limited_data_benchmark_scores_each_augmentation_and_draws_adas_p(small_mnist, capsys, one_thread):
+    """scripts/limited_data.py on 16 of the 64 images: a `none` and an `ada` run trained side by side, each row's
+    scores those of its checkpoint, the ratio line their quotient, p at the end the checkpoint's, the p curve the
+    logged augment/p, and a rerun scores the finished runs without training them again."""
+    bench = importlib.import_module("limited_data")
+    md = small_mnist / "bench.md"
+    argv = ["--limits", "16", "--augments", "none", "ada", "--seeds", "0", "--steps", "4", "--num", "40"]
+    argv += ["--data", str(small_mnist / "mnist"), "--weights", str(small_mnist / "clf.pt")]
+    argv += ["--out", str(small_mnist / "runs"), "--img-dir", str(small_mnist / "img"), "--write", str(md), "--"]
+    argv += ["model.g.ngf=8", "model.d.ndf=8", "data.batch_size=8", "trainer.device=cpu", "trainer.log_every_n_steps=1"]
+    bench.main(argv)
+    text = md.read_text()
+    fid = {}
+    for aug in ("none", "ada"):
+        run = small_mnist / "runs" / "limit16" / aug / "seed0"
+        (saved,) = json.loads((run / "scores.json").read_text()).values()
+        fid[aug] = saved["fid"]
+        row = f"| 16 | `{aug}` | 0 | {saved['fid']:.2f} | {saved['kid']:.4g} | {saved['precision']:.3f} | "
+        assert row in text, text
+        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["config"]["data"]["limit"] == 16
+    ckpt = torch.load(small_mnist / "runs/limit16/ada/seed0/checkpoints/last.ckpt", weights_only=False)
+    p = ckpt["augment"]["p"].item()
+    assert f"| 16 | `ada` | 0 | {fid['ada']:.2f} |" in text and f" | {p:.3f} | " in text
+    assert f"reaches {fid['ada'] / fid['none']:.3f}× no augmentation's mean FID" in text
+    curve = bench.p_curve(small_mnist / "runs/limit16/ada/seed0")
+    assert [s for s, _ in curve] == [1, 2, 3, 4] and curve[-1][1] == pytest.approx(p, abs=1e-7)
+    svg = (small_mnist / "img" / "limited_data_ada_p.svg").read_text()
+    assert svg.count("<polyline") == 2 and "limit 16, seed 0" in svg  # the axes and the one ada run's curve
+    assert (
+        "![ADA p](img/limited_data_ada_p.svg)" in text
+        and (small_mnist / "img/limited_data_16_none_seed0.png").is_file()
+    )
+    capsys.readouterr()
+    bench.main(argv)  # both finished: scored again from scores.json, nothing trained
+    assert "$ " not in capsys.readouterr().err and md.read_text() == text
