@@ -102,7 +102,10 @@ def finished(run_dir: Path, overrides: list[str]) -> bool:
     wanted = OmegaConf.to_container(compose_config(*overrides), resolve=True)
     text = log.read_text()
     done = "stopped by" not in text and re.search(r"step (\d+)/\1\b", text) is not None
-    return done and _same_config(OmegaConf.to_container(OmegaConf.load(saved), resolve=True), wanted)
+    saved_cfg = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    for cfg in (saved_cfg, wanted):  # a run continued with trainer.resume=auto is the same run
+        cfg.get("trainer", {}).pop("resume", None)
+    return done and _same_config(saved_cfg, wanted)
 
 
 def _same_config(saved: object, wanted: object) -> bool:
