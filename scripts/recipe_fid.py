@@ -116,11 +116,22 @@ def _same_config(saved: object, wanted: object) -> bool:
 
 
 def log_wall_and_speed(log: Path) -> tuple[float, float | None]:
-    """(seconds from the first to the last line of a run's train.log, the last images/s it printed)."""
+    """(seconds a run's train.log spans, the last images/s it printed). A resumed run's log holds one session after
+    another, each opening with its ``loading the data`` line or, in older logs, its ``run directory:`` line: the
+    time between sessions is not counted."""
+    wall, first, last, opened = 0.0, None, None, False
     lines = log.read_text().splitlines()
-    stamps = [datetime.fromisoformat(m.group(1)) for m in map(_LOG_TIME.match, lines) if m]
+    for line in lines:
+        m = _LOG_TIME.match(line)
+        if not m:
+            continue
+        stamp = datetime.fromisoformat(m.group(1))
+        starts = " - loading the data" in line or (" - run directory: " in line and not opened)
+        if starts and first is not None:  # a new session: close the last one
+            wall, first = wall + (last - first).total_seconds(), None
+        first, last, opened = first or stamp, stamp, " - loading the data" in line
     speeds = re.findall(r"([0-9.]+) img/s", "\n".join(lines))
-    return (stamps[-1] - stamps[0]).total_seconds(), float(speeds[-1]) if speeds else None
+    return wall + (last - first).total_seconds(), float(speeds[-1]) if speeds else None
 
 
 def run(command: list[str], log: Path) -> None:

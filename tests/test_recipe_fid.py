@@ -177,3 +177,18 @@ def test_the_limited_data_benchmark_scores_each_augmentation_and_draws_adas_p(sm
     capsys.readouterr()
     bench.main(argv)  # both finished: scored again from scores.json, nothing trained
     assert "$ " not in capsys.readouterr().err and md.read_text() == text
+
+
+def test_a_resumed_runs_wall_time_leaves_out_the_time_between_its_sessions(tmp_path):
+    bench = importlib.import_module("recipe_fid")
+    log = tmp_path / "train.log"
+    log.write_text(
+        "[2026-12-04 08:00:00,000][gantrain][INFO] - run directory: /r\n"
+        "[2026-12-04 08:00:30,500][gantrain.runlog][INFO] - step 10/20: loss/D=1, 400 img/s, ETA 0:00:30\n"
+        "[2026-12-04 08:01:40,000][gantrain.runlog][INFO] - finished at step 10\n"
+        "resume the run with: ...\n"
+        "[2026-12-04 09:00:00,000][gantrain][INFO] - loading the data and building the networks\n"
+        "[2026-12-04 09:00:05,000][gantrain][INFO] - run directory: /r\n"
+        "[2026-12-04 09:00:25,000][gantrain.runlog][INFO] - step 20/20: loss/D=1, 450 img/s, ETA 0:00:00\n"
+    )
+    assert bench.log_wall_and_speed(log) == (100.0 + 25.0, 450.0)  # 08:00:00-08:01:40, then 09:00:00-09:00:25
