@@ -142,8 +142,8 @@ def report(runs: list[Run], args: argparse.Namespace, argv: list[str], img_dir: 
     lines = [
         f"Measured {datetime.now():%Y-%m-%d} on {platform.machine()}, {os.cpu_count()} logical CPUs, CPU, Python "
         f"{platform.python_version()}, torch {torch.__version__}; {args.jobs} trainings side by side with "
-        f"{args.threads} thread(s) each, so a run's wall time (its log's first to last line) is that of a shared "
-        "machine. Command:",
+        f"{args.threads} thread(s) each, so a run's wall time (its log's sessions, first to last line each) is that "
+        "of a shared machine. Command:",
         "",
         "```bash",
         shlex.join(["python", "scripts/limited_data.py", *argv]),
