@@ -34,10 +34,17 @@ from pathlib import Path
 
 import recipe_fid  # scripts/, as recipe_fid.py imports hand_loops
 import torch
-from recipe_fid import REPO, Scorer, finished, last_grid, log_wall_and_speed, recipe_overrides, score_recipe
+from recipe_fid import (
+    REPO,
+    add_scoring_arguments,
+    checked_scorer,
+    finished,
+    last_grid,
+    log_wall_and_speed,
+    recipe_overrides,
+    score_recipe,
+)
 
-from gantrain.errors import GantrainError
-from gantrain.extractors.mnist import DEFAULT_WEIGHTS
 from gantrain.files import atomic_write, replace_marked_section
 
 AUGMENTS = ["none", "diffaugment", "ada"]
@@ -236,30 +243,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=3000, help="trainer.max_steps of every run (%(default)s)")
     ap.add_argument("--jobs", type=int, default=2, help="trainings side by side (%(default)s)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per training (%(default)s)")
-    ap.add_argument("--num", type=int, default=10_000, help="generated samples per score (%(default)s)")
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mnist-t10k", metavar="DIR")
-    ap.add_argument("--weights", type=Path, default=Path(DEFAULT_WEIGHTS), help="the classifier (%(default)s)")
-    ap.add_argument("--out", type=Path, default=Path("outputs/limited_data"), help="run folders (%(default)s)")
-    ap.add_argument("--img-dir", type=Path, default=REPO / "docs" / "img")
-    ap.add_argument("--write", type=Path, metavar="MD", help="replace the --tag section of this markdown file")
-    ap.add_argument("--tag", default="limited_data", help="the section's marker name (%(default)s)")
-    ap.add_argument("overrides", nargs="*", help="extra KEY=VALUE overrides for every run (after --)")
+    add_scoring_arguments(ap, out="outputs/limited_data", tag="limited_data")
     args = ap.parse_args(argv)
     for name in ("steps", "jobs", "threads"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} {getattr(args, name)}: must be >= 1")
-    if args.num < 2:
-        ap.error(f"--num {args.num}: must be >= 2")
     if bad := [n for n in args.limits if n < 1]:
         ap.error(f"--limits {bad[0]}: must be >= 1 (images to train on)")
-    from gantrain.data.mnist import idx_files
-
-    if idx_files(args.data, "MNIST", "t10k") is None:
-        ap.error(f"--data {args.data}: no t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] in raw/")
-    try:
-        scorer = Scorer(args)  # before any training: a missing or foreign classifier file is one line
-    except GantrainError as e:
-        ap.error(str(e).replace("weights_path=", "--weights ", 1))
+    scorer = checked_scorer(ap, args)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the trainings' (recipe_fid.run passes os.environ on)
     keys = [(n, a, s) for n in args.limits for s in args.seeds for a in args.augments]
     planned = [plan(*k, args) for k in keys]

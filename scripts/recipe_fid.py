@@ -351,6 +351,32 @@ def report(results: list[Result], args: argparse.Namespace, argv: list[str], img
     return "\n".join(lines).rstrip() + "\n"
 
 
+def add_scoring_arguments(ap: argparse.ArgumentParser, out: str, tag: str) -> None:
+    """The options this script and ``limited_data.py`` share: samples, data, classifier, run folders, the markdown."""
+    ap.add_argument("--num", type=int, default=10_000, help="generated samples per score (%(default)s)")
+    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mnist-t10k", metavar="DIR")
+    ap.add_argument("--weights", type=Path, default=Path(DEFAULT_WEIGHTS), help="the classifier (%(default)s)")
+    ap.add_argument("--out", type=Path, default=Path(out), help="run folders (%(default)s)")
+    ap.add_argument("--img-dir", type=Path, default=REPO / "docs" / "img")
+    ap.add_argument("--write", type=Path, metavar="MD", help="replace the --tag section of this markdown file")
+    ap.add_argument("--tag", default=tag, help="the section's marker name (%(default)s)")
+    ap.add_argument("overrides", nargs="*", help="extra KEY=VALUE overrides for every run (after --)")
+
+
+def checked_scorer(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Scorer:
+    """The :class:`Scorer` of ``--num``, ``--data`` and ``--weights``, each checked before any training (one line)."""
+    from gantrain.data.mnist import idx_files
+
+    if args.num < 2:
+        ap.error(f"--num {args.num}: must be >= 2")
+    if idx_files(args.data, "MNIST", "t10k") is None:
+        ap.error(f"--data {args.data}: no t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] in raw/")
+    try:
+        return Scorer(args)  # a missing or foreign classifier file is one line
+    except GantrainError as e:
+        ap.error(str(e).replace("weights_path=", "--weights ", 1))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="recipe_fid.py", description=__doc__.split("\n\n")[0])
@@ -359,31 +385,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--hand", action="store_true", help="add the hand-written DCGAN loop (scripts/hand_loops.py)")
     ap.add_argument("--hand-lr", type=float, metavar="LR", help="the hand loop's Adam lr (default: its own, 2e-4)")
-    ap.add_argument("--num", type=int, default=10_000, help="generated samples per score (%(default)s)")
-    ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "mnist-t10k", metavar="DIR")
-    ap.add_argument("--weights", type=Path, default=Path(DEFAULT_WEIGHTS), help="the classifier (%(default)s)")
-    ap.add_argument("--out", type=Path, default=Path("outputs/recipe_fid"), help="run folders (%(default)s)")
-    ap.add_argument("--img-dir", type=Path, default=REPO / "docs" / "img")
-    ap.add_argument("--write", type=Path, metavar="MD", help="replace the --tag section of this markdown file")
-    ap.add_argument("--tag", default="recipe_fid.py", help="the section's marker name (%(default)s)")
-    ap.add_argument("overrides", nargs="*", help="extra KEY=VALUE overrides for every recipe run (after --)")
+    add_scoring_arguments(ap, out="outputs/recipe_fid", tag="recipe_fid.py")
     args = ap.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         ap.error(f"--steps {args.steps}: must be >= 1")
-    if args.num < 2:
-        ap.error(f"--num {args.num}: must be >= 2")
     if args.hand_lr is not None and (not args.hand or args.hand_lr <= 0):
         ap.error(f"--hand-lr {args.hand_lr}: needs --hand, and > 0")
     if args.hand and args.steps is None and "dcgan" not in args.recipes:
         ap.error("--hand: give --steps, or include dcgan in --recipes (the hand loop takes its length)")
-    from gantrain.data.mnist import idx_files
-
-    if idx_files(args.data, "MNIST", "t10k") is None:
-        ap.error(f"--data {args.data}: no t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] in raw/")
-    try:
-        scorer = Scorer(args)  # before any training: a missing or foreign classifier file is one line
-    except GantrainError as e:
-        ap.error(str(e).replace("weights_path=", "--weights ", 1))
+    scorer = checked_scorer(ap, args)
     results: list[Result] = []
     for recipe in args.recipes:
         for seed in args.seeds:
