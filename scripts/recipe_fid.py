@@ -100,12 +100,18 @@ def finished(run_dir: Path, overrides: list[str]) -> bool:
     if not (saved.is_file() and log.is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()):
         return False
     wanted = OmegaConf.to_container(compose_config(*overrides), resolve=True)
-    text = log.read_text()
-    done = "stopped by" not in text and re.search(r"step (\d+)/\1\b", text) is not None
+    done = log_says_finished(log.read_text())
     saved_cfg = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
     for cfg in (saved_cfg, wanted):  # a run continued with trainer.resume=auto is the same run
         cfg.get("trainer", {}).pop("resume", None)
     return done and _same_config(saved_cfg, wanted)
+
+
+def log_says_finished(text: str) -> bool:
+    """Whether a train.log's last session reached its last step (``step N/N``) and was not stopped: a run stopped
+    by a signal and then continued to the end with ``trainer.resume=auto`` is finished."""
+    last_stop = text.rfind("stopped by")
+    return any(m.start() > last_stop for m in re.finditer(r"step (\d+)/\1\b", text))
 
 
 def _same_config(saved: object, wanted: object) -> bool:

@@ -192,3 +192,17 @@ def test_a_resumed_runs_wall_time_leaves_out_the_time_between_its_sessions(tmp_p
         "[2026-12-04 09:00:25,000][gantrain.runlog][INFO] - step 20/20: loss/D=1, 450 img/s, ETA 0:00:00\n"
     )
     assert bench.log_wall_and_speed(log) == (100.0 + 25.0, 450.0)  # 08:00:00-08:01:40, then 09:00:00-09:00:25
+
+
+def test_a_run_stopped_by_a_signal_then_continued_to_its_end_counts_as_finished():
+    bench = importlib.import_module("recipe_fid")
+    stopped = (
+        "[2026-12-04 10:20:00,000][gantrain.runlog][INFO] - step 1100/2000: loss/D=1, 400 img/s, ETA 0:05:00\n"
+        "[2026-12-04 10:21:42,594][gantrain][WARNING] - stopped by SIGTERM after step 1121/2000; checkpoint: c\n"
+    )
+    continued = "[2026-12-04 14:18:16,161][gantrain.runlog][INFO] - step 3000/3000: loss/D=0.04, 370 img/s\n"
+    assert not bench.log_says_finished(stopped)
+    assert bench.log_says_finished(stopped + continued)
+    again = stopped.replace("1100/2000", "3100/4000").replace("1121/2000", "3121/4000")
+    assert not bench.log_says_finished(stopped + continued + again)  # continued to 4,000 steps, stopped again
+    assert not bench.log_says_finished(continued.replace("3000/3000", "2999/3000"))
