@@ -10,7 +10,10 @@ networks are built and on the device.
   raises; an open PyTorch report has WGAN-GP silently losing the penalty's gradient). A network with spectral
   norm stays eager too: its power iteration updates buffers in place that the compiled backward has saved.
 * channels_last: the networks' 4-D weights and every 4-D batch the Trainer draws in NHWC memory format (the
-  layout tensor-core convolutions want); 2-D points and MLP weights are untouched.
+  layout tensor-core convolutions want); 2-D points and MLP weights are untouched. With both switches on a GPU, a
+  network with a transposed convolution stays eager: inductor's compiled backward of ``ConvTranspose2d`` in
+  channels_last fails its stride check there (pytorch/pytorch#171622; seen on an H200, torch 2.11, in dcgan's G and
+  the hand loop's alike), while the CPU compiles it.
 * matmul_precision: :func:`torch.set_float32_matmul_precision` (``high``/``medium``: TF32/bf16 internal matmuls
   on NVIDIA GPUs; it changes float results, so a resumed run keeps it).
 """
@@ -47,7 +50,8 @@ def apply(settings, model: nn.Module, objective: Any, stream: Any, device: torch
         stream = ChannelsLastStream(stream)
     mode = compile_mode(settings.compile)
     if mode is not None:
-        compile_networks(model, objective, mode)
+        transposed_eager = settings.channels_last and device.type in ("cuda", "mps")
+        compile_networks(model, objective, mode, transposed_eager=transposed_eager)
     return stream
 
 
@@ -57,9 +61,10 @@ class DeclaresDoubleBackward(Protocol):
         """The networks a loss takes a double backward through, each with the names of those terms."""
 
 
-def compile_networks(model: nn.Module, objective: Any, mode: str) -> list[str]:
-    """Compile every network ``objective`` trains in place, but those a loss takes a double backward through (one
-    log line each says which and why); returns the names of the compiled ones."""
+def compile_networks(model: nn.Module, objective: Any, mode: str, transposed_eager: bool = False) -> list[str]:
+    """Compile every network ``objective`` trains in place, but those a loss takes a double backward through, those
+    with spectral norm and, with ``transposed_eager`` (channels_last on a GPU), those with a transposed convolution
+    (one log line each says which and why); returns the names of the compiled ones."""
     if not isinstance(objective, DeclaresDoubleBackward):  # a user's own objective: unknown is not the same as none
         raise ConfigError(
             f"trainer.compile: {type(objective).__name__} does not declare double_backward_networks() (the networks "
@@ -88,6 +93,13 @@ def compile_networks(model: nn.Module, objective: Any, mode: str) -> list[str]:
                 "trainer.compile: %s stays eager: its spectral norm updates its power-iteration vectors in place in "
                 "the forward, which a compiled backward finds modified (one of the variables needed for gradient "
                 "computation has been modified by an inplace operation)",
+                name,
+            )
+            continue
+        if transposed_eager and any(isinstance(m, nn.ConvTranspose2d) for m in net.modules()):
+            log.info(
+                "trainer.compile: %s stays eager: with trainer.channels_last on a GPU, the compiled backward of its "
+                "transposed convolutions fails inductor's stride check (pytorch/pytorch#171622)",
                 name,
             )
             continue

@@ -208,7 +208,8 @@ PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16}  # fp16 would need a Gra
 
 def speed_up(loop, compile: str | None = None, channels_last: bool = False, matmul_precision: str = "highest"):
     """What a user adds by hand for gantrain's trainer.compile/channels_last/matmul_precision: the networks
-    compiled in place (not WGAN-GP's critic: the penalty's double backward does not compile), NHWC weights and
+    compiled in place (not WGAN-GP's critic: the penalty's double backward does not compile; with channels_last on
+    a GPU, not a network with a transposed convolution: pytorch/pytorch#171622, as gantrain.speed), NHWC weights and
     batches, TF32/bf16 float32 matmuls."""
     torch.set_float32_matmul_precision(matmul_precision)
     if channels_last:
@@ -218,6 +219,9 @@ def speed_up(loop, compile: str | None = None, channels_last: bool = False, matm
     if compile:
         for name, net in loop.networks().items():
             if isinstance(loop, WGANGP) and name == "d":
+                continue
+            on_gpu = next(net.parameters()).device.type in ("cuda", "mps")
+            if channels_last and on_gpu and any(isinstance(m, nn.ConvTranspose2d) for m in net.modules()):
                 continue
             for part in [getattr(net, p) for p in getattr(net, "compile_parts", ())] or [net]:
                 part.compile(mode=compile)

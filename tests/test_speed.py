@@ -21,7 +21,7 @@ from torch import nn
 from gantrain import speed
 from gantrain.build import build
 from gantrain.errors import ConfigError
-from gantrain.losses import GradientPenalty, R1Penalty, WassersteinLoss
+from gantrain.losses import BCELoss, GradientPenalty, R1Penalty, WassersteinLoss
 from gantrain.models import dcgan
 from gantrain.objectives import GANObjective
 from gantrain.train import train
@@ -168,6 +168,44 @@ def test_an_objective_that_does_not_declare_its_double_backward_networks_is_refu
 
     with pytest.raises(ConfigError, match=r"^trainer.compile: Mine does not declare double_backward_networks\(\)"):
         speed.compile_networks(nn.Module(), Mine(), "default")
+
+
+def dcgan_pair() -> nn.Module:
+    model = nn.Module()
+    model.g = dcgan.Generator(nz=8, ngf=4, channels=1, resolution=32)
+    model.d = dcgan.Discriminator(ndf=4, channels=1, resolution=32)
+    return model
+
+
+def apply_on(device: str, settings: TrainerSettings, model: nn.Module) -> None:
+    """speed.apply for ``device`` without running anything there (it only decides and marks the networks)."""
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        speed.apply(settings, model, GANObjective(BCELoss()), iter([]), torch.device(device))
+    finally:
+        torch.backends.cudnn.benchmark = benchmark  # apply() turns it on for cuda
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps", "cpu"])
+def test_compile_with_channels_last_on_a_gpu_keeps_transposed_convolutions_eager(device, caplog):
+    """On a GPU, inductor's compiled ConvTranspose2d backward fails its stride check in channels_last (dcgan's G on an
+    H200, torch 2.11): G stays eager there, with one line; D (plain convolutions) compiles, and so does every network
+    on a CPU or without channels_last."""
+    caplog.set_level(logging.INFO, logger="gantrain")
+    model = dcgan_pair()
+    apply_on(device, TrainerSettings(compile=True, channels_last=True), model)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("trainer.compile")]
+    if device == "cpu":
+        assert lines == [] and compiled(model.g) and compiled(model.d)
+    else:
+        assert lines == [
+            "trainer.compile: g stays eager: with trainer.channels_last on a GPU, the compiled backward of its "
+            "transposed convolutions fails inductor's stride check (pytorch/pytorch#171622)"
+        ]
+        assert not compiled(model.g) and compiled(model.d)
+    without = dcgan_pair()
+    apply_on(device, TrainerSettings(compile=True), without)
+    assert compiled(without.g) and compiled(without.d)
 
 
 def test_channels_last_batches_only_images():
