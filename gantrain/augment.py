@@ -157,11 +157,11 @@ class DiffAugment(Augment):
             x = saturation(x, 1 + u() * self.strengths["saturation"])
             x = contrast(x, 1 + u() * self.strengths["contrast"])
         if "translation" in self.policy:
-            most = torch.tensor([int(h * self.translation + 0.5), int(w * self.translation + 0.5)], device=x.device)
+            most = _vector([int(h * self.translation + 0.5), int(w * self.translation + 0.5)], torch.long, x.device)
             x = translate(x, (torch.rand(b, 2, device=x.device) * (2 * most + 1)).long() - most)
         if "cutout" in self.policy:
             size = (int(h * self.cutout + 0.5), int(w * self.cutout + 0.5))
-            x = cutout(x, (torch.rand(b, 2, device=x.device) * torch.tensor([h, w], device=x.device)).long(), size)
+            x = cutout(x, (torch.rand(b, 2, device=x.device) * _vector([h, w], torch.long, x.device)).long(), size)
         return x
 
 
@@ -174,10 +174,20 @@ BRIGHTNESS_STD, CONTRAST_STD, HUE_MAX, SATURATION_STD = 0.2, 0.5, 1.0, 1.0
 BELOW_ONE = 1 - 2**-24  # the largest float32 below 1: p stays in [0, 1)
 
 
+def _vector(values: list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device``, filled there: a tensor made on the host and copied to a GPU waits
+    for everything queued before it (a blocking copy synchronises the stream)."""
+    return torch.stack([torch.full((), v, dtype=dtype, device=device) for v in values])
+
+
 def _matrix(rows: list[list[Any]], like: torch.Tensor) -> torch.Tensor:
-    """``(B, n, n)`` from rows of per-sample tensors ``(B,)`` or numbers."""
+    """``(B, n, n)`` from rows of per-sample tensors ``(B,)`` or numbers (filled on the device: no host copy)."""
     b = like.shape[0]
-    cols = [torch.as_tensor(v, dtype=like.dtype, device=like.device).expand(b) for row in rows for v in row]
+    cols = [
+        v.to(like.device, like.dtype).expand(b) if isinstance(v, torch.Tensor) else like.new_full((b,), v)
+        for row in rows
+        for v in row
+    ]
     return torch.stack(cols, dim=1).view(b, len(rows), len(rows))
 
 
@@ -275,7 +285,11 @@ class ADA(Augment, Stateful):
         b, c, h, w = x.shape
         dev, ops = x.device, set(self.ops)
         like = torch.zeros(b, device=dev)
-        p = torch.as_tensor(p, dtype=torch.float32, device=dev)
+        p = (
+            p.to(dev, torch.float32)
+            if isinstance(p, torch.Tensor)
+            else torch.full((), p, dtype=torch.float32, device=dev)
+        )
         fires = lambda prob=p: torch.rand(b, device=dev) < prob  # noqa: E731
         uniform = lambda: torch.rand(b, device=dev) * 2 - 1  # noqa: E731
         normal = lambda: torch.randn(b, device=dev)  # noqa: E731
@@ -283,9 +297,8 @@ class ADA(Augment, Stateful):
         if "xflip" in ops:
             g = g @ _scale2d(1 - 2 * torch.where(fires(), torch.randint(0, 2, (b,), device=dev), 0), 1, like)
         if "rotate90" in ops:
-            quarter = torch.tensor([[1, 0], [0, 1], [-1, 0], [0, -1]], device=dev)  # (cos, sin) of i * 90°
-            cs = quarter[torch.where(fires(), torch.randint(0, 4, (b,), device=dev), 0)]
-            g = g @ _rotate2d(cs[:, 0], cs[:, 1], like)
+            i = torch.where(fires(), torch.randint(0, 4, (b,), device=dev), 0)  # (cos, sin) of i * 90°, exactly
+            g = g @ _rotate2d((i == 0).long() - (i == 2).long(), (i == 1).long() - (i == 3).long(), like)
         if "xint" in ops:
             t = [torch.where(fires(), torch.round(uniform() * XINT_MAX * n), 0) for n in (w, h)]  # whole pixels
             g = g @ _translate2d(*t, like)
@@ -327,7 +340,7 @@ class ADA(Augment, Stateful):
             m = _rotate_about_luma(theta, like) @ m  # the identity at 0, exactly
         if "saturation" in ops and c == 3:
             s = torch.where(fires(), torch.exp2(torch.randn(b, device=dev) * SATURATION_STD), 1)
-            luma = torch.full((4,), 1 / math.sqrt(3), device=dev).index_fill(0, torch.tensor([3], device=dev), 0)
+            luma = torch.cat([torch.full((3,), 1 / math.sqrt(3), device=dev), torch.zeros(1, device=dev)])
             vv = torch.outer(luma, luma)
             scaled = (vv + (torch.eye(4, device=dev) - vv) * s.view(b, 1, 1)) @ m
             m = torch.where((s == 1).view(b, 1, 1), m, scaled)
@@ -338,7 +351,7 @@ class ADA(Augment, Stateful):
         if step != self.pending_step:  # a new D step: what a skipped one left is dropped
             self.pending, self.pending_step = None, step
         signs = torch.sign(real_out.detach().float()).sum()
-        here = torch.stack([signs, torch.tensor(float(real_out.shape[0]), dtype=signs.dtype, device=signs.device)])
+        here = torch.stack([signs, torch.full((), float(real_out.shape[0]), dtype=signs.dtype, device=signs.device)])
         self.pending = here if self.pending is None else self.pending + here
 
     def after_d_step(self) -> None:

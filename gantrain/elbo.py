@@ -61,7 +61,11 @@ def gaussian_log_prob(mean: torch.Tensor, x01: torch.Tensor, log_sigma: float | 
     ``log_sigma``: a float, a 0-d tensor (one sigma shared by every pixel) or a per-image tensor broadcastable to
     ``(B, 1, 1, 1)`` (e.g. :func:`optimal_log_sigma`). Working in log sigma keeps small sigmas exact:
     ``-0.5 log 2pi - log sigma - 0.5 (x - mean)^2 exp(-2 log sigma)``."""
-    log_sigma = torch.as_tensor(log_sigma, dtype=mean.dtype, device=mean.device)
+    log_sigma = (  # a number is filled on the device: a host tensor copied to a GPU would synchronise
+        log_sigma.to(mean.device, mean.dtype)
+        if isinstance(log_sigma, torch.Tensor)
+        else torch.full((), log_sigma, dtype=mean.dtype, device=mean.device)
+    )
     per_pixel = -0.5 * LOG_2PI - log_sigma - 0.5 * (x01 - mean) ** 2 * torch.exp(-2.0 * log_sigma)
     return per_pixel.flatten(1).sum(1)
 

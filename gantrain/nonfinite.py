@@ -58,7 +58,8 @@ class NonFiniteGuard:
         terms += [(f"loss/{phase}", loss) for loss in losses]  # what the loss returned, after its terms
         device = grad_norm.device
         values = [
-            v.float().to(device) if isinstance(v, torch.Tensor) else torch.tensor(v, device=device) for _, v in terms
+            v.float().to(device) if isinstance(v, torch.Tensor) else torch.full((), float(v), device=device)
+            for _, v in terms
         ]
         values = torch.stack(values + [grad_norm.float()])
         if not self.check_every_step:

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gantrain import augment as aug
 from gantrain.augment import ADA, OPS, DiffAugment, NoAugment
@@ -142,6 +144,46 @@ def scripted(ada: ADA, signs: list[list[float]], batch: int = 8) -> list[tuple[f
             ada.after_d_step()
         seen.append((ada.p.item(), c.drain().get("augment/rt", math.nan)))
     return seen
+
+
+class HostCopies(TorchDispatchMode):
+    """Records each copy of a host tensor to a GPU tensor: on CUDA a blocking one (``torch.tensor(..., device=)``)
+    waits for everything queued before it, a whole-GPU synchronisation."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            src, dst = (args[1], args[0]) if func is torch.ops.aten.copy_.default else (args[0], out)
+            if src.device.type == "cpu" and dst.device.type == "cuda":
+                self.seen.append(f"{func}{tuple(src.shape)}")
+        return out
+
+
+def test_the_augmentations_copy_nothing_from_the_host_to_a_gpu():
+    """ADA (every op, 1 and 3 channels, the observation of D's outputs and an adjustment of p), DiffAugment and the
+    VAE's Gaussian likelihood make their constants on the device: ADA once made ~100 blocking host copies a call,
+    which made an ADA run on a shared H200 slower than four times the steps without it. Checked without a GPU: the
+    tensors are fake CUDA tensors (shapes and devices only)."""
+    from gantrain.elbo import gaussian_log_prob
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        ada = ADA(ops=list(OPS), adjust_every=1, speed_images=10)
+        ada(torch.zeros(4, 1, 8, 8, device="cuda"))  # moves p to the GPU, once
+        with HostCopies() as copies:
+            for c in (1, 3):
+                ada(torch.zeros(4, c, 8, 8, device="cuda"))
+                ada.apply(torch.zeros(4, c, 8, 8, device="cuda"), 0.5)  # a float p too
+            ada.observe(torch.zeros(4, 1, device="cuda"), step=0)
+            ada.after_d_step()  # adjusts p
+            DiffAugment()(torch.zeros(4, 3, 8, 8, device="cuda"))
+            mean = torch.zeros(2, 1, 4, 4, device="cuda")
+            gaussian_log_prob(mean, mean, -1.0)
+        assert ada.p.device.type == "cuda"
+    assert copies.seen == []
 
 
 def test_p_follows_the_papers_formula_on_a_scripted_sequence_of_d_outputs():

@@ -188,10 +188,15 @@ def test_collector_means_and_one_read_per_drain(monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_no_device_sync_between_logging_steps_on_cuda(tmp_path):
+@pytest.mark.parametrize("augment", ["none", "diffaugment", "ada"])
+def test_no_device_sync_between_logging_steps_on_cuda(tmp_path, augment):
     """CUDA, fp32, ``stop``: from the end of step 1 (the epoch's order is copied to the device there) every
-    phase step and every callback of a non-logging step runs without one synchronising CUDA call."""
-    trainer = build(make_cfg("trainer.device=cuda", "trainer.max_steps=6", "trainer.log_every_n_steps=3"), tmp_path)
+    phase step and every callback of a non-logging step runs without one synchronising CUDA call, also with D's
+    inputs augmented (ADA adjusting p every D step)."""
+    overrides = ["trainer.device=cuda", "trainer.max_steps=6", "trainer.log_every_n_steps=3", f"augment={augment}"]
+    if augment == "ada":
+        overrides.append("augment.adjust_every=1")
+    trainer = build(make_cfg(*overrides), tmp_path)
     assert not trainer.guard.check_every_step
     read = trainer.read_deferred_checks
 
