@@ -32,9 +32,11 @@ and ``--precision`` set a switch for every process the script starts (the headli
 ``--conditional``: cgan_pd's whole process against the same with ``model.conditional=false`` (the same ResNets with
 BatchNorm instead of conditional BatchNorm and no projection), long run minus short run, in rounds as above.
 ``--augment``: dcgan's whole process with ``augment=diffaugment`` against ``augment=none`` (the recipe as shipped),
-the same way (issue 24: DiffAugment adds at most 15% to a dcgan step on the CPU).
+the same way (issue 24: DiffAugment adds at most 15% to a dcgan step on the CPU); ``--ada`` likewise with
+``augment=ada``.
 
     python scripts/bench.py --augment --recipes dcgan --rounds 0 --detail-rounds 0  # DiffAugment's cost
+    python scripts/bench.py --ada --recipes dcgan --rounds 0 --detail-rounds 0      # ADA's cost
 
 Detail (dcgan, one process with gantrain's allocator settings): the Trainer, the hand loop and the
 Trainer with ``loss.reuse_fakes=false`` timed step by step in alternating blocks on the same weights
@@ -81,6 +83,13 @@ VARIANTS = {  # --conditional, --augment: (recipe, (short, long) steps, {side: o
         {"diffaugment": ["augment=diffaugment"], "none": []},
         "DiffAugment's cost: the recipe with `augment=diffaugment` (color, translation, cutout on every D input) "
         "against the recipe as shipped (`augment=none`); the issue's bound: a ratio of at most 1.15.",
+    ),
+    "ada": (
+        "dcgan",
+        (20, 120),
+        {"ada": ["augment=ada"], "none": []},
+        "ADA's cost: the recipe with `augment=ada` as shipped (every op of the pipeline on every D input, p adjusted "
+        "every 4 D steps) against the recipe as shipped (`augment=none`).",
     ),
 }
 SIDES = ("gantrain", "hand", "hand, gantrain's allocator")
@@ -197,7 +206,8 @@ def variant_cost(
 def variant_table(name: str, rounds: int, device: str | None, work: Path) -> list[str]:
     """The ``VARIANTS[name]`` comparison: measured, then as a table (first side over second side)."""
     recipe, steps, sides, about = VARIANTS[name]
-    per_step = variant_cost(recipe, steps, rounds, device, work, sides)
+    (work / name).mkdir()  # each comparison its own run folders: two may share a side (none)
+    per_step = variant_cost(recipe, steps, rounds, device, work / name, sides)
     first, second = sides
     a, b = median(per_step[first]), median(per_step[second])
     per_round = ", ".join(f"{x / y:.3f}" for x, y in zip(per_step[first], per_step[second]))
@@ -365,7 +375,10 @@ def main() -> None:
     ap.add_argument("--switches", action="store_true", help="table: each speed switch off and on, gantrain and hand")
     ap.add_argument("--conditional", action="store_true", help="table: cgan_pd against its networks unconditional")
     ap.add_argument("--augment", action="store_true", help="table: dcgan with augment=diffaugment against none")
-    ap.add_argument("--label-rounds", type=int, default=3, help="--conditional's and --augment's rounds (%(default)s)")
+    ap.add_argument("--ada", action="store_true", help="table: dcgan with augment=ada against none")
+    ap.add_argument(
+        "--label-rounds", type=int, default=3, help="--conditional's, --augment's and --ada's rounds (%(default)s)"
+    )
     ap.add_argument("--switch-steps", type=int, default=30, help="steps timed after the first in those tables")
     ap.add_argument("--settings", nargs="+", choices=list(SWITCHES), help="--switches: only these rows")
     ap.add_argument("--channels-last", action="store_true", help="every process: channels_last on")

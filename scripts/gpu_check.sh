@@ -8,6 +8,8 @@
 # scripts/bench.py --switches against the hand loop (dcgan every switch, then wgan_gp and vae off/bf16).
 # Expects torch with CUDA and the project's dependencies importable (hydra-core, omegaconf, hydra-zen, ... on
 # PYTHONPATH); run from anywhere:  OUT=/some/dir bash scripts/gpu_check.sh
+# The recipes ship as the package gantrain.configs, which only an install of the project provides: without one,
+# the script installs it (pip -e, no network) or, where pip cannot, links gantrain/configs to configs/.
 # CPU dry run of the argument paths (no compile: minutes on a CPU):
 #   OUT=/tmp/x DEVICE=cpu RUN_STEPS=2 BENCH_STEPS=2 SUITE=0 BENCH_ARGS="--settings off channels_last" bash scripts/gpu_check.sh
 set -u
@@ -30,6 +32,11 @@ cd "$REPO" || exit 1
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} PYTHONUNBUFFERED=1
 : >"$LOG"
 : >"$MD"
+if ! "$PY" -c "import gantrain.configs" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e "$REPO" >>"$LOG" 2>&1 ||
+    ln -sfn ../configs "$REPO/gantrain/configs"
+  "$PY" -c "import gantrain.configs" >>"$LOG" 2>&1 || { echo "gantrain.configs does not import: see $LOG"; exit 1; }
+fi
 
 left() { echo $((BUDGET - SECONDS)); }
 output() { sed -n "/^== $1 (/,/^== $1:/p" "$LOG" | grep -v "^=="; }  # what stage NAME printed
@@ -111,6 +118,11 @@ bench() {
   echo -e "\n## $name (rc $?)\n" >>"$MD"
   output "$name" | grep -E '^\||^`|^Machine|^Speed|^bench.py' >>"$MD"  # bench.py: lines survive a timeout
 }
+# augmentation's cost on the device (ADA once made ~100 blocking host copies a call): one round, whole processes
+stage "bench augment" 70 "$PY" scripts/bench.py --device "$DEVICE" --rounds 0 --detail-rounds 0 --augment --ada \
+  --label-rounds 1 --recipes dcgan
+echo -e "\n## bench augment (rc $?)\n" >>"$MD"
+output "bench augment" | grep -E '^\||^`|^Machine|^[A-Z][a-zA-Z]*.s cost' >>"$MD"
 bench "bench dcgan" $(($(left) - 45)) --recipes dcgan
 bench "bench wgan_gp vae" 45 --recipes wgan_gp vae --settings off bf16-mixed
 
