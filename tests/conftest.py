@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import DictConfig
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gantrain.config import CONFIG_DIR
 from gantrain.train import compose_config
@@ -85,3 +86,20 @@ def shared_mnist() -> Path:
 @pytest.fixture
 def mnist_dir() -> Path:
     return shared_mnist()
+
+
+class HostCopies(TorchDispatchMode):
+    """Records each copy of a host tensor to a GPU tensor: on CUDA a blocking one (``torch.tensor(..., device=)``)
+    waits for everything queued before it, a whole-GPU synchronisation."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            src, dst = (args[1], args[0]) if func is torch.ops.aten.copy_.default else (args[0], out)
+            if src.device.type == "cpu" and dst.device.type == "cuda":
+                self.seen.append(f"{func}{tuple(src.shape)}")
+        return out

@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from gantrain import augment as aug
 from gantrain.augment import ADA, OPS, DiffAugment, NoAugment
@@ -27,7 +26,7 @@ from gantrain.models.dcgan import Discriminator, Generator
 from gantrain.objectives import GANObjective
 from gantrain.stats import Collector, collecting
 from gantrain.train import train
-from tests.conftest import REPO, TINY, TINY_WIDTH, make_cfg
+from tests.conftest import REPO, TINY, TINY_WIDTH, HostCopies, make_cfg
 
 
 def images(b: int = 2, c: int = 3, size: int = 8, dtype=torch.float32) -> torch.Tensor:
@@ -144,23 +143,6 @@ def scripted(ada: ADA, signs: list[list[float]], batch: int = 8) -> list[tuple[f
             ada.after_d_step()
         seen.append((ada.p.item(), c.drain().get("augment/rt", math.nan)))
     return seen
-
-
-class HostCopies(TorchDispatchMode):
-    """Records each copy of a host tensor to a GPU tensor: on CUDA a blocking one (``torch.tensor(..., device=)``)
-    waits for everything queued before it, a whole-GPU synchronisation."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
-            src, dst = (args[1], args[0]) if func is torch.ops.aten.copy_.default else (args[0], out)
-            if src.device.type == "cpu" and dst.device.type == "cuda":
-                self.seen.append(f"{func}{tuple(src.shape)}")
-        return out
 
 
 def test_the_augmentations_copy_nothing_from_the_host_to_a_gpu():

@@ -24,7 +24,7 @@ from gantrain.events import Callback
 from gantrain.files import WriteError
 from gantrain.runlog import RunLog
 from gantrain.stats import FOLD, Collector
-from tests.conftest import REPO, make_cfg
+from tests.conftest import REPO, HostCopies, make_cfg
 from tests.test_nonfinite import AtStep, checkpoint_files, nan_in_adversarial_term
 
 
@@ -184,6 +184,46 @@ def test_collector_means_and_one_read_per_drain(monkeypatch):
     assert len(reads) == 1
     assert stats == {"a": pytest.approx((FOLD + 2) / 2), "b": 3.0, "c": 3.0}
     assert collector.drain() == {}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["+experiment=dcgan"],
+        ["+experiment=hinge_sngan"],
+        ["+experiment=lsgan"],
+        ["+experiment=cgan_pd"],
+        ["+experiment=acgan"],
+        ["+experiment=dcgan", "augment=ada", "loss.lecam.weight=0.1"],
+        ["+experiment=dcgan", "augment=diffaugment", "loss.fm.weight=1"],
+    ],
+    ids=lambda o: " ".join(o),
+)
+def test_the_gan_losses_copy_nothing_from_the_host_to_a_gpu(tmp_path, overrides):
+    """Two D and G loss passes (the first moves ADA's p and LeCam's means to the device) on fake CUDA tensors make no
+    blocking host-to-GPU copy, each of which would synchronise the GPU. Forward only: without a GPU, autograd cannot
+    run backward on fake CUDA tensors (the CUDA test below covers whole steps where there is one)."""
+    from hydra.utils import instantiate
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from gantrain.batch import Batch
+    from gantrain.stats import Collector, collecting
+
+    cfg = make_cfg(*overrides, "trainer.device=cpu")
+    model, objective = build(cfg, tmp_path).model, instantiate(cfg.loss)
+    objective.use_augment(instantiate(cfg.augment))
+    with FakeTensorMode(allow_non_fake_inputs=True), collecting(Collector()):
+        model.to("cuda")
+        y = torch.arange(8, device="cuda") % 10 if model.conditional else None
+        batch = Batch(x=torch.zeros(8, 1, 32, 32, device="cuda"), y=y)
+        seen = []
+        for step in range(2):
+            with HostCopies() as copies:
+                objective.d_loss(model, batch, step=step)
+                objective.after_d_step(model)
+                objective.g_loss(model, batch, step=step)
+            seen.append(copies.seen)
+    assert seen[1] == []
 
 
 @pytest.mark.cuda
