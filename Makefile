@@ -19,8 +19,10 @@ install: $(STAMP)
 train: $(STAMP)
 	$(PY) -m gantrain +experiment=wgan_gp $(ARGS)
 
+# Two processes (pytest-xdist): most tests wait on a subprocess or one core, so 2 cores halve the suite.
+# One process: .venv/bin/python -m pytest
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 # pytest exits 5 when no test carries the mark yet; that is not a failure.
 test-slow: $(STAMP)
