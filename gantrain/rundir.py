@@ -267,17 +267,44 @@ def not_file_only(record: logging.LogRecord) -> bool:
     return not getattr(record, "gantrain_file_only", False)
 
 
+class HeldLines(logging.Handler):
+    """Holds the log lines of a run's start (loading the data, building the networks: which network stays eager
+    under ``trainer.compile``, an optimizer a recipe does not use, a checkpoint's warnings) while the run may still
+    be refused, so that :func:`log_file` writes them first into ``train.log`` once the run passed its checks; a
+    refused run drops them (its one line went to the console) and leaves no ``train.log``. A context manager that
+    attaches itself to the root logger."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> HeldLines:
+        logging.getLogger().addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger().removeHandler(self)
+
+
 @contextmanager
-def log_file(path: Path):
+def log_file(path: Path, held: HeldLines | None = None):
     """Copy every log line to ``path`` (the run's ``train.log``, appended across resumes) inside the block,
-    in the console handler's format; :data:`FILE_ONLY` records go there and not to the console. Opened only after
-    the run passed its checks."""
+    in the console handler's format, after the lines ``held`` holds from before; :data:`FILE_ONLY` records go
+    there and not to the console. Opened only after the run passed its checks."""
     root = logging.getLogger()
     handler = logging.FileHandler(path)
     consoles = [h for h in root.handlers if type(h) is logging.StreamHandler]
     console = next((h for h in consoles if h.formatter), None)
     fmt = console.formatter if console else logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s")
     handler.setFormatter(fmt)
+    if held is not None:
+        root.removeHandler(held)
+        for record in held.records:
+            handler.handle(record)
+        held.records.clear()
     root.addHandler(handler)
     for h in consoles:
         h.addFilter(not_file_only)

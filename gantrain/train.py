@@ -24,7 +24,7 @@ from gantrain.build import assemble
 from gantrain.config import CONFIG_MODULE, register
 from gantrain.hydra_errors import user_error
 from gantrain.preemption import stop_on_signals
-from gantrain.rundir import LOG_FILE, RunDirectoryLock, log_file, save_configs, stop_message
+from gantrain.rundir import LOG_FILE, HeldLines, RunDirectoryLock, log_file, save_configs, stop_message
 from gantrain.sweep import record
 
 log = logging.getLogger("gantrain")
@@ -61,6 +61,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
     with ExitStack() as stack:
         try:
             lock = stack.enter_context(RunDirectoryLock(run_dir)) if group.is_main else None
+            held = stack.enter_context(HeldLines()) if group.is_main else None  # train.log gets them when it opens
             if group.is_main:  # the first line: what takes the time before the first step
                 log.info("loading the data and building the networks")
             run = assemble(cfg, run_dir, group)
@@ -70,7 +71,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
         if lock is not None:
             lock.claim()
         if group.is_main:
-            stack.enter_context(log_file(run_dir / LOG_FILE))
+            stack.enter_context(log_file(run_dir / LOG_FILE, held))
         log.info("run directory: %s", run_dir.resolve())
         trainer, checkpoints = run.trainer, run.checkpoints
         if checkpoints.start_step >= trainer.settings.max_steps:

@@ -11,7 +11,10 @@ import sys
 import time
 from types import SimpleNamespace
 
-from gantrain.rundir import log_file
+import pytest
+
+from gantrain.errors import CheckpointError
+from gantrain.rundir import HeldLines, log_file
 from gantrain.runlog import METRICS_FILE, RunLog
 from gantrain.train import train
 from tests.conftest import make_cfg
@@ -184,3 +187,23 @@ def test_a_run_with_nothing_left_to_do_says_nothing_about_starting(tmp_path, cap
     log.on_fit_end(trainer)
     log.teardown(trainer)
     assert [m for m in messages(caplog) if "start" in m or "step 4" in m or "running" in m] == []
+
+
+def test_train_log_starts_with_the_lines_logged_while_the_run_was_built(tmp_path, caplog):
+    """What the run says before it passed its checks (loading, building: here resume=auto finding no checkpoint;
+    on a GPU, which network stays eager under trainer.compile) is held and written first into train.log, in order;
+    a run refused at that point adds nothing to an existing train.log."""
+    caplog.set_level(logging.INFO)
+    train(make_cfg("trainer.max_steps=1", "trainer.resume=auto"), tmp_path)
+    log_path = tmp_path / "train.log"
+    lines = log_path.read_text().splitlines()
+    assert lines[0].endswith("loading the data and building the networks")
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert lines[1].endswith(f"trainer.resume=auto: no checkpoint at {ckpt}, starting from scratch")
+    assert lines[2].endswith(f"run directory: {tmp_path.resolve()}")
+    assert sum("loading the data" in line for line in lines) == 1  # written once, not again by the open file
+    before = log_path.read_bytes()
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        train(make_cfg("trainer.max_steps=1"), tmp_path)  # no resume: refused before train.log opens
+    assert log_path.read_bytes() == before
+    assert not [h for h in logging.getLogger().handlers if isinstance(h, HeldLines)]
