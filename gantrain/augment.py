@@ -181,14 +181,20 @@ def _vector(values: list[float], dtype: torch.dtype, device: torch.device) -> to
 
 
 def _matrix(rows: list[list[Any]], like: torch.Tensor) -> torch.Tensor:
-    """``(B, n, n)`` from rows of per-sample tensors ``(B,)`` or numbers (filled on the device: no host copy)."""
+    """``(B, n, n)`` from rows of per-sample tensors ``(B,)`` or numbers (filled on the device: no host copy; each
+    number once, so a 3x3 scale matrix costs two fills, not seven: on a GPU each is a kernel launch)."""
     b = like.shape[0]
-    cols = [
-        v.to(like.device, like.dtype).expand(b) if isinstance(v, torch.Tensor) else like.new_full((b,), v)
-        for row in rows
-        for v in row
-    ]
-    return torch.stack(cols, dim=1).view(b, len(rows), len(rows))
+    filled: dict[float, torch.Tensor] = {}
+
+    def column(v: Any) -> torch.Tensor:
+        if isinstance(v, torch.Tensor):
+            v = v.to(like.device, like.dtype)
+            return v if v.shape == (b,) else v.expand(b)
+        if v not in filled:
+            filled[v] = like.new_full((b,), v)
+        return filled[v]
+
+    return torch.stack([column(v) for row in rows for v in row], dim=1).view(b, len(rows), len(rows))
 
 
 def _translate2d(tx: Any, ty: Any, like: torch.Tensor) -> torch.Tensor:

@@ -168,6 +168,31 @@ def test_the_augmentations_copy_nothing_from_the_host_to_a_gpu():
     assert copies.seen == []
 
 
+def test_ada_fills_each_number_of_a_matrix_once():
+    """On a GPU a small ADA step is launch-bound (the H200 ran ADA at half a plain dcgan step's rate): a matrix built
+    from per-sample tensors and numbers fills each distinct number once, and a whole call stays under its count
+    after that change (174 computing ops on a 1-channel batch, from 243)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    s, like = torch.rand(4), torch.zeros(4)
+    with Ops() as ops:
+        m = aug._scale2d(s, s, like)
+    assert ops.seen.count("aten.new_full.default") == 2  # 0 and 1, not six
+    assert torch.equal(m, torch.diag_embed(torch.stack([s, s, torch.ones(4)], dim=1)))
+    with Ops() as ops:
+        ADA(p=0.3, adaptive=False)(images(64, 1, 32))
+    assert ops.seen.count("aten.new_full.default") <= 26  # 95 when every number of every matrix was its own fill
+
+
 def test_p_follows_the_papers_formula_on_a_scripted_sequence_of_d_outputs():
     """p += sign(r_t - target) * n / speed_images every adjust_every D steps, n the reals seen; clamped to [0, 1)."""
     ada = ADA(target=0.6, adjust_every=2, speed_images=256)  # each adjustment: 2 steps * 8 images / 256 = 1/16
