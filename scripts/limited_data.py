@@ -207,7 +207,7 @@ def report(runs: list[Run], args: argparse.Namespace, argv: list[str], img_dir: 
             if pts:
                 curves.append((f"limit {r.limit:,}, seed {r.seed}", COLORS.get(r.limit, "#777"), pts))
         if curves:
-            svg = img_dir / "limited_data_ada_p.svg"
+            svg = img_dir / f"{args.tag}_ada_p.svg"  # named after the section: two tables keep their pictures
             atomic_write(svg, lambda f: f.write(svg_p_curves(curves, args.steps).encode()), fsync=False)
             lines += [
                 "ADA's p through each `ada` run (TensorBoard `augment/p`; it moves towards r_t = 0.6 at the "
@@ -223,7 +223,7 @@ def report(runs: list[Run], args: argparse.Namespace, argv: list[str], img_dir: 
                 grid = last_grid(first.run_dir, first.steps)
                 if grid is None:
                     continue
-                name = f"limited_data_{limit}_{aug}_seed{first.seed}.png"
+                name = f"{args.tag}_{limit}_{aug}_seed{first.seed}.png"
                 shutil.copyfile(grid, img_dir / name)
                 rel = os.path.relpath(img_dir / name, args.write.parent if args.write else REPO)
                 heads.append(f"{limit:,}, `{aug}`, seed {first.seed}")

@@ -177,6 +177,9 @@ def test_the_limited_data_benchmark_scores_each_augmentation_and_draws_adas_p(sm
     capsys.readouterr()
     bench.main(argv)  # both finished: scored again from scores.json, nothing trained
     assert "$ " not in capsys.readouterr().err and md.read_text() == text
+    bench.main([*argv[: argv.index("--")], "--tag", "w8", *argv[argv.index("--") :]])  # a second table beside it
+    assert "![ADA p](img/w8_ada_p.svg)" in md.read_text() and (small_mnist / "img/w8_16_none_seed0.png").is_file()
+    assert md.read_text().startswith(text.rstrip()) and (small_mnist / "img/limited_data_ada_p.svg").read_text() == svg
 
 
 def test_a_resumed_runs_wall_time_leaves_out_the_time_between_its_sessions(tmp_path):
