@@ -1,12 +1,12 @@
 """The limited-data benchmark: DCGAN on the first N MNIST test images without augmentation, with DiffAugment, with ADA.
 
     python scripts/mnist_classifier.py                                  # once: the feature extractor's weights
-    python scripts/limited_data.py --write docs/benchmarks.md            # limits 500 and 2,000, 3 seeds, 3,000 steps
+    python scripts/limited_data.py --write docs/benchmarks.md            # limits 500 and 2,000, 3 seeds, 18,000 steps
     python scripts/limited_data.py --limits 500 --seeds 0 --steps 200    # a quick check of the pipeline
 
 Each (limit, augmentation, seed) trains ``python -m gantrain +experiment=dcgan data=mnist data.limit=LIMIT
-augment=AUG seed=SEED trainer.max_steps=STEPS`` on the 10,000 MNIST test images on disk (``data.split=test
-data.download=false``: ``data.limit`` keeps the first LIMIT of them, class-balanced) into
+augment=AUG seed=SEED trainer.max_steps=STEPS model.g.ngf=WIDTH model.d.ndf=WIDTH`` on the 10,000 MNIST test images
+on disk (``data.split=test data.download=false``: ``data.limit`` keeps the first LIMIT of them, class-balanced) into
 ``--out/limitLIMIT/AUG/seedSEED``; ``--jobs`` runs train side by side, each with ``--threads`` CPU threads. A run
 directory that already holds a finished run of the same config is scored without training (and its scores are
 read back from its ``scores.json``), so an interrupted benchmark is continued by running it again.
@@ -66,7 +66,8 @@ class Run:
 
 
 def overrides(limit: int, augment: str, seed: int, args: argparse.Namespace) -> list[str]:
-    extra = [f"data.limit={limit}", f"augment={augment}", *args.overrides]
+    width = [f"model.g.ngf={args.width}", f"model.d.ndf={args.width}"]
+    extra = [f"data.limit={limit}", f"augment={augment}", *width, *args.overrides]
     return recipe_overrides("dcgan", seed, args.steps, args.data.resolve(), extra)
 
 
@@ -156,7 +157,8 @@ def report(runs: list[Run], args: argparse.Namespace, argv: list[str], img_dir: 
         shlex.join(["python", "scripts/limited_data.py", *argv]),
         "```",
         "",
-        f"`+experiment=dcgan` as shipped{extra}, {args.steps:,} steps of 64 images, on `data=mnist data.split=test "
+        f"`+experiment=dcgan` at width {args.width} (`model.g.ngf=model.d.ndf={args.width}`; 64 as shipped){extra}, "
+        f"{args.steps:,} steps of 64 images, on `data=mnist data.split=test "
         "data.limit=LIMIT` (the first LIMIT of the 10,000 MNIST test images, class-balanced); `augment=` as "
         f"shipped. Scores of {args.num:,} samples of the final generator against **all 10,000** test images in "
         f"the features of the MNIST classifier `{args.weights}`. p: ADA's probability at the end.",
@@ -240,12 +242,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limits", type=int, nargs="+", default=[500, 2000], help="data.limit values (%(default)s)")
     ap.add_argument("--augments", nargs="+", default=AUGMENTS, choices=AUGMENTS, metavar="AUG")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=3000, help="trainer.max_steps of every run (%(default)s)")
+    # the benchmark's length: a DCGAN of width 16 with ADA costs 0.043 s a step on one thread of the machine in
+    # docs/benchmarks.md, so 18,000 steps take 13 of the 15 CPU minutes a run may; width 64 affords 3,000
+    ap.add_argument("--steps", type=int, default=18000, help="trainer.max_steps of every run (%(default)s)")
+    ap.add_argument("--width", type=int, default=16, help="model.g.ngf and model.d.ndf (%(default)s; 64 as shipped)")
     ap.add_argument("--jobs", type=int, default=2, help="trainings side by side (%(default)s)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per training (%(default)s)")
-    add_scoring_arguments(ap, out="outputs/limited_data", tag="limited_data")
+    add_scoring_arguments(ap, out="outputs/limited_data_w16", tag="limited_data_w16")
     args = ap.parse_args(argv)
-    for name in ("steps", "jobs", "threads"):
+    for name in ("steps", "jobs", "threads", "width"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} {getattr(args, name)}: must be >= 1")
     if bad := [n for n in args.limits if n < 1]:

@@ -168,18 +168,20 @@ def test_the_limited_data_benchmark_scores_each_augmentation_and_draws_adas_p(sm
     assert f"reaches {fid['ada'] / fid['none']:.3f}× no augmentation's mean FID" in text
     curve = bench.p_curve(small_mnist / "runs/limit16/ada/seed0")
     assert [s for s, _ in curve] == [1, 2, 3, 4] and curve[-1][1] == pytest.approx(p, abs=1e-7)
-    svg = (small_mnist / "img" / "limited_data_ada_p.svg").read_text()
+    svg = (small_mnist / "img" / "limited_data_w16_ada_p.svg").read_text()
     assert svg.count("<polyline") == 2 and "limit 16, seed 0" in svg  # the axes and the one ada run's curve
     assert (
-        "![ADA p](img/limited_data_ada_p.svg)" in text
-        and (small_mnist / "img/limited_data_16_none_seed0.png").is_file()
+        "![ADA p](img/limited_data_w16_ada_p.svg)" in text
+        and (small_mnist / "img/limited_data_w16_16_none_seed0.png").is_file()
     )
     capsys.readouterr()
     bench.main(argv)  # both finished: scored again from scores.json, nothing trained
     assert "$ " not in capsys.readouterr().err and md.read_text() == text
     bench.main([*argv[: argv.index("--")], "--tag", "w8", *argv[argv.index("--") :]])  # a second table beside it
     assert "![ADA p](img/w8_ada_p.svg)" in md.read_text() and (small_mnist / "img/w8_16_none_seed0.png").is_file()
-    assert md.read_text().startswith(text.rstrip()) and (small_mnist / "img/limited_data_ada_p.svg").read_text() == svg
+    assert (
+        md.read_text().startswith(text.rstrip()) and (small_mnist / "img/limited_data_w16_ada_p.svg").read_text() == svg
+    )
 
 
 def test_a_resumed_runs_wall_time_leaves_out_the_time_between_its_sessions(tmp_path):
