@@ -184,15 +184,16 @@ def _matrix(rows: list[list[Any]], like: torch.Tensor) -> torch.Tensor:
     """``(B, n, n)`` from rows of per-sample tensors ``(B,)`` or numbers (filled on the device: no host copy; each
     number once, so a 3x3 scale matrix costs two fills, not seven: on a GPU each is a kernel launch)."""
     b = like.shape[0]
-    filled: dict[float, torch.Tensor] = {}
+    filled: dict[tuple[float, float], torch.Tensor] = {}
 
     def column(v: Any) -> torch.Tensor:
         if isinstance(v, torch.Tensor):
             v = v.to(like.device, like.dtype)
             return v if v.shape == (b,) else v.expand(b)
-        if v not in filled:
-            filled[v] = like.new_full((b,), v)
-        return filled[v]
+        key = (v, math.copysign(1.0, v))  # -0.0 == 0.0, but is filled as itself
+        if key not in filled:
+            filled[key] = like.new_full((b,), v)
+        return filled[key]
 
     return torch.stack([column(v) for row in rows for v in row], dim=1).view(b, len(rows), len(rows))
 

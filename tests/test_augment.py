@@ -188,6 +188,8 @@ def test_ada_fills_each_number_of_a_matrix_once():
         m = aug._scale2d(s, s, like)
     assert ops.seen.count("aten.new_full.default") == 2  # 0 and 1, not six
     assert torch.equal(m, torch.diag_embed(torch.stack([s, s, torch.ones(4)], dim=1)))
+    z = aug._matrix([[-0.0, 0.0], [1, 1.0]], like)  # -0.0 == 0.0 as a key, but keeps its sign
+    assert torch.signbit(z[:, 0, 0]).all() and not torch.signbit(z[:, 0, 1]).any()
     with Ops() as ops:
         ADA(p=0.3, adaptive=False)(images(64, 1, 32))
     assert ops.seen.count("aten.new_full.default") <= 26  # 95 when every number of every matrix was its own fill
