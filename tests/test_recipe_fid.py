@@ -150,8 +150,9 @@ def test_the_limited_data_benchmark_scores_each_augmentation_and_draws_adas_p(sm
     md = small_mnist / "bench.md"
     argv = ["--limits", "16", "--augments", "none", "ada", "--seeds", "0", "--steps", "4", "--num", "40"]
     argv += ["--data", str(small_mnist / "mnist"), "--weights", str(small_mnist / "clf.pt")]
-    argv += ["--out", str(small_mnist / "runs"), "--img-dir", str(small_mnist / "img"), "--write", str(md), "--"]
-    argv += ["model.g.ngf=8", "model.d.ndf=8", "data.batch_size=8", "trainer.device=cpu", "trainer.log_every_n_steps=1"]
+    argv += ["--out", str(small_mnist / "runs"), "--img-dir", str(small_mnist / "img"), "--write", str(md)]
+    argv += ["--width", "8", "--"]  # model.g.ngf and model.d.ndf
+    argv += ["data.batch_size=8", "trainer.device=cpu", "trainer.log_every_n_steps=1"]
     bench.main(argv)
     text = md.read_text()
     fid = {}
@@ -161,7 +162,9 @@ def test_the_limited_data_benchmark_scores_each_augmentation_and_draws_adas_p(sm
         fid[aug] = saved["fid"]
         row = f"| 16 | `{aug}` | 0 | {saved['fid']:.2f} | {saved['kid']:.4g} | {saved['precision']:.3f} | "
         assert row in text, text
-        assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["config"]["data"]["limit"] == 16
+        config = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["config"]
+        assert config["data"]["limit"] == 16
+        assert config["model"]["g"]["ngf"] == config["model"]["d"]["ndf"] == 8  # --width
     ckpt = torch.load(small_mnist / "runs/limit16/ada/seed0/checkpoints/last.ckpt", weights_only=False)
     p = ckpt["augment"]["p"].item()
     assert f"| 16 | `ada` | 0 | {fid['ada']:.2f} |" in text and f" | {p:.3f} | " in text
